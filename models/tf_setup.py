@@ -11,7 +11,6 @@ def quiet_tensorflow() -> None:
     Must run before TensorFlow is imported to take effect.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from benchmarks.robustness import Cell, aggregator_params, cell_command, grid, main
+from benchmarks.robustness import (
+    Cell,
+    aggregator_params,
+    cell_command,
+    core_groups,
+    defender_budget,
+    grid,
+    main,
+)
 
 
 def test_grid_has_baselines_then_attack_cells():
@@ -11,10 +19,17 @@ def test_grid_has_baselines_then_attack_cells():
     assert len(cells) == 2 + 2 * 2
 
 
-def test_rules_get_the_true_byzantine_count_or_are_not_applicable():
-    # K=10, 40% -> f=4: Krum needs K >= 2f+3 = 11 > 10, so it cannot run; 20% -> f=2 can.
-    assert aggregator_params(Cell("krum", "sign_flip", 0.4, "iid"), 10) is None
+def test_rules_get_the_true_byzantine_count_or_the_largest_their_bound_allows():
+    # K=10, 40% -> f=4: Krum needs K >= 2f+3 = 11 > 10, so it gets f=3; 20% -> f=2 as is.
+    krum40 = Cell("krum", "sign_flip", 0.4, "iid")
+    assert aggregator_params(krum40, 10) == {"f": 3}
+    assert defender_budget(krum40, 10) == 3
     assert aggregator_params(Cell("krum", "sign_flip", 0.2, "iid"), 10) == {"f": 2}
+    assert defender_budget(Cell("krum", "sign_flip", 0.2, "iid"), 10) is None
+    # Trimmed mean needs K > 2 beta: 80% of 10 -> beta=8 is capped at 4.
+    assert aggregator_params(Cell("trimmed_mean", "sign_flip", 0.8, "iid"), 10) == {"beta": 4}
+    # Krum cannot run on 2 boards at all (K >= 3 even for f=0).
+    assert aggregator_params(Cell("krum", "sign_flip", 0.4, "iid"), 2) is None
     assert aggregator_params(Cell("fedavg", "sign_flip", 0.8, "iid"), 10) == {}
     cmd = cell_command(Cell("krum", "sign_flip", 0.2, "iid"), {"clients": 10}, "out", 0)
     assert cmd is not None
@@ -35,7 +50,7 @@ def test_smoke_grid_runs_resumes_and_summarizes(tmp_path, capsys):
         "--results",
         str(tmp_path),
     ]
-    assert main(argv) == 0
+    assert main([*argv, "--jobs", "2"]) == 0
     first = capsys.readouterr().out
     assert first.count(": done") == 2
     assert (tmp_path / "smoke" / "fedavg__none__0__iid" / "history.json").exists()
@@ -44,3 +59,11 @@ def test_smoke_grid_runs_resumes_and_summarizes(tmp_path, capsys):
     assert " in " not in second.split("| distribution")[0]
     table = (tmp_path / "smoke" / "README.md").read_text()
     assert "| iid | none | 0% | median |" in table
+
+
+def test_core_groups_split_the_cores_without_overlap():
+    groups = core_groups(2)
+    assert len(groups) == 2
+    if groups[0] is not None:
+        assert groups[0] and groups[1] and not groups[0] & groups[1]
+    assert core_groups(1) == [None]
