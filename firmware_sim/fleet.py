@@ -1134,11 +1134,9 @@ def worker_main(argv: list[str] | None = None) -> int:
     w = sub.add_parser("worker", help="host the boards of one worker spec")
     w.add_argument("--spec", required=True, type=Path)
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    from siren_cli.logs import configure_logging
+
+    configure_logging()
     spec = WorkerSpec.from_json(args.spec.read_text())
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

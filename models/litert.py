@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from models.errors import LiteRTUnavailableError
-from models.tf_setup import quiet_tensorflow
+from models.tf_setup import native_stderr_silenced, quiet_tensorflow
 from models.weights import WeightLayout, get_flat_weights, layout_of, set_flat_weights
 
 
@@ -124,6 +124,7 @@ class LiteRTEvaluator:
         self._interpreter = interpreter_cls(model_content=flatbuffer, num_threads=num_threads)
         self._set = self._interpreter.get_signature_runner("set_weights")
         self._infer = self._interpreter.get_signature_runner("infer")
+        self._started = False
 
     @classmethod
     def from_model(cls, model: Any, num_threads: int = 1) -> LiteRTEvaluator:
@@ -135,7 +136,13 @@ class LiteRTEvaluator:
         vec = np.ascontiguousarray(weights, dtype=np.float32)
         if vec.shape != (self.layout.size,):
             raise ValueError(f"weights of shape {vec.shape}, expected ({self.layout.size},)")
-        self._set(flat=vec)
+        if self._started:
+            self._set(flat=vec)
+            return
+        # The first run applies the CPU delegate, which the runtime announces on stderr.
+        with native_stderr_silenced():
+            self._set(flat=vec)
+        self._started = True
 
     def logits(self, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
         """Logits of the currently loaded weights on ``x``."""

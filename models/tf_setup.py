@@ -2,15 +2,47 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+from collections.abc import Iterator
+
+
+@contextlib.contextmanager
+def native_stderr_silenced() -> Iterator[None]:
+    """Point file descriptor 2 at ``/dev/null`` for the block, unless ``TF_CPP_MIN_LOG_LEVEL=0``.
+
+    For native libraries (TensorFlow, LiteRT) that log to stderr directly while they load,
+    ignoring Python's logging. Exceptions raised in the block still propagate.
+    """
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2") == "0":
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def quiet_tensorflow() -> None:
-    """Silence TensorFlow's C++ start-up chatter unless the user asked for it.
+    """Import TensorFlow without its C++ start-up chatter, unless the user asked for it.
 
-    Must run before TensorFlow is imported to take effect.
+    TensorFlow's native library logs lines such as "oneDNN custom operations are on" while it
+    loads, before its own log-level setting is read, so the first import runs with the
+    process's stderr (file descriptor 2) pointed at ``/dev/null``. Import errors still raise.
+    Setting ``TF_CPP_MIN_LOG_LEVEL=0`` keeps every message.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if "tensorflow" in sys.modules:
+        return
+    with native_stderr_silenced():
+        import tensorflow  # noqa: F401
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:

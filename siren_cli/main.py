@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 from collections.abc import Sequence
 
 from siren_cli.errors import CommandError
+from siren_cli.logs import configure_logging
 
 #: Modules providing ``register(subparsers)``, in the order their commands are listed.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -57,11 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not getattr(args, "forward_args", False):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.bench_args = [*getattr(args, "bench_args", []), *extra]
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(bool(args.verbose))
     func = getattr(args, "func", None)
     if func is None:
         # A group without its action (e.g. ``siren sim``): show that group's help.
