@@ -35,8 +35,18 @@ class RootSetOracle:
         return float(self.trainer.evaluate(weights, self.x_root, self.y_root)[1])
 
     def accuracies(self, weights: list[np.ndarray]) -> list[float]:
-        """Accuracy of each candidate model."""
-        return [self.accuracy(w) for w in weights]
+        """Accuracy of each candidate model (one graph call for all of them when it can)."""
+        many = getattr(self.trainer, "evaluate_many", None)
+        if many is None:
+            return [self.accuracy(w) for w in weights]
+        return [acc for _, acc in many(weights, self.x_root, self.y_root)]
+
+    def warm_up(self) -> None:
+        """Trace the batched root-set evaluation now, so that no round pays for it (~0.5 s)."""
+        many = getattr(self.trainer, "evaluate_many", None)
+        start = getattr(self.trainer, "initial_weights", None)
+        if many is not None and start is not None:
+            many([start, start], self.x_root, self.y_root)
 
     def server_update(self, global_weights: np.ndarray, round_index: int) -> np.ndarray:
         """Train on the root set from ``global_weights``; return ``g_server − g_t`` (FLTrust)."""

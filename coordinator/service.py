@@ -208,6 +208,8 @@ def build_runtime(config: CoordinatorConfig, num_clients: int) -> CoordinatorRun
             def evaluate(weights: np.ndarray) -> tuple[float, float]:
                 return trainer.evaluate(weights, x_test, y_test)
 
+    if needs_oracle and oracle is not None:
+        oracle.warm_up()
     if needs_oracle and oracle is None:
         raise ConfigError(f"aggregator {name!r} needs a root set: set data.root to split or npz")
     assert initial is not None and layout is not None

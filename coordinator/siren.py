@@ -296,8 +296,19 @@ class _RoundView:
             self.acc[cid] = float(self.oracle.accuracy(model))
         return self.acc[cid]
 
+    def prefetch(self, group: list[int]) -> None:
+        """Compute the root accuracies of ``group`` not yet known, in one oracle call."""
+        todo = [cid for cid in group if cid not in self.acc]
+        batch = getattr(self.oracle, "accuracies", None)
+        if len(todo) < 2 or batch is None:
+            return
+        models = [self.g_t + np.asarray(self.by_id[c].delta, dtype=np.float32) for c in todo]
+        for cid, acc in zip(todo, batch(models), strict=True):
+            self.acc[cid] = float(acc)
+
     def best(self, group: list[int]) -> int:
         """The client of highest root accuracy in ``group``; ties go to the lowest id."""
+        self.prefetch(group)
         return max(group, key=lambda c: (self.accuracy(c), -c))
 
     def close(self, cid: int, top: float) -> bool:

@@ -146,6 +146,8 @@ def build_fleet(config: SimConfig, dataset: Dataset | None = None) -> Fleet:
     oracle = RootSetOracle(
         trainer, ds.x_train[split.root_idx], ds.y_train[split.root_idx], seed=config.seed
     )
+    if config.aggregator == "siren":
+        oracle.warm_up()
     strategy = make_strategy(
         config.aggregator,
         config.aggregator_params,

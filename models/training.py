@@ -8,6 +8,7 @@ Shuffling uses a NumPy Generator passed by the caller, so results are reproducib
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,8 +132,61 @@ class Trainer:
             correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, axis=1), y), tf.float32))
             return loss, correct
 
+        variables = list(model.weights)
+        sizes = [int(n) for n in self.layout.sizes]
+        shapes = [list(shape) for _, shape in self.layout.entries]
+
+        def assign_parts(flat: Any) -> None:
+            for var, part, shape in zip(variables, tf.split(flat, sizes), shapes, strict=True):
+                var.assign(tf.reshape(part, shape))
+
+        @tf.function(input_signature=[tf.TensorSpec([self.layout.size], tf.float32)])
+        def assign_flat(flat: Any) -> Any:
+            assign_parts(flat)
+            return tf.constant(0)
+
+        @tf.function(
+            input_signature=[tf.TensorSpec([None, self.layout.size], tf.float32), spec_x, spec_y]
+        )
+        def eval_many(flats: Any, x: Any, y: Any) -> Any:
+            # One graph call for every candidate: load it, then count its correct predictions.
+            count = tf.shape(flats)[0]
+
+            def body(i: Any, out: Any) -> Any:
+                assign_parts(flats[i])
+                loss, correct = eval_step(x, y)
+                return i + 1, out.write(i, tf.stack([loss, correct]))
+
+            _, out = tf.while_loop(
+                lambda i, _: i < count, body, [tf.constant(0), tf.TensorArray(tf.float32, count)]
+            )
+            return out.stack()
+
+        @tf.function(input_signature=[])
+        def read_flat() -> Any:
+            return tf.concat([tf.reshape(var.value, [-1]) for var in variables], axis=0)
+
         self._train_step = train_step
         self._eval_step = eval_step
+        self._assign_flat = assign_flat
+        self._read_flat = read_flat
+        self._eval_many = eval_many
+
+    def load(self, weights: np.ndarray) -> None:
+        """Load a flat weight vector into the model in one graph call (checked against the layout).
+
+        About 20x cheaper than ``keras.Model.set_weights`` for small models, whose evaluation on
+        a root set of 100 samples it otherwise dominates.
+        """
+        vec = np.asarray(weights, dtype=np.float32)
+        if vec.shape != (self.layout.size,):
+            # The layout names what was expected.
+            set_flat_weights(self.model, vec)
+        self._assign_flat(vec)
+
+    def weights(self) -> np.ndarray:
+        """The model's current weights as one float32 vector (a fresh array)."""
+        return np.array(self._read_flat(), dtype=np.float32)
 
     def _reset_optimizer(self) -> None:
         """Zero the step counter and the slot variables (momenta); keep the learning rate."""
@@ -156,7 +210,7 @@ class Trainer:
         n = len(y)
         if n == 0:
             return np.array(start, dtype=np.float32, copy=True), TrainStats(0, 0, 0.0)
-        set_flat_weights(self.model, start)
+        self.load(start)
         self._reset_optimizer()
         bs = self.config.batch_size
         total_loss, steps = 0.0, 0
@@ -167,7 +221,7 @@ class Trainer:
                 idx = order[i : i + bs]
                 total_loss += float(self._train_step(x[idx], y64[idx]))
                 steps += 1
-        return get_flat_weights(self.model), TrainStats(steps, n, total_loss / max(steps, 1))
+        return self.weights(), TrainStats(steps, n, total_loss / max(steps, 1))
 
     def evaluate(
         self, weights: np.ndarray, x: np.ndarray, y: np.ndarray, batch_size: int = 2048
@@ -176,7 +230,7 @@ class Trainer:
         n = len(y)
         if n == 0:
             return 0.0, 0.0
-        set_flat_weights(self.model, weights)
+        self.load(weights)
         y64 = np.asarray(y, dtype=np.int64)
         loss_sum, correct = 0.0, 0.0
         for i in range(0, n, batch_size):
@@ -185,9 +239,30 @@ class Trainer:
             correct += float(corr)
         return loss_sum / n, correct / n
 
+    def evaluate_many(
+        self, candidates: Sequence[np.ndarray], x: np.ndarray, y: np.ndarray
+    ) -> list[tuple[float, float]]:
+        """:meth:`evaluate` for several weight vectors in one graph call (a small ``x``).
+
+        The per-call overhead of TensorFlow (about a millisecond) otherwise dominates when a
+        server scores fifty small models on a root set of 100 samples. Sets of more than 2,048
+        samples fall back to one :meth:`evaluate` per candidate. The model is left holding the
+        last candidate.
+        """
+        n = len(y)
+        if not candidates:
+            return []
+        if n == 0 or n > 2048:
+            return [self.evaluate(w, x, y) for w in candidates]
+        flats = np.stack([np.asarray(w, dtype=np.float32) for w in candidates])
+        if flats.shape[1] != self.layout.size:
+            self.load(flats[0])  # raises with the layout
+        out = np.asarray(self._eval_many(flats, x, np.asarray(y, dtype=np.int64)))
+        return [(float(loss) / n, float(correct) / n) for loss, correct in out]
+
     def predict(self, weights: np.ndarray, x: np.ndarray, batch_size: int = 2048) -> np.ndarray:
         """Softmax probabilities of ``weights`` on ``x``."""
-        set_flat_weights(self.model, weights)
+        self.load(weights)
         outs = []
         for i in range(0, len(x), batch_size):
             logits = np.asarray(self.model(x[i : i + batch_size], training=False), dtype=np.float64)
