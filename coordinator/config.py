@@ -83,7 +83,7 @@ from typing import Any, ClassVar
 
 from coordinator.errors import CoordinatorError
 from models.settings import SplitSettings
-from models.training import DEFAULT_LR
+from models.training import DEFAULT_LR, default_learning_rate
 from protocol import mqtt
 from protocol import settings as toml_settings
 from protocol.settings import relative_path as _rel
@@ -149,13 +149,13 @@ class TrainingSettings:
     learning_rate: float | None = None
     optimizer: str = "adam"
 
-    def resolved_lr(self) -> float:
-        """The learning rate, defaulting per optimizer."""
+    def resolved_lr(self, model: str | None = None) -> float:
+        """The learning rate, defaulting per optimizer and ``model``."""
         if self.learning_rate:
             return self.learning_rate
         if self.optimizer not in DEFAULT_LR:
             raise ConfigError(f"training.optimizer must be adam or sgd, got {self.optimizer!r}")
-        return DEFAULT_LR[self.optimizer]
+        return default_learning_rate(self.optimizer, model)
 
 
 @dataclass(frozen=True)

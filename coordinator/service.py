@@ -168,7 +168,7 @@ def build_runtime(config: CoordinatorConfig, num_clients: int) -> CoordinatorRun
         train_cfg = TrainConfig(
             epochs=config.training.epochs,
             batch_size=config.training.batch_size,
-            learning_rate=config.training.resolved_lr(),
+            learning_rate=config.training.resolved_lr(model_name),
             optimizer=config.training.optimizer,
         )
         trainer = Trainer(model_name, ds.input_shape, ds.num_classes, train_cfg, seed=config.seed)

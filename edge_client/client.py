@@ -556,7 +556,7 @@ def build_runtime(config: BoardConfig, data: BoardData | None = None) -> BoardRu
     train_cfg = TrainConfig(
         epochs=config.training.epochs,
         batch_size=config.training.batch_size,
-        learning_rate=config.training.resolved_lr(),
+        learning_rate=config.training.resolved_lr(model),
         optimizer=config.training.optimizer,
     )
     trainer = Trainer(

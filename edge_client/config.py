@@ -29,7 +29,7 @@ Example (every key shown; relative paths are relative to the file's directory)::
     model = "digits-mlp"           # zoo name ("" = the dataset's default)
     epochs = 1
     batch_size = 64
-    learning_rate = 0.0            # 0: optimizer default (adam 0.001, sgd 0.05)
+    learning_rate = 0.0            # 0: default (adam 0.001, sgd 0.05; adam 0.01 for digits)
     optimizer = "adam"
     num_classes = 10
 
@@ -64,7 +64,7 @@ from typing import Any, ClassVar
 
 from edge_client.errors import EdgeClientError
 from models.settings import SplitSettings
-from models.training import DEFAULT_LR
+from models.training import DEFAULT_LR, default_learning_rate
 from protocol import mqtt
 from protocol import settings as toml_settings
 from protocol.settings import relative_path as _rel
@@ -113,13 +113,13 @@ class TrainingSettings:
     optimizer: str = "adam"
     num_classes: int = 10
 
-    def resolved_lr(self) -> float:
-        """The learning rate, defaulting per optimizer."""
+    def resolved_lr(self, model: str | None = None) -> float:
+        """The learning rate, defaulting per optimizer and model (``model`` or ``self.model``)."""
         if self.learning_rate:
             return self.learning_rate
         if self.optimizer not in DEFAULT_LR:
             raise ConfigError(f"training.optimizer must be adam or sgd, got {self.optimizer!r}")
-        return DEFAULT_LR[self.optimizer]
+        return default_learning_rate(self.optimizer, model or self.model)
 
 
 @dataclass(frozen=True)

@@ -97,7 +97,10 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
         "--learning-rate",
         type=float,
         default=None,
-        help="local learning rate (default: 0.001 for adam, 0.05 for sgd)",
+        help=(
+            "local learning rate (default: 0.001 for adam, 0.05 for sgd; "
+            "0.01 for adam on the digits models)"
+        ),
     )
     t.add_argument(
         "--optimizer",

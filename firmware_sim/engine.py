@@ -23,7 +23,7 @@ from firmware_sim.adversary import Adversary
 from models.datasets import Dataset, load_dataset
 from models.partition import FederatedSplit, make_federated_split
 from models.tf_setup import seed_everything
-from models.training import DEFAULT_LR, TrainConfig, Trainer
+from models.training import TrainConfig, Trainer, default_learning_rate
 from models.zoo import DEFAULT_MODEL
 
 
@@ -83,8 +83,14 @@ class SimConfig:
         return self.alarm if self.alarm is not None else self.aggregator == "siren"
 
     def resolved_lr(self) -> float:
-        """The learning rate, defaulting per optimizer."""
-        return self.learning_rate if self.learning_rate is not None else DEFAULT_LR[self.optimizer]
+        """The learning rate, defaulting per optimizer and model (the dataset's default model)."""
+        if self.learning_rate is not None:
+            return self.learning_rate
+        from models.datasets import resolve_dataset_name
+        from models.zoo import DEFAULT_MODEL
+
+        model = self.model or DEFAULT_MODEL.get(resolve_dataset_name(self.dataset))
+        return default_learning_rate(self.optimizer, model)
 
 
 @dataclass

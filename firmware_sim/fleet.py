@@ -511,16 +511,9 @@ class FleetOptions:
 
 def resolve_dataset(name: str) -> str:
     """``auto`` becomes ``fashion-mnist`` when its files are installed, else ``digits``."""
-    if name != "auto":
-        return name
-    from models.datasets import find_fashion_mnist
-    from models.errors import DatasetNotFoundError
+    from models.datasets import resolve_dataset_name
 
-    try:
-        find_fashion_mnist()
-    except DatasetNotFoundError:
-        return "digits"
-    return "fashion-mnist"
+    return resolve_dataset_name(name)
 
 
 @dataclass

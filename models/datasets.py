@@ -235,6 +235,17 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
     )
 
 
+def resolve_dataset_name(name: str) -> str:
+    """``auto`` becomes ``fashion-mnist`` when its files are installed, else ``digits``."""
+    if name != "auto":
+        return name
+    try:
+        find_fashion_mnist()
+    except DatasetNotFoundError:
+        return "digits"
+    return "fashion-mnist"
+
+
 def load_dataset(name: str) -> Dataset:
     """Load a dataset by name: ``"fashion-mnist"`` or ``"digits"``.
 
