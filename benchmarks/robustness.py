@@ -376,6 +376,23 @@ def plot_groups(cells: list[Cell], root: Path, preset_name: str) -> list[Path]:
     return paths
 
 
+def malicious_index_links(cells: list[Cell], root: Path) -> str:
+    """Markdown section linking the malicious-index plot of every finished SIREN cell."""
+    links = [
+        f"- [{cell.key}]({cell.key}/malicious_index.png)"
+        for cell in cells
+        if (root / cell.key / "malicious_index.png").exists() and load_history(root / cell.key)
+    ]
+    if not links:
+        return ""
+    return (
+        "\n## Malicious index of the SIREN cells\n\n"
+        "Per board and round: penalty count, ban and probe outcomes (SIREN Figs. 11-14).\n\n"
+        + "\n".join(links)
+        + "\n"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run (or resume) a grid and write its summary."""
     p = argparse.ArgumentParser(prog="siren bench robustness", description=__doc__.split("\n\n")[0])
@@ -420,6 +437,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_cells(cells, preset, root, args.seed, args.jobs)
     table = summarize(cells, root, preset["clients"])
     plots = plot_groups(cells, root, args.preset)
+    index_plots = malicious_index_links(cells, root)
     settings = ", ".join(f"{k}={v}" for k, v in preset.items())
     command = " ".join(shlex.quote(a) for a in argv_list if a != "--summary-only")
     (root / "README.md").write_text(
@@ -428,7 +446,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "(resumable).  \n"
         f"Settings: {settings}; SIREN thresholds C_c=4%, C_s=10%, C_p=0.45K, C_a=0.5; "
         f"seed {args.seed}. 'paper' = the SIREN paper's reported accuracy for that cell.\n\n"
-        f"{table}\n\n" + "\n".join(f"![{q.stem}](plots/{q.name})" for q in plots) + "\n"
+        f"{table}\n\n"
+        + "\n".join(f"![{q.stem}](plots/{q.name})" for q in plots)
+        + "\n"
+        + index_plots
     )
     print(table)
     print(f"wrote {root / 'README.md'}")

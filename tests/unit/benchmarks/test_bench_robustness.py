@@ -67,3 +67,18 @@ def test_core_groups_split_the_cores_without_overlap():
     if groups[0] is not None:
         assert groups[0] and groups[1] and not groups[0] & groups[1]
     assert core_groups(1) == [None]
+
+
+def test_malicious_index_section_links_only_finished_cells(tmp_path):
+    from benchmarks.robustness import malicious_index_links
+
+    done = Cell("siren", "sign_flip", 0.4, "iid")
+    unfinished = Cell("siren", "label_flip", 0.4, "iid")
+    for cell in (done, unfinished):
+        (tmp_path / cell.key).mkdir()
+        (tmp_path / cell.key / "malicious_index.png").write_bytes(b"png")
+    (tmp_path / done.key / "history.json").write_text('{"rounds": []}')
+    section = malicious_index_links([done, unfinished], tmp_path)
+    assert f"({done.key}/malicious_index.png)" in section
+    assert unfinished.key not in section
+    assert malicious_index_links([unfinished], tmp_path) == ""
