@@ -82,3 +82,12 @@ def test_malicious_index_section_links_only_finished_cells(tmp_path):
     assert f"({done.key}/malicious_index.png)" in section
     assert unfinished.key not in section
     assert malicious_index_links([unfinished], tmp_path) == ""
+
+
+def test_siren_relative_runs_siren_with_the_relative_alarm_rule():
+    cmd = cell_command(Cell("siren_relative", "sign_flip", 0.4, "iid"), {"clients": 10}, "o", 0)
+    assert cmd is not None
+    assert cmd[cmd.index("--aggregator") + 1] == "siren"
+    assert cmd[cmd.index("--alarm-rule") + 1] == "relative"
+    plain = cell_command(Cell("siren", "sign_flip", 0.4, "iid"), {"clients": 10}, "o", 0)
+    assert plain is not None and "--alarm-rule" not in plain
