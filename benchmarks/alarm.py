@@ -96,7 +96,7 @@ def worker(model_name: str, pinned: bool, rounds: int, epochs: int, batch_size: 
         tf.config.threading.set_inter_op_parallelism_threads(1)
     from edge_client.alarm import AlarmConfig, run_alarm
     from models.datasets import load_dataset
-    from models.litert import KerasEvaluator, LiteRTEvaluator, export_litert
+    from models.litert import KerasEvaluator, litert_evaluator
     from models.training import TrainConfig, Trainer
     from protocol.envelope import encode_update
     from protocol.keys import generate_signing_key
@@ -113,7 +113,7 @@ def worker(model_name: str, pinned: bool, rounds: int, epochs: int, batch_size: 
         model_name, ds.input_shape, ds.num_classes, TrainConfig(epochs, batch_size, 0.001, "adam")
     )
     threads = 1 if pinned else (os.cpu_count() or 1)
-    lite = LiteRTEvaluator(export_litert(trainer.model), trainer.layout, num_threads=threads)
+    lite = litert_evaluator(trainer.model, num_threads=threads)
     keras_eval = KerasEvaluator(trainer.model)
     layout = TensorLayout.from_entries(trainer.layout.as_list())
     key = generate_signing_key()
@@ -169,6 +169,7 @@ def worker(model_name: str, pinned: bool, rounds: int, epochs: int, batch_size: 
         "dataset": dataset_name,
         "pinned": pinned,
         "threads": threads,
+        "litert_evaluator": type(lite).__name__,
         "parameters": trainer.layout.size,
         "train_samples": len(y_train),
         "test_samples": len(y_test),
@@ -203,15 +204,22 @@ def _run_worker(model: str, pinned: bool, args: argparse.Namespace) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+#: How each LiteRT evaluator holds the weights it is given.
+WEIGHT_MODES = {
+    "FrozenLiteRTEvaluator": "constants (patched per load)",
+    "LiteRTEvaluator": "resource variables",
+}
+
+
 def format_table(results: list[dict]) -> str:
     """Markdown table: alarm vs training time and memory, per model and CPU budget."""
     head = (
         "| model | CPU budget | train samples / local test | local training (E={e}) | "
         "alarm LiteRT | alarm Keras | LiteRT alarm / training | Keras alarm / training | "
         "LiteRT alarm / round | peak RSS +: train / LiteRT alarm / Keras alarm | "
-        "upload per round | encode+sign |"
+        "upload per round | encode+sign | LiteRT weights |"
     ).format(e=results[0]["epochs"] if results else "?")
-    lines = [head, "|" + "---|" * 12]
+    lines = [head, "|" + "---|" * 13]
     for r in results:
         round_s = r["alarm_litert_s"] + r["train_s"] + r["encode_sign_s"]
         budget = "1 core, 1 thread" if r["pinned"] else f"{r['threads']} cores"
@@ -224,7 +232,8 @@ def format_table(results: list[dict]) -> str:
             f"{100 * r['alarm_litert_s'] / round_s:.2f}% | "
             f"{r['train_mem'] / 2**20:.1f} / {r['alarm_litert_mem'] / 2**20:.1f} / "
             f"{r['alarm_keras_mem'] / 2**20:.1f} MiB | "
-            f"{r['upload_bytes'] / 1024:.0f} KiB | {1000 * r['encode_sign_s']:.1f} ms |"
+            f"{r['upload_bytes'] / 1024:.0f} KiB | {1000 * r['encode_sign_s']:.1f} ms | "
+            f"{WEIGHT_MODES.get(r.get('litert_evaluator', ''), '?')} |"
         )
     return "\n".join(lines)
 
@@ -247,6 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.worker:
         print(json.dumps(worker(models[0], args.pinned, args.rounds, args.epochs, args.batch_size)))
         return 0
+    load_before = os.getloadavg()
     results = []
     for model in models:
         for pinned in (True, False):
@@ -264,7 +274,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"--batch-size {args.batch_size}`  \n"
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, "
         f"Python {platform.python_version()}; "
-        f"median of {args.rounds} rounds after a warm-up.\n\n"
+        f"median of {args.rounds} rounds after a warm-up; load average (1, 5, 15 min) "
+        f"{', '.join(f'{v:.2f}' for v in load_before)} at the start and "
+        f"{', '.join(f'{v:.2f}' for v in os.getloadavg())} at the end.\n\n"
         "The alarm is two evaluations on the board's local test split (10% of its shard). "
         "'Round' = LiteRT alarm + local training + encode/sign. Peak RSS + is the increase of "
         "the resident set during the phase.\n\n"

@@ -29,3 +29,7 @@ class LayoutMismatchError(ModelsError):
 
 class LiteRTUnavailableError(ModelsError):
     """Neither ``ai-edge-litert`` nor ``tflite-runtime`` can be imported."""
+
+
+class LiteRTExportError(ModelsError):
+    """A converted LiteRT model does not hold the weights the way the evaluator needs."""
