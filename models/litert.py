@@ -110,7 +110,35 @@ def litert_available() -> bool:
     return True
 
 
-class LiteRTEvaluator:
+class _Evaluator:
+    """What every evaluator shares: accuracy from ``load`` and ``logits``, batched inference."""
+
+    def load(self, weights: np.ndarray) -> None:  # pragma: no cover - overridden
+        """Make ``weights`` the evaluated model."""
+        raise NotImplementedError
+
+    def logits(self, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:  # pragma: no cover
+        """Logits of the loaded weights on ``x``."""
+        raise NotImplementedError
+
+    def accuracy(self, weights: np.ndarray, x: np.ndarray, y: np.ndarray) -> float:
+        """Top-1 accuracy of ``weights`` on ``(x, y)``; 0.0 on an empty set."""
+        if len(y) == 0:
+            return 0.0
+        self.load(weights)
+        return float(np.mean(np.argmax(self.logits(x), axis=1) == y))
+
+    @staticmethod
+    def _batched(run: Any, x: np.ndarray, batch_size: int) -> np.ndarray:
+        """``run`` over consecutive float32 batches of ``x``, concatenated."""
+        outs = [
+            np.asarray(run(np.ascontiguousarray(x[i : i + batch_size], dtype=np.float32)))
+            for i in range(0, len(x), batch_size)
+        ]
+        return np.concatenate(outs) if outs else np.zeros((0, 0), dtype=np.float32)
+
+
+class LiteRTEvaluator(_Evaluator):
     """Accuracy/prediction with one LiteRT interpreter whose weights are swapped per call.
 
     Parameters
@@ -153,18 +181,7 @@ class LiteRTEvaluator:
 
     def logits(self, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
         """Logits of the currently loaded weights on ``x``."""
-        outs = [
-            self._infer(x=np.ascontiguousarray(x[i : i + batch_size], dtype=np.float32))["logits"]
-            for i in range(0, len(x), batch_size)
-        ]
-        return np.concatenate(outs) if outs else np.zeros((0, 0), dtype=np.float32)
-
-    def accuracy(self, weights: np.ndarray, x: np.ndarray, y: np.ndarray) -> float:
-        """Top-1 accuracy of ``weights`` on ``(x, y)``; 0.0 on an empty set."""
-        if len(y) == 0:
-            return 0.0
-        self.load(weights)
-        return float(np.mean(np.argmax(self.logits(x), axis=1) == y))
+        return self._batched(lambda b: self._infer(x=b)["logits"], x, batch_size)
 
 
 @dataclass(frozen=True)
@@ -281,7 +298,7 @@ def _locate_weights(flatbuffer: bytes, d: int) -> tuple[tuple[int, np.ndarray], 
 FROZEN_BATCH = 100
 
 
-class FrozenLiteRTEvaluator:
+class FrozenLiteRTEvaluator(_Evaluator):
     """LiteRT evaluation with the weights written into the flatbuffer as constants per load.
 
     Every :meth:`load` patches a copy of the flatbuffer (:meth:`FrozenExport.with_weights`) and
@@ -339,21 +356,10 @@ class FrozenLiteRTEvaluator:
         """Logits of the currently loaded weights on ``x``, :data:`FROZEN_BATCH` at a time."""
         if self._interpreter is None:
             raise RuntimeError("load() weights before asking for logits")
-        outs = [
-            self._run(np.ascontiguousarray(x[i : i + batch_size], dtype=np.float32))
-            for i in range(0, len(x), batch_size)
-        ]
-        return np.concatenate(outs) if outs else np.zeros((0, 0), dtype=np.float32)
-
-    def accuracy(self, weights: np.ndarray, x: np.ndarray, y: np.ndarray) -> float:
-        """Top-1 accuracy of ``weights`` on ``(x, y)``; 0.0 on an empty set."""
-        if len(y) == 0:
-            return 0.0
-        self.load(weights)
-        return float(np.mean(np.argmax(self.logits(x), axis=1) == y))
+        return self._batched(self._run, x, batch_size)
 
 
-class KerasEvaluator:
+class KerasEvaluator(_Evaluator):
     """The same interface as :class:`LiteRTEvaluator`, running the Keras model (fallback)."""
 
     backend = "keras"
@@ -368,18 +374,7 @@ class KerasEvaluator:
 
     def logits(self, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
         """Logits of the currently loaded weights on ``x``."""
-        outs = [
-            np.asarray(self.model(x[i : i + batch_size], training=False))
-            for i in range(0, len(x), batch_size)
-        ]
-        return np.concatenate(outs) if outs else np.zeros((0, 0), dtype=np.float32)
-
-    def accuracy(self, weights: np.ndarray, x: np.ndarray, y: np.ndarray) -> float:
-        """Top-1 accuracy of ``weights`` on ``(x, y)``; 0.0 on an empty set."""
-        if len(y) == 0:
-            return 0.0
-        self.load(weights)
-        return float(np.mean(np.argmax(self.logits(x), axis=1) == y))
+        return self._batched(lambda b: self.model(b, training=False), x, batch_size)
 
 
 def litert_evaluator(model: Any, num_threads: int = 1, frozen: bool | None = None) -> Any:
