@@ -49,6 +49,7 @@ from protocol.admission import Admission, AdmissionDecision, AdmissionPolicy
 from protocol.envelope import ZERO_SHA256, Kind, decode_message, encode_global
 from protocol.errors import InvalidMessageError, Reason
 from protocol.layout import TensorLayout, weights_sha256
+from protocol.mqtt import make_mqtt_client
 from protocol.topics import (
     KIND_STATUS,
     KIND_UPDATE,
@@ -810,23 +811,12 @@ class CoordinatorService:
 
         s = self.config.broker
         v5 = s.protocol == 5
-        client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
-            client_id=s.username or f"coordinator-{self.config.run}",
-            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
-            clean_session=None if v5 else False,
+        client = make_mqtt_client(
+            s,
+            s.username or f"coordinator-{self.config.run}",
             manual_ack=True,
+            persistent_session=True,
         )
-        if s.username:
-            client.username_pw_set(s.username, s.password)
-        if s.tls:
-            client.tls_set(
-                ca_certs=str(s.ca_file) if s.ca_file else None,
-                certfile=str(s.cert_file) if s.cert_file else None,
-                keyfile=str(s.key_file) if s.key_file else None,
-            )
-        client.reconnect_delay_set(s.reconnect_min, s.reconnect_max)
-        client.max_queued_messages_set(0)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message

@@ -42,6 +42,7 @@ from protocol.admission import AdmissionPolicy
 from protocol.envelope import Message, check_global, encode_status, encode_update
 from protocol.errors import InvalidMessageError
 from protocol.layout import TensorLayout
+from protocol.mqtt import make_mqtt_client
 from protocol.topics import global_topic, status_topic, update_topic
 
 logger = logging.getLogger(__name__)
@@ -77,32 +78,6 @@ class LinkEvent:
     topic: str = ""
     payload: bytes = b""
     received_at: float = field(default_factory=time.time)
-
-
-def make_mqtt_client(settings: BrokerSettings, client_id: str, *, manual_ack: bool = False) -> Any:
-    """A configured paho client (VERSION2 callbacks; MQTT v5 unless ``settings.protocol``
-    is 311): credentials, TLS and the reconnect back-off; not yet connected."""
-    import paho.mqtt.client as mqtt
-
-    version = mqtt.MQTTv5 if settings.protocol == 5 else mqtt.MQTTv311
-    client = mqtt.Client(
-        mqtt.CallbackAPIVersion.VERSION2,
-        client_id=client_id,
-        protocol=version,
-        clean_session=None if version == mqtt.MQTTv5 else True,
-        manual_ack=manual_ack,
-    )
-    if settings.username:
-        client.username_pw_set(settings.username, settings.password)
-    if settings.tls:
-        client.tls_set(
-            ca_certs=str(settings.ca_file) if settings.ca_file else None,
-            certfile=str(settings.cert_file) if settings.cert_file else None,
-            keyfile=str(settings.key_file) if settings.key_file else None,
-        )
-    client.reconnect_delay_set(settings.reconnect_min, settings.reconnect_max)
-    client.max_queued_messages_set(0)
-    return client
 
 
 class BoardLink:

@@ -125,3 +125,40 @@ def broker_to_toml(
     if password_file:
         table["password_file"] = password_file
     return table
+
+
+def make_mqtt_client(
+    settings: BrokerSettings,
+    client_id: str,
+    *,
+    manual_ack: bool = False,
+    persistent_session: bool = False,
+) -> Any:
+    """A configured paho client, not yet connected: VERSION2 callbacks, MQTT v5 unless
+    ``settings.protocol`` is 311, credentials, TLS, the reconnect back-off and no cap on queued
+    messages.
+
+    ``persistent_session`` asks MQTT 3.1.1 for a kept session (``clean_session=False``); with v5
+    the session is chosen when connecting (``clean_start`` and the session expiry).
+    """
+    import paho.mqtt.client as mqtt
+
+    v5 = settings.protocol == 5
+    client = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+        clean_session=None if v5 else not persistent_session,
+        manual_ack=manual_ack,
+    )
+    if settings.username:
+        client.username_pw_set(settings.username, settings.password)
+    if settings.tls:
+        client.tls_set(
+            ca_certs=str(settings.ca_file) if settings.ca_file else None,
+            certfile=str(settings.cert_file) if settings.cert_file else None,
+            keyfile=str(settings.key_file) if settings.key_file else None,
+        )
+    client.reconnect_delay_set(settings.reconnect_min, settings.reconnect_max)
+    client.max_queued_messages_set(0)
+    return client

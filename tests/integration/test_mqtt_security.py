@@ -50,7 +50,7 @@ class Recorder:
 
 
 def _client(settings: Any, client_id: str) -> tuple[Any, Recorder]:
-    from edge_client.client import make_mqtt_client
+    from protocol.mqtt import make_mqtt_client
 
     client = make_mqtt_client(settings, client_id)
     recorder = Recorder()

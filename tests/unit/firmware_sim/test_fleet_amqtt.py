@@ -8,9 +8,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edge_client.client import make_mqtt_client
 from edge_client.config import BrokerSettings
 from firmware_sim.broker import MQTT_V311, start_amqtt
+from protocol.mqtt import make_mqtt_client
 
 
 def _connect(
