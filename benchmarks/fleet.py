@@ -20,7 +20,10 @@ round's wall time W splits exactly into consecutive intervals:
   *alarm* (two LiteRT evaluations on the local test split) and *training*;
 * *encode/sign* — sealing every update (tensor encoding, SHA-256, Ed25519, state save);
 * *network* — hand-off to the MQTT client, broker, delivery to the coordinator (``last update
-  arrival - trained - encode/sign``);
+  arrival - trained - encode/sign``). Without round-level tampering (any fleet without a
+  colluding attack) the worker seals and publishes each update as soon as its board is done,
+  inside the compute window; network is then ``last update arrival - last board done`` and the
+  coordinator admits earlier updates while later boards compute;
 * *admission* — the coordinator's verification and storage backlog after the last arrival
   (``close started - last arrival``); admission of earlier updates overlaps the network share;
 * *aggregation* — the SIREN decision (root-set evaluations, weight analysis, aggregation);
@@ -134,7 +137,10 @@ def round_breakdown(record: dict[str, Any]) -> Breakdown:
     seal = float(tm.get("seal_seconds", 0.0))
     opened = float(tm["first_received_at"]) - delivery
     last_arrival = opened + float(tm.get("collect_seconds", 0.0))
-    network = max(0.0, last_arrival - float(tm["trained_at"]) - seal)
+    pipelined = bool(tm.get("pipelined", False))
+    # Pipelined rounds seal (and publish) each update inside the compute window.
+    sealed_in_window = seal if pipelined else 0.0
+    network = max(0.0, last_arrival - float(tm["trained_at"]) - (0.0 if pipelined else seal))
     wait = float(tm.get("wait_seconds", 0.0))
     admission = max(0.0, wait - float(tm.get("collect_seconds", 0.0)))
     aggregation = float(tm.get("aggregate_seconds", 0.0))
@@ -142,7 +148,7 @@ def round_breakdown(record: dict[str, Any]) -> Breakdown:
     close_tail = max(0.0, wall - wait - aggregation - evaluation)
     return Breakdown(
         wall=wall,
-        broadcast=delivery + max(0.0, window - compute) + close_tail,
+        broadcast=delivery + max(0.0, window - compute - sealed_in_window) + close_tail,
         alarm=alarm,
         train=compute - alarm,
         encode_sign=seal,

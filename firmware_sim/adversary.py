@@ -62,6 +62,15 @@ class Adversary:
         """Return the round's updates after the adversary's changes (same order and clients)."""
         return updates
 
+    @property
+    def tampers_rounds(self) -> bool:
+        """Whether :meth:`tamper_round` may change anything (a subclass overrides it).
+
+        When it does not, a fleet may publish each board's update as soon as the board is done
+        instead of waiting for the whole round.
+        """
+        return type(self).tamper_round is not Adversary.tamper_round
+
     def round_metrics(self, evaluate: Any, global_weights: np.ndarray) -> dict[str, float]:
         """Attack-specific metrics of the new global model (e.g. attack success rate)."""
         return {}

@@ -152,6 +152,7 @@ class _RoundStats:
     trained_at: float = 0.0
     seal_seconds: float = 0.0
     published_at: float = 0.0
+    pipelined: bool = False
     resends: int = 0
     metrics: dict[str, Any] = field(default_factory=dict)
 
@@ -174,6 +175,7 @@ class _RoundStats:
             "trained_at": self.trained_at,
             "seal_seconds": self.seal_seconds,
             "published_at": self.published_at,
+            "pipelined": self.pipelined,
             "resends": self.resends,
             "metrics": self.metrics,
         }
@@ -359,7 +361,6 @@ class FleetWorker:
 
     def _on_global(self, message: Any, nbytes: int, received_at: float) -> None:
         from edge_client.board import board_step
-        from edge_client.client import UpdateTooLargeError
 
         t = message.round
         cfg = self.config
@@ -383,6 +384,10 @@ class FleetWorker:
         updates = []
         states = {}
         compute: dict[int, float] = {}
+        # Without round-level tampering every update goes out as soon as its board is done, as
+        # on real boards, so the coordinator admits it while the next boards compute.
+        pipelined = not fleet.adversary.tampers_rounds
+        stats.pipelined = pipelined
         for index, agent in self.agents.items():
             plan = agent.plan(message)
             if plan.action == "resend" and agent.record.pending is not None:
@@ -410,33 +415,56 @@ class FleetWorker:
                 alarm=self.alarm,
             )
             compute[index] = time.perf_counter() - t0
-            updates.append(update)
-            states[index] = new_state
             stats.alarm_ms.append(1000 * update.alarm_seconds)
             stats.train_ms.append(1000 * update.train_seconds)
             stats.alarms += int(bool(update.alarm))
+            if pipelined:
+                self._seal(update, new_state, message, start, compute[index], stats)
+                self._publish_due()
+            else:
+                updates.append(update)
+                states[index] = new_state
         stats.board_seconds = float(sum(compute.values()))
-        tamper_rng = np.random.default_rng([cfg.seed, t, 65537])
-        updates = fleet.adversary.tamper_round(t, weights, updates, tamper_rng)
-        stats.trained_at = time.time()
-        for update in updates:
-            index = int(update.client_id)
-            agent = self.agents[index]
-            t0 = time.perf_counter()
-            try:
-                sealed = agent.seal(update, states[index], message)
-            except UpdateTooLargeError as exc:
-                logger.error("%s: %s", agent.client_id, exc)
-                agent.skip(message)
-                continue
-            finally:
-                stats.seal_seconds += time.perf_counter() - t0
-            rng = np.random.default_rng([cfg.seed, t, index, 77])
-            seconds = compute[index]
-            due = start + seconds + self.profiles[index].publish_delay(seconds, rng)
-            self._enqueue(index, sealed, due)
-            stats.boards += 1
-            stats.update_bytes += len(sealed)
+        if not pipelined:
+            tamper_rng = np.random.default_rng([cfg.seed, t, 65537])
+            updates = fleet.adversary.tamper_round(t, weights, updates, tamper_rng)
+            stats.trained_at = time.time()
+            for update in updates:
+                index = int(update.client_id)
+                self._seal(update, states[index], message, start, compute[index], stats)
+        else:
+            stats.trained_at = time.time()
+
+    def _seal(
+        self,
+        update: Any,
+        state: Any,
+        message: Any,
+        start: float,
+        seconds: float,
+        stats: _RoundStats,
+    ) -> None:
+        """Seal a board's update and schedule its publication: due ``seconds`` after ``start``
+        (the board's compute time, as if every board ran on its own device) plus its profile's
+        delay."""
+        from edge_client.client import UpdateTooLargeError
+
+        index = int(update.client_id)
+        agent = self.agents[index]
+        t0 = time.perf_counter()
+        try:
+            sealed = agent.seal(update, state, message)
+        except UpdateTooLargeError as exc:
+            logger.error("%s: %s", agent.client_id, exc)
+            agent.skip(message)
+            return
+        finally:
+            stats.seal_seconds += time.perf_counter() - t0
+        rng = np.random.default_rng([self.config.seed, message.round, index, 77])
+        due = start + seconds + self.profiles[index].publish_delay(seconds, rng)
+        self._enqueue(index, sealed, due)
+        stats.boards += 1
+        stats.update_bytes += len(sealed)
 
     def _enqueue(self, index: int, payload: bytes, due: float) -> None:
         self._seq += 1
@@ -758,6 +786,7 @@ def merge_round(
         timing["published_at"] = max(w.get("published_at", 0.0) for w in worker_rounds)
         timing["trained_at"] = trained
         timing["first_received_at"] = first
+        timing["pipelined"] = all(bool(w.get("pipelined")) for w in worker_rounds)
     timing["wall_seconds"] = out.get("seconds", 0.0)
     out["timing"] = timing
     out["boards_reporting"] = boards

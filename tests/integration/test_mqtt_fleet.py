@@ -43,4 +43,6 @@ def test_fleet_of_three_boards_matches_the_in_process_engine(tmp_path: Path) -> 
         assert net["global_deliveries"] >= 3
         assert net["bytes_total"] == net["update_bytes_sent"] + net["global_bytes_delivered"]
         assert mqtt_round["timing"]["wall_seconds"] > 0
+        # No attack: each update went out as soon as its board was done.
+        assert mqtt_round["timing"]["pipelined"] is True
     np.testing.assert_allclose(history["final_global"], reference["final_global"], atol=1e-4)

@@ -55,6 +55,20 @@ def test_breakdown_splits_the_round_into_consecutive_intervals() -> None:
     assert b.transport_fraction == pytest.approx(0.425)
 
 
+def test_pipelined_rounds_count_sealing_inside_the_compute_window() -> None:
+    rec = _record()
+    # Each update was sealed and published right after its board: the window 100.1..101.4
+    # (1.3 s) holds 1.0 s of compute, 0.1 s of sealing and 0.2 s of verification/hand-off.
+    rec["timing"].update(pipelined=True, trained_at=101.4, train_and_tamper_seconds=1.3)
+    b = bench.round_breakdown(rec)
+    # broadcast: delivery 0.1 + (1.3 - 1.0 - 0.1) + close tail 0.15 = 0.45
+    assert b.broadcast == pytest.approx(0.45)
+    assert b.encode_sign == pytest.approx(0.1)
+    # last arrival 101.6 - last board done 101.4 (sealing is already inside the window)
+    assert b.network == pytest.approx(0.2)
+    assert b.residual == pytest.approx(0.0, abs=1e-9)
+
+
 def test_clipped_intervals_show_up_as_residual() -> None:
     rec = _record()
     rec["timing"]["trained_at"] = 101.55  # sealing would end 0.05 s after the last arrival
