@@ -173,10 +173,11 @@ class RoundRow:
 
 
 def _json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, default=_json_default, allow_nan=True)
+    return json.dumps(value, sort_keys=True, default=json_default, allow_nan=True)
 
 
-def _json_default(value: Any) -> Any:
+def json_default(value: Any) -> Any:
+    """``json.dumps`` fallback for numpy scalars and arrays, sets and tuples."""
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.ndarray):

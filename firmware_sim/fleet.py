@@ -321,8 +321,10 @@ class FleetWorker:
         }
 
     def _write(self, line: dict[str, Any]) -> None:
+        from coordinator.store import json_default
+
         with open(self.spec.stats_path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(line, default=_json_default) + "\n")
+            handle.write(json.dumps(line, default=json_default) + "\n")
 
     def _on_message(self, client: str, payload: bytes, received_at: float) -> None:
         header_len = int.from_bytes(payload[4:8], "little") if len(payload) >= 8 else 0
@@ -478,16 +480,6 @@ class FleetWorker:
             stats = self._stats.get(self._latest_round)
             if stats is not None:
                 stats.published_at = time.time()
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, (set, frozenset, tuple)):
-        return list(value)
-    raise TypeError(f"not JSON-serializable: {type(value).__name__}")
 
 
 # -- orchestration -------------------------------------------------------------------------
