@@ -94,6 +94,7 @@ class RuleSpec:
     params: dict[str, inspect.Parameter]
     stateful: bool
     summary: str
+    checks_finite: bool = False
 
     def describe(self) -> str:
         """One line: name, parameters with defaults, summary."""
@@ -107,11 +108,15 @@ class RuleSpec:
 REGISTRY: dict[str, RuleSpec] = {}
 
 
-def register(name: str, *, stateful: bool = False) -> Callable[[Rule], Rule]:
+def register(
+    name: str, *, stateful: bool = False, checks_finite: bool = False
+) -> Callable[[Rule], Rule]:
     """Decorator adding ``func`` to :data:`REGISTRY` under ``name``.
 
     The rule's keyword-only parameters (after ``updates`` and ``ctx``) become its typed parameters;
-    the first line of its docstring becomes the summary.
+    the first line of its docstring becomes the summary. ``checks_finite=True`` declares that the
+    rule itself rejects non-finite values (through :func:`reject_non_finite`) in the pass it makes
+    over the matrix anyway, so :func:`aggregate` skips its own finiteness pass for it.
     """
 
     def decorator(func: Rule) -> Rule:
@@ -122,14 +127,18 @@ def register(name: str, *, stateful: bool = False) -> Callable[[Rule], Rule]:
             p.name: p for p in sig.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY
         }
         summary = (inspect.getdoc(func) or name).splitlines()[0]
-        REGISTRY[name] = RuleSpec(name, func, params, stateful, summary)
+        REGISTRY[name] = RuleSpec(name, func, params, stateful, summary, checks_finite)
         return func
 
     return decorator
 
 
-def validate_updates(updates: Any) -> np.ndarray:
+def validate_updates(updates: Any, *, check_finite: bool = True) -> np.ndarray:
     """Return ``updates`` as a read-only ``(K, d)`` float32 array, or raise.
+
+    With ``check_finite=False`` the NaN/inf scan is left to the caller (a rule registered with
+    ``checks_finite=True`` does it in its own pass and calls :func:`reject_non_finite`); values
+    beyond the float32 range still become inf in the conversion and are rejected there.
 
     Raises
     ------
@@ -145,21 +154,40 @@ def validate_updates(updates: Any) -> np.ndarray:
         raise InvalidUpdatesError(f"updates must be real numbers, got dtype {arr.dtype}")
     with np.errstate(over="ignore"):  # values beyond float32 range become inf, rejected below
         arr = arr.astype(np.float32, copy=False)
-    # Fast path: NaN and inf propagate through a sum, so a finite sum proves every value finite
-    # with one reduction; a non-finite sum (possibly an overflow) triggers the exact check.
-    with np.errstate(over="ignore", invalid="ignore"):
-        total = arr.sum()
-    if not np.isfinite(total):
-        finite_rows = np.isfinite(arr).all(axis=1)
-        if not finite_rows.all():
-            bad = np.flatnonzero(~finite_rows)
-            raise InvalidUpdatesError(
-                f"updates contain NaN or infinite values (clients {bad[:10].tolist()}); "
-                "every value must be finite"
-            )
+    if check_finite:
+        # Fast path: NaN and inf propagate through a sum, so a finite sum proves every value
+        # finite with one reduction; a non-finite sum (possibly an overflow) triggers the exact
+        # check.
+        with np.errstate(over="ignore", invalid="ignore"):
+            total = arr.sum()
+        if not np.isfinite(total):
+            reject_non_finite(arr)
     view = arr.view()
     view.flags.writeable = False
     return view
+
+
+def reject_non_finite(updates: np.ndarray) -> None:
+    """Raise :class:`InvalidUpdatesError` naming the clients with NaN/inf values, if any.
+
+    Parameters
+    ----------
+    updates : np.ndarray
+        ``(K, d)`` float matrix. Scanned row by row (O(K d)); rules call this only once they
+        have seen a non-finite value, to report which clients sent one.
+
+    Raises
+    ------
+    InvalidUpdatesError
+        Some value is NaN or infinite (the message lists up to 10 such clients).
+    """
+    finite_rows = np.isfinite(updates).all(axis=1)
+    if not finite_rows.all():
+        bad = np.flatnonzero(~finite_rows)
+        raise InvalidUpdatesError(
+            f"updates contain NaN or infinite values (clients {bad[:10].tolist()}); "
+            "every value must be finite"
+        )
 
 
 def validate_weights(weights: Any, k: int) -> np.ndarray:
@@ -230,7 +258,7 @@ def aggregate(
     ]
     if missing:
         raise UnknownAggregatorError(f"aggregator {name!r} needs parameter(s) {', '.join(missing)}")
-    mat = validate_updates(updates)
+    mat = validate_updates(updates, check_finite=not spec.checks_finite)
     generator = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng or 0)
     ctx = AggregationContext(validate_weights(weights, mat.shape[0]), generator, state)
     return spec.func(mat, ctx, **params)
