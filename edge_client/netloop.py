@@ -26,6 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from protocol.mqtt import set_tcp_nodelay
+
 logger = logging.getLogger(__name__)
 
 
@@ -169,6 +171,7 @@ class SharedNetworkLoop:
             self._wake_w.send(b"\0")
 
     def _opened(self, entry: _Entry, sock: Any) -> None:
+        set_tcp_nodelay(sock)
         entry.fd = sock.fileno()
         self._sel.register(entry.fd, selectors.EVENT_READ, entry)
 
