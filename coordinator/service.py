@@ -45,6 +45,7 @@ from nacl.signing import SigningKey, VerifyKey
 from coordinator.config import ConfigError, CoordinatorConfig
 from coordinator.rounds import RuleStrategy, Strategy, Submission, jsonable, make_strategy
 from coordinator.store import CoordinatorStore, GlobalVersion, StoredUpdate
+from models.tf_setup import freeze_startup_objects
 from protocol.admission import Admission, AdmissionDecision, AdmissionPolicy
 from protocol.envelope import ZERO_SHA256, Kind, decode_message, encode_global
 from protocol.errors import InvalidMessageError, Reason
@@ -904,6 +905,7 @@ class CoordinatorService:
         engine = self.engine
         resumed = engine.store.initialized
         engine.start()
+        freeze_startup_objects()
         self._client = self._make_client(resumed)
         self._last_progress = time.monotonic()
         self._resend_after = self.config.resend_interval

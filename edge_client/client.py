@@ -38,6 +38,7 @@ from edge_client.config import BoardConfig, BrokerSettings, ConfigError
 from edge_client.errors import BoardStateError, EdgeClientError
 from edge_client.netloop import SharedNetworkLoop
 from edge_client.store import BoardRecord, BoardStore, DiskBoardStore
+from models.tf_setup import freeze_startup_objects
 from protocol.admission import AdmissionPolicy
 from protocol.envelope import Message, check_global, encode_status, encode_update
 from protocol.errors import InvalidMessageError
@@ -600,6 +601,7 @@ class BoardClient:
         if self.agent.finished:
             logger.info("%s: the run is already finished", self.config.client_id)
             return 0
+        freeze_startup_objects()
         self.link.start()
         topic = global_topic(self.config.run)
         try:

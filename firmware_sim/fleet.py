@@ -275,6 +275,9 @@ class FleetWorker:
         """Connect every board and serve until the final global model (or ``stop``)."""
         stop = stop or threading.Event()
         self._write({"kind": "fleet", "worker": self.spec.worker, **self.describe()})
+        from models.tf_setup import freeze_startup_objects
+
+        freeze_startup_objects()
         self.network.start()
         for link in self.links.values():
             link.start()
