@@ -91,6 +91,9 @@ OPTIONAL_DEFENSES: dict[str, tuple[str, dict[str, Any]]] = {
 #: Extra ``siren sim run`` options of a defense.
 DEFENSE_SIM_ARGS: dict[str, list[str]] = {"siren_relative": ["--alarm-rule", "relative"]}
 ALL_DEFENSES = {**DEFENSES, **OPTIONAL_DEFENSES}
+#: Defenses whose paper number is another defense's: the relative alarm rule is what the
+#: authors' code runs, so the paper's SIREN numbers stand next to it too.
+PAPER_ALIASES = {"siren_relative": "siren"}
 ATTACKS = ("sign_flip", "label_flip", "targeted_poison", "fang_trim", "fang_krum")
 FRACTIONS = (0.4, 0.8)
 DISTRIBUTIONS = ("iid", "noniid")
@@ -346,7 +349,9 @@ def summarize(cells: list[Cell], root: Path, clients: int) -> str:
         hist = load_history(d)
         budget = defender_budget(cell, clients)
         defense = cell.defense if budget is None else f"{cell.defense} (f={budget})"
-        paper = PAPER_NUMBERS.get((cell.defense, cell.attack, cell.distribution))
+        paper = PAPER_NUMBERS.get(
+            (PAPER_ALIASES.get(cell.defense, cell.defense), cell.attack, cell.distribution)
+        )
         paper_s = f"{paper:.2f}%" if paper is not None and cell.fraction in (0.0, 0.4) else ""
         if hist is None:
             state = "n/a" if (d / "not_applicable").exists() else "not run"
