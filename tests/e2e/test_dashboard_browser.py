@@ -194,7 +194,7 @@ def test_dashboard_shows_the_rounds_of_a_running_fleet(
             assert registered.status_code == 200 and registered.json()["changed"] is False
             resumed = api.post("/api/admin/resume", headers=admin)
             assert resumed.json() == {"paused": False, "changed": True}
-            page.wait_for_selector(f'#accuracy-chart[data-rounds="{closed + 1}"]', timeout=60_000)
+            page.wait_for_selector(f'#accuracy-chart[data-rounds="{closed + 1}"]', timeout=180_000)
             page.wait_for_selector("#run-state.running", timeout=20_000)
             assert errors == []
             assert external == []
