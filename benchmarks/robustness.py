@@ -94,6 +94,8 @@ ALL_DEFENSES = {**DEFENSES, **OPTIONAL_DEFENSES}
 #: Defenses whose paper number is another defense's: the relative alarm rule is what the
 #: authors' code runs, so the paper's SIREN numbers stand next to it too.
 PAPER_ALIASES = {"siren_relative": "siren"}
+#: Rules that select with Krum's scores (their ``f`` is the one Fang's Krum attack simulates).
+KRUM_RULES = frozenset({"krum", "multi_krum", "bulyan", "pdrr_krum"})
 ATTACKS = ("sign_flip", "label_flip", "targeted_poison", "fang_trim", "fang_krum")
 FRACTIONS = (0.4, 0.8)
 DISTRIBUTIONS = ("iid", "noniid")
@@ -249,7 +251,24 @@ def cell_command(cell: Cell, preset: dict[str, Any], out: Path, seed: int) -> li
     cmd += DEFENSE_SIM_ARGS.get(cell.defense, [])
     if cell.attack != "none":
         cmd += ["--attack", cell.attack, "--malicious", str(cell.fraction)]
+        for key, value in attack_knowledge(cell, params).items():
+            cmd += ["--attack-param", f"{key}={value}"]
     return cmd
+
+
+def attack_knowledge(cell: Cell, params: dict[str, Any]) -> dict[str, Any]:
+    """Attack parameters that a full-knowledge attacker takes from the defender's rule.
+
+    Fang et al.'s attack on Krum simulates Krum to find its largest ``lambda``; with full
+    knowledge it runs Krum with the ``f`` the server uses. Without this it would assume ``f`` =
+    the number of malicious boards, which differs whenever the defender's ``f`` is capped (Krum
+    with ten boards runs with f <= 3 against four attackers): the crafted update is then tuned
+    for a neighbour count the server does not use and is never selected.
+    """
+    name, _ = ALL_DEFENSES[cell.defense]
+    if cell.attack == "fang_krum" and name in KRUM_RULES and "f" in params:
+        return {"krum_f": int(params["f"])}
+    return {}
 
 
 def run_cell(

@@ -91,3 +91,18 @@ def test_siren_relative_runs_siren_with_the_relative_alarm_rule():
     assert cmd[cmd.index("--alarm-rule") + 1] == "relative"
     plain = cell_command(Cell("siren", "sign_flip", 0.4, "iid"), {"clients": 10}, "o", 0)
     assert plain is not None and "--alarm-rule" not in plain
+
+
+def test_fang_krum_attacker_simulates_krum_with_the_defenders_f():
+    # Ten boards, four attackers: Krum's bound caps the defender at f=3; the attacker must
+    # tune its crafted update for that f, not for its own count.
+    cmd = cell_command(Cell("krum", "fang_krum", 0.4, "iid"), {"clients": 10}, "o", 0)
+    assert cmd is not None
+    at = cmd.index("--attack-param")
+    assert cmd[at + 1] == "krum_f=3"
+    assert "--attack-param" not in cell_command(
+        Cell("median", "fang_krum", 0.4, "iid"), {"clients": 10}, "o", 0
+    )
+    assert "--attack-param" not in cell_command(
+        Cell("krum", "fang_trim", 0.4, "iid"), {"clients": 10}, "o", 0
+    )
