@@ -393,6 +393,55 @@ def summarize(cells: list[Cell], root: Path, clients: int) -> str:
     return "\n".join(lines)
 
 
+def overview(cells: list[Cell], root: Path) -> str:
+    """Markdown table: per defense, the no-attack accuracy and the worst attacked accuracy.
+
+    One column per distribution and malicious fraction; an attacked entry is the lowest final
+    accuracy over the attacks that finished, with that attack's name (``n`` of ``m`` attacks
+    finished is noted when some are missing). Empty when no attacked cell has finished.
+    """
+    dists = list(dict.fromkeys(cell.distribution for cell in cells))
+    columns = sorted(
+        {(cell.distribution, cell.fraction) for cell in cells},
+        key=lambda col: (dists.index(col[0]), col[1]),
+    )
+    defenses = list(dict.fromkeys(cell.defense for cell in cells))
+    entries: dict[tuple[str, str, float], list[tuple[float, str]]] = {}
+    expected: dict[tuple[str, str, float], int] = {}
+    for cell in cells:
+        key = (cell.defense, cell.distribution, cell.fraction)
+        expected[key] = expected.get(key, 0) + 1
+        hist = load_history(root / cell.key)
+        if hist is not None:
+            acc = 100 * float(hist["summary"]["final_test_accuracy"])
+            entries.setdefault(key, []).append((acc, cell.attack))
+    if not any(frac > 0 for _, _, frac in entries):
+        return ""
+
+    def title(dist: str, frac: float) -> str:
+        return f"{dist}, no attack" if frac == 0 else f"{dist}, {round(100 * frac)}%: worst"
+
+    lines = [
+        "| defense | " + " | ".join(title(d, f) for d, f in columns) + " |",
+        "|---" * (len(columns) + 1) + "|",
+    ]
+    for defense in defenses:
+        row = []
+        for dist, frac in columns:
+            key = (defense, dist, frac)
+            got = entries.get(key)
+            if not got:
+                row.append("")
+                continue
+            acc, attack = min(got)
+            text = f"{acc:.2f}%" if frac == 0 else f"{acc:.2f}% ({attack})"
+            if len(got) < expected.get(key, 0):
+                text += f", {len(got)} of {expected[key]} run"
+            row.append(text)
+        lines.append(f"| {defense} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def plot_groups(cells: list[Cell], root: Path, preset_name: str) -> list[Path]:
     """One accuracy-per-round figure per (attack, fraction, distribution), like SIREN Figs. 5-10."""
     from firmware_sim.report import plot_accuracy
@@ -476,6 +525,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.summary_only:
         run_cells(cells, preset, root, args.seed, args.jobs)
     table = summarize(cells, root, preset["clients"])
+    worst = overview(cells, root)
     plots = plot_groups(cells, root, args.preset)
     index_plots = malicious_index_links(cells, root)
     settings = ", ".join(f"{k}={v}" for k, v in preset.items())
@@ -486,7 +536,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "(resumable).  \n"
         f"Settings: {settings}; SIREN thresholds C_c=4%, C_s=10%, C_p=0.45K, C_a=0.5; "
         f"seed {args.seed}. 'paper' = the SIREN paper's reported accuracy for that cell.\n\n"
-        f"{table}\n\n"
+        + (
+            "## Overview\n\nFinal test accuracy without attack, and the lowest final accuracy "
+            "over the attacks at each malicious fraction (the attack in brackets).\n\n"
+            f"{worst}\n\n## Every cell\n\n"
+            if worst
+            else ""
+        )
+        + f"{table}\n\n"
         + "\n".join(f"![{q.stem}](plots/{q.name})" for q in plots)
         + "\n"
         + index_plots

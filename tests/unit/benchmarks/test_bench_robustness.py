@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from benchmarks.robustness import (
     Cell,
     aggregator_params,
@@ -10,6 +12,7 @@ from benchmarks.robustness import (
     defender_budget,
     grid,
     main,
+    overview,
 )
 
 
@@ -106,3 +109,33 @@ def test_fang_krum_attacker_simulates_krum_with_the_defenders_f():
     assert "--attack-param" not in cell_command(
         Cell("krum", "fang_trim", 0.4, "iid"), {"clients": 10}, "o", 0
     )
+
+
+def _fake_cell(root, cell, accuracy):
+    out = root / cell.key
+    out.mkdir(parents=True)
+    summary = {"final_test_accuracy": accuracy, "best_test_accuracy": accuracy}
+    (out / "history.json").write_text(json.dumps({"rounds": [{}], "summary": summary}))
+
+
+def test_overview_shows_the_baseline_and_the_worst_attack_per_fraction(tmp_path):
+    cells = grid(["fedavg", "median"], ["sign_flip", "label_flip"], [0.4], ["iid", "noniid"])
+    assert overview(cells, tmp_path) == ""  # nothing finished
+    results = {
+        ("fedavg", "none"): 0.82,
+        ("median", "none"): 0.81,
+        ("fedavg", "sign_flip"): 0.02,
+        ("fedavg", "label_flip"): 0.69,
+        ("median", "sign_flip"): 0.77,
+    }
+    for cell in cells:
+        if cell.distribution == "iid" and (cell.defense, cell.attack) in results:
+            _fake_cell(tmp_path, cell, results[(cell.defense, cell.attack)])
+    table = overview(cells, tmp_path)
+    lines = table.splitlines()
+    assert lines[0] == (
+        "| defense | iid, no attack | iid, 40%: worst | noniid, no attack | noniid, 40%: worst |"
+    )
+    assert "| fedavg | 82.00% | 2.00% (sign_flip) |  |  |" in lines
+    # median's label-flip cell has not run: its worst so far is marked as partial
+    assert "| median | 81.00% | 77.00% (sign_flip), 1 of 2 run |  |  |" in lines
