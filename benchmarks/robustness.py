@@ -98,6 +98,14 @@ PAPER_ALIASES = {"siren_relative": "siren"}
 KRUM_RULES = frozenset({"krum", "multi_krum", "bulyan", "pdrr_krum"})
 ATTACKS = ("sign_flip", "label_flip", "targeted_poison", "fang_trim", "fang_krum")
 FRACTIONS = (0.4, 0.8)
+#: Threads of every cell (TensorFlow's intra- and inter-op pools, OpenMP): results are bit for bit
+#: reproducible only at a fixed thread count, and one thread per cell is what ``--jobs`` can keep.
+CELL_THREADS = 1
+CELL_THREAD_ENV = {
+    "TF_NUM_INTRAOP_THREADS": str(CELL_THREADS),
+    "TF_NUM_INTEROP_THREADS": str(CELL_THREADS),
+    "OMP_NUM_THREADS": str(CELL_THREADS),
+}
 DISTRIBUTIONS = ("iid", "noniid")
 
 #: SIREN paper §5 (K=10, 40% malicious): (defense, attack, distribution) -> accuracy in %.
@@ -294,8 +302,16 @@ def run_cell(
         (out / "not_applicable").write_text("the rule's Byzantine bound fails even for f=0\n")
         return {"cell": cell, "status": "n/a", "dir": out}
     started = time.perf_counter()
+    env = {**os.environ, **CELL_THREAD_ENV}
+    (out / "cell.json").write_text(
+        json.dumps(
+            {"command": cmd[1:], "cpus": sorted(cpus) if cpus else None, "threads": CELL_THREADS},
+            indent=1,
+        )
+        + "\n"
+    )
     with open(out / "log.txt", "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         if cpus:
             # Before the child has imported anything, so every thread it starts inherits it.
             with contextlib.suppress(OSError):
@@ -308,13 +324,16 @@ def run_cell(
 
 
 def core_groups(jobs: int) -> list[set[int] | None]:
-    """Split the cores this process may use into ``jobs`` disjoint groups (None: no pinning)."""
-    if jobs <= 1 or not hasattr(os, "sched_getaffinity"):
+    """One core per job, from the cores this process may use (None: no pinning possible).
+
+    Every cell runs on exactly one core, whatever ``jobs`` is: TensorFlow's reductions depend on
+    its thread count (a cell on two cores drifts by about a point from the same cell on one), so
+    a cell's result must not depend on how many cells ran beside it.
+    """
+    if not hasattr(os, "sched_getaffinity"):
         return [None] * max(jobs, 1)
     cores = sorted(os.sched_getaffinity(0))
-    if len(cores) < jobs:
-        return [None] * jobs
-    return [set(cores[i::jobs]) for i in range(jobs)]
+    return [{cores[i % len(cores)]} for i in range(max(jobs, 1))]
 
 
 def run_cells(

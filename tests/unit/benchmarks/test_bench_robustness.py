@@ -57,6 +57,8 @@ def test_smoke_grid_runs_resumes_and_summarizes(tmp_path, capsys):
     first = capsys.readouterr().out
     assert first.count(": done") == 2
     assert (tmp_path / "smoke" / "fedavg__none__0__iid" / "history.json").exists()
+    recorded = json.loads((tmp_path / "smoke" / "fedavg__none__0__iid" / "cell.json").read_text())
+    assert recorded["threads"] == 1 and len(recorded["cpus"]) == 1
     assert main(argv) == 0  # everything finished: nothing is run again
     second = capsys.readouterr().out
     assert " in " not in second.split("| distribution")[0]
@@ -64,12 +66,13 @@ def test_smoke_grid_runs_resumes_and_summarizes(tmp_path, capsys):
     assert "| iid | none | 0% | median |" in table
 
 
-def test_core_groups_split_the_cores_without_overlap():
+def test_every_cell_gets_one_core_of_its_own():
     groups = core_groups(2)
     assert len(groups) == 2
-    if groups[0] is not None:
-        assert groups[0] and groups[1] and not groups[0] & groups[1]
-    assert core_groups(1) == [None]
+    assert all(g is not None and len(g) == 1 for g in groups)
+    assert not groups[0] & groups[1]  # type: ignore[operator]
+    single = core_groups(1)
+    assert len(single) == 1 and single[0] is not None and len(single[0]) == 1
 
 
 def test_malicious_index_section_links_only_finished_cells(tmp_path):
