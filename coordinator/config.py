@@ -16,7 +16,8 @@ Example (relative paths are relative to the file's directory)::
     resend_interval = 30.0            # s without progress before re-announcing the global
                                       # model of a round (then doubling, up to 8x)
     max_message_bytes = 0             # 0: the protocol's default limit for the model
-    max_samples = 0                   # 0: no upper bound on reported sample counts
+    max_samples = 0                   # largest sample count one update may report
+                                      # (0: 1,000,000,000; bounds the weight attack)
     exit_when_done = true
     defense_start_round = 1           # plain FedAvg before this round, then the aggregator
 
@@ -48,6 +49,10 @@ Example (relative paths are relative to the file's directory)::
     [aggregator]
     name = "fedavg"                   # a rule of `siren sim aggregators`, or "siren"
     params = {}                       # e.g. { f = 2 }
+    guard_factor = 100.0              # a round may move the global model at most this many
+                                      # times the median update norm (else it is re-aggregated
+                                      # without the outsized updates); inf: no norm bound
+    guard_max_abs = 1000000.0         # nor make any weight larger than this (inf: no bound)
 
     [api]                             # HTTP API and dashboard (coordinator.api)
     enabled = false
@@ -164,6 +169,15 @@ class AggregatorSettings:
 
     name: str = "fedavg"
     params: dict[str, Any] = field(default_factory=dict)
+    guard_factor: float = 100.0
+    guard_max_abs: float = 1e6
+
+    def __post_init__(self) -> None:
+        if not self.guard_factor > 0 or not self.guard_max_abs > 0:
+            raise ConfigError(
+                "aggregator.guard_factor and guard_max_abs must be positive (inf: no bound), "
+                f"got {self.guard_factor} and {self.guard_max_abs}"
+            )
 
 
 @dataclass(frozen=True)
@@ -255,6 +269,11 @@ class CoordinatorConfig:
             )
         if self.round_timeout < 0 or self.resend_interval < 0:
             raise ConfigError("coordinator.round_timeout and resend_interval must be >= 0")
+        if self.max_samples is not None and not 1 <= self.max_samples <= 2**53 - 1:
+            raise ConfigError(
+                f"coordinator.max_samples must be in [1, 2^53 - 1] (0: the default), "
+                f"got {self.max_samples}"
+            )
 
     def quorum_count(self, expected: int) -> int:
         """Admitted updates needed to close a round at its deadline: ``ceil(quorum · K)``."""

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from coordinator.aggregators import aggregate, get_rule
+from coordinator.errors import ByzantineBoundError, InvalidParameterError, UnknownAggregatorError
 
 
 @dataclass(frozen=True)
@@ -190,6 +191,162 @@ class RuleStrategy:
             raise ValueError(f"refusing to load state class {class_path!r}")
         cls = getattr(importlib.import_module(module_name), class_name)
         self.state = cls.from_mapping({k: decode_array(v) for k, v in state["arrays"].items()})
+
+
+#: Default factor of the global-model guard: a round's step ``g_{t+1} − g_t`` may be at most this
+#: many times the median L2 norm of the round's updates.
+DEFAULT_GUARD_FACTOR = 100.0
+#: Default absolute bound of the global-model guard on every weight of ``g_{t+1}``: far above the
+#: weights of any trained network, far below where float32 training overflows.
+DEFAULT_GUARD_MAX_ABS = 1e6
+
+#: Errors by which a strategy refuses a round's input (a Byzantine bound, a bad parameter):
+#: configuration problems that :func:`guarded_step` passes on instead of absorbing.
+REFUSALS: tuple[type[Exception], ...] = (
+    ByzantineBoundError,
+    InvalidParameterError,
+    UnknownAggregatorError,
+)
+
+
+def update_norms(submissions: Sequence[Submission]) -> np.ndarray:
+    """The ``(K,)`` float64 L2 norms of the submissions' updates (no overflow for any float32)."""
+    return np.array(
+        [float(np.linalg.norm(np.asarray(s.delta, dtype=np.float64))) for s in submissions],
+        dtype=np.float64,
+    )
+
+
+def global_problem(
+    global_weights: np.ndarray,
+    new_global: np.ndarray,
+    bound: float,
+    max_abs: float = DEFAULT_GUARD_MAX_ABS,
+) -> str | None:
+    """Why ``new_global`` may not become the next global model, or None when it may.
+
+    It may not when a value is not finite, when a value exceeds ``max_abs`` in magnitude
+    (unless ``g_t`` already did), or when its step ``|g_{t+1} − g_t|`` exceeds ``bound``
+    (computed in float64).
+    """
+    new = np.asarray(new_global)
+    if new.shape != np.shape(global_weights):
+        return f"the strategy returned shape {new.shape}, expected {np.shape(global_weights)}"
+    if not np.isfinite(new).all():
+        return f"{int(np.size(new) - np.isfinite(new).sum())} non-finite value(s)"
+    largest = float(np.abs(new).max()) if new.size else 0.0
+    if largest > max_abs and largest > float(np.abs(global_weights).max(initial=0.0)):
+        return f"a weight of magnitude {largest:.4g} exceeds the absolute bound {max_abs:.4g}"
+    step = float(np.linalg.norm(new.astype(np.float64) - np.asarray(global_weights, np.float64)))
+    if not step <= bound:
+        return f"step norm {step:.4g} exceeds the bound {bound:.4g}"
+    return None
+
+
+def guarded_step(
+    strategy: Strategy,
+    round_index: int,
+    global_weights: np.ndarray,
+    submissions: Sequence[Submission],
+    *,
+    factor: float = DEFAULT_GUARD_FACTOR,
+    max_abs: float = DEFAULT_GUARD_MAX_ABS,
+) -> StepResult:
+    """Run ``strategy.step`` and never let it emit a non-finite or absurd global model.
+
+    The step is accepted when every value of ``g_{t+1}`` is finite and at most ``max_abs`` in
+    magnitude, and ``|g_{t+1} − g_t|₂ ≤ factor · median_i |Δ_i|₂`` (the median is robust while
+    fewer than half of the updates are huge; a rule that averages can move the model at most as
+    far as its largest input, so an honest round never comes near the bound; the absolute
+    bound holds when the attackers are the majority). Otherwise, or when the
+    strategy fails with anything but a refusal (:data:`REFUSALS`), the guard restores the
+    strategy's state and
+
+    1. re-runs the step without the outsized updates -- norm above ``factor · median``, or a
+       value above ``max_abs`` -- (their verdict says why); if that step passes, it is the
+       round's result;
+    2. else keeps ``g_t`` as ``g_{t+1}`` (every verdict ``kept = False``).
+
+    The record's ``guard`` entry tells what happened. Refusals propagate unchanged: they mean the
+    round cannot be aggregated as configured (too few boards for the rule's bound), which the
+    caller handles (the coordinator waits for more boards).
+
+    Parameters
+    ----------
+    factor : float
+        The relative bound's factor (``inf``: no relative bound).
+    max_abs : float
+        The absolute bound on every weight (``inf``: none). A ``g_t`` already beyond it (an
+        initial model with large weights) does not make every round fail: only a step that
+        enlarges the largest weight past the bound is refused.
+    """
+    snapshot = strategy.state_dict()
+    norms = update_norms(submissions)
+    median = float(np.median(norms)) if len(norms) else 0.0
+    bound = factor * median if factor != float("inf") else float("inf")
+    problem: str | None
+    try:
+        result = strategy.step(round_index, global_weights, submissions)
+        problem = global_problem(global_weights, result.new_global, bound, max_abs)
+    except REFUSALS:
+        raise
+    except (ArithmeticError, ValueError, np.linalg.LinAlgError) as exc:
+        problem = f"the strategy failed: {type(exc).__name__}: {exc}"
+    if problem is None:
+        return result
+    guard: dict[str, Any] = {
+        "problem": problem,
+        "factor": factor,
+        "max_abs": max_abs,
+        "median_update_norm": median,
+    }
+    largest = [float(np.abs(s.delta).max(initial=0.0)) for s in submissions]
+    why_out = {
+        s.client_id: (
+            f"guard: update norm {n:.4g} > {factor:g} x median {median:.4g}"
+            if not n <= bound
+            else f"guard: an update value of magnitude {m:.4g} > {max_abs:.4g}"
+        )
+        for s, n, m in zip(submissions, norms, largest)
+        if not (n <= bound and m <= max_abs)
+    }
+    kept = [s for s in submissions if s.client_id not in why_out]
+    strategy.load_state_dict(snapshot)
+    if why_out and kept:
+        retry_problem: str | None
+        try:
+            retry = strategy.step(round_index, global_weights, kept)
+            retry_problem = global_problem(global_weights, retry.new_global, bound, max_abs)
+        except REFUSALS as exc:
+            retry_problem = f"the strategy refused the rest: {exc}"
+        except (ArithmeticError, ValueError, np.linalg.LinAlgError) as exc:
+            retry_problem = f"the strategy failed: {type(exc).__name__}: {exc}"
+        if retry_problem is None:
+            verdicts = dict(retry.verdicts)
+            for s, n in zip(submissions, norms):
+                if s.client_id in why_out:
+                    verdicts[s.client_id] = {
+                        "kept": False,
+                        "weight": 0.0,
+                        "score": float(n),
+                        "reason": why_out[s.client_id],
+                    }
+            guard.update(action="reaggregated", excluded=sorted(why_out))
+            return StepResult(retry.new_global, verdicts, {**retry.record, "guard": guard})
+        guard["retry_problem"] = retry_problem
+        strategy.load_state_dict(snapshot)
+    guard["action"] = "kept_previous_global"
+    verdicts = {
+        s.client_id: {
+            "kept": False,
+            "weight": 0.0,
+            "score": float(n),
+            "reason": "guard: the round kept the previous global model",
+        }
+        for s, n in zip(submissions, norms)
+    }
+    previous = np.asarray(global_weights, dtype=np.float32).copy()
+    return StepResult(previous, verdicts, {"rule": getattr(strategy, "name", ""), "guard": guard})
 
 
 def encode_array(array: np.ndarray) -> dict[str, Any]:

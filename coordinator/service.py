@@ -43,11 +43,20 @@ import numpy as np
 from nacl.signing import SigningKey, VerifyKey
 
 from coordinator.config import ConfigError, CoordinatorConfig
-from coordinator.rounds import RuleStrategy, Strategy, Submission, jsonable, make_strategy
+from coordinator.rounds import (
+    REFUSALS,
+    RuleStrategy,
+    StepResult,
+    Strategy,
+    Submission,
+    guarded_step,
+    jsonable,
+    make_strategy,
+)
 from coordinator.store import CoordinatorStore, GlobalVersion, StoredUpdate
 from models.tf_setup import freeze_startup_objects
 from protocol.admission import Admission, AdmissionDecision, AdmissionPolicy
-from protocol.envelope import ZERO_SHA256, Kind, decode_message, encode_global
+from protocol.envelope import MAX_HEADER_INT, ZERO_SHA256, Kind, decode_message, encode_global
 from protocol.errors import InvalidMessageError, Reason
 from protocol.layout import TensorLayout, weights_sha256
 from protocol.mqtt import make_mqtt_client
@@ -387,6 +396,17 @@ class RoundEngine:
         seen: dict[str, str] = {}
         nonces: list[str] = []
         for upd in store.updates(current):
+            problem = self._stored_update_problem(upd)
+            if problem is not None:
+                logger.error(
+                    "round %d: the stored update of %s breaks the admission rules (%s); "
+                    "quarantined",
+                    current,
+                    upd.client,
+                    problem,
+                )
+                store.quarantine(current, upd.client, problem)
+                continue
             assert upd.delta is not None
             state.admitted[upd.client] = _Admitted(
                 upd.client,
@@ -424,6 +444,23 @@ class RoundEngine:
                 ", ".join(sorted(state.admitted)),
             )
         return glob.message
+
+    def _stored_update_problem(self, upd: StoredUpdate) -> str | None:
+        """Why a stored update of the open round would not be admitted today, or None.
+
+        A store written under looser rules (an older version, or a larger ``max_samples``) may
+        hold an update that poisons every close of its round; it is quarantined on start.
+        """
+        if upd.client not in self.index_of:
+            return f"{upd.client!r} is not a board of this run"
+        low, high = self.policy.min_samples, self.policy.sample_limit
+        if not low <= upd.samples <= high:
+            return f"sample count {upd.samples} is not in [{low}, {high}]"
+        if upd.delta is None or upd.delta.size != self.runtime.layout.size:
+            return "its update does not have the model's layout"
+        if not np.isfinite(upd.delta).all():
+            return "its update holds non-finite values"
+        return None
 
     # -- messages ----------------------------------------------------------------------------
 
@@ -654,11 +691,10 @@ class RoundEngine:
 
         Returns ``None`` when the strategy refuses the round's updates while boards are still
         missing (e.g. too few for a Byzantine bound): the round stays open for more updates.
-
-        Raises
-        ------
-        Exception
-            The strategy's error when it refuses a round in which every board reported.
+        Otherwise the round always closes: the global-model guard
+        (:func:`coordinator.rounds.guarded_step`) re-aggregates without outsized updates or keeps
+        ``g_t``, and a strategy that fails with every board reported, or a model that cannot be
+        encoded, closes the round with ``g_t`` and the failure in the round's record.
         """
         state = self.state
         assert state is not None
@@ -670,42 +706,90 @@ class RoundEngine:
         strategy = self.runtime.strategy if defended else self.runtime.undefended
         assert strategy is not None
         t0 = time.perf_counter()
+        failure: str | None = None
         try:
-            result = strategy.step(t, state.glob.weights, submissions)
+            result = guarded_step(
+                strategy,
+                t,
+                state.glob.weights,
+                submissions,
+                factor=self.config.aggregator.guard_factor,
+                max_abs=self.config.aggregator.guard_max_abs,
+            )
         except Exception as exc:
             saved = self.store.latest_strategy_state()
             if saved is not None:
                 self.runtime.strategy.load_state_dict(saved)
-            if not self.missing():
-                raise
-            logger.warning(
-                "round %d: the strategy refused %d update(s) (%s); waiting for more",
-                t,
-                len(entries),
-                exc,
+            if isinstance(exc, REFUSALS) and self.missing():
+                logger.warning(
+                    "round %d: the strategy refused %d update(s) (%s); waiting for more",
+                    t,
+                    len(entries),
+                    exc,
+                )
+                state.postponed_at = len(entries)
+                return None
+            # Every expected board reported and the round still cannot be aggregated (a bound
+            # the configuration cannot meet, or a defect): close it without moving the model,
+            # record why, and keep serving. Crashing here would crash again on every restart.
+            failure = f"{type(exc).__name__}: {exc}"
+            logger.error("round %d: aggregation failed (%s); the global model is kept", t, failure)
+            result = StepResult(
+                np.asarray(state.glob.weights, dtype=np.float32).copy(),
+                {
+                    e.index: {
+                        "kept": False,
+                        "weight": 0.0,
+                        "score": None,
+                        "reason": "the round failed; the global model was kept",
+                    }
+                    for e in entries
+                },
+                {"failure": failure},
             )
-            state.postponed_at = len(entries)
-            return None
         aggregate_seconds = time.perf_counter() - t0
         new_global = np.asarray(result.new_global, dtype=np.float32)
+        guard = result.record.get("guard")
+        if guard is not None:
+            logger.warning(
+                "round %d: global-model guard: %s (%s)", t, guard["problem"], guard["action"]
+            )
         test_loss = test_acc = None
         evaluate_seconds = 0.0
         if self.runtime.evaluate is not None:
             t1 = time.perf_counter()
-            test_loss, test_acc = self.runtime.evaluate(new_global)
+            try:
+                test_loss, test_acc = self.runtime.evaluate(new_global)
+            except Exception:
+                logger.exception("round %d: evaluating the new global model failed", t)
             evaluate_seconds = time.perf_counter() - t1
         final = t >= self.config.rounds
+        # The header's sample total saturates (admission bounds each count, so it never should).
+        samples = min(int(sum(e.samples for e in entries)), MAX_HEADER_INT)
+        try:
+            message = encode_global(
+                run=self.config.run,
+                round=t + 1,
+                signing_key=self.signing_key,
+                weights=new_global,
+                layout=self.runtime.layout,
+                previous_sha256=state.glob.sha256,
+                samples=samples,
+            )
+        except Exception as exc:
+            failure = f"encoding the new global model failed: {type(exc).__name__}: {exc}"
+            logger.error("round %d: %s; the global model is kept", t, failure)
+            new_global = np.asarray(state.glob.weights, dtype=np.float32).copy()
+            samples = 0
+            message = encode_global(
+                run=self.config.run,
+                round=t + 1,
+                signing_key=self.signing_key,
+                weights=new_global,
+                layout=self.runtime.layout,
+                previous_sha256=state.glob.sha256,
+            )
         sha = weights_sha256(new_global)
-        samples = int(sum(e.samples for e in entries))
-        message = encode_global(
-            run=self.config.run,
-            round=t + 1,
-            signing_key=self.signing_key,
-            weights=new_global,
-            layout=self.runtime.layout,
-            previous_sha256=state.glob.sha256,
-            samples=samples,
-        )
         closed_at = self.clock()
         counts = self.store.decision_counts(t)
         record: dict[str, Any] = {
@@ -723,6 +807,7 @@ class RoundEngine:
             "defense_active": defended,
             "verdicts": {str(k): jsonable(v) for k, v in result.verdicts.items()},
             "decision": jsonable(result.record),
+            "failure": failure,
             "network": {
                 "updates": len(entries),
                 "update_bytes": state.update_bytes,

@@ -503,6 +503,30 @@ class CoordinatorStore:
             )
             self._count(db, update.round, "accepted")
 
+    def quarantine(self, round_index: int, client: str, detail: str) -> None:
+        """Take an admitted update of an open round out of the store (a stored update the current
+        admission rules refuse, e.g. one written by an older version with looser bounds).
+
+        The update no longer counts as ``accepted`` but as ``quarantined``, with ``detail``
+        logged; a resend of it goes through admission again.
+        """
+        with self.transaction() as db:
+            gone = db.execute(
+                "DELETE FROM updates WHERE round = ? AND client = ?", (round_index, client)
+            ).rowcount
+            if gone:
+                db.execute(
+                    "UPDATE decisions SET count = count - 1 "
+                    "WHERE round = ? AND reason = 'accepted' AND count > 0",
+                    (round_index,),
+                )
+            self._count(db, round_index, "quarantined")
+            db.execute(
+                "INSERT INTO rejections (round, client, reason, detail, at) "
+                "VALUES (?, ?, 'quarantined', ?, ?)",
+                (round_index, client, detail[:500], time.time()),
+            )
+
     def count(
         self,
         round_index: int,

@@ -158,6 +158,23 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
         help="the server runs plain fedavg before round N, then --aggregator (SIREN §5.9 "
         "recovery; boards keep their alarm throughout; default: 1)",
     )
+    d.add_argument(
+        "--guard-factor",
+        type=float,
+        default=100.0,
+        metavar="F",
+        help="global-model guard: a round may move the model at most F times the median "
+        "update norm, else it is re-aggregated without the outsized updates (inf: only "
+        "refuse non-finite models; default: 100)",
+    )
+    d.add_argument(
+        "--guard-max-abs",
+        type=float,
+        default=1e6,
+        metavar="M",
+        help="global-model guard: no weight of the global model may grow beyond M in "
+        "magnitude (updates with larger values are left out; inf: no bound; default: 1e6)",
+    )
     a = p.add_argument_group("attack")
     a.add_argument(
         "--attack", default=None, help="attack of the malicious boards (see `siren sim attacks`)"
@@ -221,6 +238,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
             attack_params=parse_key_values(args.attack_param, "--attack-param"),
             seed=args.seed,
             defense_start_round=args.defense_start_round,
+            guard_factor=args.guard_factor,
+            guard_max_abs=args.guard_max_abs,
         )
     except ValueError as exc:
         raise CommandError(str(exc)) from exc

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from coordinator.oracle import RootSetOracle
-from coordinator.rounds import RuleStrategy, Submission, make_strategy
+from coordinator.rounds import RuleStrategy, Submission, guarded_step, make_strategy
 from edge_client.alarm import AlarmConfig
 from edge_client.board import BoardData, BoardState, BoardUpdate, board_step
 from firmware_sim.adversary import Adversary
@@ -62,6 +62,8 @@ class SimConfig:
     attack_params: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     defense_start_round: int = 1
+    guard_factor: float = 100.0
+    guard_max_abs: float = 1e6
 
     def __post_init__(self) -> None:
         if self.clients < 1:
@@ -76,6 +78,11 @@ class SimConfig:
             raise ValueError(f"--alarm-backend must be litert or keras, got {self.alarm_backend!r}")
         if self.defense_start_round < 1:
             raise ValueError(f"--defense-start-round must be >= 1, got {self.defense_start_round}")
+        if not self.guard_factor > 0 or not self.guard_max_abs > 0:
+            raise ValueError(
+                f"--guard-factor and --guard-max-abs must be positive (inf: no bound), got "
+                f"{self.guard_factor} and {self.guard_max_abs}"
+            )
 
     @property
     def alarm_enabled(self) -> bool:
@@ -236,7 +243,14 @@ def play_round(fleet: Fleet, round_index: int, global_weights: np.ndarray) -> di
     defended = round_index >= cfg.defense_start_round or fleet.undefended is None
     strategy = fleet.strategy if defended else fleet.undefended
     t1 = time.perf_counter()
-    result = strategy.step(round_index, global_weights, submissions)
+    result = guarded_step(
+        strategy,
+        round_index,
+        global_weights,
+        submissions,
+        factor=cfg.guard_factor,
+        max_abs=cfg.guard_max_abs,
+    )
     server_seconds = time.perf_counter() - t1
     new_global = result.new_global
     test_loss, test_acc = fleet.trainer.evaluate(new_global, fleet.x_test, fleet.y_test)

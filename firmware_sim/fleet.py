@@ -623,7 +623,12 @@ def prepare_fleet(
             learning_rate=config.resolved_lr(),
             optimizer=config.optimizer,
         ),
-        aggregator=AggregatorSettings(config.aggregator, dict(config.aggregator_params)),
+        aggregator=AggregatorSettings(
+            config.aggregator,
+            dict(config.aggregator_params),
+            guard_factor=getattr(config, "guard_factor", 100.0),
+            guard_max_abs=getattr(config, "guard_max_abs", 1e6),
+        ),
         data=DataSettings(
             dataset=dataset,
             root="split",

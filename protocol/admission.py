@@ -42,6 +42,7 @@ from typing import Any
 
 from protocol.envelope import (
     MAX_HEADER_BYTES,
+    MAX_HEADER_INT,
     PREFIX_BYTES,
     SIGNATURE_BYTES,
     ZERO_SHA256,
@@ -78,6 +79,10 @@ logger = logging.getLogger(__name__)
 #: Default size limit, in multiples of the model's payload size (plus room for the header).
 DEFAULT_SIZE_FACTOR = 4
 
+#: Default largest sample count of one update (one billion: far above any board's data set, and
+#: small enough that the sum over a million boards stays exactly representable in a header).
+DEFAULT_MAX_SAMPLES = 1_000_000_000
+
 #: Format tag and version of the saved admission state.
 STATE_FORMAT = "siren-admission-state"
 STATE_VERSION = 1
@@ -100,7 +105,8 @@ class AdmissionPolicy:
         Smallest admitted sample count (default 1: an update trained on nothing is refused).
     max_samples : int, optional
         Largest admitted sample count; bounds the weight attack (a board lying about its
-        dataset size to gain weight in sample-weighted averaging). No bound by default.
+        dataset size to gain weight in sample-weighted averaging). Default (None):
+        :data:`DEFAULT_MAX_SAMPLES`; at most :data:`~protocol.envelope.MAX_HEADER_INT`.
     max_clock_skew_ms : int, optional
         When set, refuse updates whose signed timestamp differs from the coordinator's clock by
         more than this. Off by default: boards' clocks are not trusted to be synchronised.
@@ -119,12 +125,21 @@ class AdmissionPolicy:
             raise ValueError(f"max_message_bytes must be positive, got {self.max_message_bytes}")
         if self.min_samples < 0:
             raise ValueError(f"min_samples must be >= 0, got {self.min_samples}")
-        if self.max_samples is not None and self.max_samples < self.min_samples:
+        if self.sample_limit < self.min_samples:
             raise ValueError(
-                f"max_samples ({self.max_samples}) is below min_samples ({self.min_samples})"
+                f"max_samples ({self.sample_limit}) is below min_samples ({self.min_samples})"
+            )
+        if self.sample_limit > MAX_HEADER_INT:
+            raise ValueError(
+                f"max_samples ({self.sample_limit}) is above the protocol's limit {MAX_HEADER_INT}"
             )
         if self.max_clock_skew_ms is not None and self.max_clock_skew_ms < 0:
             raise ValueError(f"max_clock_skew_ms must be >= 0, got {self.max_clock_skew_ms}")
+
+    @property
+    def sample_limit(self) -> int:
+        """The effective largest admitted sample count."""
+        return DEFAULT_MAX_SAMPLES if self.max_samples is None else self.max_samples
 
     @property
     def size_limit(self) -> int:
@@ -362,10 +377,9 @@ class Admission:
                 f"{header.layout.size} values) differs from the model layout "
                 f"(fingerprint {expected.fingerprint[:16]}, {expected.size} values)",
             )
-        low, high = self.policy.min_samples, self.policy.max_samples
-        if header.samples < low or (high is not None and header.samples > high):
-            bound = f"[{low}, {high}]" if high is not None else f">= {low}"
-            raise fail(SampleCountError, f"sample count {header.samples} is not {bound}")
+        low, high = self.policy.min_samples, self.policy.sample_limit
+        if not low <= header.samples <= high:
+            raise fail(SampleCountError, f"sample count {header.samples} is not in [{low}, {high}]")
         skew_limit = self.policy.max_clock_skew_ms
         if skew_limit is not None:
             skew = abs(self.clock() - header.timestamp_ms)

@@ -40,6 +40,9 @@ class Reason(str, Enum):
     #: Counted by the coordinator, not by :class:`protocol.admission.Admission`: a correctly
     #: signed update from a board an operator has banned (admission sees no key for it).
     BANNED = "banned"
+    #: Counted by the coordinator on start: an update of the open round stored earlier that the
+    #: current admission rules refuse (e.g. written under looser bounds); taken out of the round.
+    QUARANTINED = "quarantined"
 
     def __str__(self) -> str:
         return self.value

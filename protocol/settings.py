@@ -121,8 +121,10 @@ def _toml_value(value: Any, error: type[Exception]) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
-        if isinstance(value, float) and not math.isfinite(value):
-            raise error("cannot write a non-finite number to TOML")
+        if isinstance(value, float) and math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        if isinstance(value, float) and math.isnan(value):
+            raise error("cannot write NaN to TOML")
         return repr(value)
     if isinstance(value, str):
         escaped = value.replace("\\", "\\\\").replace('"', '\\"')
@@ -146,13 +148,13 @@ def _toml_key(key: str, error: type[Exception]) -> str:
 def dumps_toml(sections: Mapping[str, Mapping[str, Any]], error: type[Exception]) -> str:
     """Write one level of ``[section]`` tables as TOML text.
 
-    Values may be booleans, finite numbers, strings, lists of values and inline tables
-    (mappings); keys that are not bare TOML keys are quoted.
+    Values may be booleans, numbers (``inf`` included), strings, lists of values and inline
+    tables (mappings); keys that are not bare TOML keys are quoted.
 
     Raises
     ------
     error
-        For a non-finite float or a value of another type.
+        For NaN or a value of another type.
     """
     lines: list[str] = []
     for name, values in sections.items():

@@ -423,4 +423,16 @@ def weighted_combination(updates: np.ndarray, coefficients: np.ndarray) -> np.nd
         i = int(nonzero[0])
         return (updates[i] * np.float32(c[i])).astype(np.float32, copy=False)
     with single_threaded_blas():
-        return np.asarray(c.astype(np.float32) @ updates, dtype=np.float32)
+        out = np.asarray(c.astype(np.float32) @ updates, dtype=np.float32)
+    if not np.isfinite(out).all():
+        # float32 accumulation overflowed (updates near float32's largest value): redo the sum
+        # in float64, one column block at a time. A coordinate whose true value is beyond
+        # float32's range stays infinite, for the caller's guard to see.
+        wide = np.empty(updates.shape[1], dtype=np.float64)
+        step = max(1, BLOCK_BYTES // (8 * max(1, updates.shape[0])))
+        for start in range(0, updates.shape[1], step):
+            block = np.asarray(updates[:, start : start + step], dtype=np.float64)
+            wide[start : start + step] = c @ block
+        with np.errstate(over="ignore"):
+            out = wide.astype(np.float32)
+    return out

@@ -10,11 +10,12 @@ and here it runs until the relative decrease of the objective falls below ``tol`
 ``max_iter`` guard), not for a fixed three steps.
 
 Every iterate is a convex combination ``z = X^T c`` of the updates, so the distances follow from
-the Gram matrix ``G = X X^T`` (float64, one pass over the data):
+the Gram matrix ``G = X X^T`` (float64, one pass over the data, rows centred at their
+coordinate-wise median so that a huge row does not swamp the others' distances):
 ``|x_i - z|^2 = G_ii - 2 (G c)_i + c^T G c``. Each iteration therefore costs O(K^2) instead of
-O(K d), and the matrix is read only twice in total (Gram matrix, final combination). The price
-is cancellation for a distance much smaller than the update norms: its absolute error is about
-``1e-8 |x|`` -- the float32 resolution of the updates themselves.
+O(K d), and the matrix is read three times in total (median, Gram matrix, final combination).
+The price is cancellation for a distance much smaller than the centred norms: its absolute
+error is about ``1e-8 |x − median|`` -- the float32 resolution of the updates themselves.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from coordinator.aggregators.base import (
     require_clients,
     weighted_combination,
 )
+from coordinator.aggregators.coordinatewise import coordinate_median
 from coordinator.aggregators.krum import gram_matrix
 
 
@@ -53,6 +55,7 @@ def weiszfeld_coefficients(
     tol: float = 1e-6,
     max_iter: int = 1000,
     nu: float = 1e-6,
+    from_origin: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, int, bool]:
     """Smoothed Weiszfeld iteration in coefficient space.
 
@@ -64,8 +67,15 @@ def weiszfeld_coefficients(
         ``(K,)`` non-negative point weights summing to 1.
     tol, max_iter, nu
         Stop when ``|g_old - g_new| <= tol * g_new`` for the objective
-        ``g(z) = sum_i alpha_i |z - x_i|``, or after ``max_iter`` steps; ``nu`` floors the
+        ``g(z) = sum_i alpha_i |z - x_i|`` and the step ``|z_old - z_new|`` is at most ``tol``
+        times the alpha-weighted median distance, or after ``max_iter`` steps; ``nu`` floors the
         distances (RFA's smoothing), so a point coinciding with ``z`` gets a finite weight.
+        The step test matters when one point is huge: the objective is then dominated by its
+        distance and stops changing long before ``z`` settles among the other points.
+    from_origin : bool
+        Start with one Weiszfeld step from the origin of the Gram matrix's coordinates (the
+        centre the caller subtracted, e.g. the coordinate-wise median) instead of from the
+        weighted mean: a huge point then gets a negligible coefficient from the start.
 
     Returns
     -------
@@ -84,7 +94,16 @@ def weiszfeld_coefficients(
         sq = diag - 2.0 * gc + float(c @ gc)
         return np.sqrt(np.maximum(sq, 0.0))
 
-    coef = a.copy()
+    def weighted_median(values: np.ndarray) -> float:
+        order = np.argsort(values, kind="stable")
+        cumulative = np.cumsum(a[order])
+        return float(values[order][int(np.searchsorted(cumulative, 0.5 * cumulative[-1]))])
+
+    if from_origin:
+        b = a / np.maximum(np.sqrt(np.maximum(diag, 0.0)), nu)
+        coef = b / b.sum()
+    else:
+        coef = a.copy()
     dist = distances(coef)
     objective = float(a @ dist)
     converged = objective == 0.0
@@ -92,10 +111,15 @@ def weiszfeld_coefficients(
     while not converged and iterations < max_iter:
         iterations += 1
         b = a / np.maximum(dist, nu)
-        coef = b / b.sum()
+        new_coef = b / b.sum()
+        change = new_coef - coef
+        step = math.sqrt(max(float(change @ (g @ change)), 0.0))
+        coef = new_coef
         dist = distances(coef)
         new_objective = float(a @ dist)
-        converged = abs(objective - new_objective) <= tol * new_objective
+        converged = abs(objective - new_objective) <= tol * new_objective and step <= tol * max(
+            weighted_median(dist), nu
+        )
         objective = new_objective
     return coef, dist, iterations, converged
 
@@ -116,8 +140,10 @@ def geometric_median(
     Pillutla et al. (RFA); Xie et al. (GeoMed); Byzantine survey §III-B. Minimises
     ``sum_i a_i |z - x_i|`` with ``a_i = 1/K`` (default) or, with ``weighted=True``, the
     clients' sample shares (RFA's weighting; a client lying about its data set size then gains
-    weight). Starts from the weighted mean; stops when the relative decrease of the objective is
-    at most ``tol`` or after ``max_iter`` steps (``info["converged"]`` tells which).
+    weight). Starts with a Weiszfeld step from the coordinate-wise median (so one huge update
+    starts, and stays, with a negligible coefficient); stops when the relative decrease of the
+    objective and the step relative to the median distance are at most ``tol``, or after
+    ``max_iter`` steps (``info["converged"]`` tells which).
 
     Preconditions: none, unless ``f`` is given: then ``K >= 2f + 1`` (breakdown point 1/2).
     Independent of client order. Verdicts: weight = the client's coefficient in the final convex
@@ -137,8 +163,11 @@ def geometric_median(
         info["f"] = fv
     use_counts = check_flag("weighted", weighted)
     alpha = ctx.weights / ctx.weights.sum() if use_counts else np.full(k, 1.0 / k)
+    # Distances are invariant under translation: centring the Gram matrix at the coordinate-wise
+    # median keeps them exact when a few rows are huge (see gram_matrix).
+    center, _ = coordinate_median(updates)
     coef, dist, steps, converged = weiszfeld_coefficients(
-        gram_matrix(updates), alpha, tol=tolv, max_iter=iters, nu=nuv
+        gram_matrix(updates, center), alpha, tol=tolv, max_iter=iters, nu=nuv, from_origin=True
     )
     vector = weighted_combination(updates, coef)
     info.update(iterations=steps, converged=converged, objective=float(alpha @ dist))

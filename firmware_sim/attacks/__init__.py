@@ -11,10 +11,18 @@ engine calls when ``config.attack`` is set.
 
 Attacks (``siren sim attacks`` lists their parameters): ``sign_flip``, ``label_flip``,
 ``targeted_label_flip``, ``targeted_poison``, ``gaussian_noise``, ``backdoor``, ``fang_krum``,
-``fang_trim``, ``weight_attack``, ``false_alarm``, ``alie``, ``ipm``.
+``fang_trim``, ``weight_attack``, ``false_alarm``, ``alie``, ``ipm``, ``huge_values``.
 """
 
-from firmware_sim.attacks import backdoor, fang, flipping, noise, signalling, statistical
+from firmware_sim.attacks import (
+    backdoor,
+    fang,
+    flipping,
+    magnitude,
+    noise,
+    signalling,
+    statistical,
+)
 from firmware_sim.attacks.adversary import (
     AttackAdversary,
     Schedule,
@@ -60,6 +68,7 @@ __all__ = [
     "fang",
     "flipping",
     "get_attack",
+    "magnitude",
     "make_adversary",
     "malicious_count",
     "noise",

@@ -68,3 +68,23 @@ def test_naive_backdoor_is_learnt_while_the_main_task_stays_accurate(digits, cle
         clean["rounds"][-1]["misclassification_confidence"] + 0.3
     )
     assert hist["rounds"][-1]["main_task_accuracy"] > clean["rounds"][-1]["test_accuracy"] - 0.1
+
+
+@pytest.mark.parametrize("rule", ["fedavg", "geometric_median", "foolsgold", "dspo_score"])
+def test_one_board_of_six_with_huge_values_cannot_ruin_the_model(digits, rule):
+    # Unguarded, these four rules ended at 10% (chance) for the whole run.
+    cfg = SimConfig(
+        dataset="digits",
+        clients=6,
+        rounds=3,
+        local_epochs=1,
+        learning_rate=0.01,
+        aggregator=rule,
+        attack="huge_values",
+        malicious_ids=(3,),
+        seed=0,
+    )
+    history = run_simulation(cfg, dataset=digits)
+    final = history["rounds"][-1]
+    assert final["test_accuracy"] > 0.6
+    assert final["verdicts"]["3"]["weight"] < 1e-9  # left out, or (geometric median) negligible

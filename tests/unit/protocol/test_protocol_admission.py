@@ -11,8 +11,14 @@ import numpy as np
 import pytest
 from nacl.signing import SigningKey
 
-from protocol.admission import Admission, AdmissionPolicy
-from protocol.envelope import decode_message, encode_global, encode_status, encode_update
+from protocol.admission import DEFAULT_MAX_SAMPLES, Admission, AdmissionPolicy
+from protocol.envelope import (
+    MAX_HEADER_INT,
+    decode_message,
+    encode_global,
+    encode_status,
+    encode_update,
+)
 from protocol.errors import AdmissionStateError, Reason
 from protocol.keys import AllowList
 from protocol.layout import TensorLayout, weights_sha256
@@ -168,8 +174,10 @@ CASES: dict[Reason, tuple[dict[str, Any], Builder]] = {
 
 def test_cases_cover_every_rejection_reason() -> None:
     # ``banned`` is the coordinator's verdict on top of admission (an operator ban hides the
-    # board's key, so admission itself says unknown_client): see test_coord_engine.py.
-    assert set(CASES) == set(Reason) - {Reason.ACCEPTED, Reason.DUPLICATE, Reason.BANNED}
+    # board's key, so admission itself says unknown_client): see test_coord_engine.py; so is
+    # ``quarantined`` (a stored update refused on restart): see test_coord_poison.py.
+    coordinator_only = {Reason.BANNED, Reason.QUARANTINED}
+    assert set(CASES) == set(Reason) - {Reason.ACCEPTED, Reason.DUPLICATE} - coordinator_only
 
 
 @pytest.mark.parametrize("reason", sorted(CASES, key=str), ids=str)
@@ -325,3 +333,14 @@ def test_policy_validation(layout: TensorLayout) -> None:
         AdmissionPolicy(layout, min_samples=10, max_samples=5)
     with pytest.raises(ValueError):
         AdmissionPolicy(layout, max_message_bytes=0)
+
+
+def test_sample_counts_are_bounded_by_default(env: Env) -> None:
+    # A sample count at the header's limit (2^53 - 1) made the round's total unencodable.
+    admission = env.admission()
+    assert AdmissionPolicy(env.layout).sample_limit == DEFAULT_MAX_SAMPLES
+    assert admission.admit(env.update(samples=DEFAULT_MAX_SAMPLES)).accepted
+    pill = admission.admit(env.update("board-2", samples=MAX_HEADER_INT))
+    assert pill.reason is Reason.BAD_SAMPLE_COUNT
+    with pytest.raises(ValueError, match="above the protocol's limit"):
+        AdmissionPolicy(env.layout, max_samples=MAX_HEADER_INT + 1)

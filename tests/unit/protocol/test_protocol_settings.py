@@ -59,7 +59,12 @@ def test_dumps_toml_writes_text_tomllib_reads_back() -> None:
     assert tomllib.loads(text) == sections
 
 
-@pytest.mark.parametrize(("value", "match"), [(float("nan"), "non-finite"), (object(), "object")])
+def test_dumps_toml_writes_infinity_as_toml_inf() -> None:
+    text = dumps_toml({"a": {"hi": float("inf"), "lo": float("-inf")}}, _Error)
+    assert tomllib.loads(text) == {"a": {"hi": float("inf"), "lo": float("-inf")}}
+
+
+@pytest.mark.parametrize(("value", "match"), [(float("nan"), "NaN"), (object(), "object")])
 def test_dumps_toml_refuses_what_toml_should_not_hold(value: object, match: str) -> None:
     with pytest.raises(_Error, match=match):
         dumps_toml({"a": {"v": value}}, _Error)

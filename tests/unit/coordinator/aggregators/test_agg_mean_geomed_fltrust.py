@@ -57,8 +57,24 @@ def test_geometric_median_of_points_on_a_line_is_their_median() -> None:
 
 def test_geometric_median_of_equilateral_triangle_is_its_centre() -> None:
     x = np.array([[0.0, 0.0], [2.0, 0.0], [1.0, math.sqrt(3.0)]], dtype=np.float32)
-    result = aggregate("geometric_median", x)
+    result = aggregate("geometric_median", x, tol=1e-9)
     assert result.vector == pytest.approx([1.0, 1.0 / math.sqrt(3.0)], abs=1e-6)
+
+
+@pytest.mark.parametrize("huge", [1e15, float(np.finfo(np.float32).max)])
+def test_geometric_median_ignores_one_huge_update(huge: float) -> None:
+    # Five honest updates near 0.05 and one whose every value is huge (a magnitude attack): the
+    # geometric median stays among the honest ones, within their spread of their own median.
+    rng = np.random.default_rng(0)
+    x = (0.05 + 0.01 * rng.normal(size=(6, 2000))).astype(np.float32)
+    honest = aggregate("geometric_median", np.delete(x, 3, axis=0)).vector
+    x[3] = huge
+    result = aggregate("geometric_median", x)
+    assert np.isfinite(result.vector).all()
+    spread = float(np.linalg.norm(x[0] - honest))
+    assert float(np.linalg.norm(result.vector - honest)) < 0.5 * spread
+    assert result.verdicts[3].weight < 1e-15
+    assert result.info["converged"] is True
 
 
 def test_geometric_median_of_a_majority_point() -> None:
@@ -76,7 +92,8 @@ def test_geometric_median_weighted_uses_sample_counts() -> None:
 
 
 def test_geometric_median_stops_at_max_iter() -> None:
-    x = np.array([[0.0], [0.2], [10.0], [11.0], [12.0]], dtype=np.float32)
+    # Started from the coordinate-wise median (1, 0), the triangle's centre takes many steps.
+    x = np.array([[0.0, 0.0], [2.0, 0.0], [1.0, math.sqrt(3.0)]], dtype=np.float32)
     result = aggregate("geometric_median", x, tol=1e-15, max_iter=2)
     assert result.info["iterations"] == 2
     assert result.info["converged"] is False

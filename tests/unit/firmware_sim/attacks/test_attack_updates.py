@@ -161,3 +161,17 @@ def test_false_alarm_combines_with_another_attack():
     assert [u.alarm for u in out] == [True, False, False]
     np.testing.assert_array_equal(out[0].delta, [-4.0, -8.0])
     assert adv.describe()["attack_false_alarm"] is True
+
+
+def test_huge_values_sends_constant_or_scaled_updates_that_stay_finite():
+    ups = [update(0, [0.5, -0.25]), update(1, [1.0, 1.0])]
+    const = adversary("huge_values", (1,), clients=2)
+    out = const.tamper_round(1, G, ups, rng())
+    np.testing.assert_array_equal(out[1].delta, np.full(2, 1e15, dtype=np.float32))
+    assert out[0] is ups[0] and out[1].delta.dtype == np.float32
+    top = float(np.finfo(np.float32).max)
+    scaled = adversary("huge_values", (0,), clients=2, mode="scale", value=1e39)
+    out = scaled.tamper_round(1, G, ups, rng())
+    # 0.5e39 is beyond float32: clipped to its largest finite value; -0.25e39 fits.
+    np.testing.assert_array_equal(out[0].delta, np.array([top, -2.5e38], dtype=np.float32))
+    assert np.isfinite(out[0].delta).all()
