@@ -34,11 +34,35 @@ def _run(args: argparse.Namespace) -> int:
     try:
         if config.api.enabled:
             api_server = _start_api(config, service)
-        return service.run(stop_on_signals())
+        code = service.run(stop_on_signals())
+        if engine.finished:
+            print(run_summary(store, config.run), flush=True)
+        return code
     finally:
         if api_server is not None:
             api_server.stop()
         store.close()
+
+
+def run_summary(store: Any, run: str) -> str:
+    """One line on a finished run: rounds, final accuracy, updates admitted and refused."""
+    rows = [r for r in store.round_rows() if r.status == "closed" and r.record]
+    counts = store.decision_counts()
+    refused = {k: v for k, v in counts.items() if k not in ("accepted", "duplicate") and v}
+    acc = rows[-1].record.get("test_accuracy") if rows else None
+    parts = [
+        f"run {run} finished: {len(rows)} round(s)",
+        "final test accuracy " + (f"{100 * acc:.2f}%" if acc is not None else "not measured"),
+        f"{counts.get('accepted', 0)} update(s) admitted",
+        f"{counts.get('duplicate', 0)} duplicate(s)",
+        "refused: "
+        + (", ".join(f"{k} {v}" for k, v in sorted(refused.items())) if refused else "none"),
+    ]
+    guarded = sum(1 for r in rows if (r.record.get("decision") or {}).get("guard"))
+    failed = sum(1 for r in rows if r.record.get("failure"))
+    if guarded or failed:
+        parts.append(f"guarded rounds {guarded}, failed rounds {failed}")
+    return "; ".join(parts)
 
 
 def _start_api(config: Any, service: Any) -> Any:

@@ -65,7 +65,7 @@ Example (relative paths are relative to the file's directory)::
     dataset = "digits"
     root = "split"                    # "split": the seeded split's root set; "npz"; "none"
     root_path = ""
-    evaluate = true                   # evaluate every global model on the dataset's test split
+    evaluate = false                  # evaluate every global model on the dataset's test split
     clients = 10                      # the split's parameters (as in `siren sim run`)
     partition = "iid"
     noniid_p = 0.5
@@ -87,7 +87,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from coordinator.errors import CoordinatorError
-from models.settings import SplitSettings
+from models.settings import SPLIT_COMMENTS, SplitSettings
 from models.training import DEFAULT_LR, default_learning_rate
 from protocol import mqtt
 from protocol import settings as toml_settings
@@ -117,6 +117,67 @@ __all__ = [
 
 class ConfigError(CoordinatorError):
     """The coordinator configuration is missing, malformed or inconsistent."""
+
+
+#: What each key of ``coord.toml`` means: written above it by ``to_toml(commented=True)`` (the
+#: file ``siren deploy init`` and ``siren coordinator config-template`` produce).
+COMMENTS: dict[str, dict[str, str]] = {
+    "coordinator": {
+        "": "The run the coordinator serves.",
+        "run": "run id: names the MQTT topics (siren/v1/<run>/...); boards must use the same",
+        "key_dir": "the coordinator's private.key / public.key (boards pin public.key)",
+        "allow_list": "board public keys, one '<client id> <hex>' per line",
+        "db": "SQLite database of the run (resumes from it after any restart)",
+        "clients": "expected boards in index order ([] = every allow-listed id, sorted)",
+        "rounds": "number of rounds T; the coordinator exits after the last one",
+        "seed": "seed of the initial model and of every random choice",
+        "round_timeout": "seconds before a round closes with a quorum (0 = wait for every board)",
+        "quorum": "fraction of expected boards needed to close at the deadline",
+        "resend_interval": "seconds without progress before the global model is announced "
+        "again (then doubling, up to 8x)",
+        "max_message_bytes": "largest update message (0: 4x the model plus header room)",
+        "max_samples": "largest sample count one update may report (0: 1,000,000,000)",
+        "exit_when_done": "exit once the final global model is published",
+        "defense_start_round": "plain FedAvg before this round, then the aggregator",
+    },
+    "broker": mqtt.BROKER_COMMENTS,
+    "model": {
+        "": "The model boards train.",
+        "name": 'zoo model ("" = the dataset\'s default: digits-mlp, siren-cnn)',
+        "initial": 'npz with initial weights and layout ("" = built from seed)',
+        "num_classes": "number of classes",
+    },
+    "training": {
+        "": "Server-side training on the root set (FLTrust's server update).",
+        "epochs": "local epochs",
+        "batch_size": "batch size",
+        "learning_rate": "0: the optimizer's default for the model",
+        "optimizer": "adam or sgd",
+    },
+    "aggregator": {
+        "": "The server rule.",
+        "name": "a rule of `siren sim aggregators` (fedavg, krum, median, ...) or siren",
+        "params": "the rule's parameters, e.g. { f = 2 }",
+        "guard_factor": "a round may move the global model at most this many times the median "
+        "update norm (else it is re-aggregated without the outsized updates); inf: no bound",
+        "guard_max_abs": "no weight of the global model may exceed this (inf: no bound)",
+    },
+    "data": {
+        "": "Root test set and accuracy reporting. The split keys must match the boards'.",
+        "root": "root set for SIREN/FLTrust: split (the seeded split's root set), npz, or none",
+        "root_path": "npz with arrays x, y when root = npz",
+        "evaluate": "evaluate every global model on the dataset's test split (needs the data)",
+        **SPLIT_COMMENTS,
+    },
+    "api": {
+        "": "HTTP API and dashboard (loopback only).",
+        "enabled": "serve the API and dashboard",
+        "host": "loopback address",
+        "port": "0 = a free port (the URL is printed)",
+        "token_file": 'bearer token of the admin actions ("" = admin disabled); the '
+        "SIREN_API_TOKEN environment variable overrides it",
+    },
+}
 
 
 #: Environment variable holding the HTTP API's admin bearer token (overrides ``api.token_file``).
@@ -342,8 +403,19 @@ class CoordinatorConfig:
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"invalid coordinator config: {exc}") from None
 
-    def to_toml(self, *, relative_to: Path | None = None, password_file: str | None = None) -> str:
-        """Serialise to TOML; the broker password is referenced through ``password_file``."""
+    def to_toml(
+        self,
+        *,
+        relative_to: Path | None = None,
+        password_file: str | None = None,
+        commented: bool = False,
+        header: str = "",
+    ) -> str:
+        """Serialise to TOML; the broker password is referenced through ``password_file``.
+
+        ``commented`` writes what each key means above it (:data:`COMMENTS`) and ``header`` on
+        top; the file loads the same either way.
+        """
         main = {
             "run": self.run,
             "key_dir": _rel(self.key_dir, relative_to),
@@ -370,7 +442,9 @@ class CoordinatorConfig:
                 "aggregator": _section(self.aggregator, relative_to),
                 "data": _section(self.data, relative_to),
                 "api": _section(self.api, relative_to),
-            }
+            },
+            comments=COMMENTS if commented else None,
+            header=header,
         )
 
 
@@ -378,12 +452,17 @@ def _build(cls: Any, values: dict[str, Any], section: str, base_dir: Path | None
     return toml_settings.build_section(cls, values, section, ConfigError, base_dir)
 
 
-def dumps_toml(sections: Mapping[str, Mapping[str, Any]]) -> str:
+def dumps_toml(
+    sections: Mapping[str, Mapping[str, Any]],
+    *,
+    comments: Mapping[str, Mapping[str, str]] | None = None,
+    header: str = "",
+) -> str:
     """Write one level of ``[section]`` tables as TOML (:func:`protocol.settings.dumps_toml`).
 
     Raises
     ------
     ConfigError
-        For a non-finite number or a value TOML cannot hold.
+        For NaN or a value TOML cannot hold.
     """
-    return toml_settings.dumps_toml(sections, ConfigError)
+    return toml_settings.dumps_toml(sections, ConfigError, comments=comments, header=header)

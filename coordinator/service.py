@@ -231,6 +231,11 @@ def build_runtime(config: CoordinatorConfig, num_clients: int) -> CoordinatorRun
     undefended = None
     if config.defense_start_round > 1:
         undefended = RuleStrategy("fedavg", seed=config.seed)
+    if evaluate is None:
+        logger.info(
+            "test accuracy is not reported: [data] evaluate = false (set it, with the dataset, "
+            "to evaluate every global model)"
+        )
     return CoordinatorRuntime(layout, initial, strategy, evaluate, model_name, undefended)
 
 

@@ -11,7 +11,7 @@ from siren_cli.signals import stop_on_signals
 
 
 def _run(args: argparse.Namespace) -> int:
-    from edge_client.client import BoardClient
+    from edge_client.client import BoardClient, finished_run
     from edge_client.config import BoardConfig
     from edge_client.errors import EdgeClientError
     from models.errors import ModelsError
@@ -19,16 +19,38 @@ def _run(args: argparse.Namespace) -> int:
 
     try:
         config = BoardConfig.load(args.config)
+        # Before TensorFlow loads (tens of seconds on a board): a finished run needs nothing.
+        done = finished_run(config)
+        if done is not None:
+            print(done, flush=True)
+            return 0
         client = BoardClient(config)
     except (EdgeClientError, KeyFileError, ModelsError) as exc:
         raise CommandError(str(exc)) from exc
     return client.run(stop_on_signals())
 
 
+def _reset(args: argparse.Namespace) -> int:
+    from edge_client.client import archive_state
+    from edge_client.config import BoardConfig
+    from edge_client.errors import EdgeClientError
+
+    try:
+        config = BoardConfig.load(args.config)
+        moved = archive_state(config)
+    except EdgeClientError as exc:
+        raise CommandError(str(exc)) from exc
+    if moved is None:
+        print(f"{config.state_dir} holds no state: nothing to reset")
+    else:
+        print(f"moved the state of {config.client_id} to {moved}; the board starts afresh")
+    return 0
+
+
 def _provision(args: argparse.Namespace) -> int:
     from edge_client.config import AlarmSettings, DataSettings, TrainingSettings
     from edge_client.errors import EdgeClientError
-    from edge_client.provision import provision_board
+    from edge_client.provision import Placement, provision_board
 
     out = args.out or Path("bundles") / args.client_id
     if args.dataset:
@@ -47,15 +69,14 @@ def _provision(args: argparse.Namespace) -> int:
             broker_port=args.broker_port,
             coordinator_key=args.coordinator_key,
             ca_cert=args.ca_cert,
+            system_ca=args.system_ca,
             allow_list=args.allow_list,
             rounds=args.rounds,
             seed=args.seed,
             training=TrainingSettings(model=args.model),
             alarm=AlarmSettings(enabled=args.alarm),
             data=data,
-            install_dir=args.install_dir,
-            user=args.user,
-            venv=args.venv,
+            place=Placement(args.install_dir, args.user, args.venv),
             force=args.force,
         )
     except EdgeClientError as exc:
@@ -67,8 +88,9 @@ def _provision(args: argparse.Namespace) -> int:
     if bundle.allow_list is not None:
         print(f"registered {args.client_id} in {bundle.allow_list}")
     print(
-        f"next: siren coordinator broker-config --bundles {out.parent} ... (then SIGHUP "
-        f"mosquitto); copy the bundle to the board and follow {bundle.setup.name}"
+        f"next: add its password to the broker (siren coordinator broker-config --bundles "
+        f"{out.parent} --cafile ... with the same CA, then reload Mosquitto), copy the bundle "
+        f"to the board and run its install.sh as root ({bundle.setup.name} has the steps)"
     )
     return 0
 
@@ -113,7 +135,13 @@ def register(sub: Any) -> None:
         metavar="FILE_OR_HEX",
         help="the coordinator's public key (file, key directory or hex)",
     )
-    prov.add_argument("--ca-cert", type=Path, default=None, help="broker CA certificate")
+    prov.add_argument("--ca-cert", type=Path, default=None, help="broker CA certificate (required)")
+    prov.add_argument(
+        "--system-ca",
+        action="store_true",
+        help="no --ca-cert: verify the broker against the board's system CA store (a broker "
+        "certificate from a public CA)",
+    )
     prov.add_argument(
         "--allow-list",
         type=Path,
@@ -141,3 +169,11 @@ def register(sub: Any) -> None:
     prov.add_argument("--venv", default="/opt/siren/venv", help="virtual environment on boards")
     prov.add_argument("--force", action="store_true", help="replace an existing bundle's key")
     prov.set_defaults(func=_provision)
+    reset = s.add_parser(
+        "reset",
+        help="archive the board's state so that it starts afresh (to join a new run)",
+        description="Move the board's state folder aside (to state.<time>) and leave an empty "
+        "one: the board then joins the run of board.toml as a new board. Nothing is deleted.",
+    )
+    reset.add_argument("--config", required=True, type=Path, help="board TOML file")
+    reset.set_defaults(func=_reset)

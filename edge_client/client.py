@@ -28,6 +28,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,7 +38,8 @@ from edge_client.board import BoardData, BoardState, BoardUpdate, board_step
 from edge_client.config import BoardConfig, BrokerSettings, ConfigError
 from edge_client.errors import BoardStateError, EdgeClientError
 from edge_client.netloop import SharedNetworkLoop
-from edge_client.store import BoardRecord, BoardStore, DiskBoardStore
+from edge_client.store import STATE_FILE, BoardRecord, BoardStore, DiskBoardStore
+from models.settings import SplitSettings
 from models.tf_setup import freeze_startup_objects
 from protocol.admission import AdmissionPolicy
 from protocol.envelope import Message, check_global, encode_status, encode_update
@@ -471,6 +473,53 @@ class BoardRuntime:
     alarm: Any = None
 
 
+def finished_run(config: BoardConfig) -> str | None:
+    """A one-line notice when the board's stored state says its run is over, else None.
+
+    Reads only the state file (no TensorFlow), so a finished board exits in a second instead of
+    loading its runtime first.
+
+    Raises
+    ------
+    BoardStateError
+        If the state belongs to another run or board (the message says how to start afresh).
+    """
+    record = DiskBoardStore(config.state_dir).load()
+    if record is None:
+        return None
+    if record.run != config.run or record.client_id != config.client_id:
+        raise BoardStateError(
+            f"{config.state_dir} holds the state of run {record.run!r} board "
+            f"{record.client_id!r}, not run {config.run!r} board {config.client_id!r}; to join "
+            f"this run as a new board, archive it: siren client reset --config <board.toml>"
+        )
+    if not record.finished:
+        return None
+    return (
+        f"{config.client_id}: run {config.run!r} is finished (final global model of round "
+        f"{record.global_round} held); nothing to do. To take part in a new run: "
+        "siren client reset --config <board.toml> with the new run's settings"
+    )
+
+
+def archive_state(config: BoardConfig) -> Path | None:
+    """Move the board's state folder aside to ``<state_dir>.<UTC time>`` and create an empty
+    one (same permissions); return the archive's path, or None when there was no state."""
+    state = Path(config.state_dir)
+    if not (state / STATE_FILE).exists():
+        state.mkdir(parents=True, mode=0o700, exist_ok=True)
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target = state.with_name(f"{state.name}.{stamp}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = state.with_name(f"{state.name}.{stamp}.{n}")
+    state.rename(target)
+    state.mkdir(mode=0o700)
+    return target
+
+
 def load_board_data(config: BoardConfig) -> BoardData:
     """The board's private data per ``[data]``: an npz file, or shard ``index`` of the seeded
     federated split (the same split the simulator and the coordinator's root set use)."""
@@ -487,31 +536,40 @@ def load_board_data(config: BoardConfig) -> BoardData:
                 )
         except (OSError, KeyError, ValueError) as exc:
             raise ConfigError(f"cannot read board data {data.path}: {exc}") from None
+    if not 0 <= config.index < data.clients:
+        raise ConfigError(f"board.index {config.index} is outside 0..{data.clients - 1}")
+    return split_shards(data, only=config.index)[0]
+
+
+def split_shards(split: SplitSettings, *, only: int | None = None) -> list[BoardData]:
+    """The boards' data of the seeded federated split ``split`` (the same split the simulator
+    and the coordinator's root set use), in board order; ``only``: just that board's."""
     from models.datasets import load_dataset
     from models.partition import make_federated_split
 
-    ds = load_dataset(data.dataset)
-    if data.train_samples is not None or data.test_samples is not None:
-        ds = ds.subset(data.train_samples, data.test_samples)
-    if not 0 <= config.index < data.clients:
-        raise ConfigError(f"board.index {config.index} is outside 0..{data.clients - 1}")
-    split = make_federated_split(
+    ds = load_dataset(split.dataset)
+    if split.train_samples is not None or split.test_samples is not None:
+        ds = ds.subset(split.train_samples, split.test_samples)
+    federated = make_federated_split(
         ds.y_train,
-        data.clients,
-        data.partition,
-        p=data.noniid_p,
-        alpha=data.dirichlet_alpha,
-        root_size=data.root_size,
-        local_test_fraction=data.local_test_fraction,
-        seed=data.split_seed,
+        split.clients,
+        split.partition,
+        p=split.noniid_p,
+        alpha=split.dirichlet_alpha,
+        root_size=split.root_size,
+        local_test_fraction=split.local_test_fraction,
+        seed=split.split_seed,
     )
-    shard = split.shards[config.index]
-    return BoardData(
-        ds.x_train[shard.train_idx],
-        ds.y_train[shard.train_idx],
-        ds.x_train[shard.test_idx],
-        ds.y_train[shard.test_idx],
-    )
+    shards = federated.shards if only is None else [federated.shards[only]]
+    return [
+        BoardData(
+            ds.x_train[shard.train_idx],
+            ds.y_train[shard.train_idx],
+            ds.x_train[shard.test_idx],
+            ds.y_train[shard.test_idx],
+        )
+        for shard in shards
+    ]
 
 
 def build_runtime(config: BoardConfig, data: BoardData | None = None) -> BoardRuntime:

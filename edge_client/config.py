@@ -63,7 +63,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from edge_client.errors import EdgeClientError
-from models.settings import SplitSettings
+from models.settings import SPLIT_COMMENTS, SplitSettings
 from models.training import DEFAULT_LR, default_learning_rate
 from protocol import mqtt
 from protocol import settings as toml_settings
@@ -90,6 +90,48 @@ __all__ = [
 
 class ConfigError(EdgeClientError):
     """The board configuration is missing, malformed or inconsistent."""
+
+
+#: What each key of ``board.toml`` means: written above it by ``to_toml(commented=True)`` (the
+#: file in every bundle ``siren deploy`` and ``siren client provision`` write).
+COMMENTS: dict[str, dict[str, str]] = {
+    "board": {
+        "": "Who this board is. Relative paths are relative to this file's folder.",
+        "client_id": "MQTT client id and user, topic level, and the signer in its headers",
+        "index": "position in the fleet (seeds this board's randomness; its shard of a split)",
+        "run": "run id (topic level); must be the coordinator's",
+        "key_dir": "this board's private.key (0600) / public.key",
+        "coordinator_key": "the coordinator's public key: only globals it signed are accepted",
+        "state_dir": "persisted model, round and pending update (survives restarts)",
+        "rounds": "stop after the global model of round rounds+1 (0: never)",
+        "seed": "the run's seed",
+        "max_message_bytes": "largest global model message (0: 4x the model plus header room)",
+    },
+    "broker": mqtt.BROKER_COMMENTS,
+    "training": {
+        "": "Local training (the run's hyper-parameters, identical on every board).",
+        "model": 'zoo model ("" = the dataset\'s default: digits-mlp, siren-cnn)',
+        "epochs": "local epochs E",
+        "batch_size": "local batch size B",
+        "learning_rate": "0: default (adam 0.001, sgd 0.05; adam 0.01 for the digits models)",
+        "optimizer": "adam or sgd",
+        "num_classes": "number of classes",
+    },
+    "alarm": {
+        "": "SIREN's local-test alarm (Algorithm 1).",
+        "enabled": "run the alarm every round",
+        "rule": "paper (Alg. 1 as printed) or relative (the authors' code)",
+        "threshold": "client threshold C_c",
+        "backend": "litert (on-device inference) or keras",
+    },
+    "data": {
+        "": "The board's private data.",
+        "source": "npz: arrays x_train, y_train, x_test, y_test in `path`; split: shard `index` "
+        "of a seeded split of `dataset` (demos)",
+        "path": "the npz file (source = npz)",
+        **SPLIT_COMMENTS,
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -235,11 +277,19 @@ class BoardConfig:
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"invalid board config: {exc}") from None
 
-    def to_toml(self, *, relative_to: Path | None = None, password_file: str | None = None) -> str:
+    def to_toml(
+        self,
+        *,
+        relative_to: Path | None = None,
+        password_file: str | None = None,
+        commented: bool = False,
+        header: str = "",
+    ) -> str:
         """Serialise to TOML (paths relative to ``relative_to`` when below it).
 
         The broker password is never written inline: pass ``password_file`` to reference a
-        separate file (written by the caller with permissions 0600).
+        separate file (written by the caller with permissions 0600). ``commented`` writes what
+        each key means above it (:data:`COMMENTS`), ``header`` on top.
         """
         board = {
             "client_id": self.client_id,
@@ -260,7 +310,7 @@ class BoardConfig:
             "alarm": _section(self.alarm, relative_to),
             "data": _section(self.data, relative_to),
         }
-        return dumps_toml(sections)
+        return dumps_toml(sections, comments=COMMENTS if commented else None, header=header)
 
 
 _OPTIONAL_ZERO = {"learning_rate", "train_samples", "test_samples"}
@@ -272,7 +322,12 @@ def _build(cls: Any, values: dict[str, Any], section: str, base_dir: Path | None
     )
 
 
-def dumps_toml(sections: Mapping[str, Mapping[str, Any]]) -> str:
+def dumps_toml(
+    sections: Mapping[str, Mapping[str, Any]],
+    *,
+    comments: Mapping[str, Mapping[str, str]] | None = None,
+    header: str = "",
+) -> str:
     """Write one level of ``[section]`` tables as TOML (:func:`protocol.settings.dumps_toml`).
 
     Raises
@@ -280,4 +335,4 @@ def dumps_toml(sections: Mapping[str, Mapping[str, Any]]) -> str:
     ConfigError
         For a value TOML cannot hold (see :func:`protocol.settings.dumps_toml`).
     """
-    return toml_settings.dumps_toml(sections, ConfigError)
+    return toml_settings.dumps_toml(sections, ConfigError, comments=comments, header=header)

@@ -9,7 +9,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["SplitSettings"]
+__all__ = ["SPLIT_COMMENTS", "SplitSettings"]
+
+#: What each split key means (written above it in generated ``[data]`` tables).
+SPLIT_COMMENTS: dict[str, str] = {
+    "dataset": "digits (scikit-learn's bundled 8x8 digits) or fashion-mnist",
+    "clients": "number of boards K the training data is split over",
+    "partition": "iid, noniid (degree p) or dirichlet (alpha)",
+    "noniid_p": "non-IID degree p: a sample of label l goes to group l with probability p",
+    "dirichlet_alpha": "concentration of the dirichlet partition",
+    "root_size": "samples set aside as the server's root test set, excluded from every board",
+    "local_test_fraction": "share of each board's shard kept as its local test split",
+    "train_samples": "use only the first N training samples (0: all)",
+    "test_samples": "evaluate on the first N test samples (0: all)",
+    "split_seed": "seed of the split (boards and coordinator must agree)",
+}
 
 
 @dataclass(frozen=True)

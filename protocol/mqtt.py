@@ -32,7 +32,25 @@ from typing import Any, ClassVar
 from protocol.errors import SettingsError
 from protocol.settings import resolve_path, section_values
 
-__all__ = ["BrokerSettings", "broker_to_toml", "read_password_file"]
+__all__ = ["BROKER_COMMENTS", "BrokerSettings", "broker_to_toml", "read_password_file"]
+
+#: What each key of a ``[broker]`` table means (written above it in generated files).
+BROKER_COMMENTS: dict[str, str] = {
+    "": "How to reach the MQTT broker.",
+    "host": "broker host name or address (must match its TLS certificate)",
+    "port": "8883 is MQTT over TLS",
+    "protocol": "5 (MQTT v5), or 311 for MQTT 3.1.1 brokers",
+    "username": "MQTT user (a board's user is its client id)",
+    "password_file": "file holding the MQTT password (mode 0600); never the password itself",
+    "tls": "connect with TLS, verifying the broker's certificate against ca_file",
+    "ca_file": 'CA certificate the broker\'s certificate must chain to ("" = system store)',
+    "cert_file": 'client certificate (mutual TLS deployments; "" = none)',
+    "key_file": "client certificate's private key (mode 0600)",
+    "keepalive": "MQTT keep-alive, seconds",
+    "reconnect_min": "reconnect back-off: first wait, seconds (doubles up to reconnect_max)",
+    "reconnect_max": "reconnect back-off: longest wait, seconds",
+    "session_expiry": "seconds the broker keeps the coordinator's queued updates while it is away",
+}
 
 
 @dataclass(frozen=True)

@@ -145,21 +145,40 @@ def _toml_key(key: str, error: type[Exception]) -> str:
     return _toml_value(str(key), error)
 
 
-def dumps_toml(sections: Mapping[str, Mapping[str, Any]], error: type[Exception]) -> str:
+def dumps_toml(
+    sections: Mapping[str, Mapping[str, Any]],
+    error: type[Exception],
+    *,
+    comments: Mapping[str, Mapping[str, str]] | None = None,
+    header: str = "",
+) -> str:
     """Write one level of ``[section]`` tables as TOML text.
 
     Values may be booleans, numbers (``inf`` included), strings, lists of values and inline
     tables (mappings); keys that are not bare TOML keys are quoted.
+
+    ``comments[section][key]`` is written as ``#`` lines above the key, ``comments[section][""]``
+    above the section's header, and ``header`` at the top of the file: a commented file reads
+    as its own documentation and loads exactly as the plain one.
 
     Raises
     ------
     error
         For NaN or a value of another type.
     """
-    lines: list[str] = []
+    notes = comments or {}
+
+    def comment(text: str) -> list[str]:
+        return [f"# {line}".rstrip() for line in text.strip().splitlines()] if text else []
+
+    lines: list[str] = comment(header)
     for name, values in sections.items():
         if lines:
             lines.append("")
+        section_notes = notes.get(name, {})
+        lines += comment(section_notes.get("", ""))
         lines.append(f"[{name}]")
-        lines.extend(f"{_toml_key(k, error)} = {_toml_value(v, error)}" for k, v in values.items())
+        for k, v in values.items():
+            lines += comment(section_notes.get(k, ""))
+            lines.append(f"{_toml_key(k, error)} = {_toml_value(v, error)}")
     return "\n".join(lines) + "\n"

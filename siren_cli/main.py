@@ -20,6 +20,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "firmware_sim.cli",
     "edge_client.cli",
     "coordinator.cli",
+    "deploy.cli",
     "protocol.cli",
     "benchmarks.cli",
 )

@@ -51,3 +51,22 @@ def test_invalid_settings_are_refused(tmp_path: Path) -> None:
     (tmp_path / "bad2.toml").write_text("[coordinator]\n[wat]\n")
     with pytest.raises(ConfigError, match="wat"):
         CoordinatorConfig.load(tmp_path / "bad2.toml")
+
+
+def test_commented_toml_documents_every_key_and_loads_the_same(tmp_path: Path) -> None:
+    import tomllib
+
+    from coordinator.config import COMMENTS
+
+    cfg = _config(tmp_path, clients=("b0",), aggregator=AggregatorSettings("siren"))
+    plain = tomllib.loads(cfg.to_toml(relative_to=tmp_path, password_file="pw"))
+    text = cfg.to_toml(relative_to=tmp_path, password_file="pw", commented=True, header="top")
+    assert text.startswith("# top\n") and tomllib.loads(text) == plain
+    for section, values in plain.items():
+        assert COMMENTS[section].get(""), f"[{section}] has no description"
+        for key in values:
+            assert COMMENTS[section].get(key), f"{section}.{key} has no comment"
+            assert f"# {COMMENTS[section][key].splitlines()[0][:30]}" in text
+    (tmp_path / "coord.toml").write_text(text)
+    (tmp_path / "pw").write_text("secret\n")
+    assert CoordinatorConfig.load(tmp_path / "coord.toml").aggregator.name == "siren"

@@ -62,3 +62,21 @@ def test_unknown_keys_and_bad_values_are_reported(tmp_path: Path) -> None:
         BoardConfig.load(tmp_path / "c.toml")
     with pytest.raises(ConfigError, match="cannot read"):
         BoardConfig.load(tmp_path / "missing.toml")
+
+
+def test_commented_board_toml_documents_every_key_and_loads_the_same(tmp_path: Path) -> None:
+    import tomllib
+
+    from edge_client.config import COMMENTS, BoardConfig
+
+    cfg = BoardConfig(
+        client_id="board-1", run="demo", key_dir=tmp_path / "keys",
+        coordinator_key=tmp_path / "c.pub", state_dir=tmp_path / "state",
+    )  # fmt: skip
+    plain = tomllib.loads(cfg.to_toml(relative_to=tmp_path, password_file="mqtt.password"))
+    text = cfg.to_toml(relative_to=tmp_path, password_file="mqtt.password", commented=True)
+    assert tomllib.loads(text) == plain
+    for section, values in plain.items():
+        assert COMMENTS[section].get(""), f"[{section}] has no description"
+        for key in values:
+            assert COMMENTS[section].get(key), f"{section}.{key} has no comment"

@@ -49,11 +49,18 @@ def test_bundle_holds_everything_a_board_needs(tmp_path: Path) -> None:
     assert bytes(allow["board-003"]) == bytes(key.verify_key)
     unit = bundle.service.read_text()
     assert "ExecStart=/opt/siren/venv/bin/siren client run --config " in unit
-    assert "/opt/siren/board-003/board.toml" in unit and "Restart=always" in unit
+    assert "/opt/siren/board-003/board.toml" in unit
+    # A finished run (exit 0) or an unusable configuration (exit 2) is not restarted.
+    assert "Restart=on-failure" in unit and "RestartPreventExitStatus=2" in unit
+    assert "ReadWritePaths=/opt/siren/board-003/state" in unit and (root / "state").is_dir()
+    assert (root / "install.sh").stat().st_mode & 0o111
+    assert "tensorflow" in (root / "requirements-board.txt").read_text()
     setup = bundle.setup.read_text()
     assert "Raspberry Pi OS 64-bit" in setup and "JetPack" in setup
     assert "ai-edge-litert" in setup and "tensorflow" in setup
-    assert "private" not in (root / "board.toml").read_text().lower()
+    toml = (root / "board.toml").read_text()
+    assert (root / "keys" / "private.key").read_text().strip() not in toml
+    assert config.broker.password not in toml
 
 
 def test_existing_bundle_is_not_overwritten_without_force(tmp_path: Path) -> None:
@@ -68,3 +75,69 @@ def test_existing_bundle_is_not_overwritten_without_force(tmp_path: Path) -> Non
     assert bytes(allow["board-003"]) == bytes(
         load_signing_key(second.directory / "keys").verify_key
     )
+
+
+def test_a_bundle_without_the_brokers_ca_is_refused(tmp_path: Path) -> None:
+    # Made before the CA existed, the board would fail its TLS handshake silently.
+    save_key_pair(tmp_path / "coord", SigningKey(b"q" * 32), overwrite=True)
+    with pytest.raises(ProvisionError, match="needs the broker's CA certificate"):
+        provision_board(
+            tmp_path / "bundle", client_id="b1", run="demo", index=0, broker_host="h",
+            coordinator_key=tmp_path / "coord",
+        )  # fmt: skip
+    assert not (tmp_path / "bundle").exists()
+    bundle = provision_board(
+        tmp_path / "bundle", client_id="b1", run="demo", index=0, broker_host="h",
+        coordinator_key=tmp_path / "coord", system_ca=True,
+    )  # fmt: skip
+    assert BoardConfig.load(bundle.config).broker.ca_file is None
+
+
+def test_mutual_tls_bundle_carries_the_client_certificate_and_no_password(tmp_path: Path) -> None:
+    (tmp_path / "c.crt").write_text("cert")
+    (tmp_path / "c.key").write_text("key")
+    _, bundle = _provision(tmp_path, client_cert=(tmp_path / "c.crt", tmp_path / "c.key"))
+    config = BoardConfig.load(bundle.config)
+    assert config.broker.cert_file == (bundle.directory / "client.crt").resolve()
+    assert config.broker.key_file == (bundle.directory / "client.key").resolve()
+    assert config.broker.password is None and not (bundle.directory / "mqtt.password").exists()
+    assert stat.S_IMODE((bundle.directory / "client.key").stat().st_mode) == 0o600
+
+
+def test_install_script_places_the_bundle_idempotently_and_the_unit_verifies(
+    tmp_path: Path,
+) -> None:
+    """install.sh as root into a scratch placement (service user root, venv linked to this
+    project's): files, state folder and modes are right, a second run changes nothing, and
+    systemd-analyze accepts the installed unit."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from edge_client.provision import Placement
+
+    if os.geteuid() != 0:
+        pytest.skip("install.sh runs as root")
+    place = Placement(str(tmp_path / "opt"), "root", str(tmp_path / "venv"))
+    (tmp_path / "venv" / "bin").mkdir(parents=True)
+    (tmp_path / "venv" / "bin" / "siren").symlink_to(Path(sys.executable).parent / "siren")
+    _, bundle = _provision(tmp_path, place=place)
+    home = tmp_path / "opt" / "board-003"
+    for _ in range(2):
+        done = subprocess.run(
+            ["sh", str(bundle.install), "--no-systemd", "--no-venv"],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert "runuser -u root" in done.stdout
+    assert (home / "state").is_dir() and stat.S_IMODE((home / "state").stat().st_mode) == 0o700
+    assert stat.S_IMODE((home / "keys" / "private.key").stat().st_mode) == 0o600
+    assert stat.S_IMODE((home / "mqtt.password").stat().st_mode) == 0o600
+    assert BoardConfig.load(home / "board.toml").client_id == "board-003"
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze (Debian package systemd) is not installed")
+    unit = home / "siren-board-board-003.service"
+    verify = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True)
+    assert verify.returncode == 0, verify.stderr

@@ -1,0 +1,659 @@
+"""A deployment folder: everything a fleet needs, written in the order that works.
+
+Layout of ``siren deploy init DIR``::
+
+    DIR/deployment.toml        what was asked (no secrets); ``add-board`` reads it
+    DIR/README.md              the next commands, exactly
+    DIR/ca/ca.key, ca.crt      the deployment's private CA (ca.key 0600: keep it offline)
+    DIR/broker/                mosquitto.conf, passwd, acl, server.crt/.key, ca.crt,
+                               siren-broker.service; owned by the account Mosquitto runs as
+    DIR/coordinator/           coord.toml (every key commented), keys/, allow-list.txt,
+                               mqtt.password or client.crt/.key, ca.crt, siren-coordinator.service
+    DIR/boards/<id>/           one self-installing bundle per board (edge_client.provision)
+    DIR/dist/                  the lean board wheel the bundles carry
+
+Order: coordinator key pair, CA and server certificate, the boards' keys, credentials and
+bundles (each with the CA and the pinned coordinator key), then the broker's password file and
+ACLs for exactly those boards, then ownership. Nothing that holds a key is ever overwritten
+without ``force``.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import stat
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from coordinator.broker import (
+    AUTH_MODES,
+    COORDINATOR_USER,
+    BrokerConfigError,
+    TlsFiles,
+    account_ids,
+    generate_ca,
+    issue_certificate,
+    write_broker_config,
+    write_private,
+)
+from deploy.errors import DeployError
+from deploy.wheel import build_board_wheel
+from protocol.topics import is_valid_id
+
+try:  # Python 3.11+
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+DEPLOYMENT_FILE = "deployment.toml"
+#: Datasets a deployment can hand out as demo shards (one data.npz per bundle).
+DEMO_DATASETS = ("digits", "fashion-mnist")
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """What a deployment folder was made for (``deployment.toml``; no secrets in it).
+
+    Attributes
+    ----------
+    run : str
+        Run id (topic level; boards and coordinator must agree).
+    broker_host : str
+        Host name or address boards connect to; the broker's certificate is issued for it
+        (and for ``hostnames``).
+    broker_port, bind : int, str
+        The TLS listener.
+    auth : str
+        ``password`` (per-board passwords over TLS) or ``mtls`` (per-board client certificates).
+    boards : tuple of str
+        Board ids, in index order.
+    hostnames : tuple of str
+        More names and addresses in the broker's certificate.
+    coordinator_host : str
+        How the coordinator reaches the broker ("" = ``broker_host``).
+    broker_user : str
+        Account Mosquitto runs as ("" = whoever starts it; Mosquitto started as root switches to
+        ``mosquitto``).
+    rounds, seed : int
+        Run length and seed.
+    aggregator : str
+        Server rule (``siren`` or a registered aggregator).
+    dataset : str
+        The data's dataset name (root set and accuracy reporting on the coordinator).
+    demo_data : bool
+        Give every bundle its shard of a seeded split of ``dataset`` as ``data.npz``.
+    partition : str
+        The demo split's partition.
+    install_dir, service_user, venv : str
+        Where bundles go on boards, the account they run as, their virtual environment.
+    alarm : bool
+        Boards run the SIREN alarm.
+    """
+
+    run: str
+    broker_host: str
+    broker_port: int = 8883
+    bind: str = "0.0.0.0"
+    auth: str = "password"
+    boards: tuple[str, ...] = ()
+    hostnames: tuple[str, ...] = ()
+    coordinator_host: str = ""
+    broker_user: str = ""
+    rounds: int = 10
+    seed: int = 0
+    aggregator: str = "siren"
+    dataset: str = "digits"
+    demo_data: bool = True
+    partition: str = "iid"
+    install_dir: str = "/opt/siren"
+    service_user: str = "siren"
+    venv: str = "/opt/siren/venv"
+    alarm: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not is_valid_id(self.run):
+            raise DeployError(
+                f"invalid run id {self.run!r}: use 1-64 characters from [A-Za-z0-9_.-], "
+                "starting with a letter or digit"
+            )
+        if self.auth not in AUTH_MODES:
+            raise DeployError(f"--auth must be one of {', '.join(AUTH_MODES)}, got {self.auth!r}")
+        if not 0 < self.broker_port < 65536:
+            raise DeployError(f"--broker-port must be in 1..65535, got {self.broker_port}")
+        if not self.broker_host or any(c.isspace() for c in self.broker_host):
+            raise DeployError(f"invalid broker host {self.broker_host!r}")
+        bad = [b for b in self.boards if not is_valid_id(b) or b == COORDINATOR_USER]
+        if bad:
+            raise DeployError(f"invalid board id(s) {bad}")
+        if len(set(self.boards)) != len(self.boards):
+            raise DeployError("a board id is listed twice")
+        if self.rounds < 1:
+            raise DeployError(f"--rounds must be >= 1, got {self.rounds}")
+        if self.demo_data and self.dataset not in DEMO_DATASETS:
+            raise DeployError(
+                f"demo data comes from {', '.join(DEMO_DATASETS)}, not {self.dataset!r}"
+            )
+
+    def to_toml(self) -> str:
+        """The ``deployment.toml`` text."""
+        from coordinator.config import dumps_toml
+
+        values = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+        values.pop("extra")
+        return dumps_toml(
+            {"deployment": values},
+            header="siren-edge deployment: what `siren deploy init` was asked (no secrets).\n"
+            "`siren deploy add-board` reads it; edit it only through those commands.",
+        )
+
+    @classmethod
+    def load(cls, directory: Path) -> Deployment:
+        """Read ``directory/deployment.toml``.
+
+        Raises
+        ------
+        DeployError
+            If the folder holds no deployment or the file is invalid.
+        """
+        path = directory / DEPLOYMENT_FILE
+        if not path.exists():
+            raise DeployError(
+                f"{directory} holds no deployment ({DEPLOYMENT_FILE} is missing): create one "
+                "with `siren deploy init`"
+            )
+        try:
+            raw = dict(tomllib.loads(path.read_text(encoding="utf-8"))["deployment"])
+            raw["boards"] = tuple(raw.get("boards", ()))
+            raw["hostnames"] = tuple(raw.get("hostnames", ()))
+            return cls(**raw)
+        except (KeyError, TypeError, tomllib.TOMLDecodeError) as exc:
+            raise DeployError(f"{path} is not a valid deployment file: {exc}") from None
+
+
+@dataclass(frozen=True)
+class Paths:
+    """The files of a deployment folder."""
+
+    root: Path
+
+    @property
+    def ca(self) -> Path:
+        """The CA's folder."""
+        return self.root / "ca"
+
+    @property
+    def broker(self) -> Path:
+        """The broker's folder."""
+        return self.root / "broker"
+
+    @property
+    def coordinator(self) -> Path:
+        """The coordinator's folder."""
+        return self.root / "coordinator"
+
+    @property
+    def boards(self) -> Path:
+        """The folder of the board bundles."""
+        return self.root / "boards"
+
+    @property
+    def dist(self) -> Path:
+        """The board wheel's folder."""
+        return self.root / "dist"
+
+    @property
+    def allow_list(self) -> Path:
+        """The coordinator's allow-list of board keys."""
+        return self.coordinator / "allow-list.txt"
+
+    @property
+    def coord_toml(self) -> Path:
+        """The coordinator's configuration."""
+        return self.coordinator / "coord.toml"
+
+    def tls(self) -> TlsFiles:
+        """The broker listener's certificate files."""
+        return TlsFiles(
+            self.broker / "ca.crt", self.broker / "server.crt", self.broker / "server.key"
+        )
+
+
+def board_ids(prefix: str, first: int, count: int) -> tuple[str, ...]:
+    """``prefix000``, ``prefix001``, ... (three digits at least)."""
+    return tuple(f"{prefix}{i:03d}" for i in range(first, first + count))
+
+
+def _chown_tree(path: Path, owner: tuple[int, int]) -> None:
+    os.chown(path, *owner)
+    for child in path.rglob("*"):
+        os.chown(child, *owner, follow_symlinks=False)
+
+
+def unreachable_for(path: Path, owner: tuple[int, int]) -> Path | None:
+    """The first ancestor of ``path`` that account ``owner`` (uid, gid) may not traverse, or
+    None. A broker folder under ``/root`` (mode 0700) is unreachable for ``mosquitto``."""
+    uid, gid = owner
+    for parent in [*reversed(path.resolve().parents), path.resolve()]:
+        st = parent.stat()
+        if uid == 0:
+            continue
+        if st.st_uid == uid:
+            ok = bool(st.st_mode & stat.S_IXUSR)
+        elif st.st_gid == gid:
+            ok = bool(st.st_mode & stat.S_IXGRP)
+        else:
+            ok = bool(st.st_mode & stat.S_IXOTH)
+        if not ok:
+            return parent
+    return None
+
+
+def _broker_owner(deployment: Deployment) -> tuple[int, int] | None:
+    if not deployment.broker_user:
+        return None
+    ids = account_ids(deployment.broker_user)
+    if ids is None:
+        raise DeployError(
+            f"--broker-user {deployment.broker_user!r} is not an account on this machine "
+            "(install Mosquitto first: it creates the 'mosquitto' account)"
+        )
+    return ids
+
+
+def default_broker_user() -> str:
+    """``mosquitto`` when running as root and that account exists, else "" (the writer)."""
+    if os.geteuid() == 0 and account_ids("mosquitto") is not None:
+        return "mosquitto"
+    return ""
+
+
+def _board_data(deployment: Deployment) -> list[Any]:
+    from edge_client.client import split_shards
+    from edge_client.config import DataSettings
+
+    split = DataSettings(
+        dataset=deployment.dataset,
+        clients=len(deployment.boards),
+        partition=deployment.partition,
+        split_seed=deployment.seed,
+    )
+    return split_shards(split)
+
+
+def _write_bundles(
+    deployment: Deployment,
+    paths: Paths,
+    ids: Sequence[str],
+    *,
+    wheel: Path,
+    force: bool,
+    data: Sequence[Any] | None,
+) -> dict[str, str]:
+    """Write the bundles of ``ids``; return ``{id: password}`` (password auth only)."""
+    import numpy as np
+
+    from edge_client.config import AlarmSettings, DataSettings, TrainingSettings
+    from edge_client.errors import EdgeClientError
+    from edge_client.provision import Placement, provision_board
+
+    passwords: dict[str, str] = {}
+    place = Placement(deployment.install_dir, deployment.service_user, deployment.venv)
+    for board in ids:
+        index = deployment.boards.index(board)
+        out = paths.boards / board
+        client_cert = None
+        if deployment.auth == "mtls":
+            cert_dir = paths.ca / "issued"
+            issue_certificate(
+                paths.ca / "ca.key", paths.ca / "ca.crt", cert_dir / f"{board}.key",
+                cert_dir / f"{board}.crt", common_name=board, client=True,
+            )  # fmt: skip
+            client_cert = (cert_dir / f"{board}.crt", cert_dir / f"{board}.key")
+        else:
+            passwords[board] = secrets.token_urlsafe(24)
+        try:
+            provision_board(
+                out,
+                client_id=board,
+                run=deployment.run,
+                index=index,
+                broker_host=deployment.broker_host,
+                broker_port=deployment.broker_port,
+                coordinator_key=paths.coordinator / "keys",
+                ca_cert=paths.ca / "ca.crt",
+                allow_list=paths.allow_list,
+                rounds=deployment.rounds,
+                seed=deployment.seed,
+                training=TrainingSettings(),
+                alarm=AlarmSettings(enabled=deployment.alarm),
+                data=DataSettings(source="npz", path=out / "data.npz", dataset=deployment.dataset),
+                place=place,
+                password=passwords.get(board),
+                client_cert=client_cert,
+                wheel=wheel,
+                force=force,
+            )
+        except EdgeClientError as exc:
+            raise DeployError(str(exc)) from exc
+        if client_cert is not None:
+            client_cert[1].unlink()  # the board's key lives in its bundle only
+        if data is not None and index < len(data):
+            shard = data[index]
+            np.savez(
+                out / "data.npz",
+                x_train=shard.x_train, y_train=shard.y_train,
+                x_test=shard.x_test, y_test=shard.y_test,
+            )  # fmt: skip
+    return passwords
+
+
+def _coordinator_config(deployment: Deployment, paths: Paths) -> str:
+    from coordinator.config import (
+        AggregatorSettings,
+        BrokerSettings,
+        CoordinatorConfig,
+        DataSettings,
+    )
+
+    coord = paths.coordinator
+    mtls = deployment.auth == "mtls"
+    config = CoordinatorConfig(
+        run=deployment.run,
+        key_dir=coord / "keys",
+        allow_list=paths.allow_list,
+        db=coord / "coordinator.sqlite",
+        clients=deployment.boards,
+        rounds=deployment.rounds,
+        seed=deployment.seed,
+        broker=BrokerSettings(
+            host=deployment.coordinator_host or deployment.broker_host,
+            port=deployment.broker_port,
+            username=COORDINATOR_USER,
+            tls=True,
+            ca_file=coord / "ca.crt",
+            cert_file=coord / "client.crt" if mtls else None,
+            key_file=coord / "client.key" if mtls else None,
+        ),
+        aggregator=AggregatorSettings(deployment.aggregator),
+        data=DataSettings(
+            dataset=deployment.dataset,
+            clients=len(deployment.boards),
+            partition=deployment.partition,
+            split_seed=deployment.seed,
+            root="split" if deployment.demo_data else "none",
+            evaluate=deployment.demo_data,
+        ),
+    )
+    header = (
+        f"siren-edge coordinator of run {deployment.run} (written by `siren deploy`).\n"
+        "Start: siren coordinator run --config coord.toml"
+    )
+    if not deployment.demo_data:
+        header += (
+            '\n[data] root = "none": SIREN and FLTrust need a root set (set root = "npz" '
+            "with root_path), and accuracy is reported only with evaluate = true."
+        )
+    return config.to_toml(
+        relative_to=coord,
+        password_file=None if mtls else "mqtt.password",
+        commented=True,
+        header=header,
+    )
+
+
+def _unit(description: str, exec_start: str, user: str, workdir: Path) -> str:
+    return "\n".join(
+        [
+            "[Unit]",
+            f"Description={description}",
+            "After=network-online.target",
+            "Wants=network-online.target",
+            "",
+            "[Service]",
+            "Type=simple",
+            *([f"User={user}"] if user else []),
+            f"WorkingDirectory={workdir}",
+            f"ExecStart={exec_start}",
+            "ExecReload=/bin/kill -HUP $MAINPID",
+            "Restart=on-failure",
+            "RestartSec=5",
+            "",
+            "[Install]",
+            "WantedBy=multi-user.target",
+            "",
+        ]
+    )
+
+
+def _write_broker(
+    deployment: Deployment,
+    paths: Paths,
+    coordinator_password: str,
+    board_passwords: dict[str, str],
+) -> None:
+    owner = _broker_owner(deployment)
+    try:
+        write_broker_config(
+            paths.broker,
+            run=deployment.run,
+            tls=paths.tls(),
+            port=deployment.broker_port,
+            bind=deployment.bind,
+            boards=board_passwords,
+            all_boards=deployment.boards,
+            coordinator_password=coordinator_password,
+            coordinator_password_file=paths.coordinator / "mqtt.password",
+            run_as=deployment.broker_user or None,
+            auth=deployment.auth,
+            owner=owner,
+        )
+    except BrokerConfigError as exc:
+        raise DeployError(str(exc)) from exc
+    conf = paths.broker.resolve() / "mosquitto.conf"
+    (paths.broker / "siren-broker.service").write_text(
+        _unit(f"Mosquitto broker of siren-edge run {deployment.run}",
+              f"/usr/sbin/mosquitto -c {conf}", "", paths.broker.resolve())
+    )  # fmt: skip
+    if owner is not None and os.geteuid() == 0:
+        _chown_tree(paths.broker, owner)
+
+
+def _next_steps(deployment: Deployment, paths: Paths) -> str:
+    root = paths.root.resolve()
+    conf = root / "broker" / "mosquitto.conf"
+    user = deployment.broker_user
+    start_as = f" (it switches to the '{user}' account, which owns broker/)" if user else ""
+    lines = [
+        f"# Deployment of run `{deployment.run}`",
+        "",
+        f"{len(deployment.boards)} boards ({', '.join(deployment.boards)}), broker "
+        f"`{deployment.broker_host}:{deployment.broker_port}` (TLS only, "
+        f"{'client certificates' if deployment.auth == 'mtls' else 'per-board passwords'}), "
+        f"aggregator `{deployment.aggregator}`, {deployment.rounds} rounds.",
+        "",
+        "## 1. Broker (on the coordinator host)",
+        "",
+        "```bash",
+        f"sudo mosquitto -c {conf}" + f"   # as root{start_as}",
+        f"# or as a service: sudo cp {root}/broker/siren-broker.service /etc/systemd/system/ && "
+        "sudo systemctl enable --now siren-broker",
+        "```",
+        "",
+        f"Check it: `siren deploy check {root}` (only the TLS port listens, the handshake "
+        "verifies with the deployment's CA, plain-text MQTT is refused).",
+        "",
+        "## 2. Coordinator",
+        "",
+        "```bash",
+        f"siren coordinator run --config {root}/coordinator/coord.toml",
+        "```",
+        "",
+        "## 3. Boards",
+        "",
+        "Copy each bundle to its board (it holds the board's private key: use a trusted "
+        "channel) and run its installer as root:",
+        "",
+        "```bash",
+        f"scp -r {root}/boards/{deployment.boards[0] if deployment.boards else '<id>'} "
+        "pi@<board>:bundle",
+        "ssh pi@<board> sudo sh bundle/install.sh",
+        "```",
+        "",
+        "## Later",
+        "",
+        f"- more boards: `siren deploy add-board {root} --count N`, then reload the broker "
+        "(`sudo systemctl reload siren-broker` or `sudo kill -HUP $(pidof mosquitto)`) and "
+        "restart the coordinator (it resumes the run where it stopped);",
+        "- `ca/ca.key` signs broker and board certificates: keep it off the network once the "
+        "fleet is set up.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def init_deployment(
+    directory: Path, deployment: Deployment, *, force: bool = False, progress: Any = print
+) -> Paths:
+    """Write a whole deployment folder (see the module docstring).
+
+    Raises
+    ------
+    DeployError
+        If the folder already holds a deployment (without ``force``), a name is invalid, a
+        tool is missing, or the demo data cannot be loaded.
+    """
+    from protocol.keys import generate_signing_key, save_key_pair
+
+    paths = Paths(directory)
+    if (directory / DEPLOYMENT_FILE).exists() and not force:
+        raise DeployError(
+            f"{directory} already holds a deployment: add boards with `siren deploy add-board "
+            f"{directory}`, or pass --force to replace every key and certificate in it"
+        )
+    if not deployment.boards:
+        raise DeployError("a deployment needs at least one board (--boards N)")
+    owner = _broker_owner(deployment)
+    data = None
+    if deployment.demo_data:
+        progress(f"splitting {deployment.dataset} over {len(deployment.boards)} boards")
+        data = _board_data(deployment)
+    directory.mkdir(parents=True, exist_ok=True)
+    if force:
+        for sub in ("ca", "broker", "coordinator", "boards", "dist"):
+            shutil.rmtree(directory / sub, ignore_errors=True)
+    for folder in (paths.ca, paths.broker, paths.coordinator, paths.boards):
+        folder.mkdir(exist_ok=True)
+    paths.ca.chmod(0o700)
+    progress("coordinator key pair")
+    save_key_pair(paths.coordinator / "keys", generate_signing_key(), client_id=COORDINATOR_USER)
+    progress(f"certificate authority and broker certificate for {deployment.broker_host}")
+    try:
+        generate_ca(paths.ca, name=f"siren-edge {deployment.run} CA")
+        names = list(dict.fromkeys([deployment.broker_host, *deployment.hostnames]))
+        issue_certificate(
+            paths.ca / "ca.key", paths.ca / "ca.crt", paths.broker / "server.key",
+            paths.broker / "server.crt", common_name=names[0], hostnames=names,
+        )  # fmt: skip
+        shutil.copyfile(paths.ca / "ca.crt", paths.broker / "ca.crt")
+        shutil.copyfile(paths.ca / "ca.crt", paths.coordinator / "ca.crt")
+        coordinator_password = secrets.token_urlsafe(24)
+        if deployment.auth == "mtls":
+            issue_certificate(
+                paths.ca / "ca.key", paths.ca / "ca.crt", paths.coordinator / "client.key",
+                paths.coordinator / "client.crt", common_name=COORDINATOR_USER, client=True,
+            )  # fmt: skip
+    except BrokerConfigError as exc:
+        raise DeployError(str(exc)) from exc
+    wheel = build_board_wheel(paths.dist)
+    progress(f"{len(deployment.boards)} board bundles with {wheel.name}")
+    passwords = _write_bundles(
+        deployment, paths, deployment.boards, wheel=wheel, force=True, data=data
+    )
+    progress("coordinator configuration")
+    paths.coord_toml.write_text(_coordinator_config(deployment, paths))
+    siren = Path(shutil.which("siren") or "siren").resolve()
+    (paths.coordinator / "siren-coordinator.service").write_text(
+        _unit(f"siren-edge coordinator of run {deployment.run}",
+              f"{siren} coordinator run --config {paths.coord_toml.resolve()}", "",
+              paths.coordinator.resolve())
+    )  # fmt: skip
+    progress("broker configuration: TLS listener, passwords, ACLs")
+    _write_broker(deployment, paths, coordinator_password, passwords)
+    (directory / DEPLOYMENT_FILE).write_text(deployment.to_toml())
+    (directory / "README.md").write_text(_next_steps(deployment, paths))
+    if owner is not None:
+        blocked = unreachable_for(paths.broker, owner)
+        if blocked is not None:
+            progress(
+                f"warning: account {deployment.broker_user!r} cannot enter {blocked}, so "
+                f"Mosquitto cannot read {paths.broker}: move the deployment (e.g. under /srv) "
+                "or pass --broker-user with an account that can"
+            )
+    return paths
+
+
+def add_boards(
+    directory: Path,
+    *,
+    count: int = 0,
+    ids: Sequence[str] = (),
+    progress: Any = print,
+) -> tuple[str, ...]:
+    """Add boards to a deployment: bundles, allow-list, broker password file and ACLs, and
+    the coordinator's list of expected boards. Returns the new ids.
+
+    A deployment with demo data has no shard for a new board: its bundle expects the
+    operator's ``data.npz``.
+
+    Raises
+    ------
+    DeployError
+        On an id already in the deployment, an invalid id, or nothing to add.
+    """
+    from coordinator.config import CoordinatorConfig
+
+    deployment = Deployment.load(directory)
+    paths = Paths(directory)
+    new = list(ids)
+    if count:
+        prefix = _common_prefix(deployment.boards)
+        used = {b for b in deployment.boards}
+        i = len(deployment.boards)
+        while len(new) < len(ids) + count:
+            candidate = f"{prefix}{i:03d}"
+            if candidate not in used and candidate not in new:
+                new.append(candidate)
+            i += 1
+    if not new:
+        raise DeployError("nothing to add: give --count N or --id ID")
+    taken = sorted(set(new) & set(deployment.boards))
+    if taken:
+        raise DeployError(f"{taken} already in the deployment")
+    updated = replace(deployment, boards=(*deployment.boards, *new))
+    wheel = next(iter(sorted(paths.dist.glob("*.whl"))), None) or build_board_wheel(paths.dist)
+    progress(f"{len(new)} new board bundle(s): {', '.join(new)}")
+    passwords = _write_bundles(updated, paths, new, wheel=wheel, force=False, data=None)
+    config = CoordinatorConfig.load(paths.coord_toml)
+    coordinator_password = config.broker.password or ""
+    _write_broker(updated, paths, coordinator_password, passwords)
+    text = paths.coord_toml.read_text(encoding="utf-8")
+    old_line = "clients = [" + ", ".join(f'"{b}"' for b in deployment.boards) + "]"
+    new_line = "clients = [" + ", ".join(f'"{b}"' for b in updated.boards) + "]"
+    if old_line not in text:
+        raise DeployError(f"cannot find the list of boards in {paths.coord_toml}: add {new}")
+    write_private(paths.coord_toml, text.replace(old_line, new_line), 0o644)
+    (directory / DEPLOYMENT_FILE).write_text(updated.to_toml())
+    (directory / "README.md").write_text(_next_steps(updated, paths))
+    return tuple(new)
+
+
+def _common_prefix(boards: Sequence[str]) -> str:
+    if not boards:
+        return "board-"
+    first = boards[0]
+    return first.rstrip("0123456789") or "board-"

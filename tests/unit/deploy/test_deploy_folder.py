@@ -1,0 +1,171 @@
+"""``siren deploy init`` / ``add-board`` on disk: what is written, with which modes, what is
+refused, and the lean board wheel."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from deploy.folder import Deployment, unreachable_for
+from deploy.wheel import BOARD_PACKAGES, NOT_ON_BOARDS, build_board_wheel
+from siren_cli.main import main
+
+
+def _init(root: Path, *extra: str) -> int:
+    return main(
+        [
+            *("deploy", "init", str(root), "--run", "demo", "--boards", "2"),
+            *("--broker-host", "broker.lan", "--hostname", "10.0.0.5", "--broker-user", ""),
+            *extra,
+        ]
+    )
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_init_writes_a_complete_folder_with_private_files_private(tmp_path: Path) -> None:
+    from coordinator.config import CoordinatorConfig
+    from edge_client.config import BoardConfig
+    from protocol.keys import AllowList
+
+    root = tmp_path / "dep"
+    assert _init(root, "--no-demo-data") == 0
+    deployment = Deployment.load(root)
+    assert deployment.boards == ("board-000", "board-001") and deployment.auth == "password"
+    for secret in ("ca/ca.key", "broker/passwd", "broker/server.key", "coordinator/mqtt.password",
+                   "boards/board-000/keys/private.key", "boards/board-000/mqtt.password"):
+        assert _mode(root / secret) == 0o600, secret  # fmt: skip
+    coord = CoordinatorConfig.load(root / "coordinator" / "coord.toml")
+    assert coord.clients == ("board-000", "board-001") and coord.aggregator.name == "siren"
+    assert coord.broker.tls and coord.broker.password
+    assert sorted(AllowList.load(coord.allow_list)) == ["board-000", "board-001"]
+    board = BoardConfig.load(root / "boards" / "board-001" / "board.toml")
+    assert board.broker.host == "broker.lan" and board.broker.ca_file is not None
+    assert board.broker.ca_file.read_text() == (root / "ca" / "ca.crt").read_text()
+    assert board.index == 1 and board.data.source == "npz"
+    assert "# MQTT user" in (root / "boards" / "board-001" / "board.toml").read_text()
+    acl = (root / "broker" / "acl").read_text().splitlines()
+    assert "topic write siren/v1/demo/update/board-001" in acl
+    assert not any(line.startswith("pattern") for line in acl)
+    conf = (root / "broker" / "mosquitto.conf").read_text()
+    assert conf.index("listener ") < conf.index("use_username_as_clientid")
+    san = subprocess.run(
+        ["openssl", "x509", "-in", str(root / "broker" / "server.crt"), "-noout", "-ext",
+         "subjectAltName"], capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert "DNS:broker.lan" in san and "IP Address:10.0.0.5" in san
+    readme = (root / "README.md").read_text()
+    assert "mosquitto -c" in readme and "siren coordinator run --config" in readme
+    assert "install.sh" in readme and "siren deploy add-board" in readme
+
+
+def test_init_never_replaces_keys_without_force(tmp_path: Path, capsys) -> None:
+    root = tmp_path / "dep"
+    assert _init(root, "--no-demo-data") == 0
+    key = (root / "coordinator" / "keys" / "private.key").read_text()
+    assert _init(root, "--no-demo-data") == 2
+    assert "already holds a deployment" in capsys.readouterr().err
+    assert (root / "coordinator" / "keys" / "private.key").read_text() == key
+    assert _init(root, "--no-demo-data", "--force") == 0
+    assert (root / "coordinator" / "keys" / "private.key").read_text() != key
+
+
+def test_demo_data_gives_each_bundle_its_shard(tmp_path: Path) -> None:
+    import numpy as np
+
+    root = tmp_path / "dep"
+    assert _init(root) == 0
+    sizes = []
+    for board in ("board-000", "board-001"):
+        with np.load(root / "boards" / board / "data.npz") as data:
+            assert set(data.files) == {"x_train", "y_train", "x_test", "y_test"}
+            sizes.append(len(data["y_train"]))
+    assert min(sizes) > 500  # digits' 1,797 images minus the root set, over two boards
+
+
+def test_add_board_keeps_existing_credentials_and_lists_the_new_board(tmp_path: Path) -> None:
+    root = tmp_path / "dep"
+    assert _init(root, "--no-demo-data") == 0
+    passwd = (root / "broker" / "passwd").read_text().splitlines()
+    assert main(["deploy", "add-board", str(root), "--count", "2"]) == 0
+    after = (root / "broker" / "passwd").read_text().splitlines()
+    assert set(passwd) <= set(after)  # the old lines (hashes) are kept byte for byte
+    assert {line.split(":")[0] for line in after} == {
+        "coordinator", "board-000", "board-001", "board-002", "board-003",
+    }  # fmt: skip
+    assert Deployment.load(root).boards[-2:] == ("board-002", "board-003")
+    assert main(["deploy", "add-board", str(root), "--id", "board-000"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--run", "bad run"], "invalid run id"),
+        (["--auth", "kerberos"], "invalid choice"),
+        (["--broker-port", "70000"], "broker-port must be in 1..65535"),
+        (["--boards", "0"], "at least one board"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, argv, message) -> None:
+    base = ["deploy", "init", str(tmp_path / "dep"), "--run", "demo", "--boards", "2",
+            "--broker-host", "h", "--no-demo-data"]  # fmt: skip
+    with pytest.raises(SystemExit) if "choice" in message else _nothing():
+        assert main([*base, *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "dep").exists()
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> bool:
+        return False
+
+
+def test_unreachable_folders_are_named(tmp_path: Path) -> None:
+    private = tmp_path / "private"
+    (private / "broker").mkdir(parents=True)
+    private.chmod(0o700)
+    nobody = (65534, 65534)
+    blocked = unreachable_for(private / "broker", nobody)
+    assert blocked is not None and (private / "broker").resolve().is_relative_to(blocked)
+    assert unreachable_for(private / "broker", (os.geteuid(), os.getegid())) is None
+
+
+def test_board_wheel_holds_only_the_board_packages_and_imports_without_the_rest(
+    tmp_path: Path,
+) -> None:
+    wheel = build_board_wheel(tmp_path)
+    assert wheel.read_bytes() == build_board_wheel(tmp_path / "again").read_bytes()
+    with zipfile.ZipFile(wheel) as zf:
+        tops = {name.split("/")[0] for name in zf.namelist()}
+        meta = zf.read(next(n for n in zf.namelist() if n.endswith("METADATA"))).decode()
+        entry = zf.read(next(n for n in zf.namelist() if n.endswith("entry_points.txt")))
+    assert {t for t in tops if not t.endswith(".dist-info")} == set(BOARD_PACKAGES)
+    assert "siren = siren_cli.main:main" in entry.decode()
+    assert "Requires-Dist: paho-mqtt" in meta and "scikit-learn" not in meta
+    target = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index",
+         "--target", str(target), str(wheel)], check=True,
+    )  # fmt: skip
+    # The board program from the wheel alone: no coordinator, simulator or desktop library.
+    code = (
+        f"import sys; sys.path.insert(0, {str(target)!r}); "
+        "import edge_client.client, edge_client.cli, siren_cli.main as m; "
+        "assert edge_client.client.__file__.startswith(sys.path[0]), edge_client.client.__file__; "
+        "parser = m.build_parser(); "
+        f"bad = [n for n in {list(NOT_ON_BOARDS)!r} if n in sys.modules]; "
+        "assert not bad, bad; print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "ok", out.stderr
