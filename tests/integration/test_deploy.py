@@ -230,11 +230,10 @@ def test_a_deployed_fleet_completes_its_run_over_tls(deployed: Running) -> None:
     siren = [sys.executable, "-m", "siren_cli.main"]
     coord = spawn([*siren, "coordinator", "run", "--config", str(root / "coordinator" /
                    "coord.toml")], root / "coordinator.log")  # fmt: skip
-    boards = [
-        spawn([*siren, "client", "run", "--config", str(root / "boards" / b / "board.toml")],
-              root / f"{b}.log")  # fmt: skip
-        for b in ("board-000", "board-001", "board-002")
-    ]
+    boards = []
+    for b in ("board-000", "board-001", "board-002"):
+        toml = root / "boards" / b / "board.toml"
+        boards.append(spawn([*siren, "client", "run", "--config", str(toml)], root / f"{b}.log"))
     procs = [coord, *boards]
     try:
         wait_until(lambda: all(p.poll() is not None for p in procs), 180, "the run to finish")
