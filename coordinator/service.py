@@ -59,7 +59,7 @@ from protocol.admission import Admission, AdmissionDecision, AdmissionPolicy
 from protocol.envelope import MAX_HEADER_INT, ZERO_SHA256, Kind, decode_message, encode_global
 from protocol.errors import InvalidMessageError, Reason
 from protocol.layout import TensorLayout, weights_sha256
-from protocol.mqtt import make_mqtt_client
+from protocol.mqtt import make_mqtt_client, wait_for_broker
 from protocol.topics import (
     KIND_STATUS,
     KIND_UPDATE,
@@ -910,6 +910,9 @@ class CoordinatorService:
         )
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
+        client.on_connect_fail = lambda c, u: logger.warning(
+            "cannot connect to the broker %s:%d; retrying", s.host, s.port
+        )
         client.on_message = self._on_message
         if v5:
             props = Properties(PacketTypes.CONNECT)
@@ -939,6 +942,8 @@ class CoordinatorService:
     def _on_disconnect(
         self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any
     ) -> None:
+        if self.connected.is_set():
+            logger.warning("disconnected from the broker (%s); reconnecting", reason)
         self.connected.clear()
         self.inbox.put(_Inbound("disconnected"))
 
@@ -996,6 +1001,11 @@ class CoordinatorService:
         resumed = engine.store.initialized
         engine.start()
         freeze_startup_objects()
+        s = self.config.broker
+        if not wait_for_broker(
+            s, stop, lambda m: logger.error("broker %s:%d: %s", s.host, s.port, m)
+        ):
+            return 0
         self._client = self._make_client(resumed)
         self._last_progress = time.monotonic()
         self._resend_after = self.config.resend_interval

@@ -45,7 +45,7 @@ from protocol.admission import AdmissionPolicy
 from protocol.envelope import Message, check_global, encode_status, encode_update
 from protocol.errors import InvalidMessageError
 from protocol.layout import TensorLayout
-from protocol.mqtt import make_mqtt_client
+from protocol.mqtt import make_mqtt_client, wait_for_broker
 from protocol.topics import global_topic, status_topic, update_topic
 
 logger = logging.getLogger(__name__)
@@ -131,6 +131,12 @@ class BoardLink:
         self._client = make_mqtt_client(settings, client_id)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
+        self._client.on_connect_fail = lambda c, u: logger.warning(
+            "%s: cannot connect to the broker %s:%d; retrying",
+            client_id,
+            settings.host,
+            settings.port,
+        )
         self._client.on_message = self._on_message
         self._client.on_publish = self._on_publish
         self._client.will_set(
@@ -165,6 +171,8 @@ class BoardLink:
     def _on_disconnect(
         self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any
     ) -> None:
+        if self.connected.is_set() and getattr(reason, "is_failure", False):
+            logger.warning("%s: disconnected from the broker (%s)", self.client_id, reason)
         self.connected.clear()
         self.inbox.put(LinkEvent("disconnected", self.client_id))
 
@@ -607,6 +615,23 @@ def build_runtime(config: BoardConfig, data: BoardData | None = None) -> BoardRu
 
         evaluator = make_evaluator(trainer.model, prefer=config.alarm.backend)
         alarm = AlarmConfig(config.alarm.threshold, config.alarm.rule)
+        if evaluator.backend != config.alarm.backend:
+            logger.warning(
+                "%s: alarm backend %s asked for but unavailable (no ai-edge-litert or "
+                "tflite-runtime installed): the alarm runs in %s",
+                config.client_id,
+                config.alarm.backend,
+                evaluator.backend,
+            )
+        else:
+            logger.info(
+                "%s: SIREN alarm runs in %s (%s)",
+                config.client_id,
+                evaluator.backend,
+                type(evaluator).__name__,
+            )
+    else:
+        logger.info("%s: SIREN alarm off ([alarm] enabled = false)", config.client_id)
     layout = TensorLayout(trainer.layout.as_list())
     return BoardRuntime(board_data, trainer, layout, evaluator, alarm)
 
@@ -660,6 +685,12 @@ class BoardClient:
             logger.info("%s: the run is already finished", self.config.client_id)
             return 0
         freeze_startup_objects()
+        s = self.config.broker
+        cid = self.config.client_id
+        if not wait_for_broker(
+            s, stop, lambda m: logger.error("%s: broker %s:%d: %s", cid, s.host, s.port, m)
+        ):
+            return 0
         self.link.start()
         topic = global_topic(self.config.run)
         try:

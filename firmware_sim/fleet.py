@@ -864,8 +864,19 @@ def run_fleet(
     workdir.mkdir(parents=True, exist_ok=True)
     broker = None
     if ":" in options.broker:
+        from protocol.mqtt import BrokerSettings as ProbeSettings
+        from protocol.mqtt import broker_problem
+
         host, _, port_text = options.broker.rpartition(":")
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536 or not host:
+            raise FleetError(
+                f"--broker {options.broker!r}: expected HOST:PORT with a port in 1..65535, or "
+                "auto, mosquitto or amqtt"
+            )
         port, protocol, kind = int(port_text), MQTT_V5, "external"
+        problem = broker_problem(ProbeSettings(host=host, port=port), timeout=5.0)
+        if problem is not None:
+            raise FleetError(f"--broker {options.broker}: {problem}")
     else:
         broker = start_broker(workdir / "broker", prefer=options.broker)
         host, port, protocol, kind = broker.host, broker.port, broker.protocol, broker.kind

@@ -32,7 +32,14 @@ from typing import Any, ClassVar
 from protocol.errors import SettingsError
 from protocol.settings import resolve_path, section_values
 
-__all__ = ["BROKER_COMMENTS", "BrokerSettings", "broker_to_toml", "read_password_file"]
+__all__ = [
+    "BROKER_COMMENTS",
+    "BrokerSettings",
+    "broker_problem",
+    "broker_to_toml",
+    "read_password_file",
+    "wait_for_broker",
+]
 
 #: What each key of a ``[broker]`` table means (written above it in generated files).
 BROKER_COMMENTS: dict[str, str] = {
@@ -195,3 +202,98 @@ def make_mqtt_client(
     client.max_queued_messages_set(0)
     client.on_socket_open = lambda _client, _userdata, sock: set_tcp_nodelay(sock)
     return client
+
+
+def broker_problem(settings: BrokerSettings, timeout: float = 5.0) -> str | None:
+    """Why the broker of ``settings`` cannot be reached, in one line, or None when it can.
+
+    Resolves the host, opens a TCP connection and, with ``tls``, completes a TLS handshake with
+    the configured CA, client certificate and host name check -- exactly what the MQTT client
+    will do, but synchronously, so that a wrong host, a closed port, an unknown CA or a host
+    name that is not in the broker's certificate is reported within ``timeout`` seconds instead
+    of as silence. It sends no MQTT packet (a CONNECT would take over the session of the client
+    id it used); refused credentials show in the client's CONNACK, which the programs log.
+    """
+    import ssl
+
+    where = f"{settings.host}:{settings.port}"
+    try:
+        infos = socket.getaddrinfo(settings.host, settings.port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        return f"cannot resolve broker host {settings.host!r}: {exc.strerror or exc}"
+    except UnicodeError as exc:
+        return f"invalid broker host {settings.host!r}: {exc}"
+    last = ""
+    for family, kind, proto, _, address in infos:
+        sock = socket.socket(family, kind, proto)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(address)
+        except TimeoutError:
+            last = f"no answer from {where} within {timeout:g} s"
+            sock.close()
+            continue
+        except OSError as exc:
+            last = f"cannot connect to {where}: {exc.strerror or exc}"
+            sock.close()
+            continue
+        if not settings.tls:
+            sock.close()
+            return None
+        try:
+            context = ssl.create_default_context(
+                cafile=str(settings.ca_file) if settings.ca_file else None
+            )
+            if settings.cert_file:
+                context.load_cert_chain(
+                    str(settings.cert_file), str(settings.key_file) if settings.key_file else None
+                )
+        except (OSError, ssl.SSLError) as exc:
+            sock.close()
+            return f"TLS settings for {where} are unusable: {exc}"
+        try:
+            with context.wrap_socket(sock, server_hostname=settings.host) as tls:
+                # TLS 1.3 servers refuse a client certificate after the handshake: read briefly.
+                tls.settimeout(0.3)
+                with contextlib.suppress(TimeoutError, ssl.SSLWantReadError):
+                    tls.recv(1)
+            return None
+        except ssl.SSLCertVerificationError as exc:
+            ca = f" (CA file {settings.ca_file})" if settings.ca_file else " (system CA store)"
+            return f"TLS handshake with {where} failed: {exc.verify_message}{ca}"
+        except ssl.SSLError as exc:
+            return f"TLS handshake with {where} failed: {exc.reason or exc}"
+        except TimeoutError:
+            return f"TLS handshake with {where} timed out after {timeout:g} s (is it a TLS port?)"
+        except OSError as exc:
+            return f"TLS handshake with {where} failed: {exc.strerror or exc}"
+        finally:
+            sock.close()
+    return last or f"no address for broker host {settings.host!r}"
+
+
+def wait_for_broker(
+    settings: BrokerSettings,
+    stop: Any,
+    report: Any,
+    *,
+    first_delay: float = 1.0,
+    max_delay: float = 30.0,
+    timeout: float = 5.0,
+) -> bool:
+    """Probe the broker (:func:`broker_problem`) until it answers or ``stop`` (an Event) is set.
+
+    Every failed attempt is reported once through ``report(message)`` with the wait before the
+    next one; waits double from ``first_delay`` up to ``max_delay``. Returns whether the broker
+    answered (False: stopped first).
+    """
+    delay = first_delay
+    while not stop.is_set():
+        problem = broker_problem(settings, timeout=timeout)
+        if problem is None:
+            return True
+        report(f"{problem}; retrying in {delay:g} s")
+        if stop.wait(delay):
+            break
+        delay = min(2 * delay, max_delay)
+    return False

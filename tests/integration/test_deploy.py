@@ -294,3 +294,39 @@ def test_files_stay_readable_by_the_mosquitto_account_across_rewrites_and_reload
             proc.wait(10)
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_unreachable_or_untrusted_brokers_are_named_within_seconds(
+    deployed: Running, tmp_path: Path
+) -> None:
+    """Before, a board with the wrong CA or host name printed nothing for minutes (the broker
+    log said 'tlsv1 alert unknown ca'); the coordinator and `sim fleet` waited silently."""
+    from coordinator.broker import generate_ca
+    from protocol.mqtt import broker_problem
+    from tests.integration.conftest import spawn, stop_process, wait_until
+
+    good = deployed.board("board-000")
+    assert broker_problem(good) is None
+    _, other_ca = generate_ca(tmp_path / "other")
+    cases = {
+        "unknown CA": (replace(good, ca_file=other_ca), f"(CA file {other_ca})"),
+        "host name": (replace(good, host="localhost"), "mismatch"),
+        "closed port": (replace(good, port=free_port()), "Connection refused"),
+        "no such host": (replace(good, host="nohost.invalid"), "cannot resolve"),
+    }
+    for name, (settings, expected) in cases.items():
+        problem = broker_problem(settings, timeout=3.0)
+        assert problem is not None and expected in problem, (name, problem)
+    # The board program says so on stderr and keeps retrying (a service).
+    toml = deployed.root / "boards" / "board-000" / "board.toml"
+    text = toml.read_text().replace('host = "127.0.0.1"', 'host = "localhost"')
+    toml.write_text(text)
+    log = tmp_path / "board.log"
+    proc = spawn([sys.executable, "-m", "siren_cli.main", "client", "run", "--config", str(toml)],
+                 log)  # fmt: skip
+    try:
+        wait_until(lambda: "retrying in" in log.read_text(), 90, "the board's error line")
+        assert "TLS handshake with localhost" in log.read_text()
+        assert proc.poll() is None
+    finally:
+        stop_process(proc)
