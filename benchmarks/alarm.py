@@ -81,8 +81,54 @@ def _timed(fn: Callable[[], Any]) -> tuple[float, int, Any]:
     return seconds, mem.increase, out
 
 
-def worker(model_name: str, pinned: bool, rounds: int, epochs: int, batch_size: int) -> dict:
-    """Measure one configuration in this process; return a JSON-serializable dict."""
+def model_for_input(shape: tuple[int, ...]) -> str:
+    """The zoo model for images of ``shape`` (8x8 digits or 28x28 Fashion-MNIST)."""
+    return "digits-mlp" if tuple(shape[:2]) == (8, 8) else "siren-cnn"
+
+
+def available_models() -> list[str]:
+    """The models of :data:`MODELS` whose dataset is on this machine (nothing is downloaded)."""
+    import importlib.util
+
+    from models.datasets import find_fashion_mnist
+    from models.errors import ModelsError
+
+    out = []
+    for model, (dataset, _) in MODELS.items():
+        if dataset == "digits" and importlib.util.find_spec("sklearn") is not None:
+            out.append(model)
+        elif dataset == "fashion-mnist":
+            try:
+                find_fashion_mnist()
+            except (ModelsError, OSError):
+                continue
+            out.append(model)
+    return out
+
+
+def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    with np.load(path, allow_pickle=False) as arrays:
+        return (
+            np.asarray(arrays["x_train"], dtype=np.float32),
+            np.asarray(arrays["y_train"], dtype=np.int64),
+            np.asarray(arrays["x_test"], dtype=np.float32),
+            np.asarray(arrays["y_test"], dtype=np.int64),
+        )
+
+
+def worker(
+    model_name: str,
+    pinned: bool,
+    rounds: int,
+    epochs: int,
+    batch_size: int,
+    data: Path | None = None,
+) -> dict:
+    """Measure one configuration in this process; return a JSON-serializable dict.
+
+    ``data``: a board's ``data.npz`` (its own training data and local test split) instead of a
+    shard drawn from the model's dataset.
+    """
     if pinned:
         cpu = min(os.sched_getaffinity(0))
         os.sched_setaffinity(0, {cpu})
@@ -103,14 +149,20 @@ def worker(model_name: str, pinned: bool, rounds: int, epochs: int, batch_size: 
     from protocol.layout import TensorLayout, weights_sha256
 
     dataset_name, shard = MODELS[model_name]
-    ds = load_dataset(dataset_name)
     rng = np.random.default_rng(0)
-    idx = rng.permutation(len(ds.y_train))[: min(shard, len(ds.y_train))]
-    n_test = round(0.1 * idx.size)
-    x_test, y_test = ds.x_train[idx[:n_test]], ds.y_train[idx[:n_test]]
-    x_train, y_train = ds.x_train[idx[n_test:]], ds.y_train[idx[n_test:]]
+    if data is not None:
+        x_train, y_train, x_test, y_test = _load_npz(data)
+        dataset_name = f"{data.name} (the board's data)"
+        input_shape, num_classes = tuple(x_train.shape[1:]), 10
+    else:
+        ds = load_dataset(dataset_name)
+        idx = rng.permutation(len(ds.y_train))[: min(shard, len(ds.y_train))]
+        n_test = round(0.1 * idx.size)
+        x_test, y_test = ds.x_train[idx[:n_test]], ds.y_train[idx[:n_test]]
+        x_train, y_train = ds.x_train[idx[n_test:]], ds.y_train[idx[n_test:]]
+        input_shape, num_classes = ds.input_shape, ds.num_classes
     trainer = Trainer(
-        model_name, ds.input_shape, ds.num_classes, TrainConfig(epochs, batch_size, 0.001, "adam")
+        model_name, input_shape, num_classes, TrainConfig(epochs, batch_size, 0.001, "adam")
     )
     threads = 1 if pinned else (os.cpu_count() or 1)
     lite = litert_evaluator(trainer.model, num_threads=threads)
@@ -181,6 +233,27 @@ def worker(model_name: str, pinned: bool, rounds: int, epochs: int, batch_size: 
     }
 
 
+def default_output() -> Path:
+    """``benchmarks/results/alarm.md`` of a source checkout, else ``alarm.md`` in the current
+    folder (an installed package's folder is not the place for results)."""
+    if RESULTS.is_dir() and os.access(RESULTS, os.W_OK) and "site-packages" not in RESULTS.parts:
+        return RESULTS / "alarm.md"
+    return Path.cwd() / "alarm.md"
+
+
+def unwritable(path: Path) -> str | None:
+    """Why ``path`` cannot be written (checked before measuring), or None."""
+    folder = path.parent if path.parent != Path("") else Path.cwd()
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not os.access(existing, os.W_OK):
+        return f"{existing} is not writable"
+    if path.exists() and not os.access(path, os.W_OK):
+        return f"{path} is not writable"
+    return None
+
+
 def _run_worker(model: str, pinned: bool, args: argparse.Namespace) -> dict:
     cmd = [
         sys.executable,
@@ -198,6 +271,8 @@ def _run_worker(model: str, pinned: bool, args: argparse.Namespace) -> dict:
     ]
     if pinned:
         cmd.append("--pinned")
+    if args.data:
+        cmd += ["--data", str(args.data)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"worker {model} pinned={pinned} failed:\n{proc.stderr[-3000:]}")
@@ -241,21 +316,60 @@ def format_table(results: list[dict]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark (or, with ``--worker``, one measurement) and write the results."""
     p = argparse.ArgumentParser(prog="siren bench alarm", description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default=",".join(MODELS), help="comma-separated zoo models")
+    p.add_argument(
+        "--models",
+        default=None,
+        help="comma-separated zoo models (default: those whose dataset is installed; with "
+        "--data, the model for its image size)",
+    )
     p.add_argument("--rounds", type=int, default=3, help="timed rounds per configuration")
     p.add_argument("--epochs", type=int, default=5, help="local epochs E (SIREN: 5)")
     p.add_argument("--batch-size", type=int, default=64, help="local batch size B (SIREN: 64)")
-    p.add_argument("--out", default=str(RESULTS / "alarm.md"), help="Markdown output file")
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="a board's data.npz (x_train, y_train, x_test, y_test): measure on the board's "
+        "own data (no dataset needed)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="Markdown output file (default: benchmarks/results/alarm.md in a source checkout, "
+        "else ./alarm.md)",
+    )
+    p.add_argument("--note", default="", help="a line written above the table (e.g. 'emulated')")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--pinned", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    models = [m for m in args.models.split(",") if m]
+    if args.data is not None and not args.data.exists():
+        p.error(f"--data {args.data} does not exist")
+    if args.models:
+        models = [m for m in args.models.split(",") if m]
+    elif args.data is not None:
+        models = [model_for_input(tuple(_load_npz(args.data)[0].shape[1:]))]
+    else:
+        models = available_models()
+        if not models:
+            p.error(
+                "no dataset for any model is installed (Fashion-MNIST: Debian package "
+                "dataset-fashion-mnist; digits: scikit-learn): pass --data with a board's "
+                "data.npz"
+            )
     unknown = [m for m in models if m not in MODELS]
     if unknown:
         p.error(f"unknown model(s) {unknown}; valid: {', '.join(MODELS)}")
     if args.worker:
-        print(json.dumps(worker(models[0], args.pinned, args.rounds, args.epochs, args.batch_size)))
+        measured = worker(
+            models[0], args.pinned, args.rounds, args.epochs, args.batch_size, args.data
+        )
+        print(json.dumps(measured))
         return 0
+    out = args.out or default_output()
+    problem = unwritable(out)
+    if problem:  # say so now, not after minutes of measuring
+        p.error(f"cannot write {out}: {problem}; pass --out")
     load_before = os.getloadavg()
     results = []
     for model in models:
@@ -266,12 +380,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             results.append(_run_worker(model, pinned, args))
     table = format_table(results)
     print(table)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    data_arg = f" --data {args.data.name}" if args.data else ""
     out.write_text(
         "# SIREN alarm overhead on one board\n\n"
-        f"Command: `siren bench alarm --rounds {args.rounds} --epochs {args.epochs} "
-        f"--batch-size {args.batch_size}`  \n"
+        + (f"**{args.note}**\n\n" if args.note else "")
+        + f"Command: `siren bench alarm --models {','.join(models)} --rounds {args.rounds} "
+        f"--epochs {args.epochs} --batch-size {args.batch_size}{data_arg}`  \n"
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, "
         f"Python {platform.python_version()}; "
         f"median of {args.rounds} rounds after a warm-up; load average (1, 5, 15 min) "

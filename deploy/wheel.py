@@ -2,8 +2,10 @@
 
 A board runs ``siren client run``: the ``protocol``, ``models``, ``edge_client`` and
 ``siren_cli`` packages, TensorFlow (training), LiteRT (the alarm), PyNaCl, paho-mqtt and NumPy.
-The desktop install (``pip install .``) also brings the coordinator, the simulator, numba,
-scikit-learn, SciPy, matplotlib, FastAPI and amqtt, none of which a board imports. This module
+It also carries ``siren bench alarm`` (the on-device measurement), and nothing else of the
+benchmarks. The desktop install (``pip install .``) also brings the coordinator, the
+simulator, numba, scikit-learn, SciPy, matplotlib, FastAPI and amqtt, none of which a board
+imports. This module
 writes a wheel of the board's packages straight from the installed sources (a wheel is a zip
 with a ``.dist-info`` folder, PEP 427), so no build tool and no network is needed to make it.
 """
@@ -23,6 +25,8 @@ from edge_client.provision import BOARD_REQUIREMENTS
 BOARD_DIST = "siren-edge-board"
 #: Packages a board imports (with their subpackages).
 BOARD_PACKAGES = ("protocol", "models", "edge_client", "siren_cli")
+#: Single modules of other packages a board runs: the on-device alarm benchmark.
+BOARD_MODULES = ("benchmarks/__init__.py", "benchmarks/cli.py", "benchmarks/alarm.py")
 #: Packages of the desktop install a board never needs (checked by the tests).
 NOT_ON_BOARDS = ("sklearn", "scipy", "numba", "matplotlib", "fastapi", "uvicorn", "amqtt")
 
@@ -45,6 +49,8 @@ def _package_files(root: Path) -> Iterator[tuple[str, Path]]:
         for path in sorted(base.rglob("*")):
             if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc":
                 yield path.relative_to(root).as_posix(), path
+    for module in BOARD_MODULES:
+        yield module, root / module
 
 
 def _record_hash(data: bytes) -> str:
@@ -90,7 +96,7 @@ def build_board_wheel(out_dir: Path, *, source_root: Path | None = None) -> Path
             b"Tag: py3-none-any\n",
         ),
         (f"{info}/entry_points.txt", b"[console_scripts]\nsiren = siren_cli.main:main\n"),
-        (f"{info}/top_level.txt", ("\n".join(BOARD_PACKAGES) + "\n").encode()),
+        (f"{info}/top_level.txt", ("\n".join([*BOARD_PACKAGES, "benchmarks"]) + "\n").encode()),
     ]
     record = "".join(f"{name},{_record_hash(data)},{len(data)}\n" for name, data in files)
     record += f"{info}/RECORD,,\n"
