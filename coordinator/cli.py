@@ -123,8 +123,113 @@ def _broker_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _find_database(path: Path) -> Path:
+    if path.is_dir():
+        found = sorted(path.rglob("coordinator.sqlite"))
+        if len(found) != 1:
+            raise CommandError(
+                f"{path} holds {len(found)} coordinator databases; name one"
+                + (f": {', '.join(map(str, found))}" if found else "")
+            )
+        return found[0]
+    return path
+
+
+def _audit_source(args: argparse.Namespace) -> tuple[Any, Path, str]:
+    """The audit entries, the file they came from, and the default key location."""
+    from coordinator.audit import read_log
+    from coordinator.store import CoordinatorStore, StoreError
+
+    path: Path = args.path
+    if not path.exists():
+        raise CommandError(f"{path} does not exist")
+    if path.is_file() and path.suffix in (".jsonl", ".log", ".json"):
+        return list(read_log(path)), path, str(path.parent / "public.key")
+    db = _find_database(path)
+    try:
+        store = CoordinatorStore(db)
+    except (StoreError, OSError) as exc:
+        raise CommandError(f"cannot open {db}: {exc}") from exc
+    try:
+        return store.audit_entries(), db, str(db.parent / "keys")
+    finally:
+        store.close()
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    from coordinator.audit import verify_chain
+    from protocol.errors import KeyFileError
+    from protocol.keys import resolve_verify_key
+
+    entries, source, default_key = _audit_source(args)
+    try:
+        key = resolve_verify_key(args.key or default_key)
+    except (KeyFileError, ValueError, OSError) as exc:
+        raise CommandError(f"coordinator public key: {exc} (pass --key)") from exc
+    report = verify_chain(entries, key)
+    if not entries:
+        print(f"{source}: the audit log is empty")
+        return 1
+    if report.ok:
+        last = report.last or {}
+        body = last.get("body") or {}
+        print(
+            f"ok: {report.records} record(s) of run {last.get('run')!r} verify and chain "
+            f"(last: seq {last.get('seq')}, {last.get('kind')}"
+            + (f", round {body['round']}" if "round" in body else "")
+            + ")"
+        )
+        return 0
+    print(f"FAILED after {report.records} good record(s): {report.problem}")
+    return 1
+
+
+def _audit_export(args: argparse.Namespace) -> int:
+    from coordinator.audit import AuditEntry
+
+    entries, source, _ = _audit_source(args)
+    out: Path = args.out
+    with open(out, "w", encoding="ascii") as fh:
+        for seq, (data, digest, sig) in enumerate(entries):
+            fh.write(AuditEntry(seq, data, digest, sig).to_json() + "\n")
+    print(f"wrote {len(entries)} record(s) of {source} to {out}")
+    return 0
+
+
 def register(sub: Any) -> None:
-    """Add the ``coordinator`` command group."""
+    """Add the ``coordinator`` and ``audit`` command groups."""
+    audit = sub.add_parser(
+        "audit",
+        help="check a run's tamper-evident round log with the coordinator's public key",
+        description="Every closed round and key change is a record signed by the coordinator "
+        "and chained by SHA-256 to the one before (docs/protocol.md, section 15).",
+    )
+    audit.set_defaults(group_parser=audit)
+    a = audit.add_subparsers(dest="audit_command", metavar="ACTION")
+    verify = a.add_parser(
+        "verify",
+        help="verify the whole chain; name the first record that fails",
+        description="Check every record of the log in a coordinator database (a .sqlite file "
+        "or a folder holding one, e.g. a run folder) or an exported .jsonl log: canonical "
+        "form, hash, signature, sequence and chaining. Exit 0 when all verify, 1 otherwise.",
+    )
+    verify.add_argument("path", type=Path, help="coordinator.sqlite, a run folder, or a .jsonl")
+    verify.add_argument(
+        "--key",
+        default=None,
+        help="the coordinator's public key (file, key folder or hex; default: keys/ next to "
+        "the database, public.key next to a log)",
+    )
+    verify.set_defaults(func=_audit_verify)
+    export = a.add_parser(
+        "export",
+        help="write the log as JSON lines (to keep a copy elsewhere)",
+        description="Write the audit log of a coordinator database as one JSON object per line.",
+    )
+    export.add_argument("path", type=Path, help="coordinator.sqlite or a run folder")
+    export.add_argument("--out", required=True, type=Path, help="output .jsonl file")
+    export.set_defaults(func=_audit_export)
+
     p = sub.add_parser(
         "coordinator",
         help="run the coordinator service; write the deployment broker configuration",

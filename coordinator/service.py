@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 from nacl.signing import SigningKey, VerifyKey
 
+from coordinator.audit import AuditEntry, make_entry, round_body
 from coordinator.config import ConfigError, CoordinatorConfig
 from coordinator.rounds import (
     REFUSALS,
@@ -58,6 +59,7 @@ from models.tf_setup import freeze_startup_objects
 from protocol.admission import Admission, AdmissionDecision, AdmissionPolicy
 from protocol.envelope import MAX_HEADER_INT, ZERO_SHA256, Kind, decode_message, encode_global
 from protocol.errors import InvalidMessageError, Reason
+from protocol.keys import key_fingerprint
 from protocol.layout import TensorLayout, weights_sha256
 from protocol.mqtt import make_mqtt_client, wait_for_broker
 from protocol.topics import (
@@ -374,6 +376,14 @@ class RoundEngine:
                 strategy_state=jsonable(self.runtime.strategy.state_dict()),
                 now=self.clock(),
             )
+            self._audit(
+                "keys",
+                action="start",
+                round=1,
+                global_after=first.sha256,
+                keys={c: key_fingerprint(k) for c, k in sorted(self.keys.items())},
+                aggregator=self.config.aggregator.name,
+            )
             logger.info("run %s started: round 1 of %d", self.config.run, self.config.rounds)
         else:
             self.store.check_identity(self.config.run, layout_fp)
@@ -450,6 +460,23 @@ class RoundEngine:
             )
         return glob.message
 
+    def _audit_entry(self, kind: str, body: dict[str, Any], at: float) -> AuditEntry:
+        """The next signed audit record (see :mod:`coordinator.audit`)."""
+        seq, prev = self.store.audit_head()
+        return make_entry(
+            self.signing_key,
+            seq=seq,
+            prev=prev,
+            run=self.config.run,
+            kind=kind,
+            at_ms=int(at * 1000),
+            body=body,
+        )
+
+    def _audit(self, kind: str, **body: Any) -> None:
+        """Append an operator or key-change record to the audit log now."""
+        self.store.append_audit(self._audit_entry(kind, body, self.clock()))
+
     def _stored_update_problem(self, upd: StoredUpdate) -> str | None:
         """Why a stored update of the open round would not be admitted today, or None.
 
@@ -504,6 +531,7 @@ class RoundEngine:
             return False
         self.paused = paused
         self.store.set_meta("paused", "1" if paused else "0")
+        self._audit("operator", action="pause" if paused else "resume", round=self.round)
         logger.warning("closing rounds %s by an operator", "paused" if paused else "resumed")
         return True
 
@@ -525,6 +553,9 @@ class RoundEngine:
         else:
             self.admin_banned.discard(client)
         self.store.set_meta("admin_banned", json.dumps(sorted(self.admin_banned)))
+        self._audit(
+            "operator", action="ban" if banned else "unban", client=client, round=self.round
+        )
         logger.warning("board %s %s by an operator", client, "banned" if banned else "unbanned")
         return True
 
@@ -554,6 +585,9 @@ class RoundEngine:
         except AllowListError as exc:
             raise ValueError(str(exc)) from None
         self.keys[client] = key
+        self._audit(
+            "keys", action="rotate", client=client, key=key_fingerprint(key), round=self.round
+        )
         logger.warning("public key of board %s rotated by an operator", client)
         return True
 
@@ -813,6 +847,9 @@ class RoundEngine:
             "verdicts": {str(k): jsonable(v) for k, v in result.verdicts.items()},
             "decision": jsonable(result.record),
             "failure": failure,
+            "global_before": state.glob.sha256,
+            "global_after": sha,
+            "samples_total": samples,
             "network": {
                 "updates": len(entries),
                 "update_bytes": state.update_bytes,
@@ -841,6 +878,9 @@ class RoundEngine:
             next_global=version,
             finished=final,
             now=closed_at,
+            audit=self._audit_entry(
+                "round", round_body(record, self.store.update_digests(t)), closed_at
+            ),
         )
         if final:
             self.finished = True

@@ -101,6 +101,12 @@ CREATE TABLE IF NOT EXISTS rejections (
     detail TEXT NOT NULL,
     at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY,
+    record BLOB NOT NULL,
+    hash TEXT NOT NULL,
+    signature TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS statuses (
     client TEXT PRIMARY KEY,
     status TEXT NOT NULL,
@@ -557,6 +563,42 @@ class CoordinatorStore:
                 (client, status, round_index, at),
             )
 
+    # -- the audit log (coordinator.audit) ---------------------------------------------------
+
+    def audit_head(self) -> tuple[int, str]:
+        """``(next seq, hash of the last record)`` of the audit log (``(0, GENESIS)`` if empty)."""
+        from coordinator.audit import GENESIS
+
+        row = self._db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+        return (0, GENESIS) if row is None else (int(row[0]) + 1, str(row[1]))
+
+    def audit_entries(self) -> list[tuple[bytes, str, str]]:
+        """Every audit record as ``(bytes, hash, signature)``, in order."""
+        return [
+            (bytes(r[0]), str(r[1]), str(r[2]))
+            for r in self._db.execute("SELECT record, hash, signature FROM audit ORDER BY seq")
+        ]
+
+    def append_audit(self, entry: Any) -> None:
+        """Append an :class:`coordinator.audit.AuditEntry` (its seq must be the next one)."""
+        with self.transaction() as db:
+            self._insert_audit(db, entry)
+
+    def _insert_audit(self, db: sqlite3.Connection, entry: Any) -> None:
+        db.execute(
+            "INSERT INTO audit (seq, record, hash, signature) VALUES (?, ?, ?, ?)",
+            (entry.seq, entry.data, entry.hash, entry.signature),
+        )
+
+    def update_digests(self, round_index: int) -> dict[str, str]:
+        """SHA-256 of each admitted update message of a round, by board."""
+        return {
+            str(r[0]): str(r[1])
+            for r in self._db.execute(
+                "SELECT client, digest FROM updates WHERE round = ?", (round_index,)
+            )
+        }
+
     def close_round(
         self,
         round_index: int,
@@ -566,11 +608,13 @@ class CoordinatorStore:
         next_global: GlobalVersion,
         finished: bool,
         now: float | None = None,
+        audit: Any = None,
     ) -> None:
         """Close ``round_index`` and open the next one, atomically.
 
         Writes the round record and strategy state, stores ``next_global``, drops the round's
-        update vectors, and either opens round ``next_global.round`` or marks the run finished.
+        update vectors, appends the round's ``audit`` entry (when given), and either opens
+        round ``next_global.round`` or marks the run finished.
 
         Raises
         ------
@@ -589,6 +633,8 @@ class CoordinatorStore:
                 (at, _json(record), _json(strategy_state), round_index),
             )
             self._insert_model(db, next_global, at)
+            if audit is not None:
+                self._insert_audit(db, audit)
             db.execute("UPDATE updates SET delta = NULL WHERE round = ?", (round_index,))
             self._set_meta(db, "current_round", str(next_global.round))
             if finished:
