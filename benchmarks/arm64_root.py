@@ -112,6 +112,18 @@ HOST_TOOLS = {
 }
 BINFMT_DIR = Path("/proc/sys/fs/binfmt_misc")
 BINFMT_ENTRY = "qemu-aarch64"
+#: Inside the root: the aarch64 ``/proc/cpuinfo`` shown instead of the host's (see :func:`session`).
+CPUINFO_FILE = Path("etc/siren-edge-cpuinfo")
+#: One processor of a Raspberry Pi 4 (Cortex-A72) as its kernel describes it in ``/proc/cpuinfo``.
+CORTEX_A72 = (
+    "BogoMIPS\t: 108.00\n"
+    "Features\t: fp asimd evtstrm crc32 cpuid\n"
+    "CPU implementer\t: 0x41\n"
+    "CPU architecture: 8\n"
+    "CPU variant\t: 0x0\n"
+    "CPU part\t: 0xd08\n"
+    "CPU revision\t: 3\n"
+)
 
 
 class Arm64RootError(RuntimeError):
@@ -573,6 +585,30 @@ def pip_settings(
     return PipSettings(tuple(configs), tuple(files), tuple(dirs), pip_env)
 
 
+def parse_cpu_list(text: str) -> list[int]:
+    """CPU numbers of a sysfs list such as ``0-3,6`` (``/sys/devices/system/cpu/present``)."""
+    cpus: list[int] = []
+    for part in text.strip().split(","):
+        if not part:
+            continue
+        first, _, last = part.partition("-")
+        cpus += range(int(first), int(last or first) + 1)
+    return cpus
+
+
+def aarch64_cpuinfo(cpus: Sequence[int]) -> str:
+    """An aarch64 ``/proc/cpuinfo`` listing ``cpus`` as Cortex-A72 cores (a Raspberry Pi 4's).
+
+    QEMU 7.2 user emulation (Debian bookworm's) passes the host's x86 ``/proc/cpuinfo`` through
+    to aarch64 programs; QEMU 8.1 and later emulate it. pytorch/cpuinfo, which LiteRT's
+    interpreter and XNNPACK use to size their kernels, finds no ARM core in the x86 text and
+    crashes (SIGSEGV in ``Interpreter(...)``). Only the description changes: the instructions
+    available are still the emulated CPU's (reported through ``AT_HWCAP``).
+    """
+    blocks = [f"processor\t: {n}\n{CORTEX_A72}" for n in cpus]
+    return "\n".join(blocks) + "\nHardware\t: BCM2835\nModel\t\t: Raspberry Pi 4 Model B\n"
+
+
 def parse_du(output: str) -> int:
     """Bytes from the first line of ``du -s -B1`` output."""
     first = output.strip().split(maxsplit=1)
@@ -733,6 +769,7 @@ def session(
     pip: PipSettings | None = None,
     binds: Sequence[Path] = (),
     sync: bool = True,
+    cpuinfo: bool = True,
 ) -> Iterator[PipSettings]:
     """Mount ``/proc``, ``/sys``, ``/dev`` and pip's local directories in ``root``; always unmount.
 
@@ -740,6 +777,9 @@ def session(
     propagates back to the host's mounts. Mount points already mounted (by an enclosing session)
     are left alone and not unmounted here. Extra host directories in ``binds`` (and the
     directories pip settings name) are bound read-only at the same path.
+
+    With ``cpuinfo`` (default), ``/proc/cpuinfo`` inside the root shows the host's CPUs as
+    Cortex-A72 cores (:func:`aarch64_cpuinfo`): with the host's x86 text, LiteRT crashes.
 
     Yields
     ------
@@ -767,6 +807,14 @@ def session(
             mounted.append((target, recursive))
             if recursive:
                 _mount(["mount", "--make-rslave", str(target)])
+        cpuinfo_target = root / "proc/cpuinfo"
+        if cpuinfo and str(cpuinfo_target) not in existing:
+            present = Path("/sys/devices/system/cpu/present")
+            cpus = parse_cpu_list(present.read_text()) if present.exists() else []
+            fake = root / CPUINFO_FILE
+            fake.write_text(aarch64_cpuinfo(cpus or range(os.cpu_count() or 1)))
+            _mount(["mount", "--bind", str(fake), str(cpuinfo_target)])
+            mounted.append((cpuinfo_target, False))
         for host_dir in [*settings.directories, *binds]:
             target = root / str(host_dir).lstrip("/")
             if str(target) in existing or not host_dir.is_dir():
@@ -864,9 +912,9 @@ def run_in_root(
     proc = subprocess.run(cmd, capture_output=capture, text=True, timeout=timeout, stdin=stdin)
     if check and proc.returncode != 0:
         detail = f"\n{proc.stderr.strip()[-4000:]}" if capture and proc.stderr else ""
-        raise Arm64RootError(
-            f"inside the root, `{shlex.join(argv)}` exited {proc.returncode}{detail}"
-        )
+        shown = shlex.join(argv)
+        shown = shown if len(shown) < 200 else shown[:200] + " …"
+        raise Arm64RootError(f"inside the root, `{shown}` exited {proc.returncode}{detail}")
     return proc
 
 

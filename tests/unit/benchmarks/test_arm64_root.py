@@ -3,8 +3,10 @@ marked ``arm64``, commands inside a built root (skipped unless it exists and we 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -313,6 +315,15 @@ def test_missing_tools_name_their_debian_packages():
     assert ar.HOST_TOOLS["update-binfmts"] == "binfmt-support"
 
 
+def test_cpu_lists_and_the_aarch64_cpuinfo_shown_inside():
+    assert ar.parse_cpu_list("0-3,6\n") == [0, 1, 2, 3, 6]
+    assert ar.parse_cpu_list("0") == [0]
+    text = ar.aarch64_cpuinfo([0, 1])
+    assert text.count("processor\t: ") == 2 and "processor\t: 1\n" in text
+    assert text.count("CPU implementer\t: 0x41") == 2  # ARM Ltd, as pytorch/cpuinfo expects
+    assert "CPU part\t: 0xd08" in text and "vendor_id" not in text
+
+
 def test_du_parsing_and_sizes():
     assert ar.parse_du("2251799813\t/root/.cache/x/opt/siren/venv\n") == 2251799813
     with pytest.raises(ValueError, match="unexpected du output"):
@@ -388,9 +399,11 @@ def test_root_runs_aarch64_python_with_tls_and_unmounts(built_root):
             ["python3", "-c", "import ssl; print(ssl.create_default_context().cert_store_stats())"],
             capture=True,
         )
+        cpuinfo = ar.run_in_root(built_root, ["cat", "/proc/cpuinfo"], capture=True).stdout
         failed = ar.run_in_root(built_root, ["false"], check=False)
     assert machine == "aarch64"
     assert "'x509_ca': 0" not in probe.stdout
+    assert "CPU implementer\t: 0x41" in cpuinfo and "vendor_id" not in cpuinfo
     assert failed.returncode == 1
     assert not ar.mounts_under(built_root)  # everything unmounted afterwards
 
@@ -409,3 +422,36 @@ def test_commands_run_as_another_user_with_only_the_given_environment(built_root
         with pytest.raises(ar.Arm64RootError, match="exited 3"):
             ar.run_in_root(built_root, ["sh", "-c", "exit 3"], capture=True)
     assert out == ["65534", "/nonexistent", "m", "none"]
+
+
+def _fake_host(monkeypatch, script: str) -> None:
+    """Stand-ins for root privileges, binfmt, debootstrap and the probe inside the new root."""
+    monkeypatch.setattr(ar, "require_host", lambda: None)
+    monkeypatch.setattr(ar, "ensure_binfmt", lambda: ar.BinfmtEntry(True, "/q", "PF"))
+    monkeypatch.setattr(
+        ar, "debootstrap_command", lambda target, m, s: ["sh", "-c", script, str(target)]
+    )
+    monkeypatch.setattr(ar, "session", lambda root, **kw: contextlib.nullcontext(ar.PipSettings()))
+    probe = subprocess.CompletedProcess([], 0, stdout="aarch64 3.11.2 140\n", stderr="")
+    monkeypatch.setattr(ar, "run_in_root", lambda *a, **kw: probe)
+    monkeypatch.setattr(ar, "du_bytes", lambda path: 1)
+
+
+def test_an_interrupted_build_is_never_reused_and_is_cleared_by_the_next(tmp_path, monkeypatch):
+    root = tmp_path / "arm64-bookworm"
+    # debootstrap dies after unpacking: the partial sibling stays, the root does not appear
+    _fake_host(monkeypatch, 'mkdir -p "$0/usr/bin" && touch "$0/usr/bin/python3" && exit 1')
+    with pytest.raises(ar.Arm64RootError, match="debootstrap failed"):
+        ar.build_root(root, mirror="http://m/debian", log=lambda *a: None)
+    assert not root.exists() and not ar.is_complete(root)
+    assert [p.name for p in tmp_path.glob(".arm64-bookworm.partial-*")]
+    # the next build removes the stale partial, finishes, and only then renames into place
+    _fake_host(monkeypatch, 'mkdir -p "$0/usr/bin" "$0/etc" && touch "$0/usr/bin/python3"')
+    report = ar.build_root(root, mirror="http://m/debian", log=lambda *a: None)
+    assert not report.reused and ar.is_complete(root)
+    assert not list(tmp_path.glob(".arm64-bookworm.partial-*"))
+    marker = ar.read_marker(root)
+    assert marker is not None and marker["mirror"] == "http://m/debian"
+    # complete: reused without running debootstrap again
+    _fake_host(monkeypatch, "exit 1")
+    assert ar.build_root(root, mirror="http://m/debian", log=lambda *a: None).reused
