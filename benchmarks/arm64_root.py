@@ -51,7 +51,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -126,6 +126,11 @@ CORTEX_A72 = (
 )
 
 
+def _say(line: str) -> None:
+    """Progress line, flushed at once (it interleaves with the output of commands we run)."""
+    print(line, flush=True)
+
+
 class Arm64RootError(RuntimeError):
     """The host cannot build or run the arm64 root; the message says what is missing."""
 
@@ -197,6 +202,7 @@ class InstallReport:
     venv_seconds: float
     pip_seconds: float
     size_bytes: int
+    created: bool = True  # False: the venv existed, pip may only have checked the requirements
 
 
 # --------------------------------------------------------------------------------------------
@@ -941,7 +947,7 @@ def build_root(
     mirror: str | None = None,
     spec: RootSpec = RootSpec(),
     force: bool = False,
-    log: Any = print,
+    log: Callable[[str], None] = _say,
 ) -> BuildReport:
     """Build the arm64 root, or reuse it when already complete.
 
@@ -1063,14 +1069,15 @@ def install_packages(
     venv: str = DEFAULT_VENV,
     pip_args: Sequence[str] = (),
     pip: PipSettings | None = None,
-    log: Any = print,
+    log: Callable[[str], None] = _say,
 ) -> InstallReport:
     """Create ``venv`` inside ``root`` (if missing) and ``pip install`` ``requirements`` into it.
 
     Must run inside :func:`session`. Output of pip is streamed.
     """
     t0 = time.perf_counter()
-    if not (root / venv.lstrip("/") / "bin/python").exists():
+    created = not (root / venv.lstrip("/") / "bin/python").exists()
+    if created:
         log(f"creating {venv}")
         run_in_root(root, ["python3", "-m", "venv", venv], pip=pip)
     venv_s = time.perf_counter() - t0
@@ -1079,7 +1086,7 @@ def install_packages(
     run_in_root(root, [f"{venv}/bin/pip", "install", *pip_args, *requirements], pip=pip)
     pip_s = time.perf_counter() - t1
     size = du_bytes(root / venv.lstrip("/"))
-    return InstallReport(venv, tuple(requirements), venv_s, pip_s, size)
+    return InstallReport(venv, tuple(requirements), venv_s, pip_s, size, created)
 
 
 def install_project(
@@ -1091,7 +1098,7 @@ def install_project(
     dest: str = DEFAULT_SRC,
     pip_args: Sequence[str] = (),
     pip: PipSettings | None = None,
-    log: Any = print,
+    log: Callable[[str], None] = _say,
 ) -> InstallReport:
     """Copy the project at ``src`` into ``root`` and pip-install it (with ``extras``) into ``venv``.
 
@@ -1279,6 +1286,7 @@ def format_report(
         The project's install report and :func:`verify_project` result, when it was checked.
     """
     debootstrap = host.get("debootstrap_s", "?")
+    venv_bytes = project[0].size_bytes if project is not None else install.size_bytes
     build_line = (
         f"reused (debootstrap took {debootstrap} s when it was built)"
         if build.reused
@@ -1286,8 +1294,12 @@ def format_report(
     )
     rows = [
         ("build or reuse the root", build_line),
-        ("create the venv", f"{install.venv_seconds:.1f} s"),
-        (f"pip install ({len(install.requirements)} requirements)", f"{install.pip_seconds:.0f} s"),
+        ("create the venv", f"{install.venv_seconds:.1f} s" if install.created else "existed"),
+        (
+            f"pip install ({len(install.requirements)} requirements)"
+            + ("" if install.created else ", venv already populated"),
+            f"{install.pip_seconds:.0f} s",
+        ),
         ("`import tensorflow`", f"{result['import_tf_s']:.1f} s"),
         ("train 5 epochs, 512 samples, 8-16-2 MLP", f"{result['train_s']:.1f} s"),
         ("convert to a LiteRT flatbuffer", f"{result['convert_s']:.1f} s"),
@@ -1310,8 +1322,9 @@ def format_report(
         "than a board. They show that the steps work, not how fast a board is.",
         "",
         f"- host: {host.get('host', '')}",
-        f"- root: Debian {host.get('suite', 'bookworm')} arm64 minbase from {build.mirror}, "
-        f"{format_bytes(build.size_bytes)} including the venv",
+        f"- root: Debian {host.get('suite', 'bookworm')} arm64 minbase from {build.mirror}: "
+        f"{format_bytes(build.size_bytes - venv_bytes)} without the venv, "
+        f"{format_bytes(build.size_bytes)} with it",
         f"- inside: {result['machine']}, Python {result['python']}",
         f"- installed: {', '.join(f'`{r}`' for r in install.requirements)}",
         f"- TensorFlow {result['tensorflow']}, Keras {result['keras']}, "

@@ -4,6 +4,7 @@ marked ``arm64``, commands inside a built root (skipped unless it exists and we 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import subprocess
@@ -361,6 +362,12 @@ def test_report_says_timings_are_emulated():
     assert "| pip install (1 requirements) | 180 s |" in text
     assert "reused (debootstrap took 250 s when it was built)" in text
     assert "| tensorflow | 1.0 GiB |" in text and "TensorFlow 2.21.0" in text
+    assert "1.0 GiB without the venv, 3.0 GiB with it" in text
+    again = ar.format_report(
+        build, dataclasses.replace(install, created=False), result, [], {"debootstrap_s": "250"}
+    )
+    assert "| create the venv | existed |" in again
+    assert "| pip install (1 requirements), venv already populated | 180 s |" in again
 
 
 def test_cli_run_takes_the_command_after_the_separator():
