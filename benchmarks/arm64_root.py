@@ -761,11 +761,103 @@ def _mount(cmd: Sequence[str]) -> None:
     _run_host(cmd, "mount")
 
 
-def _unmount(target: Path, recursive: bool) -> None:
-    cmd = ["umount", "-R", str(target)] if recursive else ["umount", str(target)]
-    if subprocess.run(cmd, capture_output=True).returncode != 0:
+def _unmount(target: Path) -> None:
+    if subprocess.run(["umount", str(target)], capture_output=True).returncode != 0:
         # Busy (a process inside still holds it): detach lazily rather than leave it mounted.
-        subprocess.run(["umount", "-l", *cmd[1:]], capture_output=True)
+        subprocess.run(["umount", "-l", str(target)], capture_output=True)
+
+
+def holders_path(root: Path) -> Path:
+    """The file listing the processes with an open :func:`session` on ``root`` (a sibling)."""
+    return root.with_name(f".{root.name}.sessions")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def update_holders(
+    path: Path,
+    *,
+    add: int | None = None,
+    remove: int | None = None,
+    alive: Callable[[int], bool] = _pid_alive,
+) -> list[int]:
+    """Add or remove one entry of a process in the session holders file; return the live rest.
+
+    Entries of processes that no longer run (a session killed with ``kill -9``) are dropped, so
+    their mounts are released by the next session to close. A process holds one entry per open
+    session (sessions nest). The caller holds the lock of :func:`_holders_lock`.
+    """
+    try:
+        pids = [int(x) for x in path.read_text().split() if x.isdigit()]
+    except FileNotFoundError:
+        pids = []
+    pids = [p for p in pids if alive(p)]
+    if remove is not None and remove in pids:
+        pids.remove(remove)
+    if add is not None:
+        pids.append(add)
+    if pids:
+        path.write_text("".join(f"{p}\n" for p in pids))
+    else:
+        path.unlink(missing_ok=True)
+    return pids
+
+
+@contextlib.contextmanager
+def _holders_lock(root: Path) -> Iterator[None]:
+    with open(root.with_name(f".{root.name}.sessions.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def unmount_all(root: Path) -> list[str]:
+    """Unmount everything mounted at or below ``root``, innermost first; return what was."""
+    points = mounts_under(root)
+    for point in reversed(points):  # mountinfo lists parents before their children
+        _unmount(Path(point))
+    left = mounts_under(root)
+    if left:
+        raise Arm64RootError(f"could not unmount {left}")
+    return points
+
+
+def _mount_all(root: Path, settings: PipSettings, binds: Sequence[Path], cpuinfo: bool) -> None:
+    existing = set(mounts_under(root))
+    plan: list[tuple[str, list[str], bool]] = [
+        ("proc", ["mount", "-t", "proc", "proc"], False),
+        ("sys", ["mount", "--rbind", "/sys"], True),
+        ("dev", ["mount", "--rbind", "/dev"], True),
+    ]
+    for rel, cmd, recursive in plan:
+        target = root / rel
+        if str(target) in existing:
+            continue
+        target.mkdir(exist_ok=True)
+        _mount([*cmd, str(target)])
+        if recursive:
+            _mount(["mount", "--make-rslave", str(target)])
+    cpuinfo_target = root / "proc/cpuinfo"
+    if cpuinfo and str(cpuinfo_target) not in existing:
+        present = Path("/sys/devices/system/cpu/present")
+        cpus = parse_cpu_list(present.read_text()) if present.exists() else []
+        fake = root / CPUINFO_FILE
+        fake.write_text(aarch64_cpuinfo(cpus or range(os.cpu_count() or 1)))
+        _mount(["mount", "--bind", str(fake), str(cpuinfo_target)])
+    for host_dir in [*settings.directories, *binds]:
+        target = root / str(host_dir).lstrip("/")
+        if str(target) in existing or not host_dir.is_dir():
+            continue
+        target.mkdir(parents=True, exist_ok=True)
+        _mount(["mount", "--bind", str(host_dir), str(target)])
+        _mount(["mount", "-o", "remount,bind,ro", str(target)])
 
 
 @contextlib.contextmanager
@@ -780,9 +872,13 @@ def session(
     """Mount ``/proc``, ``/sys``, ``/dev`` and pip's local directories in ``root``; always unmount.
 
     ``/sys`` and ``/dev`` are recursive bind mounts made slaves, so unmounting them never
-    propagates back to the host's mounts. Mount points already mounted (by an enclosing session)
-    are left alone and not unmounted here. Extra host directories in ``binds`` (and the
+    propagates back to the host's mounts. Extra host directories in ``binds`` (and the
     directories pip settings name) are bound read-only at the same path.
+
+    Sessions may overlap, in one process (nested) or several (two boards started separately):
+    each registers in :func:`holders_path` under a lock, mounts only what is missing, and the
+    last one to close unmounts everything below ``root`` (:func:`unmount_all`). Holders that
+    died without closing are ignored, so their mounts go with the next session to close.
 
     With ``cpuinfo`` (default), ``/proc/cpuinfo`` inside the root shows the host's CPUs as
     Cortex-A72 cores (:func:`aarch64_cpuinfo`): with the host's x86 text, LiteRT crashes.
@@ -795,44 +891,22 @@ def session(
     require_host()
     if not is_complete(root) and not (root / "usr/bin/env").exists():
         raise Arm64RootError(f"{root} is not a root filesystem; build it first")
-    settings = sync_host_config(root, pip) if sync else PipSettings()
-    mounted: list[tuple[Path, bool]] = []
-    existing = set(mounts_under(root))
+    holders = holders_path(root)
+    with _holders_lock(root):
+        update_holders(holders, add=os.getpid())
+        try:
+            settings = sync_host_config(root, pip) if sync else PipSettings()
+            _mount_all(root, settings, binds, cpuinfo)
+        except BaseException:
+            if not update_holders(holders, remove=os.getpid()):
+                unmount_all(root)
+            raise
     try:
-        plan: list[tuple[str, list[str], bool]] = [
-            ("proc", ["mount", "-t", "proc", "proc"], False),
-            ("sys", ["mount", "--rbind", "/sys"], True),
-            ("dev", ["mount", "--rbind", "/dev"], True),
-        ]
-        for rel, cmd, recursive in plan:
-            target = root / rel
-            if str(target) in existing:
-                continue
-            target.mkdir(exist_ok=True)
-            _mount([*cmd, str(target)])
-            mounted.append((target, recursive))
-            if recursive:
-                _mount(["mount", "--make-rslave", str(target)])
-        cpuinfo_target = root / "proc/cpuinfo"
-        if cpuinfo and str(cpuinfo_target) not in existing:
-            present = Path("/sys/devices/system/cpu/present")
-            cpus = parse_cpu_list(present.read_text()) if present.exists() else []
-            fake = root / CPUINFO_FILE
-            fake.write_text(aarch64_cpuinfo(cpus or range(os.cpu_count() or 1)))
-            _mount(["mount", "--bind", str(fake), str(cpuinfo_target)])
-            mounted.append((cpuinfo_target, False))
-        for host_dir in [*settings.directories, *binds]:
-            target = root / str(host_dir).lstrip("/")
-            if str(target) in existing or not host_dir.is_dir():
-                continue
-            target.mkdir(parents=True, exist_ok=True)
-            _mount(["mount", "--bind", str(host_dir), str(target)])
-            mounted.append((target, False))
-            _mount(["mount", "-o", "remount,bind,ro", str(target)])
         yield settings
     finally:
-        for target, recursive in reversed(mounted):
-            _unmount(target, recursive)
+        with _holders_lock(root):
+            if not update_holders(holders, remove=os.getpid()):
+                unmount_all(root)
 
 
 def root_env(
@@ -984,9 +1058,11 @@ def build_root(
         if not force and is_complete(root, spec):  # another process finished it meanwhile
             return BuildReport(root, True, mirror, time.perf_counter() - t0, 0)
         for stale in root.parent.glob(f".{root.name}.partial-*"):
+            if not stale.is_dir():  # its session lock file
+                stale.unlink()
+                continue
             log(f"removing the unfinished build {stale}")
-            for point in sorted(mounts_under(stale), reverse=True):
-                _unmount(Path(point), recursive=True)  # left by an interrupted debootstrap
+            unmount_all(stale)  # mounts an interrupted debootstrap may have left
             _remove_tree(stale)
         tmp = partial_path(root, os.getpid())
         cmd = debootstrap_command(tmp, mirror, spec)
@@ -1033,6 +1109,7 @@ def build_root(
         else:
             root_tmp_swap = None
         tmp.rename(root)
+        tmp.with_name(f".{tmp.name}.sessions.lock").unlink(missing_ok=True)
         if root_tmp_swap is not None:
             _remove_tree(root_tmp_swap)
     return BuildReport(root, False, mirror, time.perf_counter() - t0, du_bytes(root))

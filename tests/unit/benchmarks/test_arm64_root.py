@@ -8,6 +8,8 @@ import dataclasses
 import json
 import os
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -239,6 +241,21 @@ def test_mountinfo_decodes_escapes_and_mounts_under_respects_path_boundaries():
     assert ar.mounts_under(Path("/c/other"), info) == []
 
 
+def test_session_holders_nest_and_forget_dead_processes(tmp_path):
+    path = ar.holders_path(tmp_path / "root")
+    assert path == tmp_path / ".root.sessions"
+    live = {10, 11}
+    alive = live.__contains__
+    assert ar.update_holders(path, add=10, alive=alive) == [10]
+    assert ar.update_holders(path, add=10, alive=alive) == [10, 10]  # nested in one process
+    assert ar.update_holders(path, add=11, alive=alive) == [10, 10, 11]
+    assert ar.update_holders(path, remove=10, alive=alive) == [10, 11]
+    live.discard(10)  # killed with -9: its entries no longer keep the mounts
+    assert ar.update_holders(path, alive=alive) == [11]
+    assert ar.update_holders(path, remove=11, alive=alive) == []  # last one out: unmount
+    assert not path.exists()
+
+
 def test_pip_settings_collect_configs_named_files_dirs_and_env(tmp_path):
     mirror = tmp_path / "pypi"
     (mirror / "simple").mkdir(parents=True)
@@ -413,6 +430,28 @@ def test_root_runs_aarch64_python_with_tls_and_unmounts(built_root):
     assert "CPU implementer\t: 0x41" in cpuinfo and "vendor_id" not in cpuinfo
     assert failed.returncode == 1
     assert not ar.mounts_under(built_root)  # everything unmounted afterwards
+
+
+@pytest.mark.arm64
+def test_overlapping_sessions_keep_mounts_until_the_last_one_closes(built_root):
+    root = str(built_root)
+    with ar.session(built_root):
+        with ar.session(built_root):
+            pass
+        assert ar.mounts_under(built_root)  # the inner session left them to the outer one
+        other = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.arm64_root", "--root", root, "run", "--",
+             "sh", "-c", "sleep 4; head -1 /proc/cpuinfo"],
+            stdout=subprocess.PIPE, text=True, cwd=Path(ar.__file__).parents[1],
+        )  # fmt: skip
+        deadline = time.monotonic() + 60
+        while ar.holders_path(built_root).read_text().count("\n") < 2:
+            assert time.monotonic() < deadline and other.poll() is None
+            time.sleep(0.1)
+    out, _ = other.communicate(timeout=120)  # still ran with /proc after we closed ours
+    assert other.returncode == 0 and out.startswith("processor")
+    assert not ar.mounts_under(built_root)
+    assert not ar.holders_path(built_root).exists()
 
 
 @pytest.mark.arm64
