@@ -19,9 +19,11 @@ Steps and guarantees:
   into the root so pip inside reaches the same indexes as pip on the host. Local directories
   named by pip settings (``find-links``, ``file://`` indexes) are bound read-only while commands
   run.
-* :func:`session` mounts ``/proc``, ``/sys`` and ``/dev`` and always unmounts what it mounted;
+* :func:`session` mounts ``/proc``, ``/sys`` and ``/dev`` and always unmounts them (the last of
+  overlapping sessions does), with an aarch64 ``/proc/cpuinfo`` (see :func:`aarch64_cpuinfo`);
   :func:`run_in_root` runs a command via ``chroot`` (optionally as another user, with a clean
-  environment), streaming or capturing its output.
+  environment), streaming or capturing its output; :func:`start_in_root` starts one in the
+  background (a board service that a check stops or kills).
 * :func:`install_project` copies a source tree into the root and pip-installs it into a venv;
   :func:`verify_ml_stack` checks that TensorFlow trains and LiteRT infers inside the root.
 
@@ -943,6 +945,51 @@ def resolve_user(root: Path, user: str) -> tuple[str, list[int], str]:
     return f"{uid}:{gid}", sorted({gid, *groups}), home
 
 
+def root_command(
+    root: Path,
+    argv: Sequence[str],
+    *,
+    user: str | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: str | None = None,
+    pip: PipSettings | None = None,
+) -> list[str]:
+    """The host command running ``argv`` inside ``root`` as ``user`` with :func:`root_env` plus
+    ``env`` (see :func:`run_in_root` for the parameters). Its process is the program itself
+    (``chroot`` and ``env`` exec it), so signals sent to it reach the program."""
+    userspec: str | None = None
+    groups: list[int] = []
+    home = "/root"
+    if user is not None and user != "root":
+        userspec, groups, home = resolve_user(root, user)
+    full_env = root_env(home=home, extra=env, pip=pip)
+    if user is not None:
+        full_env.setdefault("USER", user)
+        full_env.setdefault("LOGNAME", user)
+    return chroot_command(root, argv, env=full_env, userspec=userspec, groups=groups, cwd=cwd)
+
+
+def start_in_root(
+    root: Path,
+    argv: Sequence[str],
+    *,
+    user: str | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: str | None = None,
+    pip: PipSettings | None = None,
+    **popen: Any,
+) -> subprocess.Popen[Any]:
+    """Start ``argv`` inside ``root`` in the background and return its process (a service such
+    as a board: stop it, or ``kill -9`` it, through the returned :class:`subprocess.Popen`).
+
+    The mounts must stay active while it runs: start and wait for it inside :func:`session`.
+    ``popen`` is passed to :class:`subprocess.Popen` (``stdout``, ``stderr``, ``text``, ...).
+    """
+    popen.setdefault("stdin", subprocess.DEVNULL)
+    cmd = root_command(root, argv, user=user, env=env, cwd=cwd, pip=pip)
+    return subprocess.Popen(cmd, **popen)
+
+
 def run_in_root(
     root: Path,
     argv: Sequence[str],
@@ -979,16 +1026,7 @@ def run_in_root(
     stdin
         Standard input (default: none; ``None`` inherits ours, for interactive shells).
     """
-    userspec: str | None = None
-    groups: list[int] = []
-    home = "/root"
-    if user is not None and user != "root":
-        userspec, groups, home = resolve_user(root, user)
-    full_env = root_env(home=home, extra=env, pip=pip)
-    if user is not None:
-        full_env.setdefault("USER", user)
-        full_env.setdefault("LOGNAME", user)
-    cmd = chroot_command(root, argv, env=full_env, userspec=userspec, groups=groups, cwd=cwd)
+    cmd = root_command(root, argv, user=user, env=env, cwd=cwd, pip=pip)
     proc = subprocess.run(cmd, capture_output=capture, text=True, timeout=timeout, stdin=stdin)
     if check and proc.returncode != 0:
         detail = f"\n{proc.stderr.strip()[-4000:]}" if capture and proc.stderr else ""

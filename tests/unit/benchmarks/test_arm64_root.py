@@ -433,6 +433,23 @@ def test_root_runs_aarch64_python_with_tls_and_unmounts(built_root):
 
 
 @pytest.mark.arm64
+def test_a_background_program_is_the_process_we_can_kill(built_root):
+    with ar.session(built_root):
+        proc = ar.start_in_root(
+            built_root,
+            ["python3", "-c", "import os, time; print(os.getpid(), flush=True); time.sleep(60)"],
+            user="nobody",
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout is not None
+        inner_pid = int(proc.stdout.readline())
+        proc.kill()  # SIGKILL, as a crashed board
+        assert proc.wait(timeout=30) == -9
+    assert inner_pid == proc.pid  # chroot and env exec'd: no wrapper process in between
+
+
+@pytest.mark.arm64
 def test_overlapping_sessions_keep_mounts_until_the_last_one_closes(built_root):
     root = str(built_root)
     with ar.session(built_root):
