@@ -128,7 +128,16 @@ class CoordinatorControls(Protocol):
         ...
 
     def register_key(self, client_id: str, public_key: VerifyKey) -> bool:
-        """Register (or rotate) a board's public key in the allow-list; ``True`` if it changed."""
+        """Register (or rotate) a board's public key in the allow-list (a board whose key was
+        revoked is re-admitted with the new key); ``True`` if it changed."""
+        ...
+
+    def revoke(self, client_id: str) -> bool:
+        """Revoke the board's key now (it leaves the allow-list); ``True`` if it changed."""
+        ...
+
+    def revoked(self) -> frozenset[str]:
+        """Boards whose key is revoked."""
         ...
 
 
@@ -339,6 +348,14 @@ class BanState(BaseModel):
 
     client: str
     banned: bool
+    changed: bool
+
+
+class RevokeState(BaseModel):
+    """Whether a board's key is revoked, after an admin action."""
+
+    client: str
+    revoked: bool
     changed: bool
 
 
@@ -1362,6 +1379,17 @@ def create_app(
         answers.require_board(client_id)
         changed = _act("unban", ctl.unban, client_id)
         return BanState(client=client_id, banned=client_id in ctl.admin_banned(), changed=changed)
+
+    @app.post(
+        "/api/admin/clients/{client_id}/revoke",
+        tags=["admin"],
+        summary="Revoke a board's key: refuse its updates at once (re-admit with a new key)",
+        responses=_responses(401, 404, 409, 503),
+    )
+    def revoke(client_id: ClientId, ctl: AdminControls) -> RevokeState:
+        answers.require_board(client_id)
+        changed = _act("revoke", ctl.revoke, client_id)
+        return RevokeState(client=client_id, revoked=client_id in ctl.revoked(), changed=changed)
 
     @app.post(
         "/api/admin/keys",

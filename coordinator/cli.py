@@ -13,7 +13,13 @@ from siren_cli.signals import stop_on_signals
 def _run(args: argparse.Namespace) -> int:
     from coordinator.config import ConfigError, CoordinatorConfig
     from coordinator.errors import CoordinatorError
-    from coordinator.service import CoordinatorService, RoundEngine, build_runtime, expected_clients
+    from coordinator.service import (
+        CoordinatorService,
+        RoundEngine,
+        build_runtime,
+        expected_clients,
+        revoked_keys,
+    )
     from coordinator.store import CoordinatorStore
     from protocol.errors import AllowListError, KeyFileError
     from protocol.keys import AllowList, load_signing_key
@@ -21,9 +27,9 @@ def _run(args: argparse.Namespace) -> int:
     try:
         config = CoordinatorConfig.load(args.config)
         signing_key = load_signing_key(config.key_dir)
-        keys = expected_clients(config, AllowList.load(config.allow_list))
-        runtime = build_runtime(config, len(keys))
         store = CoordinatorStore(config.db)
+        keys = expected_clients(config, AllowList.load(config.allow_list), revoked_keys(store))
+        runtime = build_runtime(config, len(keys))
         engine = RoundEngine(config, runtime, store, signing_key, keys)
     except (ConfigError, KeyFileError, AllowListError, CoordinatorError) as exc:
         raise CommandError(str(exc)) from exc

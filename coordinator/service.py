@@ -242,28 +242,40 @@ def build_runtime(config: CoordinatorConfig, num_clients: int) -> CoordinatorRun
 
 
 def expected_clients(
-    config: CoordinatorConfig, allow: Mapping[str, VerifyKey]
+    config: CoordinatorConfig,
+    allow: Mapping[str, VerifyKey],
+    revoked: Mapping[str, VerifyKey] | None = None,
 ) -> dict[str, VerifyKey]:
     """The expected boards in index order with their keys (``clients`` or the allow-list).
+
+    ``revoked``: boards whose key was revoked during the run (:func:`revoked_keys`); they keep
+    their place in the run with their old key, which no longer admits anything.
 
     Raises
     ------
     ConfigError
         If an expected board has no key in the allow-list, or there is no board at all.
     """
-    clients = list(config.clients) or sorted(allow)
-    missing = [c for c in clients if c not in allow]
+    gone = dict(revoked or {})
+    clients = list(config.clients) or sorted({*allow, *gone})
+    missing = [c for c in clients if c not in allow and c not in gone]
     if missing:
         raise ConfigError(f"expected boards without a key in {config.allow_list}: {missing}")
     if not clients:
         raise ConfigError(f"no boards: {config.allow_list} is empty and coordinator.clients too")
-    return {c: allow[c] for c in clients}
+    return {c: allow[c] if c in allow else gone[c] for c in clients}
+
+
+def revoked_keys(store: CoordinatorStore) -> dict[str, VerifyKey]:
+    """The boards whose key an operator revoked in this run, with the revoked key."""
+    raw = json.loads(store.get_meta("revoked") or "{}")
+    return {str(c): VerifyKey(bytes.fromhex(h)) for c, h in raw.items()}
 
 
 class _KeyView(Mapping[str, VerifyKey]):
-    """The boards' keys without the banned boards (a live view of both)."""
+    """The boards' keys without the banned or revoked boards (a live view of both)."""
 
-    def __init__(self, keys: dict[str, VerifyKey], banned: set[str]) -> None:
+    def __init__(self, keys: dict[str, VerifyKey], banned: Any) -> None:
         self._keys = keys
         self._banned = banned
 
@@ -277,6 +289,16 @@ class _KeyView(Mapping[str, VerifyKey]):
 
     def __len__(self) -> int:
         return sum(1 for c in self._keys if c not in self._banned)
+
+
+class _Union:
+    """Membership in any of several live collections (banned ids, revoked keys)."""
+
+    def __init__(self, *parts: Any) -> None:
+        self._parts = parts
+
+    def __contains__(self, item: object) -> bool:
+        return any(item in part for part in self._parts)
 
 
 @dataclass
@@ -348,9 +370,10 @@ class RoundEngine:
         self.finished = False
         self.final: GlobalVersion | None = None
         self.admin_banned: set[str] = set()
+        self.revoked: dict[str, VerifyKey] = {}
         self.paused = False
-        # Admission looks keys up through this view: a banned board has no key for now.
-        self.key_view = _KeyView(self.keys, self.admin_banned)
+        # Admission looks keys up through this view: a banned or revoked board has no key.
+        self.key_view = _KeyView(self.keys, _Union(self.admin_banned, self.revoked))
 
     # -- start / resume ----------------------------------------------------------------------
 
@@ -394,6 +417,11 @@ class RoundEngine:
         current = store.current_round
         self.admin_banned.clear()
         self.admin_banned.update(json.loads(store.get_meta("admin_banned") or "[]"))
+        self.revoked.clear()
+        self.revoked.update(revoked_keys(store))
+        for client, key in self.revoked.items():
+            if client in self.keys:
+                self.keys[client] = key
         self.paused = store.get_meta("paused") == "1"
         saved = store.latest_strategy_state()
         if saved is not None:
@@ -513,8 +541,9 @@ class RoundEngine:
         return self.final.message
 
     def expected(self) -> list[str]:
-        """The boards a round waits for: the run's boards minus those banned by an operator."""
-        return [c for c in self.clients if c not in self.admin_banned]
+        """The boards a round waits for: the run's boards minus those an operator banned or
+        whose key was revoked."""
+        return [c for c in self.clients if c not in self.admin_banned and c not in self.revoked]
 
     def missing(self) -> list[str]:
         """Expected boards without an admitted update in the open round."""
@@ -576,7 +605,10 @@ class RoundEngine:
                 f"{client!r} is not a board of run {self.config.run!r}; the run's boards are "
                 "fixed when it starts"
             )
-        if bytes(self.keys[client]) == bytes(key):
+        readmit = client in self.revoked
+        if readmit and bytes(self.revoked[client]) == bytes(key):
+            raise ValueError(f"that key of {client!r} was revoked: register a new key")
+        if not readmit and bytes(self.keys[client]) == bytes(key):
             return False
         try:
             allow = AllowList.load(self.config.allow_list, missing_ok=True)
@@ -585,11 +617,61 @@ class RoundEngine:
         except AllowListError as exc:
             raise ValueError(str(exc)) from None
         self.keys[client] = key
+        action = "readmit" if readmit else "rotate"
+        if readmit:
+            del self.revoked[client]
+            self._save_revoked()
         self._audit(
-            "keys", action="rotate", client=client, key=key_fingerprint(key), round=self.round
+            "keys", action=action, client=client, key=key_fingerprint(key), round=self.round
         )
-        logger.warning("public key of board %s rotated by an operator", client)
+        logger.warning(
+            "board %s %s by an operator (key %s)",
+            client,
+            "re-admitted with a new key" if readmit else "has a new public key",
+            key_fingerprint(key)[:16],
+        )
         return True
+
+    def revoke_key(self, client: str) -> bool:
+        """Revoke a board's key now: it leaves the allow-list, admission has no key for it (its
+        signed updates count as ``revoked``), rounds stop waiting for it; persisted and logged.
+        Returns whether it changed. Re-admit the board with :meth:`register_key` (a new key).
+
+        Raises
+        ------
+        LookupError
+            If ``client`` is not one of the run's boards.
+        """
+        from protocol.errors import AllowListError
+        from protocol.keys import AllowList
+
+        if client not in self.keys:
+            raise LookupError(f"{client!r} is not a board of run {self.config.run!r}")
+        if client in self.revoked:
+            return False
+        try:
+            allow = AllowList.load(self.config.allow_list, missing_ok=True)
+            if client in allow:
+                allow.remove(client)
+                allow.save(self.config.allow_list)
+        except AllowListError as exc:
+            raise ValueError(str(exc)) from None
+        self.revoked[client] = self.keys[client]
+        self._save_revoked()
+        self._audit(
+            "keys",
+            action="revoke",
+            client=client,
+            key=key_fingerprint(self.keys[client]),
+            round=self.round,
+        )
+        logger.warning("key of board %s revoked by an operator", client)
+        return True
+
+    def _save_revoked(self) -> None:
+        self.store.set_meta(
+            "revoked", json.dumps({c: bytes(k).hex() for c, k in sorted(self.revoked.items())})
+        )
 
     def handle_update(
         self, payload: bytes, *, topic: str | None = None, received_at: float | None = None
@@ -649,10 +731,12 @@ class RoundEngine:
             if decision.reason is Reason.UNKNOWN_CLIENT and self._signed_by_banned(
                 payload, decision.client_id
             ):
+                revoked = decision.client_id in self.revoked
                 decision = AdmissionDecision(
-                    Reason.BANNED,
+                    Reason.REVOKED if revoked else Reason.BANNED,
                     decision.client_id,
-                    f"board {decision.client_id!r} is banned by an operator",
+                    f"board {decision.client_id!r} "
+                    + ("has a revoked key" if revoked else "is banned by an operator"),
                 )
             self.store.count(
                 current,
@@ -671,7 +755,9 @@ class RoundEngine:
         verifies against the board's own key is counted as ``banned``, so a stranger naming a
         banned board stays ``unknown_client``.
         """
-        if client is None or client not in self.admin_banned or client not in self.keys:
+        if client is None or client not in self.keys:
+            return False
+        if client not in self.admin_banned and client not in self.revoked:
             return False
         assert self.admission is not None
         try:
@@ -1217,8 +1303,17 @@ class ServiceControls:
         return bool(self.service.call(lambda: engine.set_banned(client_id, False), self.timeout))
 
     def register_key(self, client_id: str, public_key: VerifyKey) -> bool:
-        """Rotate a board's public key; ``True`` if it changed."""
+        """Rotate a board's public key (or re-admit a revoked board); ``True`` if it changed."""
         engine = self.service.engine
         return bool(
             self.service.call(lambda: engine.register_key(client_id, public_key), self.timeout)
         )
+
+    def revoke(self, client_id: str) -> bool:
+        """Revoke the board's key; ``True`` if it was not revoked."""
+        engine = self.service.engine
+        return bool(self.service.call(lambda: engine.revoke_key(client_id), self.timeout))
+
+    def revoked(self) -> frozenset[str]:
+        """Boards whose key is revoked."""
+        return frozenset(self.service.engine.revoked)

@@ -43,6 +43,8 @@ class Reason(str, Enum):
     #: Counted by the coordinator on start: an update of the open round stored earlier that the
     #: current admission rules refuse (e.g. written under looser bounds); taken out of the round.
     QUARANTINED = "quarantined"
+    #: Counted by the coordinator: a correctly signed update under a key an operator revoked.
+    REVOKED = "revoked"
 
     def __str__(self) -> str:
         return self.value

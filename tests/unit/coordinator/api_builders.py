@@ -40,6 +40,7 @@ class Controls:
         self.paused = False
         self.banned: set[str] = set()
         self.keys: dict[str, VerifyKey] = {}
+        self.revoked_ids: set[str] = set()
         self.fail: Exception | None = None
 
     def _check(self) -> None:
@@ -77,9 +78,19 @@ class Controls:
 
     def register_key(self, client_id: str, public_key: VerifyKey) -> bool:
         self._check()
-        changed = self.keys.get(client_id) != public_key
+        changed = self.keys.get(client_id) != public_key or client_id in self.revoked_ids
         self.keys[client_id] = public_key
+        self.revoked_ids.discard(client_id)
         return changed
+
+    def revoke(self, client_id: str) -> bool:
+        self._check()
+        changed = client_id not in self.revoked_ids
+        self.revoked_ids.add(client_id)
+        return changed
+
+    def revoked(self) -> frozenset[str]:
+        return frozenset(self.revoked_ids)
 
 
 def _global(round_index: int, value: float, previous: str) -> GlobalVersion:

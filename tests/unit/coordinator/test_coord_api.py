@@ -621,6 +621,7 @@ def test_openapi_schema_documents_every_endpoint_with_typed_models(client: TestC
         "/api/admin/resume": "post",
         "/api/admin/clients/{client_id}/ban": "post",
         "/api/admin/clients/{client_id}/unban": "post",
+        "/api/admin/clients/{client_id}/revoke": "post",
         "/api/admin/keys": "post",
     }
     assert set(paths) == set(expected)

@@ -176,7 +176,7 @@ def test_cases_cover_every_rejection_reason() -> None:
     # ``banned`` is the coordinator's verdict on top of admission (an operator ban hides the
     # board's key, so admission itself says unknown_client): see test_coord_engine.py; so is
     # ``quarantined`` (a stored update refused on restart): see test_coord_poison.py.
-    coordinator_only = {Reason.BANNED, Reason.QUARANTINED}
+    coordinator_only = {Reason.BANNED, Reason.QUARANTINED, Reason.REVOKED}
     assert set(CASES) == set(Reason) - {Reason.ACCEPTED, Reason.DUPLICATE} - coordinator_only
 
 

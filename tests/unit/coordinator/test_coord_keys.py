@@ -1,0 +1,69 @@
+"""Key lifecycle on the live engine: revoke stops a board at once (its updates count as
+``revoked``, rounds stop waiting for it), survives a restart, and re-admission takes a new key;
+every change is in the round log."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from nacl.signing import SigningKey
+
+from coordinator.audit import verify_chain
+from coordinator.service import expected_clients, revoked_keys
+from protocol.envelope import encode_update
+from protocol.errors import Reason
+from protocol.keys import AllowList
+from tests.unit.coordinator.test_coord_engine import BOARDS, COORD, LAYOUT, _engine, _update
+
+
+def _signed(engine, key: SigningKey, client: str = "b1") -> bytes:
+    return encode_update(
+        run="demo", round=engine.round, client=client, signing_key=key,
+        delta=np.full(4, 2.0, np.float32), layout=LAYOUT,
+        base_sha256=engine.state.glob.sha256, samples=1, alarm=False,
+    )  # fmt: skip
+
+
+def test_revoke_readmit_and_restart(tmp_path: Path) -> None:
+    engine = _engine(tmp_path, rounds=3)
+    AllowList({c: k.verify_key for c, k in BOARDS.items()}).save(engine.config.allow_list)
+    engine.start()
+    assert engine.revoke_key("b1") and not engine.revoke_key("b1")
+    with pytest.raises(LookupError):
+        engine.revoke_key("nobody")
+    assert "b1" not in AllowList.load(engine.config.allow_list)
+    refused = engine.handle_update(_update(engine, "b1", [1, 1, 1, 1], 1))
+    assert refused.reason is Reason.REVOKED
+    assert engine.missing() == ["b0", "b2"]  # no longer waited for
+    for client in ("b0", "b2"):
+        assert engine.handle_update(_update(engine, client, [1, 1, 1, 1], 1)).accepted
+    assert engine.close_reason() == "all" and engine.close_round() is not None
+    engine.store.close()
+    # Restarted: the allow-list has no key for b1, the store remembers the revocation.
+    again = _engine(tmp_path, rounds=3)
+    from coordinator.store import CoordinatorStore
+
+    store = CoordinatorStore(again.config.db)
+    revoked = revoked_keys(store)
+    assert list(revoked) == ["b1"]
+    keys = expected_clients(again.config, AllowList.load(again.config.allow_list), revoked)
+    assert list(keys) == ["b0", "b1", "b2"]
+    store.close()
+    again.start()
+    assert again.revoked.keys() == {"b1"} and again.missing() == ["b0", "b2"]
+    assert again.handle_update(_update(again, "b1", [1, 1, 1, 1], 1)).reason is Reason.REVOKED
+    # Re-admission needs a new key; the revoked one is refused.
+    with pytest.raises(ValueError, match="was revoked"):
+        again.register_key("b1", BOARDS["b1"].verify_key)
+    new_key = SigningKey(b"R" * 32)
+    assert again.register_key("b1", new_key.verify_key)
+    assert again.missing() == ["b0", "b1", "b2"]
+    assert again.handle_update(_signed(again, new_key)).accepted
+    assert again.handle_update(_signed(again, BOARDS["b1"])).reason is Reason.BAD_SIGNATURE
+    entries = again.store.audit_entries()
+    assert verify_chain(entries, COORD.verify_key).ok
+    actions = [json.loads(e[0])["body"].get("action") for e in entries]
+    assert actions == ["start", "revoke", None, "readmit"]
