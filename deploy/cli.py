@@ -35,6 +35,7 @@ def _init(args: argparse.Namespace) -> int:
             service_user=args.user,
             venv=args.venv,
             alarm=args.alarm,
+            api_port=args.api_port,
         )
         paths = init_deployment(
             args.dir, deployment, force=args.force, progress=lambda m: print(f"  {m}", flush=True)
@@ -64,6 +65,28 @@ def _add_board(args: argparse.Namespace) -> int:
         "sudo kill -HUP $(pidof mosquitto)) and restart the coordinator; the new bundles are "
         f"in {args.dir / 'boards'}"
     )
+    return 0
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    from deploy.errors import DeployError
+    from deploy.folder import revoke_board
+
+    try:
+        revoke_board(args.dir, args.board, progress=lambda m: print(m, flush=True))
+    except DeployError as exc:
+        raise CommandError(str(exc)) from exc
+    return 0
+
+
+def _renew(args: argparse.Namespace) -> int:
+    from deploy.errors import DeployError
+    from deploy.folder import renew_board
+
+    try:
+        renew_board(args.dir, args.board, progress=lambda m: print(m, flush=True))
+    except DeployError as exc:
+        raise CommandError(str(exc)) from exc
     return 0
 
 
@@ -170,6 +193,13 @@ def register(sub: Any) -> None:
         default=True,
         help="boards run the SIREN alarm (default: on)",
     )
+    init.add_argument(
+        "--api-port",
+        type=int,
+        default=8080,
+        help="loopback port of the coordinator's HTTP API and dashboard, which revoke-board "
+        "and rotate-board use (default: 8080)",
+    )
     init.add_argument("--install-dir", default="/opt/siren", help="bundle location on boards")
     init.add_argument("--user", default="siren", help="service account on boards")
     init.add_argument("--venv", default="/opt/siren/venv", help="virtual environment on boards")
@@ -186,6 +216,33 @@ def register(sub: Any) -> None:
     add.add_argument("--count", type=int, default=0, help="number of boards to add")
     add.add_argument("--id", action="append", help="a board id to add (repeatable)")
     add.set_defaults(func=_add_board)
+    revoke = s.add_parser(
+        "revoke-board",
+        help="revoke a board now: broker credentials and ACL, and its key in the coordinator",
+        description="Take a board out of a running fleet at once: the broker's password file "
+        "and ACLs lose it and Mosquitto reloads them (the board's session ends; no other "
+        "client is disconnected), and the coordinator, through its admin API, drops its key "
+        "(its updates are refused as 'revoked'). Recorded in deployment.toml and in the "
+        "coordinator's round log. Re-admit it later with readmit-board.",
+    )
+    revoke.add_argument("dir", type=Path, help="deployment folder")
+    revoke.add_argument("board", help="board id")
+    revoke.set_defaults(func=_revoke)
+    for name, summary in (
+        ("rotate-board", "give a board a new key pair and new broker credentials"),
+        ("readmit-board", "re-admit a revoked board with a new key pair and credentials"),
+    ):
+        renew = s.add_parser(
+            name,
+            help=summary,
+            description=f"{summary[0].upper()}{summary[1:]}: its bundle is rewritten in place "
+            "(copy it to the board and run install.sh again), the broker gets the new "
+            "credentials (reloaded: the old session ends), and the running coordinator "
+            "registers the new key through its admin API (the old key stops verifying).",
+        )
+        renew.add_argument("dir", type=Path, help="deployment folder")
+        renew.add_argument("board", help="board id")
+        renew.set_defaults(func=_renew)
     check = s.add_parser(
         "check",
         help="check the running broker: only the TLS port, verified handshake, no plain text",

@@ -113,7 +113,14 @@ class Deployment:
     service_user: str = "siren"
     venv: str = "/opt/siren/venv"
     alarm: bool = True
+    api_port: int = 8080
+    revoked: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def active_boards(self) -> tuple[str, ...]:
+        """The boards whose credentials the broker accepts (all but the revoked)."""
+        return tuple(b for b in self.boards if b not in self.revoked)
 
     def __post_init__(self) -> None:
         if not is_valid_id(self.run):
@@ -168,8 +175,8 @@ class Deployment:
             )
         try:
             raw = dict(tomllib.loads(path.read_text(encoding="utf-8"))["deployment"])
-            raw["boards"] = tuple(raw.get("boards", ()))
-            raw["hostnames"] = tuple(raw.get("hostnames", ()))
+            for key in ("boards", "hostnames", "revoked"):
+                raw[key] = tuple(raw.get(key, ()))
             return cls(**raw)
         except (KeyError, TypeError, tomllib.TOMLDecodeError) as exc:
             raise DeployError(f"{path} is not a valid deployment file: {exc}") from None
@@ -355,6 +362,7 @@ def _write_bundles(
 def _coordinator_config(deployment: Deployment, paths: Paths) -> str:
     from coordinator.config import (
         AggregatorSettings,
+        ApiSettings,
         BrokerSettings,
         CoordinatorConfig,
         DataSettings,
@@ -387,6 +395,9 @@ def _coordinator_config(deployment: Deployment, paths: Paths) -> str:
             split_seed=deployment.seed,
             root="split" if deployment.demo_data else "none",
             evaluate=deployment.demo_data,
+        ),
+        api=ApiSettings(
+            enabled=True, host="127.0.0.1", port=deployment.api_port, token_file=coord / "api.token"
         ),
     )
     header = (
@@ -445,7 +456,7 @@ def _write_broker(
             port=deployment.broker_port,
             bind=deployment.bind,
             boards=board_passwords,
-            all_boards=deployment.boards,
+            all_boards=deployment.active_boards,
             coordinator_password=coordinator_password,
             coordinator_password_file=paths.coordinator / "mqtt.password",
             run_as=deployment.broker_user or None,
@@ -576,6 +587,7 @@ def init_deployment(
     )
     progress("coordinator configuration")
     paths.coord_toml.write_text(_coordinator_config(deployment, paths))
+    write_private(paths.coordinator / "api.token", secrets.token_urlsafe(32) + "\n", 0o600)
     siren = Path(shutil.which("siren") or "siren").resolve()
     (paths.coordinator / "siren-coordinator.service").write_text(
         _unit(f"siren-edge coordinator of run {deployment.run}",
@@ -657,3 +669,181 @@ def _common_prefix(boards: Sequence[str]) -> str:
         return "board-"
     first = boards[0]
     return first.rstrip("0123456789") or "board-"
+
+
+# -- key lifecycle: revoke, rotate, re-admit a board of a running fleet ---------------------------
+
+
+class CoordinatorOfflineError(DeployError):
+    """The coordinator's admin API does not answer."""
+
+
+def coordinator_api(
+    paths: Paths, method: str, path: str, body: dict[str, Any] | None = None
+) -> Any:
+    """Call the running coordinator's admin API (loopback, bearer token of ``coord.toml``).
+
+    Raises
+    ------
+    CoordinatorOfflineError
+        If nothing answers at the configured address.
+    DeployError
+        If the API answers with an error (its detail is in the message).
+    """
+    import json
+    import urllib.error
+    import urllib.request
+
+    from coordinator.config import ConfigError, CoordinatorConfig
+
+    try:
+        config = CoordinatorConfig.load(paths.coord_toml)
+        token = config.api.token()
+    except ConfigError as exc:
+        raise DeployError(str(exc)) from exc
+    if not config.api.enabled or not token:
+        raise CoordinatorOfflineError(
+            f"{paths.coord_toml} has no admin API ([api] enabled, token_file)"
+        )
+    url = f"http://{config.api.host}:{config.api.port}{path}"
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method)
+    request.add_header("Authorization", f"Bearer {token}")
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode("utf-8", "replace")[:300]
+        raise DeployError(f"the coordinator refused {method} {path}: {exc.code} {detail}") from exc
+    except (urllib.error.URLError, OSError) as exc:
+        raise CoordinatorOfflineError(f"no coordinator answers at {url}: {exc}") from exc
+
+
+def reload_broker(paths: Paths) -> list[int]:
+    """Send SIGHUP to every Mosquitto started with this deployment's configuration (it reloads
+    the password file and ACLs, and disconnects sessions whose credentials are gone); return
+    their pids (empty: none is running, nothing to reload)."""
+    import signal
+
+    from deploy.checks import processes_with_argument
+
+    pids = processes_with_argument(str((paths.broker / "mosquitto.conf").resolve()))
+    for pid in pids:
+        os.kill(pid, signal.SIGHUP)
+    return pids
+
+
+def _run_started(paths: Paths) -> bool:
+    from coordinator.config import CoordinatorConfig
+
+    db = CoordinatorConfig.load(paths.coord_toml).db
+    return Path(db).exists()
+
+
+def revoke_board(directory: Path, board: str, *, progress: Any = print) -> dict[str, Any]:
+    """Revoke a board now: the broker forgets its credentials and ACL block (reloaded: its
+    session ends, others stay), the running coordinator drops its key (admin API); recorded in
+    ``deployment.toml`` and the coordinator's round log. Returns what was done.
+
+    Raises
+    ------
+    DeployError
+        For an unknown or already revoked board, or when a started run's coordinator does not
+        answer (a run in progress is revoked through its admin API).
+    """
+    from protocol.keys import AllowList
+
+    deployment = Deployment.load(directory)
+    paths = Paths(directory)
+    if board not in deployment.boards:
+        raise DeployError(f"{board!r} is not a board of this deployment: {deployment.boards}")
+    if board in deployment.revoked:
+        raise DeployError(f"{board} is already revoked; re-admit it with readmit-board")
+    done: dict[str, Any] = {"board": board}
+    try:
+        answer = coordinator_api(paths, "POST", f"/api/admin/clients/{board}/revoke")
+        done["coordinator"] = "revoked" if answer.get("changed") else "already revoked"
+    except CoordinatorOfflineError as exc:
+        if _run_started(paths):
+            raise DeployError(
+                f"{exc}; the run has started, so its coordinator must revoke the key itself: "
+                "start it (siren coordinator run) and run this again"
+            ) from exc
+        allow = AllowList.load(paths.allow_list, missing_ok=True)
+        if board in allow:
+            allow.remove(board)
+            allow.save(paths.allow_list)
+        done["coordinator"] = "not started: key removed from its allow-list"
+    updated = replace(deployment, revoked=(*deployment.revoked, board))
+    from coordinator.config import CoordinatorConfig
+
+    coordinator_password = CoordinatorConfig.load(paths.coord_toml).broker.password or ""
+    _write_broker(updated, paths, coordinator_password, {})
+    (directory / DEPLOYMENT_FILE).write_text(updated.to_toml())
+    done["broker_reloaded"] = reload_broker(paths)
+    progress(
+        f"{board}: coordinator {done['coordinator']}; broker credentials and ACL removed"
+        + (
+            f", Mosquitto reloaded (pid {', '.join(map(str, done['broker_reloaded']))})"
+            if done["broker_reloaded"]
+            else " (no running Mosquitto to reload)"
+        )
+    )
+    return done
+
+
+def renew_board(directory: Path, board: str, *, progress: Any = print) -> dict[str, Any]:
+    """Give a board a new key pair and new broker credentials (a rotation, or the re-admission
+    of a revoked board): its bundle is rewritten in place (copy it to the board again), the
+    broker gets the new credentials (reloaded: the old session ends), the running coordinator
+    registers the new key (admin API). Returns what was done.
+
+    Raises
+    ------
+    DeployError
+        For an unknown board, or when a started run's coordinator does not answer.
+    """
+    from protocol.keys import AllowList, load_verify_key
+
+    deployment = Deployment.load(directory)
+    paths = Paths(directory)
+    if board not in deployment.boards:
+        raise DeployError(f"{board!r} is not a board of this deployment: {deployment.boards}")
+    readmit = board in deployment.revoked
+    wheel = next(iter(sorted(paths.dist.glob("*.whl"))), None) or build_board_wheel(paths.dist)
+    passwords = _write_bundles(deployment, paths, [board], wheel=wheel, force=True, data=None)
+    new_key = load_verify_key(paths.boards / board / "keys")
+    done: dict[str, Any] = {"board": board, "readmitted": readmit}
+    try:
+        coordinator_api(
+            paths,
+            "POST",
+            "/api/admin/keys",
+            {"client_id": board, "public_key": bytes(new_key).hex()},
+        )
+        done["coordinator"] = "re-admitted with the new key" if readmit else "has the new key"
+    except CoordinatorOfflineError as exc:
+        if _run_started(paths):
+            raise DeployError(
+                f"{exc}; the run has started, so its coordinator must register the new key: "
+                f"start it and run this again (the new bundle is written in {paths.boards / board})"
+            ) from exc
+        allow = AllowList.load(paths.allow_list, missing_ok=True)
+        allow.add(board, new_key, replace=True)
+        allow.save(paths.allow_list)
+        done["coordinator"] = "not started: new key in its allow-list"
+    updated = replace(deployment, revoked=tuple(b for b in deployment.revoked if b != board))
+    from coordinator.config import CoordinatorConfig
+
+    coordinator_password = CoordinatorConfig.load(paths.coord_toml).broker.password or ""
+    _write_broker(updated, paths, coordinator_password, passwords)
+    (directory / DEPLOYMENT_FILE).write_text(updated.to_toml())
+    done["broker_reloaded"] = reload_broker(paths)
+    progress(
+        f"{board}: new key and credentials in {paths.boards / board} (copy it to the board and run "
+        f"install.sh again); coordinator {done['coordinator']}"
+        + (", Mosquitto reloaded" if done["broker_reloaded"] else "")
+    )
+    return done

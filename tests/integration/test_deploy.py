@@ -5,6 +5,7 @@ anyone else being disconnected, mutual TLS works, and a whole run completes over
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -330,3 +331,69 @@ def test_unreachable_or_untrusted_brokers_are_named_within_seconds(
         assert proc.poll() is None
     finally:
         stop_process(proc)
+
+
+def test_revoking_a_board_mid_run_stops_it_and_disconnects_nobody_else(tmp_path: Path) -> None:
+    """Live revocation: three boards in a run, the coordinator paused after round 1's updates;
+    board-002 is revoked, the broker reloads, the run goes on with two boards. Nobody else
+    reconnected (each of them connected exactly once), and the round log verifies."""
+    from tests.integration.conftest import query, spawn, stop_process, wait_until
+
+    port, api = free_port(), free_port()
+    root = tmp_path / "dep"
+    _deploy(root, port, "--api-port", str(api), "--rounds", "3")
+    broker = _start(root, port)
+    siren = [sys.executable, "-m", "siren_cli.main"]
+    db = root / "coordinator" / "coordinator.sqlite"
+    coord = spawn([*siren, "coordinator", "run", "--config", str(root / "coordinator" /
+                   "coord.toml")], root / "coordinator.log")  # fmt: skip
+    boards = {}
+    try:
+        from deploy.folder import Paths, coordinator_api
+
+        paths = Paths(root)
+        wait_until(lambda: _api_up(paths), 120, "the coordinator's API")
+        coordinator_api(paths, "POST", "/api/admin/pause")
+        for b in ("board-000", "board-001", "board-002"):
+            toml = root / "boards" / b / "board.toml"
+            boards[b] = spawn([*siren, "client", "run", "--config", str(toml)], root / f"{b}.log")
+        wait_until(lambda: len(query(db, "SELECT client FROM updates WHERE round=1")) == 3, 120,
+                   "round 1's three updates")  # fmt: skip
+        assert main(["deploy", "revoke-board", str(root), "board-002"]) == 0
+        coordinator_api(paths, "POST", "/api/admin/resume")
+        wait_until(lambda: coord.poll() is not None, 180, "the run to finish")
+        assert coord.returncode == 0
+        for b in ("board-000", "board-001"):
+            boards[b].wait(60)
+            assert boards[b].returncode == 0
+        assert boards["board-002"].poll() is None  # refused by the broker, still retrying
+    finally:
+        for proc in (coord, *boards.values()):
+            stop_process(proc)
+        broker.terminate()
+        broker.wait(10)
+    rounds = query(db, "SELECT round, client FROM updates ORDER BY round, client")
+    assert [c for r, c in rounds if r == 1] == ["board-000", "board-001", "board-002"]
+    assert [c for r, c in rounds if r > 1] == ["board-000", "board-001"] * 2
+    log = (root / "broker" / "mosquitto.log").read_text()
+    for client in ("board-000", "board-001", "coordinator"):
+        assert log.count(f" as {client} (") == 1, (client, log)  # one CONNECT, never again
+    assert "Client board-002 disconnected" in log or "board-002" in log
+    assert main(["audit", "verify", str(db)]) == 0
+    from coordinator.store import CoordinatorStore
+
+    store = CoordinatorStore(db)
+    actions = [json.loads(e[0])["body"].get("action") for e in store.audit_entries()]
+    store.close()
+    assert "revoke" in actions and actions.count(None) == 3  # three closed rounds
+
+
+def _api_up(paths: Any) -> bool:
+    from deploy.errors import DeployError
+    from deploy.folder import coordinator_api
+
+    try:
+        coordinator_api(paths, "POST", "/api/admin/resume")
+    except DeployError:  # not listening yet, or 503 while the service starts
+        return False
+    return True

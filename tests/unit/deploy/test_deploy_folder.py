@@ -173,3 +173,29 @@ def test_board_wheel_holds_only_the_board_packages_and_imports_without_the_rest(
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_before_the_run_starts_revoke_and_rotate_work_on_the_files(tmp_path: Path) -> None:
+    from coordinator.broker import read_passwd
+    from protocol.keys import AllowList, load_verify_key
+
+    root = tmp_path / "dep"
+    assert _init(root, "--no-demo-data") == 0
+    old_line = read_passwd(root / "broker" / "passwd")["board-001"]
+    old_key = load_verify_key(root / "boards" / "board-001" / "keys")
+    assert main(["deploy", "rotate-board", str(root), "board-001"]) == 0
+    new_key = load_verify_key(root / "boards" / "board-001" / "keys")
+    assert bytes(new_key) != bytes(old_key)
+    assert bytes(AllowList.load(root / "coordinator" / "allow-list.txt")["board-001"]) == bytes(
+        new_key
+    )
+    assert read_passwd(root / "broker" / "passwd")["board-001"] != old_line
+    assert main(["deploy", "revoke-board", str(root), "board-001"]) == 0
+    assert "board-001" not in AllowList.load(root / "coordinator" / "allow-list.txt")
+    assert "board-001" not in read_passwd(root / "broker" / "passwd")
+    assert "user board-001" not in (root / "broker" / "acl").read_text()
+    assert Deployment.load(root).revoked == ("board-001",)
+    assert main(["deploy", "revoke-board", str(root), "board-001"]) == 2
+    assert main(["deploy", "readmit-board", str(root), "board-001"]) == 0
+    assert Deployment.load(root).revoked == ()
+    assert "board-001" in read_passwd(root / "broker" / "passwd")
