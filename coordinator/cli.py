@@ -129,6 +129,29 @@ def _broker_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_template(args: argparse.Namespace) -> int:
+    from coordinator.config import AggregatorSettings, CoordinatorConfig, DataSettings
+
+    config = CoordinatorConfig(
+        run=args.run,
+        key_dir=Path("keys"),
+        allow_list=Path("allow-list.txt"),
+        db=Path("coordinator.sqlite"),
+        aggregator=AggregatorSettings("siren"),
+        data=DataSettings(dataset="digits", root="split", evaluate=True),
+    )
+    print(
+        config.to_toml(
+            password_file="mqtt.password",
+            commented=True,
+            header="siren-edge coordinator configuration (every key with its default meaning).\n"
+            "Paths are relative to this file. `siren deploy init` writes a complete one.",
+        ),
+        end="",
+    )
+    return 0
+
+
 def _find_database(path: Path) -> Path:
     if path.is_dir():
         found = sorted(path.rglob("coordinator.sqlite"))
@@ -254,6 +277,14 @@ def register(sub: Any) -> None:
     )
     run.add_argument("--config", required=True, type=Path, help="coordinator TOML file")
     run.set_defaults(func=_run)
+    tpl = s.add_parser(
+        "config-template",
+        help="print a commented coord.toml",
+        description="Print a coord.toml with every key and what it means (SIREN on digits, "
+        "root set from the seeded split). `siren deploy init` writes a complete one.",
+    )
+    tpl.add_argument("--run", default="demo", help="run id to put in (default: demo)")
+    tpl.set_defaults(func=_config_template)
     bc = s.add_parser(
         "broker-config",
         help="write the deployment's Mosquitto config: TLS listener, passwords, topic ACLs",
