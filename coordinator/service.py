@@ -291,6 +291,23 @@ class _KeyView(Mapping[str, VerifyKey]):
         return sum(1 for c in self._keys if c not in self._banned)
 
 
+#: Rejections decided before the sender is authenticated (signature over the header, payload
+#: matching the signed hash): their client id is only claimed, so they are not counted against
+#: that board.
+UNAUTHENTICATED = frozenset(
+    {
+        Reason.PAYLOAD_TOO_LARGE,
+        Reason.MALFORMED,
+        Reason.UNSUPPORTED_VERSION,
+        Reason.INVALID_HEADER,
+        Reason.UNKNOWN_CLIENT,
+        Reason.BAD_SIGNATURE,
+        Reason.PAYLOAD_LENGTH,
+        Reason.PAYLOAD_HASH_MISMATCH,
+    }
+)
+
+
 class _Union:
     """Membership in any of several live collections (banned ids, revoked keys)."""
 
@@ -738,11 +755,18 @@ class RoundEngine:
                     f"board {decision.client_id!r} "
                     + ("has a revoked key" if revoked else "is banned by an operator"),
                 )
+            # A message is the board's own only once its signature verified and its payload is
+            # the one signed; before that, the client id is merely claimed (anyone can write
+            # any name into a header) and is not credited to that board.
+            authenticated = decision.reason not in UNAUTHENTICATED
+            claimed = decision.client_id
             self.store.count(
                 current,
                 decision.reason.value,
-                client=decision.client_id,
-                detail=decision.detail,
+                client=claimed if authenticated else None,
+                detail=decision.detail
+                if authenticated or claimed is None
+                else f"claims to be {claimed!r}: {decision.detail}",
                 log=True,
                 at=at,
             )

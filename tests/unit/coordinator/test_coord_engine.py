@@ -240,7 +240,9 @@ def test_operator_ban_pause_and_key_rotation(tmp_path: Path) -> None:
     )  # fmt: skip
     assert engine.handle_update(forged).reason is Reason.UNKNOWN_CLIENT
     logged = [(r["client"], r["reason"]) for r in engine.store.rejections(1)]
-    assert logged == [("b2", "banned"), ("b2", "unknown_client")]
+    # The forgery only claims to be b2: it is not counted against b2.
+    assert logged == [("b2", "banned"), (None, "unknown_client")]
+    assert "claims to be 'b2'" in engine.store.rejections(1)[1]["detail"]
     engine.handle_update(_update(engine, "b0", [1, 1, 1, 1], 1))
     assert engine.missing() == ["b1"]
     # Rotate b1's key: the old key no longer verifies, the new one does.
