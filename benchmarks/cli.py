@@ -14,6 +14,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "protocol": ("benchmarks.protocol_codec", "encode+sign / decode+verify time of envelopes"),
     "robustness": ("benchmarks.robustness", "aggregator x attack grid, like the SIREN paper"),
     "fleet": ("benchmarks.fleet", "round time breakdown of MQTT fleets of growing size"),
+    "board-footprint": (
+        "benchmarks.board_footprint",
+        "a board's installed size, import time and peak memory (lean install vs desktop)",
+    ),
     "board-aarch64": (
         "benchmarks.board_aarch64",
         "deployment end to end with boards in an arm64 userland (QEMU; root, ~30 min)",
