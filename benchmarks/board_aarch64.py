@@ -587,6 +587,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv_list)
     if os.geteuid() != 0:
         p.error("needs root (chroot, mounts, the service account inside the root)")
+    # SIGTERM unwinds like Ctrl-C: processes are stopped and the root's mounts released.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     facts = run_check(args)
     print(write_results(facts, args.out, argv_list))
     print(f"wrote {args.out}")
