@@ -36,6 +36,7 @@ def _init(args: argparse.Namespace) -> int:
             venv=args.venv,
             alarm=args.alarm,
             api_port=args.api_port,
+            round_timeout=args.round_timeout,
         )
         paths = init_deployment(
             args.dir, deployment, force=args.force, progress=lambda m: print(f"  {m}", flush=True)
@@ -168,6 +169,13 @@ def register(sub: Any) -> None:
     )
     init.add_argument("--board-prefix", default="board-", help="board ids (default: board-000...)")
     init.add_argument("--rounds", type=int, default=10, help="rounds T (default: 10)")
+    init.add_argument(
+        "--round-timeout",
+        type=float,
+        default=300.0,
+        help="seconds before a round closes with a quorum of boards (0: wait for every board; "
+        "default: 300)",
+    )
     init.add_argument("--seed", type=int, default=0, help="run seed (default: 0)")
     init.add_argument(
         "--aggregator", default="siren", help="server rule: siren or an aggregator (default: siren)"

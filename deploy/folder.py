@@ -114,6 +114,7 @@ class Deployment:
     venv: str = "/opt/siren/venv"
     alarm: bool = True
     api_port: int = 8080
+    round_timeout: float = 300.0
     revoked: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -378,6 +379,7 @@ def _coordinator_config(deployment: Deployment, paths: Paths) -> str:
         clients=deployment.boards,
         rounds=deployment.rounds,
         seed=deployment.seed,
+        round_timeout=deployment.round_timeout,
         broker=BrokerSettings(
             host=deployment.coordinator_host or deployment.broker_host,
             port=deployment.broker_port,
