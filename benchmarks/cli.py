@@ -14,6 +14,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "protocol": ("benchmarks.protocol_codec", "encode+sign / decode+verify time of envelopes"),
     "robustness": ("benchmarks.robustness", "aggregator x attack grid, like the SIREN paper"),
     "fleet": ("benchmarks.fleet", "round time breakdown of MQTT fleets of growing size"),
+    "soak": ("benchmarks.soak", "hostile messages against a live fleet: crashes, counts, models"),
 }
 
 
