@@ -834,7 +834,7 @@ def checks(outcome: SoakOutcome) -> list[tuple[str, bool, str]]:
             "0 non-finite global models",
             not bad and not bad_mqtt and not outcome.global_conflicts and bool(stored),
             f"{len(stored)} stored and {len(outcome.mqtt_globals)} received on the global topic, "
-            f"all finite and verified, largest |w| {largest:.3g}"
+            f"all finite and verified, largest absolute weight {largest:.3g}"
             if not bad and not bad_mqtt and not outcome.global_conflicts
             else f"non-finite or inconsistent: stored {bad}, received {bad_mqtt}, "
             f"{outcome.global_conflicts}",
@@ -1059,8 +1059,9 @@ def _notes(outcome: SoakOutcome) -> list[str]:
         "runs. Sections 8.1 and 13 of docs/protocol.md describe admission alone, which says "
         "`stale_round` or `topic_mismatch` for such a replay.",
         "- Status messages carry no freshness rule (section 8.7): another board's earlier "
-        "status, replayed on its own topic, and the compromised board's statuses with round "
-        "and timestamp at 2^53 - 1 are `accepted`; they only set what the dashboard shows.",
+        "status, replayed on its own topic, and the compromised board's statuses with `round` "
+        "= 2^53 - 1 and `timestamp_ms` = 0 or 2^53 - 1 are `accepted`; they only set what the "
+        "dashboard shows.",
         "- Of the compromised board's updates, only the first of each round is aggregated; "
         "the others are refused by the first rule they break, `conflicting_update` when they "
         "break none of the earlier ones.",
