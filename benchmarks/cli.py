@@ -22,6 +22,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "benchmarks.board_aarch64",
         "deployment end to end with boards in an arm64 userland (QEMU; root, ~30 min)",
     ),
+    "soak": ("benchmarks.soak", "hostile messages against a live fleet: crashes, counts, models"),
 }
 
 

@@ -135,6 +135,22 @@ class RuleStrategy:
         self.needs_server_update = "server_update" in self.spec.params
         if self.needs_server_update and oracle is None:
             raise ValueError(f"aggregator {name!r} needs the server's root set (an oracle)")
+        # Checked here, not when the first round closes: the coordinator closes a round whose
+        # aggregation fails with the previous model, so a misconfigured rule would otherwise
+        # serve a whole run without ever moving the model.
+        supplied = set(self.params) | {"client_ids", "server_update"}  # given at each step
+        unknown = sorted(set(self.params) - set(self.spec.params))
+        missing = [
+            p
+            for p, info in self.spec.params.items()
+            if info.default is inspect.Parameter.empty and p not in supplied
+        ]
+        if unknown or missing:
+            problems = [f"has no parameter(s) {', '.join(unknown)}"] if unknown else []
+            problems += [f"needs parameter(s) {', '.join(missing)}"] if missing else []
+            raise UnknownAggregatorError(
+                f"aggregator {name!r} {' and '.join(problems)}; {self.spec.describe()}"
+            )
 
     def step(
         self, round_index: int, global_weights: np.ndarray, submissions: Sequence[Submission]

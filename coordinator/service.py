@@ -58,7 +58,15 @@ from coordinator.store import CoordinatorStore, GlobalVersion, StoredUpdate
 from models.tf_setup import freeze_startup_objects
 from protocol.admission import Admission, AdmissionDecision, AdmissionPolicy
 from protocol.envelope import MAX_HEADER_INT, ZERO_SHA256, Kind, decode_message, encode_global
-from protocol.errors import InvalidMessageError, Reason
+from protocol.errors import (
+    InvalidMessageError,
+    Reason,
+    TopicError,
+    TopicMismatchError,
+    WrongKindError,
+    WrongRunError,
+    brief,
+)
 from protocol.keys import key_fingerprint
 from protocol.layout import TensorLayout, weights_sha256
 from protocol.mqtt import make_mqtt_client, wait_for_broker
@@ -74,6 +82,9 @@ from protocol.topics import (
 logger = logging.getLogger(__name__)
 
 QOS = 1
+
+#: Size limit of a status message (it carries no payload: a header of a few hundred bytes).
+STATUS_MAX_BYTES = 64 * 1024
 
 
 @dataclass
@@ -794,15 +805,51 @@ class RoundEngine:
             return False
         return True
 
-    def handle_status(self, payload: bytes, *, received_at: float | None = None) -> str | None:
-        """Verify and record a board's status message; return the status or ``None``."""
+    def handle_status(
+        self, payload: bytes, *, topic: str | None = None, received_at: float | None = None
+    ) -> AdmissionDecision:
+        """Verify, count and record one message of a status topic (docs/protocol.md 8.8).
+
+        The decoding checks run with every board's key (an operator-banned board still
+        announces its status), then: kind ``status`` (``wrong_kind``), the topic, when given, is
+        the signer's status topic of the signed run (``topic_mismatch``), the run is this run
+        (``wrong_run``). A message passing them is ``accepted`` and sets the board's status.
+        Every outcome is counted in the store's status counts, apart from the updates'
+        admission counts. Statuses carry no freshness rule: a resent status is accepted again
+        (it only sets what the dashboard shows).
+        """
+        current = self.round
         try:
-            message = decode_message(payload, self.keys, max_message_bytes=64 * 1024)
+            message = decode_message(payload, self.keys, max_message_bytes=STATUS_MAX_BYTES)
+            client = message.client
+            if message.kind is not Kind.STATUS:
+                raise WrongKindError(
+                    f"expected a status, got a {message.kind.value} message", client_id=client
+                )
+            if topic is not None:
+                try:
+                    parsed = parse_topic(topic)
+                except TopicError as exc:
+                    raise TopicMismatchError(str(exc), client_id=client) from None
+                if (
+                    parsed.kind != KIND_STATUS
+                    or parsed.run != message.run
+                    or parsed.client != client
+                ):
+                    raise TopicMismatchError(
+                        f"topic {brief(topic)} does not match the signed run {message.run!r} "
+                        f"and client {client!r}",
+                        client_id=client,
+                    )
+            if message.run != self.config.run:
+                raise WrongRunError(
+                    f"status is for run {message.run!r}, current is {self.config.run!r}",
+                    client_id=client,
+                )
         except InvalidMessageError as exc:
-            logger.debug("ignored a status message: %s", exc)
-            return None
-        if message.kind is not Kind.STATUS or message.run != self.config.run:
-            return None
+            self.store.count_status(current, exc.reason.value)
+            logger.debug("ignored a status message: %s: %s", exc.reason.value, exc)
+            return AdmissionDecision(exc.reason, exc.client_id, str(exc))
         status = message.header.status
         self.store.set_status(
             message.client,
@@ -810,7 +857,8 @@ class RoundEngine:
             message.round,
             self.clock() if received_at is None else received_at,
         )
-        return status
+        self.store.count_status(current, Reason.ACCEPTED.value)
+        return AdmissionDecision(Reason.ACCEPTED, client, status, message=message)
 
     # -- closing -----------------------------------------------------------------------------
 
@@ -1187,6 +1235,7 @@ class CoordinatorService:
         finally:
             self.running.clear()
             self._run_commands()
+            self.connected.clear()  # a disconnect we asked for is not worth a warning
             try:
                 self._client.disconnect()
             finally:
@@ -1272,7 +1321,9 @@ class CoordinatorService:
         except ValueError:
             kind = KIND_UPDATE
         if kind == KIND_STATUS:
-            self.engine.handle_status(event.payload, received_at=event.received_at)
+            self.engine.handle_status(
+                event.payload, topic=event.topic, received_at=event.received_at
+            )
         else:
             decision = self.engine.handle_update(
                 event.payload, topic=event.topic, received_at=event.received_at

@@ -30,6 +30,9 @@ received_at, delta)``
     the first :data:`MAX_LOGGED_PER_REASON` rejections per round and reason, with details.
 ``statuses(client, status, round, at)``
     last announced board status.
+``status_decisions(round, reason, count)``
+    outcome counts of messages on the status topics per round (``accepted`` and every refusal
+    reason; docs/protocol.md section 8.8), apart from the updates' ``decisions``.
 """
 
 from __future__ import annotations
@@ -112,6 +115,12 @@ CREATE TABLE IF NOT EXISTS statuses (
     status TEXT NOT NULL,
     round INTEGER NOT NULL,
     at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS status_decisions (
+    round INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    PRIMARY KEY (round, reason)
 );
 """
 
@@ -453,6 +462,18 @@ class CoordinatorStore:
             )
         return {str(r[0]): int(r[1]) for r in rows}
 
+    def status_counts(self, round_index: int | None = None) -> dict[str, int]:
+        """Outcome counts of status-topic messages of one round, or summed over all rounds."""
+        if round_index is None:
+            rows = self._db.execute(
+                "SELECT reason, SUM(count) FROM status_decisions GROUP BY reason"
+            )
+        else:
+            rows = self._db.execute(
+                "SELECT reason, count FROM status_decisions WHERE round = ?", (round_index,)
+            )
+        return {str(r[0]): int(r[1]) for r in rows}
+
     def rejections(self, round_index: int | None = None) -> list[dict[str, Any]]:
         """Logged rejections (round, client, reason, detail, at), oldest first."""
         query = "SELECT round, client, reason, detail, at FROM rejections"
@@ -552,6 +573,15 @@ class CoordinatorStore:
                     "VALUES (?, ?, ?, ?, ?)",
                     (round_index, client, reason, detail[:500], time.time() if at is None else at),
                 )
+
+    def count_status(self, round_index: int, reason: str) -> None:
+        """Count the outcome of one status-topic message."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO status_decisions (round, reason, count) VALUES (?, ?, 1) "
+                "ON CONFLICT(round, reason) DO UPDATE SET count = count + 1",
+                (round_index, reason),
+            )
 
     def set_status(self, client: str, status: str, round_index: int, at: float) -> None:
         """Record a board's announced status."""

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from coordinator.errors import UnknownAggregatorError
 from coordinator.rounds import RuleStrategy, Submission, decode_array, encode_array
 
 
@@ -54,3 +55,26 @@ def test_array_codec_is_exact_for_numbers_and_strings():
     np.testing.assert_array_equal(decode_array(encode_array(x)), x)
     s = np.array(["a", "bc"])
     assert decode_array(encode_array(s)).tolist() == ["a", "bc"]
+
+
+class _Oracle:
+    def server_update(self, global_weights, round_index):
+        return np.ones_like(global_weights)
+
+
+def test_a_rule_with_missing_or_unknown_parameters_is_refused_when_built():
+    # Before any round: a round whose aggregation fails closes with the previous model, so a
+    # rule that can never aggregate would otherwise keep the initial model for a whole run.
+    with pytest.raises(UnknownAggregatorError, match=r"'krum' needs parameter\(s\) f;.*f=required"):
+        RuleStrategy("krum")
+    with pytest.raises(UnknownAggregatorError, match=r"has no parameter\(s\) fx"):
+        RuleStrategy("fedavg", {"fx": 1})
+    with pytest.raises(UnknownAggregatorError, match=r"has no parameter\(s\) b and needs"):
+        RuleStrategy("krum", {"b": 1})
+    # Parameters the strategy supplies at each step are not required up front.
+    g = np.zeros(2, dtype=np.float32)
+    deltas = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=np.float32)
+    assert RuleStrategy("dspo_vote").step(1, g, _subs(deltas, [1, 1, 1])).new_global.shape == (2,)
+    fltrust = RuleStrategy("fltrust", oracle=_Oracle())
+    assert fltrust.step(1, g, _subs(deltas, [1, 1, 1])).new_global.shape == (2,)
+    assert RuleStrategy("krum", {"f": 0}).step(1, g, _subs(deltas, [1, 1, 1])) is not None
