@@ -68,6 +68,35 @@ def wait_for_port(host: str, port: int, timeout: float = 10.0) -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class BrokerAuth:
+    """Accounts and ACLs of a simulation's private Mosquitto, as in a deployment.
+
+    Attributes
+    ----------
+    run : str
+        The run whose topics the ACLs name.
+    passwords : dict
+        ``{user: password}``: the coordinator's account and one per board (user = client id).
+    coordinator_user : str
+        The account that alone may publish the global model.
+    """
+
+    run: str
+    passwords: dict[str, str]
+    coordinator_user: str = "coordinator"
+
+
+def mqtt_password_for(private_key_seed: bytes) -> str:
+    """A simulated board's (or coordinator's) MQTT password, derived from its Ed25519 key seed:
+    whoever holds the key (the fleet worker hosting the board) knows it, nothing else has to
+    be handed out. Deployments use independent random passwords instead."""
+    import hashlib
+    import hmac
+
+    return hmac.new(private_key_seed, b"siren-edge mqtt password", hashlib.sha256).hexdigest()
+
+
 def mosquitto_test_config(
     port: int,
     workdir: Path,
@@ -75,20 +104,40 @@ def mosquitto_test_config(
     host: str = "127.0.0.1",
     persistence: bool = True,
     max_packet_bytes: int = DEFAULT_MAX_PACKET_BYTES,
+    auth: BrokerAuth | None = None,
 ) -> str:
-    """Text of a private, loopback-only, anonymous Mosquitto 2 configuration.
+    """Text of a private, loopback-only Mosquitto 2 configuration.
 
-    With ``persistence`` the broker saves retained messages, sessions and their queued QoS 1
-    messages to ``workdir`` when stopped, so a restarted broker still holds the retained global
-    model and the coordinator's queued updates.
+    Without ``auth`` anyone on the machine may connect and publish anywhere. With it, as in a
+    deployment (:mod:`coordinator.broker`): no anonymous access, one account per board with its
+    own topics only, the coordinator alone publishes the global model; the ``passwd`` and
+    ``acl`` files are written into ``workdir``. With ``persistence`` the broker saves retained
+    messages, sessions and their queued QoS 1 messages to ``workdir`` when stopped, so a
+    restarted broker still holds the retained global model and the coordinator's queued updates.
     """
+    access = ["allow_anonymous true"]
+    listener_options: list[str] = []
+    if auth is not None:
+        from coordinator.broker import acl_text, passwd_text
+
+        boards = [u for u in auth.passwords if u != auth.coordinator_user]
+        (workdir / "passwd").write_text(passwd_text(auth.passwords))
+        (workdir / "passwd").chmod(0o600)
+        (workdir / "acl").write_text(acl_text(auth.run, auth.coordinator_user, boards=boards))
+        access = [
+            "per_listener_settings false",
+            "allow_anonymous false",
+            f"password_file {workdir / 'passwd'}",
+            f"acl_file {workdir / 'acl'}",
+        ]
+        listener_options = ["use_username_as_clientid true"]
     lines = [
-        "# private broker of a siren-edge simulation: loopback only, anonymous",
+        "# private broker of a siren-edge simulation: loopback only"
+        + (", accounts and ACLs as in a deployment" if auth else ", anonymous"),
         # Started as root, Mosquitto would switch to the 'mosquitto' user, which may not be able
         # to write the working directory: a private broker runs as whoever started it.
         *(["user root"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []),
-        f"listener {port} {host}",
-        "allow_anonymous true",
+        *access,
         f"max_packet_size {max_packet_bytes}",
         "max_queued_messages 100000",
         "max_inflight_messages 100",
@@ -101,6 +150,10 @@ def mosquitto_test_config(
         "log_type warning",
         "log_type notice",
         "connection_messages false",
+        # Listener options stand below their listener line (one above it would open
+        # Mosquitto's default listener on port 1883).
+        f"listener {port} {host}",
+        *listener_options,
     ]
     return "\n".join(lines) + "\n"
 
@@ -223,6 +276,7 @@ def start_mosquitto(
     host: str = "127.0.0.1",
     persistence: bool = True,
     binary: str | None = None,
+    auth: BrokerAuth | None = None,
 ) -> BrokerHandle:
     """Spawn a private Mosquitto on ``host`` (loopback) and wait until it accepts connections.
 
@@ -236,6 +290,8 @@ def start_mosquitto(
         Keep retained messages and sessions across :meth:`BrokerHandle.restart`.
     binary : str, optional
         The ``mosquitto`` executable; found on ``PATH`` by default.
+    auth : BrokerAuth, optional
+        Accounts and ACLs (see :func:`mosquitto_test_config`); anonymous without.
 
     Raises
     ------
@@ -249,7 +305,9 @@ def start_mosquitto(
     root.mkdir(parents=True, exist_ok=True)
     chosen = port if port is not None else free_port(host)
     config = root / "mosquitto.conf"
-    config.write_text(mosquitto_test_config(chosen, root, host=host, persistence=persistence))
+    config.write_text(
+        mosquitto_test_config(chosen, root, host=host, persistence=persistence, auth=auth)
+    )
     process = _spawn_mosquitto(exe, config, root)
     _await_mosquitto(process, host, chosen, root)
     return BrokerHandle(
@@ -317,10 +375,15 @@ def start_amqtt(
 
 
 def start_broker(
-    workdir: str | os.PathLike[str], *, prefer: str = "auto", port: int | None = None
+    workdir: str | os.PathLike[str],
+    *,
+    prefer: str = "auto",
+    port: int | None = None,
+    auth: BrokerAuth | None = None,
 ) -> BrokerHandle:
     """Start a private broker: ``prefer`` is ``"auto"`` (Mosquitto if installed, else amqtt),
-    ``"mosquitto"`` or ``"amqtt"``.
+    ``"mosquitto"`` or ``"amqtt"``. ``auth`` applies to Mosquitto; the embedded amqtt broker
+    stays anonymous (it is the fallback for machines without Mosquitto).
 
     Raises
     ------
@@ -329,6 +392,11 @@ def start_broker(
     """
     if prefer not in ("auto", "mosquitto", "amqtt"):
         raise BrokerError(f"broker must be auto, mosquitto or amqtt, got {prefer!r}")
-    if prefer == "mosquitto" or (prefer == "auto" and find_mosquitto() is not None):
-        return start_mosquitto(workdir, port=port)
+    if uses_mosquitto(prefer):
+        return start_mosquitto(workdir, port=port, auth=auth)
     return start_amqtt(workdir, port=port)
+
+
+def uses_mosquitto(prefer: str) -> bool:
+    """Whether :func:`start_broker` with ``prefer`` starts Mosquitto (else amqtt)."""
+    return prefer == "mosquitto" or (prefer == "auto" and find_mosquitto() is not None)

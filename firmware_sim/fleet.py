@@ -59,6 +59,8 @@ from typing import Any
 
 import numpy as np
 
+from firmware_sim.broker import BrokerAuth, mqtt_password_for
+
 logger = logging.getLogger(__name__)
 
 #: Prefix of simulated board client ids: ``board-000``, ``board-001``, ...
@@ -100,6 +102,9 @@ class WorkerSpec:
         Persist board states under this directory ("" = in memory).
     worker : int
         This worker's number.
+    broker_auth : bool
+        The broker has accounts (each board's password derives from its key,
+        :func:`firmware_sim.broker.mqtt_password_for`); False: anonymous.
     """
 
     sim: dict[str, Any]
@@ -114,6 +119,7 @@ class WorkerSpec:
     stats_path: str
     state_dir: str = ""
     worker: int = 0
+    broker_auth: bool = False
 
     def to_json(self) -> str:
         """The spec as JSON text."""
@@ -196,7 +202,6 @@ class FleetWorker:
     def __init__(self, spec: WorkerSpec, fleet: Any = None) -> None:
         from edge_client.alarm import AlarmConfig
         from edge_client.client import BoardAgent, BoardLink, LinkEvent
-        from edge_client.config import BrokerSettings
         from edge_client.netloop import SharedNetworkLoop
         from edge_client.store import BoardStore, DiskBoardStore, MemoryBoardStore
         from firmware_sim.engine import build_fleet
@@ -212,7 +217,6 @@ class FleetWorker:
         self.alarm = AlarmConfig(cfg.alarm_threshold, cfg.alarm_rule) if cfg.alarm_enabled else None
         self.profiles = [DeviceProfile(**p) for p in spec.profiles]
         coordinator_key = load_verify_key(spec.coordinator_key)
-        broker = BrokerSettings(host=spec.host, port=spec.port, protocol=spec.protocol)
         self.inbox: queue.Queue[LinkEvent] = queue.Queue()
         # One network thread drives every board's connection (see edge_client.netloop).
         self.network = SharedNetworkLoop(name=f"fleet-worker-{spec.worker}")
@@ -240,7 +244,7 @@ class FleetWorker:
             )
             self.agents[index] = agent
             self.links[index] = BoardLink(
-                broker,
+                board_broker(spec, name, key),
                 run=spec.run,
                 client_id=name,
                 signing_key=key,
@@ -569,10 +573,19 @@ def _tail(path: Path, chars: int = 3000) -> str:
 
 
 def prepare_fleet(
-    config: Any, options: FleetOptions, workdir: Path, *, host: str, port: int, protocol: int
+    config: Any,
+    options: FleetOptions,
+    workdir: Path,
+    *,
+    host: str,
+    port: int,
+    protocol: int,
+    broker_auth: bool = False,
 ) -> tuple[Path, list[Path]]:
     """Write keys, the allow-list, the coordinator config and the worker specs into ``workdir``.
 
+    With ``broker_auth`` the coordinator and the boards log in to the broker with passwords
+    derived from their keys (:func:`fleet_broker_auth` gives the broker the same accounts).
     Returns the coordinator config path and one worker spec path per worker.
     """
     from coordinator.config import (
@@ -615,7 +628,13 @@ def prepare_fleet(
         quorum=options.quorum,
         resend_interval=options.resend_interval,
         defense_start_round=getattr(config, "defense_start_round", 1),
-        broker=CoordinatorBroker(host=host, port=port, protocol=protocol),
+        broker=CoordinatorBroker(
+            host=host,
+            port=port,
+            protocol=protocol,
+            username="coordinator" if broker_auth else None,
+            password=mqtt_password_for(bytes(coordinator_key)) if broker_auth else None,
+        ),
         model=ModelSettings(name=config.model),
         training=TrainingSettings(
             epochs=config.local_epochs,
@@ -646,7 +665,13 @@ def prepare_fleet(
         api=ApiSettings(enabled=options.api_port is not None, port=options.api_port or 0),
     )
     coord_toml = coord_dir / "coord.toml"
-    coord_toml.write_text(coord.to_toml(relative_to=coord_dir))
+    password_file = None
+    if broker_auth:
+        password_file = "mqtt.password"
+        pw = coord_dir / password_file
+        pw.write_text(mqtt_password_for(bytes(coordinator_key)) + "\n")
+        pw.chmod(0o600)
+    coord_toml.write_text(coord.to_toml(relative_to=coord_dir, password_file=password_file))
     (coord_dir / "public.key").write_text(bytes(coordinator_key.verify_key).hex() + "\n")
     profiles = assign_profiles(
         parse_mix(options.profiles),
@@ -674,11 +699,41 @@ def prepare_fleet(
             stats_path=str(workdir / f"worker-{w}.jsonl"),
             state_dir=str(workdir / "boards") if options.persist_boards else "",
             worker=w,
+            broker_auth=broker_auth,
         )
         path = workdir / f"worker-{w}.json"
         path.write_text(spec.to_json())
         specs.append(path)
     return coord_toml, specs
+
+
+def board_broker(spec: WorkerSpec, name: str, key: Any) -> Any:
+    """How board ``name`` of a fleet reaches its broker (with its account when the broker has
+    accounts)."""
+    from edge_client.config import BrokerSettings
+
+    if not spec.broker_auth:
+        return BrokerSettings(host=spec.host, port=spec.port, protocol=spec.protocol)
+    return BrokerSettings(
+        host=spec.host,
+        port=spec.port,
+        protocol=spec.protocol,
+        username=name,
+        password=mqtt_password_for(bytes(key)),
+    )
+
+
+def fleet_broker_auth(workdir: Path, run: str, names: list[str]) -> BrokerAuth:
+    """The broker accounts of a prepared fleet: the coordinator's and every board's, with the
+    passwords derived from their keys, and the run's ACLs."""
+    from protocol.keys import load_signing_key
+
+    passwords = {
+        "coordinator": mqtt_password_for(bytes(load_signing_key(workdir / "coordinator" / "keys")))
+    }
+    for name in names:
+        passwords[name] = mqtt_password_for(bytes(load_signing_key(workdir / "keys" / name)))
+    return BrokerAuth(run, passwords)
 
 
 def board_config_for(spec: WorkerSpec, index: int, state_dir: Path) -> Any:
@@ -691,10 +746,10 @@ def board_config_for(spec: WorkerSpec, index: int, state_dir: Path) -> Any:
     from edge_client.config import (
         AlarmSettings,
         BoardConfig,
-        BrokerSettings,
         DataSettings,
         TrainingSettings,
     )
+    from protocol.keys import load_signing_key
 
     cfg = sim_config_from_dict(spec.sim)
     name = client_name(index)
@@ -707,7 +762,7 @@ def board_config_for(spec: WorkerSpec, index: int, state_dir: Path) -> Any:
         index=index,
         rounds=cfg.rounds,
         seed=cfg.seed,
-        broker=BrokerSettings(host=spec.host, port=spec.port, protocol=spec.protocol),
+        broker=board_broker(spec, name, load_signing_key(Path(spec.keys_dir) / name)),
         training=TrainingSettings(
             model=cfg.model,
             epochs=cfg.local_epochs,
@@ -878,14 +933,26 @@ def run_fleet(
         if problem is not None:
             raise FleetError(f"--broker {options.broker}: {problem}")
     else:
-        broker = start_broker(workdir / "broker", prefer=options.broker)
-        host, port, protocol, kind = broker.host, broker.port, broker.protocol, broker.kind
+        # The private broker: Mosquitto gets the accounts and ACLs of a deployment (nobody but
+        # the coordinator may replace the retained global model); amqtt stays anonymous.
+        from firmware_sim.broker import MQTT_V311, free_port, uses_mosquitto
+
+        mosquitto = uses_mosquitto(options.broker)
+        host, port = "127.0.0.1", free_port()
+        protocol, kind = (MQTT_V5, "mosquitto") if mosquitto else (MQTT_V311, "amqtt")
     processes: list[_Process] = []
     reader: _DbReader | None = None
     try:
+        private_auth = broker is None and kind == "mosquitto"
         coord_toml, spec_paths = prepare_fleet(
-            config, options, workdir, host=host, port=port, protocol=protocol
-        )
+            config, options, workdir, host=host, port=port, protocol=protocol,
+            broker_auth=private_auth,
+        )  # fmt: skip
+        if kind != "external":
+            run_id = WorkerSpec.from_json(spec_paths[0].read_text()).run
+            names = [client_name(i) for i in range(config.clients)]
+            auth = fleet_broker_auth(workdir, run_id, names) if private_auth else None
+            broker = start_broker(workdir / "broker", prefer=kind, port=port, auth=auth)
         python = sys.executable
         processes.append(
             _spawn(

@@ -46,3 +46,66 @@ def test_fleet_of_three_boards_matches_the_in_process_engine(tmp_path: Path) -> 
         # No attack: each update went out as soon as its board was done.
         assert mqtt_round["timing"]["pipelined"] is True
     np.testing.assert_allclose(history["final_global"], reference["final_global"], atol=1e-4)
+
+
+def test_the_simulators_broker_has_a_deployments_accounts_and_acls(tmp_path) -> None:
+    """Before, anyone on the machine could replace the retained global model of a simulated
+    fleet (boards refused the fake, but new boards waited behind it)."""
+    import threading
+    import time
+
+    import paho.mqtt.client as mqtt
+
+    from firmware_sim.broker import free_port, start_mosquitto
+    from firmware_sim.fleet import (
+        FleetOptions,
+        WorkerSpec,
+        board_broker,
+        fleet_broker_auth,
+        prepare_fleet,
+    )
+    from protocol.keys import load_signing_key
+    from protocol.mqtt import make_mqtt_client
+    from tests.integration.conftest import digits_config
+
+    port = free_port()
+    _, specs = prepare_fleet(
+        digits_config(), FleetOptions(run_id="acl"), tmp_path / "run", host="127.0.0.1",
+        port=port, protocol=5, broker_auth=True,
+    )  # fmt: skip
+    spec = WorkerSpec.from_json(specs[0].read_text())
+    auth = fleet_broker_auth(tmp_path / "run", "acl", ["board-000", "board-001", "board-002"])
+    broker = start_mosquitto(tmp_path / "broker", port=port, auth=auth)
+    try:
+        key = load_signing_key(tmp_path / "run" / "keys" / "board-000")
+        settings = board_broker(spec, "board-000", key)
+        acks: dict[int, int] = {}
+        connected = threading.Event()
+        board = make_mqtt_client(settings, "board-000")
+        board.on_connect = lambda c, u, f, rc, p: connected.set()
+        board.on_publish = lambda c, u, mid, rc, p: acks.__setitem__(mid, rc.value)
+        board.connect("127.0.0.1", port)
+        board.loop_start()
+        assert connected.wait(10)
+
+        def publish(topic: str) -> int:
+            info = board.publish(topic, b"x", qos=1)
+            deadline = time.monotonic() + 10
+            while info.mid not in acks and time.monotonic() < deadline:
+                time.sleep(0.02)
+            return acks[info.mid]
+
+        assert publish("siren/v1/acl/update/board-000") < 128
+        assert publish("siren/v1/acl/global") == 135
+        assert publish("siren/v1/acl/update/board-001") == 135
+        board.disconnect()
+        board.loop_stop()
+        anonymous = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        codes: list = []
+        anonymous.on_connect = lambda c, u, f, rc, p: codes.append(rc)
+        anonymous.connect("127.0.0.1", port)
+        for _ in range(30):
+            anonymous.loop(timeout=0.1)
+        assert codes and codes[0].is_failure
+    finally:
+        broker.stop()
