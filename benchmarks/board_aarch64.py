@@ -543,7 +543,9 @@ def write_results(facts: dict[str, Any], out: Path, argv: Sequence[str]) -> str:
     lines += [
         "",
         "Board columns: seconds from the round's opening to the admission of the board's update "
-        "(alarm, training, signing, publishing). Peak RSS: the process's high-water mark "
+        "(alarm, training, signing, publishing); round 1 opened when the coordinator started, "
+        "before the arm64 boards were installed, so its times include their installation and "
+        "TensorFlow's emulated start. Peak RSS: the process's high-water mark "
         "(VmHWM) so far; inside the root this is the QEMU process, emulator included.",
         "",
         "Final peak RSS: "
