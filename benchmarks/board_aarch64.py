@@ -577,7 +577,8 @@ def write_results(facts: dict[str, Any], out: Path, argv: Sequence[str]) -> str:
         f"{sizes['wheel_bytes'] / 1024:.0f} KiB. Largest packages: "
         + ", ".join(f"{n} {b / mib:.0f} MiB" for n, b in sizes["largest"]),
         f"- installed packages: {', '.join(sizes['packages'])}",
-        "- install.sh (venv present, requirements satisfied, wheel installed): "
+        "- install.sh (the first board's creates the venv from nothing and installs its "
+        "requirements from PyPI; the second finds them and installs its wheel): "
         + ", ".join(f"{b} {s:.0f} s" for b, s in facts["install_seconds"].items()),
         "- import times: "
         + ", ".join(f"{k} {v:.1f} s" for k, v in facts["import_seconds"].items()),
