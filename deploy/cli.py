@@ -69,26 +69,20 @@ def _add_board(args: argparse.Namespace) -> int:
     return 0
 
 
-def _revoke(args: argparse.Namespace) -> int:
-    from deploy.errors import DeployError
-    from deploy.folder import revoke_board
+def _board_action(name: str) -> Any:
+    """The handler of a key-lifecycle command: ``deploy.folder.<name>(dir, board)``."""
 
-    try:
-        revoke_board(args.dir, args.board, progress=lambda m: print(m, flush=True))
-    except DeployError as exc:
-        raise CommandError(str(exc)) from exc
-    return 0
+    def handler(args: argparse.Namespace) -> int:
+        from deploy import folder
+        from deploy.errors import DeployError
 
+        try:
+            getattr(folder, name)(args.dir, args.board, progress=lambda m: print(m, flush=True))
+        except DeployError as exc:
+            raise CommandError(str(exc)) from exc
+        return 0
 
-def _renew(args: argparse.Namespace) -> int:
-    from deploy.errors import DeployError
-    from deploy.folder import renew_board
-
-    try:
-        renew_board(args.dir, args.board, progress=lambda m: print(m, flush=True))
-    except DeployError as exc:
-        raise CommandError(str(exc)) from exc
-    return 0
+    return handler
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -235,7 +229,7 @@ def register(sub: Any) -> None:
     )
     revoke.add_argument("dir", type=Path, help="deployment folder")
     revoke.add_argument("board", help="board id")
-    revoke.set_defaults(func=_revoke)
+    revoke.set_defaults(func=_board_action("revoke_board"))
     for name, summary in (
         ("rotate-board", "give a board a new key pair and new broker credentials"),
         ("readmit-board", "re-admit a revoked board with a new key pair and credentials"),
@@ -250,7 +244,7 @@ def register(sub: Any) -> None:
         )
         renew.add_argument("dir", type=Path, help="deployment folder")
         renew.add_argument("board", help="board id")
-        renew.set_defaults(func=_renew)
+        renew.set_defaults(func=_board_action("renew_board"))
     check = s.add_parser(
         "check",
         help="check the running broker: only the TLS port, verified handshake, no plain text",

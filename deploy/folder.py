@@ -744,6 +744,20 @@ def _run_started(paths: Paths) -> bool:
     return Path(db).exists()
 
 
+def _apply_broker_change(
+    directory: Path, updated: Deployment, passwords: dict[str, str]
+) -> list[int]:
+    """Rewrite the broker's files for ``updated`` (new ``passwords`` where given), record the
+    deployment, and reload the running broker; return the reloaded pids."""
+    from coordinator.config import CoordinatorConfig
+
+    paths = Paths(directory)
+    coordinator_password = CoordinatorConfig.load(paths.coord_toml).broker.password or ""
+    _write_broker(updated, paths, coordinator_password, passwords)
+    (directory / DEPLOYMENT_FILE).write_text(updated.to_toml())
+    return reload_broker(paths)
+
+
 def revoke_board(directory: Path, board: str, *, progress: Any = print) -> dict[str, Any]:
     """Revoke a board now: the broker forgets its credentials and ACL block (reloaded: its
     session ends, others stay), the running coordinator drops its key (admin API); recorded in
@@ -779,12 +793,7 @@ def revoke_board(directory: Path, board: str, *, progress: Any = print) -> dict[
             allow.save(paths.allow_list)
         done["coordinator"] = "not started: key removed from its allow-list"
     updated = replace(deployment, revoked=(*deployment.revoked, board))
-    from coordinator.config import CoordinatorConfig
-
-    coordinator_password = CoordinatorConfig.load(paths.coord_toml).broker.password or ""
-    _write_broker(updated, paths, coordinator_password, {})
-    (directory / DEPLOYMENT_FILE).write_text(updated.to_toml())
-    done["broker_reloaded"] = reload_broker(paths)
+    done["broker_reloaded"] = _apply_broker_change(directory, updated, {})
     progress(
         f"{board}: coordinator {done['coordinator']}; broker credentials and ACL removed"
         + (
@@ -837,12 +846,7 @@ def renew_board(directory: Path, board: str, *, progress: Any = print) -> dict[s
         allow.save(paths.allow_list)
         done["coordinator"] = "not started: new key in its allow-list"
     updated = replace(deployment, revoked=tuple(b for b in deployment.revoked if b != board))
-    from coordinator.config import CoordinatorConfig
-
-    coordinator_password = CoordinatorConfig.load(paths.coord_toml).broker.password or ""
-    _write_broker(updated, paths, coordinator_password, passwords)
-    (directory / DEPLOYMENT_FILE).write_text(updated.to_toml())
-    done["broker_reloaded"] = reload_broker(paths)
+    done["broker_reloaded"] = _apply_broker_change(directory, updated, passwords)
     progress(
         f"{board}: new key and credentials in {paths.boards / board} (copy it to the board and run "
         f"install.sh again); coordinator {done['coordinator']}"
