@@ -48,6 +48,8 @@ Example (relative paths are relative to the file's directory)::
     [aggregator]
     name = "fedavg"                   # a rule of `siren sim aggregators`, or "siren"
     params = {}                       # e.g. { f = 2 }
+    profile = "authors"               # SIREN profile: "authors" or "paper-text" (the boards'
+                                      # [alarm] profile should match; see docs/reproducing.md)
 
     [api]                             # HTTP API and dashboard (coordinator.api)
     enabled = false
@@ -89,6 +91,7 @@ from protocol import settings as toml_settings
 from protocol.settings import relative_path as _rel
 from protocol.settings import resolve_path as _path
 from protocol.settings import section_values as _section
+from protocol.siren_profiles import DEFAULT_PROFILE, get_profile
 
 try:  # Python 3.11+
     import tomllib
@@ -160,10 +163,19 @@ class TrainingSettings:
 
 @dataclass(frozen=True)
 class AggregatorSettings:
-    """The server rule (a registered aggregator or ``siren``) and its parameters."""
+    """The server rule (a registered aggregator or ``siren``), its parameters and, for SIREN, the
+    profile (:mod:`protocol.siren_profiles`) whose thresholds it applies (``params`` such as
+    ``server_threshold`` or ``penalty_basis`` override the profile's)."""
 
     name: str = "fedavg"
     params: dict[str, Any] = field(default_factory=dict)
+    profile: str = DEFAULT_PROFILE
+
+    def __post_init__(self) -> None:
+        try:
+            get_profile(self.profile)
+        except ValueError as exc:
+            raise ConfigError(f"aggregator.profile: {exc}") from None
 
 
 @dataclass(frozen=True)

@@ -548,7 +548,9 @@ def build_runtime(config: BoardConfig, data: BoardData | None = None) -> BoardRu
         from models.litert import make_evaluator
 
         evaluator = make_evaluator(trainer.model, prefer=config.alarm.backend)
-        alarm = AlarmConfig(config.alarm.threshold, config.alarm.rule)
+        alarm = AlarmConfig.for_profile(
+            config.alarm.profile, config.alarm.threshold, config.alarm.rule
+        )
     layout = TensorLayout(trainer.layout.as_list())
     return BoardRuntime(board_data, trainer, layout, evaluator, alarm)
 

@@ -209,7 +209,11 @@ class FleetWorker:
         self.fleet = fleet if fleet is not None else build_fleet(self.config)
         cfg = self.config
         self.layout = TensorLayout(self.fleet.trainer.layout.as_list())
-        self.alarm = AlarmConfig(cfg.alarm_threshold, cfg.alarm_rule) if cfg.alarm_enabled else None
+        self.alarm = (
+            AlarmConfig.for_profile(cfg.siren_profile, cfg.alarm_threshold, cfg.alarm_rule)
+            if cfg.alarm_enabled
+            else None
+        )
         self.profiles = [DeviceProfile(**p) for p in spec.profiles]
         coordinator_key = load_verify_key(spec.coordinator_key)
         broker = BrokerSettings(host=spec.host, port=spec.port, protocol=spec.protocol)
@@ -623,7 +627,9 @@ def prepare_fleet(
             learning_rate=config.resolved_lr(),
             optimizer=config.optimizer,
         ),
-        aggregator=AggregatorSettings(config.aggregator, dict(config.aggregator_params)),
+        aggregator=AggregatorSettings(
+            config.aggregator, dict(config.aggregator_params), profile=config.siren_profile
+        ),
         data=DataSettings(
             dataset=dataset,
             root="split",
@@ -712,6 +718,7 @@ def board_config_for(spec: WorkerSpec, index: int, state_dir: Path) -> Any:
         ),
         alarm=AlarmSettings(
             enabled=cfg.alarm_enabled,
+            profile=cfg.siren_profile,
             rule=cfg.alarm_rule,
             threshold=cfg.alarm_threshold,
             backend=cfg.alarm_backend,

@@ -51,3 +51,16 @@ def test_invalid_settings_are_refused(tmp_path: Path) -> None:
     (tmp_path / "bad2.toml").write_text("[coordinator]\n[wat]\n")
     with pytest.raises(ConfigError, match="wat"):
         CoordinatorConfig.load(tmp_path / "bad2.toml")
+
+
+def test_siren_profile_round_trips_and_defaults_to_authors(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, aggregator=AggregatorSettings("siren", {}, profile="paper-text"))
+    (tmp_path / "coord.toml").write_text(cfg.to_toml(relative_to=tmp_path))
+    text = (tmp_path / "coord.toml").read_text()
+    assert 'profile = "paper-text"' in text
+    assert CoordinatorConfig.load(tmp_path / "coord.toml").aggregator.profile == "paper-text"
+    (tmp_path / "coord.toml").write_text(text.replace('profile = "paper-text"\n', ""))
+    assert CoordinatorConfig.load(tmp_path / "coord.toml").aggregator.profile == "authors"
+    (tmp_path / "coord.toml").write_text(text.replace('"paper-text"', '"paper"'))
+    with pytest.raises(ConfigError, match="unknown SIREN profile 'paper'; valid: authors"):
+        CoordinatorConfig.load(tmp_path / "coord.toml")

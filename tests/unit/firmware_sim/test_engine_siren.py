@@ -56,7 +56,9 @@ def test_siren_history_holds_alarms_board_accuracies_and_decisions(digits, tmp_p
         assert d["rule"] == "siren" and d["case"] in (1, 3, 4)
         # S_a and S_s are exactly the alarm bits the boards sent.
         assert d["alarming"] == sorted(int(c) for c, a in r["alarms"].items() if a)
-        assert len(d["penalty_counts"]) == 10 and d["c_p"] == 4.5
+        # The default (authors) profile: C_p = int(0.45 · T) = int(1.35) with T = 3 rounds.
+        assert len(d["penalty_counts"]) == 10 and d["c_p"] == 1.0
+        assert (d["profile"], d["server_threshold"]) == ("authors", "relative")
     assert "strategy_state" not in saved  # the model-sized state lives in its own file
     state = json.loads((tmp_path / "strategy_state.json").read_text())
     assert state["version"] == 1

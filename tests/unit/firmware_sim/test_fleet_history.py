@@ -87,3 +87,21 @@ def test_prepared_fleet_splits_boards_over_workers(tmp_path: Path) -> None:
     assert sim_config_from_dict(w0.sim) == config
     assert asdict(sim_config_from_dict(w1.sim)) == asdict(config)
     assert len(w0.profiles) == 5 and client_name(7) == "board-007"
+
+
+def test_prepared_fleet_passes_the_siren_profile_to_coordinator_and_boards(tmp_path: Path) -> None:
+    from coordinator.config import CoordinatorConfig
+    from firmware_sim.fleet import WorkerSpec, board_config_for
+
+    config = SimConfig(dataset="digits", clients=3, rounds=4, aggregator="siren",
+                       siren_profile="paper-text", alarm_rule="relative")  # fmt: skip
+    coord_toml, specs = prepare_fleet(
+        config, FleetOptions(), tmp_path, host="127.0.0.1", port=1883, protocol=5
+    )
+    coord = CoordinatorConfig.load(coord_toml)
+    assert coord.aggregator.profile == "paper-text" and coord.rounds == 4
+    spec = WorkerSpec.from_json(specs[0].read_text())
+    board = board_config_for(spec, 1, tmp_path / "state")
+    # The board keeps the profile and the explicit rule that overrides the profile's.
+    assert (board.alarm.profile, board.alarm.rule) == ("paper-text", "relative")
+    assert sim_config_from_dict(spec.sim).alarm_rule == "relative"
