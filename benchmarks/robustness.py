@@ -14,8 +14,11 @@ Presets (SIREN Table 2 settings):
 * ``k50``   — 50 boards (SIREN's scalability setting), otherwise ``paper``;
 * ``smoke`` — digits, 5 boards, 2 rounds: checks the runner in seconds.
 
-Besides the default defenses, ``siren_relative`` runs SIREN with the alarm rule of the authors'
-public code (``--defenses siren_relative``).
+``siren`` and ``siren_no_wa`` run SIREN's default profile, ``authors``
+(:mod:`protocol.siren_profiles`), named explicitly on every cell's command line. Besides the
+default defenses, ``siren_paper_text`` and ``siren_paper_text_no_wa`` run the profile
+``paper-text`` (Alg. 1 / Table 2 as printed), and ``siren_relative`` the printed server
+thresholds with the authors' relative alarm rule (``--defenses siren_paper_text,...``).
 """
 
 from __future__ import annotations
@@ -83,17 +86,31 @@ DEFENSES: dict[str, tuple[str, dict[str, Any]]] = {
     "siren": ("siren", {}),
     "siren_no_wa": ("siren", {"weight_analysis": False}),
 }
-#: Defenses outside the default grid (``--defenses`` names them): SIREN with the relative alarm
-#: rule of the authors' public code instead of the paper's rule (``--alarm-rule relative``).
+#: Defenses outside the default grid (``--defenses`` names them): SIREN as printed (profile
+#: ``paper-text``), with and without weight analysis, and the printed server thresholds with the
+#: relative alarm rule of the authors' public code.
 OPTIONAL_DEFENSES: dict[str, tuple[str, dict[str, Any]]] = {
+    "siren_paper_text": ("siren", {}),
+    "siren_paper_text_no_wa": ("siren", {"weight_analysis": False}),
     "siren_relative": ("siren", {}),
 }
-#: Extra ``siren sim run`` options of a defense.
-DEFENSE_SIM_ARGS: dict[str, list[str]] = {"siren_relative": ["--alarm-rule", "relative"]}
+#: Extra ``siren sim run`` options of a defense. Every SIREN cell names its profile, so that a
+#: finished cell keeps meaning what it ran if the default profile changes.
+DEFENSE_SIM_ARGS: dict[str, list[str]] = {
+    "siren": ["--siren-profile", "authors"],
+    "siren_no_wa": ["--siren-profile", "authors"],
+    "siren_paper_text": ["--siren-profile", "paper-text"],
+    "siren_paper_text_no_wa": ["--siren-profile", "paper-text"],
+    "siren_relative": ["--siren-profile", "paper-text", "--alarm-rule", "relative"],
+}
 ALL_DEFENSES = {**DEFENSES, **OPTIONAL_DEFENSES}
-#: Defenses whose paper number is another defense's: the relative alarm rule is what the
-#: authors' code runs, so the paper's SIREN numbers stand next to it too.
-PAPER_ALIASES = {"siren_relative": "siren"}
+#: Defenses whose paper number is another defense's: every SIREN variant stands next to the
+#: paper's SIREN numbers.
+PAPER_ALIASES = {
+    "siren_paper_text": "siren",
+    "siren_paper_text_no_wa": "siren_no_wa",
+    "siren_relative": "siren",
+}
 #: Rules that select with Krum's scores (their ``f`` is the one Fang's Krum attack simulates).
 KRUM_RULES = frozenset({"krum", "multi_krum", "bulyan", "pdrr_krum"})
 ATTACKS = ("sign_flip", "label_flip", "targeted_poison", "fang_trim", "fang_krum")

@@ -90,13 +90,21 @@ def test_malicious_index_section_links_only_finished_cells(tmp_path):
     assert malicious_index_links([unfinished], tmp_path) == ""
 
 
-def test_siren_relative_runs_siren_with_the_relative_alarm_rule():
-    cmd = cell_command(Cell("siren_relative", "sign_flip", 0.4, "iid"), {"clients": 10}, "o", 0)
-    assert cmd is not None
-    assert cmd[cmd.index("--aggregator") + 1] == "siren"
-    assert cmd[cmd.index("--alarm-rule") + 1] == "relative"
-    plain = cell_command(Cell("siren", "sign_flip", 0.4, "iid"), {"clients": 10}, "o", 0)
-    assert plain is not None and "--alarm-rule" not in plain
+def test_siren_cells_name_their_profile():
+    def command(defense: str) -> list[str]:
+        cmd = cell_command(Cell(defense, "sign_flip", 0.4, "iid"), {"clients": 10}, "o", 0)
+        assert cmd is not None and cmd[cmd.index("--aggregator") + 1] == "siren"
+        return cmd
+
+    relative = command("siren_relative")
+    assert relative[relative.index("--alarm-rule") + 1] == "relative"
+    assert relative[relative.index("--siren-profile") + 1] == "paper-text"
+    plain = command("siren")
+    assert "--alarm-rule" not in plain
+    assert plain[plain.index("--siren-profile") + 1] == "authors"
+    printed = command("siren_paper_text_no_wa")
+    assert printed[printed.index("--siren-profile") + 1] == "paper-text"
+    assert "weight_analysis=False" in printed
 
 
 def test_fang_krum_attacker_simulates_krum_with_the_defenders_f():
