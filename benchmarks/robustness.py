@@ -388,16 +388,44 @@ def load_history(cell_dir: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def cell_bans(hist: dict[str, Any]) -> dict[str, Any] | None:
+    """The run's ban outcome (:func:`firmware_sim.report.ban_outcome`), from its summary or, for
+    histories written before summaries carried it, from its rounds."""
+    from firmware_sim.report import ban_outcome
+
+    summary = hist.get("summary", {})
+    if "bans" in summary:
+        return summary["bans"]  # type: ignore[no-any-return]
+    malicious = summary.get("malicious_ids", hist.get("fleet", {}).get("malicious_ids"))
+    return ban_outcome(hist.get("rounds", []), malicious)
+
+
+def _ban_columns(bans: dict[str, Any] | None) -> tuple[str, str]:
+    """``honest banned`` and ``attackers missed`` cells (empty for rules that never ban)."""
+    if bans is None or "honest_banned" not in bans:
+        return "", ""
+    honest = bans["honest_banned"]
+    missed = bans["attackers_missed"]
+    attackers = len(missed) + len(bans["banned"]) - len(honest)
+    honest_s = f"{len(honest)}" + (f" ({', '.join(map(str, honest))})" if honest else "")
+    missed_s = f"{len(missed)} of {attackers}" + (
+        f" ({', '.join(map(str, missed))})" if missed else ""
+    )
+    return honest_s, missed_s
+
+
 def summarize(cells: list[Cell], root: Path, clients: int) -> str:
     """Markdown table of every cell's outcome.
 
     A defense given fewer Byzantine boards than there are (its bound caps ``f``) reads
-    ``krum (f=3)``.
+    ``krum (f=3)``. For rules that ban boards (SIREN), ``honest banned`` counts the honest boards
+    banned after the last round (their ids in brackets) and ``attackers missed`` the malicious
+    boards still admitted then, of all malicious boards.
     """
     lines = [
         "| distribution | attack | malicious | defense | final acc. | best acc. | ASR | "
-        "miscl. conf. | paper | wall time |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "miscl. conf. | honest banned | attackers missed | paper | wall time |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for cell in cells:
         d = root / cell.key
@@ -412,19 +440,21 @@ def summarize(cells: list[Cell], root: Path, clients: int) -> str:
             state = "n/a" if (d / "not_applicable").exists() else "not run"
             lines.append(
                 f"| {cell.distribution} | {cell.attack} | {int(100 * cell.fraction)}% | "
-                f"{defense} | {state} | | | | {paper_s} | |"
+                f"{defense} | {state} | | | | | | {paper_s} | |"
             )
             continue
         last = hist["rounds"][-1]
         asr = last.get("attack_success_rate")
         conf = last.get("misclassification_confidence")
         wall = hist["summary"].get("wall_seconds", 0.0)
+        honest, missed = _ban_columns(cell_bans(hist))
         lines.append(
             f"| {cell.distribution} | {cell.attack} | {int(100 * cell.fraction)}% | "
             f"{defense} | {100 * hist['summary']['final_test_accuracy']:.2f}% | "
             f"{100 * hist['summary']['best_test_accuracy']:.2f}% | "
             f"{'' if asr is None else f'{100 * asr:.1f}%'} | "
-            f"{'' if conf is None else f'{conf:.3f}'} | {paper_s} | {wall / 60:.1f} min |"
+            f"{'' if conf is None else f'{conf:.3f}'} | {honest} | {missed} | {paper_s} | "
+            f"{wall / 60:.1f} min |"
         )
     return "\n".join(lines)
 

@@ -281,7 +281,12 @@ def _run(args: argparse.Namespace) -> int:
     validate_names(config)
     out = Path(args.out)
     from firmware_sim.engine import run_simulation
-    from firmware_sim.report import plot_accuracy, plot_malicious_index, write_history
+    from firmware_sim.report import (
+        format_ban_outcome,
+        plot_accuracy,
+        plot_malicious_index,
+        write_history,
+    )
 
     print(
         f"siren sim run: {config.clients} boards, {config.rounds} rounds, "
@@ -311,6 +316,9 @@ def _run(args: argparse.Namespace) -> int:
     )
     if history["fleet"].get("malicious_ids"):
         print(f"malicious boards: {history['fleet']['malicious_ids']}")
+    bans = format_ban_outcome(s.get("bans"))
+    if bans is not None:
+        print(bans)
     if index_png is not None:
         print(f"malicious index per board: {index_png}")
     return 0

@@ -20,6 +20,7 @@ from coordinator.rounds import RuleStrategy, Submission, make_strategy
 from edge_client.alarm import AlarmConfig
 from edge_client.board import BoardData, BoardState, BoardUpdate, board_step
 from firmware_sim.adversary import Adversary
+from firmware_sim.report import ban_outcome
 from models.datasets import Dataset, load_dataset
 from models.partition import FederatedSplit, make_federated_split
 from models.tf_setup import seed_everything
@@ -304,6 +305,7 @@ def run_simulation(
         if progress is not None:
             progress(record)
     final = rounds[-1]
+    malicious = sorted(fleet.adversary.malicious_ids)
     return {
         "config": asdict(config),
         "fleet": {
@@ -324,7 +326,8 @@ def run_simulation(
             "final_test_loss": final["test_loss"],
             "best_test_accuracy": max(r["test_accuracy"] for r in rounds),
             "wall_seconds": time.perf_counter() - started,
-            "malicious_ids": sorted(fleet.adversary.malicious_ids),
+            "malicious_ids": malicious,
+            "bans": ban_outcome(rounds, malicious),
         },
         "strategy_state": fleet.strategy.state_dict(),
         "final_global": global_weights,

@@ -959,6 +959,8 @@ def _history(
     protocol: int,
     workers: int,
 ) -> dict[str, Any]:
+    from firmware_sim.report import ban_outcome
+
     describe, worker_rounds = read_worker_stats(stats_paths)
     describe = {k: v for k, v in describe.items() if k not in ("kind", "worker")}
     rows = [r for r in store.round_rows() if r.status == "closed"]
@@ -974,6 +976,8 @@ def _history(
     seconds = [r["seconds"] for r in rounds]
     config_dict = asdict(config)
     config_dict["dataset"] = describe.get("dataset", config.dataset)
+    malicious = describe.get("malicious_ids")
+    bans = ban_outcome(rounds, malicious if isinstance(malicious, list) else None)
     return {
         "config": config_dict,
         "fleet": {
@@ -1000,6 +1004,8 @@ def _history(
                 for k, v in store.decision_counts().items()
                 if k not in ("accepted", "duplicate")
             },
+            "malicious_ids": malicious if isinstance(malicious, list) else None,
+            "bans": bans,
         },
         "strategy_state": rows[-1].strategy_state,
         "final_global": final.weights,
@@ -1079,7 +1085,7 @@ def fleet_command(args: argparse.Namespace) -> int:
     from firmware_sim.broker import BrokerError
     from firmware_sim.cli import config_from_args, format_round, validate_names
     from firmware_sim.profiles import parse_mix
-    from firmware_sim.report import plot_accuracy, write_history
+    from firmware_sim.report import format_ban_outcome, plot_accuracy, write_history
     from siren_cli.errors import CommandError
 
     config = config_from_args(args)
@@ -1148,6 +1154,9 @@ def fleet_command(args: argparse.Namespace) -> int:
     )
     if history["fleet"].get("malicious_ids"):
         print(f"malicious boards: {history['fleet']['malicious_ids']}")
+    bans = format_ban_outcome(s.get("bans"))
+    if bans is not None:
+        print(bans)
     return 0
 
 

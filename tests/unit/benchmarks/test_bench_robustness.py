@@ -13,6 +13,7 @@ from benchmarks.robustness import (
     grid,
     main,
     overview,
+    summarize,
 )
 
 
@@ -150,3 +151,26 @@ def test_overview_shows_the_baseline_and_the_worst_attack_per_fraction(tmp_path)
     assert "| fedavg | 82.00% | 2.00% (sign_flip) |  |  |" in lines
     # median's label-flip cell has not run: its worst so far is marked as partial
     assert "| median | 81.00% | 77.00% (sign_flip), 1 of 2 run |  |  |" in lines
+
+
+def test_summary_counts_honest_boards_banned_and_attackers_missed(tmp_path):
+    siren = Cell("siren", "sign_flip", 0.4, "iid")
+    krum = Cell("krum", "sign_flip", 0.4, "iid")
+    for cell, decision in ((siren, {"rule": "siren", "banned": [2, 3, 4]}), (krum, {})):
+        out = tmp_path / cell.key
+        out.mkdir()
+        summary = {
+            "final_test_accuracy": 0.8,
+            "best_test_accuracy": 0.8,
+            "malicious_ids": [2, 4, 7],
+        }
+        rounds = [{"decision": {"rule": "siren", "banned": []}}, {"decision": decision}]
+        if cell is krum:
+            rounds = [{"decision": {"rule": "krum"}}]
+        (out / "history.json").write_text(json.dumps({"rounds": rounds, "summary": summary}))
+    lines = summarize([siren, krum], tmp_path, 10).splitlines()
+    assert "| honest banned | attackers missed |" in lines[0]
+    siren_row = next(line for line in lines if "| siren |" in line)
+    assert "| 1 (3) | 1 of 3 (7) |" in siren_row
+    krum_row = next(line for line in lines if "| krum (f=3) |" in line)
+    assert "| 80.00% | 80.00% |  |  |  |  |" in krum_row

@@ -131,3 +131,23 @@ def test_defense_start_round_option():
     )
     assert cfg.defense_start_round == 4
     assert config_from_args(parser.parse_args([])).defense_start_round == 1
+
+
+def test_sim_run_summary_counts_honest_boards_banned_and_attackers_missed(tmp_path, capsys):
+    from siren_cli.main import main
+
+    out = tmp_path / "run"
+    argv = ["sim", "run", "--dataset", "digits", "--clients", "5", "--rounds", "2",
+            "--learning-rate", "0.01", "--aggregator", "siren", "--attack", "sign_flip",
+            "--malicious-ids", "1,3", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    hist = json.loads((out / "history.json").read_text())
+    bans = hist["summary"]["bans"]
+    final = set(hist["rounds"][-1]["decision"]["banned"])
+    assert bans["banned"] == sorted(final)
+    assert bans["honest_banned"] == sorted(final - {1, 3})
+    assert bans["attackers_missed"] == sorted({1, 3} - final)
+    line = next(ln for ln in printed.splitlines() if ln.startswith("banned ["))
+    assert f"{len(bans['honest_banned'])} honest board" in line
+    assert f"{bans['attackers_missed_count']} of 2 attackers missed" in line
