@@ -72,6 +72,11 @@ Example (relative paths are relative to the file's directory)::
     train_samples = 0
     test_samples = 0
     split_seed = 0
+
+    [simulation]                      # only in files written by `siren sim fleet`
+    malicious = ["board-002"]         # the boards the simulator made malicious: reported by the
+                                      # API and dashboard (honest boards banned, attackers
+                                      # missed), never used to admit or aggregate
 """
 
 from __future__ import annotations
@@ -108,6 +113,7 @@ __all__ = [
     "CoordinatorConfig",
     "DataSettings",
     "ModelSettings",
+    "SimulationSettings",
     "TrainingSettings",
     "dumps_toml",
 ]
@@ -221,6 +227,26 @@ class DataSettings(SplitSettings):
 
 
 @dataclass(frozen=True)
+class SimulationSettings:
+    """What only a simulator knows: which boards it made malicious.
+
+    ``siren sim fleet`` writes it so that the API and the dashboard can count honest boards banned
+    and attackers missed. A real deployment has no such table (the coordinator cannot know), and
+    nothing in admission or aggregation reads it.
+    """
+
+    malicious: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        from protocol.topics import is_valid_id
+
+        object.__setattr__(self, "malicious", tuple(str(c) for c in self.malicious))
+        bad = [c for c in self.malicious if not is_valid_id(c)]
+        if bad:
+            raise ConfigError(f"simulation.malicious holds invalid client ids {bad}")
+
+
+@dataclass(frozen=True)
 class CoordinatorConfig:
     """Everything the coordinator service needs (see the module docstring)."""
 
@@ -244,6 +270,7 @@ class CoordinatorConfig:
     aggregator: AggregatorSettings = field(default_factory=AggregatorSettings)
     data: DataSettings = field(default_factory=DataSettings)
     api: ApiSettings = field(default_factory=ApiSettings)
+    simulation: SimulationSettings | None = None
 
     def __post_init__(self) -> None:
         from protocol.topics import is_valid_id
@@ -293,7 +320,16 @@ class CoordinatorConfig:
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], *, base_dir: Path) -> CoordinatorConfig:
         """Build the settings from parsed TOML."""
-        sections = {"coordinator", "broker", "model", "training", "aggregator", "data", "api"}
+        sections = {
+            "coordinator",
+            "broker",
+            "model",
+            "training",
+            "aggregator",
+            "data",
+            "api",
+            "simulation",
+        }
         unknown = set(raw) - sections
         if unknown:
             raise ConfigError(f"unknown section(s) {sorted(unknown)} in coordinator config")
@@ -331,6 +367,11 @@ class CoordinatorConfig:
                 ),
                 data=_build(DataSettings, dict(raw.get("data", {})), "data", base_dir),
                 api=_build(ApiSettings, dict(raw.get("api", {})), "api", base_dir),
+                simulation=(
+                    _build(SimulationSettings, dict(raw["simulation"]), "simulation")
+                    if "simulation" in raw
+                    else None
+                ),
             )
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"invalid coordinator config: {exc}") from None
@@ -354,17 +395,18 @@ class CoordinatorConfig:
             "defense_start_round": self.defense_start_round,
         }
         broker = mqtt.broker_to_toml(self.broker, relative_to, password_file)
-        return dumps_toml(
-            {
-                "coordinator": main,
-                "broker": broker,
-                "model": _section(self.model, relative_to),
-                "training": _section(self.training, relative_to),
-                "aggregator": _section(self.aggregator, relative_to),
-                "data": _section(self.data, relative_to),
-                "api": _section(self.api, relative_to),
-            }
-        )
+        sections: dict[str, Mapping[str, Any]] = {
+            "coordinator": main,
+            "broker": broker,
+            "model": _section(self.model, relative_to),
+            "training": _section(self.training, relative_to),
+            "aggregator": _section(self.aggregator, relative_to),
+            "data": _section(self.data, relative_to),
+            "api": _section(self.api, relative_to),
+        }
+        if self.simulation is not None:
+            sections["simulation"] = {"malicious": list(self.simulation.malicious)}
+        return dumps_toml(sections)
 
 
 def _build(cls: Any, values: dict[str, Any], section: str, base_dir: Path | None = None) -> Any:

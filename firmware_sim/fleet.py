@@ -585,6 +585,7 @@ def prepare_fleet(
         CoordinatorConfig,
         DataSettings,
         ModelSettings,
+        SimulationSettings,
         TrainingSettings,
     )
     from coordinator.config import BrokerSettings as CoordinatorBroker
@@ -607,6 +608,13 @@ def prepare_fleet(
         allow.add(name, key.verify_key)
     allow.save(coord_dir / "allow-list.txt")
     dataset = resolve_dataset(config.dataset)
+    malicious: tuple[int, ...] = ()
+    if config.attack not in (None, "", "none"):
+        from firmware_sim.attacks import select_malicious_ids
+
+        malicious, _ = select_malicious_ids(
+            config.clients, config.malicious, config.malicious_ids, config.seed
+        )
     coord = CoordinatorConfig(
         run=run_id,
         key_dir=coord_dir / "keys",
@@ -645,6 +653,8 @@ def prepare_fleet(
             split_seed=config.seed,
         ),
         api=ApiSettings(enabled=options.api_port is not None, port=options.api_port or 0),
+        # The simulator's ground truth, for the dashboard's counts of bans (never for decisions).
+        simulation=SimulationSettings(tuple(client_name(i) for i in malicious)),
     )
     coord_toml = coord_dir / "coord.toml"
     coord_toml.write_text(coord.to_toml(relative_to=coord_dir))
