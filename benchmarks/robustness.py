@@ -88,11 +88,15 @@ DEFENSES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 #: Defenses outside the default grid (``--defenses`` names them): SIREN as printed (profile
 #: ``paper-text``), with and without weight analysis, and the printed server thresholds with the
-#: relative alarm rule of the authors' public code.
+#: relative alarm rule of the authors' public code; PDRR with the safeguard that keeps the
+#: pre-aggregate when more boards are flagged than the rule's budget (``fallback=True``).
 OPTIONAL_DEFENSES: dict[str, tuple[str, dict[str, Any]]] = {
     "siren_paper_text": ("siren", {}),
     "siren_paper_text_no_wa": ("siren", {"weight_analysis": False}),
     "siren_relative": ("siren", {}),
+    "pdrr_krum_fallback": ("pdrr_krum", {"fallback": True}),
+    "pdrr_trimmed_mean_fallback": ("pdrr_trimmed_mean", {"fallback": True}),
+    "pdrr_median_fallback": ("pdrr_median", {"fallback": True}),
 }
 #: Extra ``siren sim run`` options of a defense. Every SIREN cell names its profile, so that a
 #: finished cell keeps meaning what it ran if the default profile changes.

@@ -174,3 +174,13 @@ def test_summary_counts_honest_boards_banned_and_attackers_missed(tmp_path):
     assert "| 1 (3) | 1 of 3 (7) |" in siren_row
     krum_row = next(line for line in lines if "| krum (f=3) |" in line)
     assert "| 80.00% | 80.00% |  |  |  |  |" in krum_row
+
+
+def test_pdrr_fallback_defenses_pass_the_safeguard_and_keep_the_krum_attackers_f():
+    cmd = cell_command(
+        Cell("pdrr_krum_fallback", "fang_krum", 0.4, "noniid"), {"clients": 10}, "o", 0
+    )
+    assert cmd is not None and cmd[cmd.index("--aggregator") + 1] == "pdrr_krum"
+    assert "fallback=True" in cmd and "f=3" in cmd and "krum_f=3" in cmd
+    plain = cell_command(Cell("pdrr_krum", "fang_krum", 0.4, "noniid"), {"clients": 10}, "o", 0)
+    assert plain is not None and not any(a.startswith("fallback") for a in plain)
