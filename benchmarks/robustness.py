@@ -88,12 +88,15 @@ DEFENSES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 #: Defenses outside the default grid (``--defenses`` names them): SIREN as printed (profile
 #: ``paper-text``), with and without weight analysis, and the printed server thresholds with the
-#: relative alarm rule of the authors' public code; PDRR with the safeguard that keeps the
-#: pre-aggregate when more boards are flagged than the rule's budget (``fallback=True``).
+#: relative alarm rule of the authors' public code; residual reweighting as in its authors'
+#: released code, and with only that code's squared weights; PDRR with the safeguard that keeps
+#: the pre-aggregate when more boards are flagged than the rule's budget (``fallback=True``).
 OPTIONAL_DEFENSES: dict[str, tuple[str, dict[str, Any]]] = {
     "siren_paper_text": ("siren", {}),
     "siren_paper_text_no_wa": ("siren", {"weight_analysis": False}),
     "siren_relative": ("siren", {}),
+    "residual_reweighting_authors": ("residual_reweighting", {"variant": "authors"}),
+    "residual_reweighting_squared": ("residual_reweighting", {"square_weights": True}),
     "pdrr_krum_fallback": ("pdrr_krum", {"fallback": True}),
     "pdrr_trimmed_mean_fallback": ("pdrr_trimmed_mean", {"fallback": True}),
     "pdrr_median_fallback": ("pdrr_median", {"fallback": True}),
