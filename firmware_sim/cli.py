@@ -339,7 +339,8 @@ def _aggregators(args: argparse.Namespace) -> int:
 
     print(
         f"siren({describe_parameters()}): SIREN decision process (alarms, root-set accuracy, "
-        "weight analysis, penalty and award); c_p=None means 0.45·K"
+        "weight analysis, penalty and award); c_p=None: 0.45·K or int(0.45·T), "
+        "as the profile says"
     )
     return 0
 

@@ -68,3 +68,21 @@ def test_existing_bundle_is_not_overwritten_without_force(tmp_path: Path) -> Non
     assert bytes(allow["board-003"]) == bytes(
         load_signing_key(second.directory / "keys").verify_key
     )
+
+
+def test_provision_command_writes_the_siren_profile(tmp_path: Path) -> None:
+    from siren_cli.main import main
+
+    coordinator = SigningKey(b"p" * 32)
+    save_key_pair(tmp_path / "coord", coordinator, overwrite=True)
+    base = ["client", "provision", "--run", "demo", "--broker-host", "broker.lan",
+            "--coordinator-key", str(tmp_path / "coord"), "--dataset", "digits"]  # fmt: skip
+    out = tmp_path / "b1"
+    assert main([*base, "--client-id", "b1", "--out", str(out)]) == 0
+    default = BoardConfig.load(out / "board.toml")
+    assert (default.alarm.profile, default.alarm.rule) == ("authors", "relative")
+    out = tmp_path / "b2"
+    argv = [*base, "--client-id", "b2", "--out", str(out), "--siren-profile", "paper-text"]
+    assert main(argv) == 0
+    printed = BoardConfig.load(out / "board.toml")
+    assert (printed.alarm.profile, printed.alarm.rule) == ("paper-text", "paper")
