@@ -46,3 +46,19 @@ def test_fleet_of_three_boards_matches_the_in_process_engine(tmp_path: Path) -> 
         # No attack: each update went out as soon as its board was done.
         assert mqtt_round["timing"]["pipelined"] is True
     np.testing.assert_allclose(history["final_global"], reference["final_global"], atol=1e-4)
+
+
+def test_fleet_summary_counts_bans_like_the_in_process_engine(tmp_path: Path) -> None:
+    from firmware_sim.engine import run_simulation
+    from firmware_sim.fleet import FleetOptions, run_fleet
+
+    config = digits_config(
+        clients=5, aggregator="siren", attack="sign_flip", malicious_ids=(1, 3), learning_rate=0.01
+    )
+    history = run_fleet(config, FleetOptions(broker="mosquitto"), tmp_path / "fleet", timeout=180)
+    reference = run_simulation(config)
+    bans = history["summary"]["bans"]
+    assert history["summary"]["malicious_ids"] == [1, 3]
+    assert bans == reference["summary"]["bans"]
+    assert bans["banned"] == history["rounds"][-1]["decision"]["banned"]
+    assert set(bans["attackers_missed"]) | (set(bans["banned"]) & {1, 3}) == {1, 3}
