@@ -14,8 +14,11 @@ Presets (SIREN Table 2 settings):
 * ``k50``   — 50 boards (SIREN's scalability setting), otherwise ``paper``;
 * ``smoke`` — digits, 5 boards, 2 rounds: checks the runner in seconds.
 
-Besides the default defenses, ``siren_relative`` runs SIREN with the alarm rule of the authors'
-public code (``--defenses siren_relative``).
+``siren`` and ``siren_no_wa`` run SIREN's default profile, ``authors``
+(:mod:`protocol.siren_profiles`), named explicitly on every cell's command line. Besides the
+default defenses, ``siren_paper_text`` and ``siren_paper_text_no_wa`` run the profile
+``paper-text`` (Alg. 1 / Table 2 as printed), and ``siren_relative`` the printed server
+thresholds with the authors' relative alarm rule (``--defenses siren_paper_text,...``).
 """
 
 from __future__ import annotations
@@ -83,17 +86,38 @@ DEFENSES: dict[str, tuple[str, dict[str, Any]]] = {
     "siren": ("siren", {}),
     "siren_no_wa": ("siren", {"weight_analysis": False}),
 }
-#: Defenses outside the default grid (``--defenses`` names them): SIREN with the relative alarm
-#: rule of the authors' public code instead of the paper's rule (``--alarm-rule relative``).
+#: Defenses outside the default grid (``--defenses`` names them): SIREN as printed (profile
+#: ``paper-text``), with and without weight analysis, and the printed server thresholds with the
+#: relative alarm rule of the authors' public code; residual reweighting as in its authors'
+#: released code, and with only that code's squared weights; PDRR with the safeguard that keeps
+#: the pre-aggregate when more boards are flagged than the rule's budget (``fallback=True``).
 OPTIONAL_DEFENSES: dict[str, tuple[str, dict[str, Any]]] = {
+    "siren_paper_text": ("siren", {}),
+    "siren_paper_text_no_wa": ("siren", {"weight_analysis": False}),
     "siren_relative": ("siren", {}),
+    "residual_reweighting_authors": ("residual_reweighting", {"variant": "authors"}),
+    "residual_reweighting_squared": ("residual_reweighting", {"square_weights": True}),
+    "pdrr_krum_fallback": ("pdrr_krum", {"fallback": True}),
+    "pdrr_trimmed_mean_fallback": ("pdrr_trimmed_mean", {"fallback": True}),
+    "pdrr_median_fallback": ("pdrr_median", {"fallback": True}),
 }
-#: Extra ``siren sim run`` options of a defense.
-DEFENSE_SIM_ARGS: dict[str, list[str]] = {"siren_relative": ["--alarm-rule", "relative"]}
+#: Extra ``siren sim run`` options of a defense. Every SIREN cell names its profile, so that a
+#: finished cell keeps meaning what it ran if the default profile changes.
+DEFENSE_SIM_ARGS: dict[str, list[str]] = {
+    "siren": ["--siren-profile", "authors"],
+    "siren_no_wa": ["--siren-profile", "authors"],
+    "siren_paper_text": ["--siren-profile", "paper-text"],
+    "siren_paper_text_no_wa": ["--siren-profile", "paper-text"],
+    "siren_relative": ["--siren-profile", "paper-text", "--alarm-rule", "relative"],
+}
 ALL_DEFENSES = {**DEFENSES, **OPTIONAL_DEFENSES}
-#: Defenses whose paper number is another defense's: the relative alarm rule is what the
-#: authors' code runs, so the paper's SIREN numbers stand next to it too.
-PAPER_ALIASES = {"siren_relative": "siren"}
+#: Defenses whose paper number is another defense's: every SIREN variant stands next to the
+#: paper's SIREN numbers.
+PAPER_ALIASES = {
+    "siren_paper_text": "siren",
+    "siren_paper_text_no_wa": "siren_no_wa",
+    "siren_relative": "siren",
+}
 #: Rules that select with Krum's scores (their ``f`` is the one Fang's Krum attack simulates).
 KRUM_RULES = frozenset({"krum", "multi_krum", "bulyan", "pdrr_krum"})
 ATTACKS = ("sign_flip", "label_flip", "targeted_poison", "fang_trim", "fang_krum")
@@ -371,16 +395,44 @@ def load_history(cell_dir: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def cell_bans(hist: dict[str, Any]) -> dict[str, Any] | None:
+    """The run's ban outcome (:func:`firmware_sim.report.ban_outcome`), from its summary or, for
+    histories written before summaries carried it, from its rounds."""
+    from firmware_sim.report import ban_outcome
+
+    summary = hist.get("summary", {})
+    if "bans" in summary:
+        return summary["bans"]  # type: ignore[no-any-return]
+    malicious = summary.get("malicious_ids", hist.get("fleet", {}).get("malicious_ids"))
+    return ban_outcome(hist.get("rounds", []), malicious)
+
+
+def _ban_columns(bans: dict[str, Any] | None) -> tuple[str, str]:
+    """``honest banned`` and ``attackers missed`` cells (empty for rules that never ban)."""
+    if bans is None or "honest_banned" not in bans:
+        return "", ""
+    honest = bans["honest_banned"]
+    missed = bans["attackers_missed"]
+    attackers = len(missed) + len(bans["banned"]) - len(honest)
+    honest_s = f"{len(honest)}" + (f" ({', '.join(map(str, honest))})" if honest else "")
+    missed_s = f"{len(missed)} of {attackers}" + (
+        f" ({', '.join(map(str, missed))})" if missed else ""
+    )
+    return honest_s, missed_s
+
+
 def summarize(cells: list[Cell], root: Path, clients: int) -> str:
     """Markdown table of every cell's outcome.
 
     A defense given fewer Byzantine boards than there are (its bound caps ``f``) reads
-    ``krum (f=3)``.
+    ``krum (f=3)``. For rules that ban boards (SIREN), ``honest banned`` counts the honest boards
+    banned after the last round (their ids in brackets) and ``attackers missed`` the malicious
+    boards still admitted then, of all malicious boards.
     """
     lines = [
         "| distribution | attack | malicious | defense | final acc. | best acc. | ASR | "
-        "miscl. conf. | paper | wall time |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "miscl. conf. | honest banned | attackers missed | paper | wall time |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for cell in cells:
         d = root / cell.key
@@ -395,19 +447,21 @@ def summarize(cells: list[Cell], root: Path, clients: int) -> str:
             state = "n/a" if (d / "not_applicable").exists() else "not run"
             lines.append(
                 f"| {cell.distribution} | {cell.attack} | {int(100 * cell.fraction)}% | "
-                f"{defense} | {state} | | | | {paper_s} | |"
+                f"{defense} | {state} | | | | | | {paper_s} | |"
             )
             continue
         last = hist["rounds"][-1]
         asr = last.get("attack_success_rate")
         conf = last.get("misclassification_confidence")
         wall = hist["summary"].get("wall_seconds", 0.0)
+        honest, missed = _ban_columns(cell_bans(hist))
         lines.append(
             f"| {cell.distribution} | {cell.attack} | {int(100 * cell.fraction)}% | "
             f"{defense} | {100 * hist['summary']['final_test_accuracy']:.2f}% | "
             f"{100 * hist['summary']['best_test_accuracy']:.2f}% | "
             f"{'' if asr is None else f'{100 * asr:.1f}%'} | "
-            f"{'' if conf is None else f'{conf:.3f}'} | {paper_s} | {wall / 60:.1f} min |"
+            f"{'' if conf is None else f'{conf:.3f}'} | {honest} | {missed} | {paper_s} | "
+            f"{wall / 60:.1f} min |"
         )
     return "\n".join(lines)
 
@@ -553,8 +607,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"# Robustness grid, preset `{args.preset}`\n\n"
         f"Command: `siren bench robustness {command}` "
         "(resumable).  \n"
-        f"Settings: {settings}; SIREN thresholds C_c=4%, C_s=10%, C_p=0.45K, C_a=0.5; "
-        f"seed {args.seed}. 'paper' = the SIREN paper's reported accuracy for that cell.\n\n"
+        f"Settings: {settings}; SIREN thresholds C_c=4%, C_s=10%, C_a=0.5, with the "
+        "`authors` profile (relative C_c and C_s, C_p=int(0.45T)) for `siren` and `siren_no_wa` "
+        "and the `paper-text` profile (absolute, C_p=0.45K) for `siren_paper_text*` "
+        "(docs/reproducing.md); "
+        f"seed {args.seed}. 'paper' = the SIREN paper's reported accuracy for that cell. "
+        "'honest banned' and 'attackers missed' count SIREN's bans after the last round.\n\n"
         + (
             "## Overview\n\nFinal test accuracy without attack, and the lowest final accuracy "
             "over the attacks at each malicious fraction (the attack in brackets).\n\n"

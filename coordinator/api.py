@@ -195,6 +195,20 @@ class RunInfo(BaseModel):
     global_model_sha256: str | None
     admission: dict[str, int] = Field(description="Admission outcomes summed over the run")
     admin_enabled: bool = Field(description="Admin actions are available (token and service)")
+    siren_profile: str | None = Field(
+        description="SIREN profile of the server (authors or paper-text); null for other rules"
+    )
+    banned: list[str] = Field(description="Boards SIREN bans after the last closed round")
+    known_malicious: list[str] | None = Field(
+        description="Boards a simulator made malicious (its [simulation] table); null when the "
+        "coordinator cannot know, as in any real deployment"
+    )
+    honest_banned: list[str] | None = Field(
+        description="Banned boards that are not malicious; null without known_malicious"
+    )
+    attackers_missed: list[str] | None = Field(
+        description="Malicious boards not banned; null without known_malicious"
+    )
 
 
 class RoundSummary(BaseModel):
@@ -284,6 +298,9 @@ class ClientSummary(BaseModel):
     siren_banned: bool
     admin_banned: bool
     rejections: int = Field(description="Its logged admission rejections")
+    malicious: bool | None = Field(
+        description="Made malicious by the simulator; null when the coordinator cannot know"
+    )
 
 
 class ClientRound(BaseModel):
@@ -863,6 +880,7 @@ class _Answers:
                 if alarm is True:
                     name = ctx.name(i, record)
                     alarms[name] = alarms.get(name, 0) + 1
+        known = self._known_malicious()
         out = []
         for index, board in enumerate(ctx.boards):
             status = statuses.get(board)
@@ -887,9 +905,15 @@ class _Answers:
                     siren_banned=siren_banned,
                     admin_banned=admin_banned,
                     rejections=sum(rejections.get(board, {}).values()),
+                    malicious=None if known is None else board in known,
                 )
             )
         return out
+
+    def _known_malicious(self) -> frozenset[str] | None:
+        """The boards the simulator made malicious, or None when nobody told the coordinator."""
+        simulation = self.config.simulation
+        return None if simulation is None else frozenset(simulation.malicious)
 
     @staticmethod
     def _board_index(ctx: _RunContext, client_id: str) -> int:
@@ -972,6 +996,11 @@ class _Answers:
             current = v.current_round
             model = v.model_row(current)
             first = v.round_row(1) if not records else None
+            standing = _siren_standing(records, ctx)
+            banned = [] if standing is None else sorted(standing[1], key=_board_order(ctx))
+            known = self._known_malicious()
+            ordered_known = None if known is None else sorted(known, key=_board_order(ctx))
+            siren = config.aggregator.name == "siren"
             return RunInfo(
                 run=config.run,
                 aggregator=config.aggregator.name,
@@ -992,6 +1021,13 @@ class _Answers:
                 global_model_sha256=model[0] if model else None,
                 admission=v.decision_counts(),
                 admin_enabled=self.admin and self.controls is not None,
+                siren_profile=config.aggregator.profile if siren else None,
+                banned=banned,
+                known_malicious=ordered_known,
+                honest_banned=None if known is None else [b for b in banned if b not in known],
+                attackers_missed=None
+                if ordered_known is None
+                else [b for b in ordered_known if b not in set(banned)],
             )
 
     def rounds(self, first: int, last: int | None) -> list[RoundSummary]:

@@ -53,6 +53,8 @@ Example (relative paths are relative to the file's directory)::
                                       # times the median update norm (else it is re-aggregated
                                       # without the outsized updates); inf: no norm bound
     guard_max_abs = 1000000.0         # nor make any weight larger than this (inf: no bound)
+    profile = "authors"               # SIREN profile: "authors" or "paper-text" (the boards'
+                                      # [alarm] profile should match; see docs/reproducing.md)
 
     [api]                             # HTTP API and dashboard (coordinator.api)
     enabled = false
@@ -75,6 +77,11 @@ Example (relative paths are relative to the file's directory)::
     train_samples = 0
     test_samples = 0
     split_seed = 0
+
+    [simulation]                      # only in files written by `siren sim fleet`
+    malicious = ["board-002"]         # the boards the simulator made malicious: reported by the
+                                      # API and dashboard (honest boards banned, attackers
+                                      # missed), never used to admit or aggregate
 """
 
 from __future__ import annotations
@@ -94,6 +101,7 @@ from protocol import settings as toml_settings
 from protocol.settings import relative_path as _rel
 from protocol.settings import resolve_path as _path
 from protocol.settings import section_values as _section
+from protocol.siren_profiles import DEFAULT_PROFILE, get_profile
 
 try:  # Python 3.11+
     import tomllib
@@ -110,6 +118,7 @@ __all__ = [
     "CoordinatorConfig",
     "DataSettings",
     "ModelSettings",
+    "SimulationSettings",
     "TrainingSettings",
     "dumps_toml",
 ]
@@ -161,6 +170,12 @@ COMMENTS: dict[str, dict[str, str]] = {
         "guard_factor": "a round may move the global model at most this many times the median "
         "update norm (else it is re-aggregated without the outsized updates); inf: no bound",
         "guard_max_abs": "no weight of the global model may exceed this (inf: no bound)",
+        "profile": "SIREN profile: authors (the authors' code, default) or paper-text (the "
+        "paper as printed); boards' [alarm] profile should match (docs/reproducing.md)",
+    },
+    "simulation": {
+        "": "Written by the simulator only: which boards it made malicious (for reporting).",
+        "malicious": "client ids of the simulated attackers",
     },
     "data": {
         "": "Root test set and accuracy reporting. The split keys must match the boards'.",
@@ -226,12 +241,15 @@ class TrainingSettings:
 
 @dataclass(frozen=True)
 class AggregatorSettings:
-    """The server rule (a registered aggregator or ``siren``) and its parameters."""
+    """The server rule (a registered aggregator or ``siren``), its parameters and, for SIREN, the
+    profile (:mod:`protocol.siren_profiles`) whose thresholds it applies (``params`` such as
+    ``server_threshold`` or ``penalty_basis`` override the profile's)."""
 
     name: str = "fedavg"
     params: dict[str, Any] = field(default_factory=dict)
     guard_factor: float = 100.0
     guard_max_abs: float = 1e6
+    profile: str = DEFAULT_PROFILE
 
     def __post_init__(self) -> None:
         if not self.guard_factor > 0 or not self.guard_max_abs > 0:
@@ -239,6 +257,10 @@ class AggregatorSettings:
                 "aggregator.guard_factor and guard_max_abs must be positive (inf: no bound), "
                 f"got {self.guard_factor} and {self.guard_max_abs}"
             )
+        try:
+            get_profile(self.profile)
+        except ValueError as exc:
+            raise ConfigError(f"aggregator.profile: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -284,6 +306,26 @@ class DataSettings(SplitSettings):
 
 
 @dataclass(frozen=True)
+class SimulationSettings:
+    """What only a simulator knows: which boards it made malicious.
+
+    ``siren sim fleet`` writes it so that the API and the dashboard can count honest boards banned
+    and attackers missed. A real deployment has no such table (the coordinator cannot know), and
+    nothing in admission or aggregation reads it.
+    """
+
+    malicious: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        from protocol.topics import is_valid_id
+
+        object.__setattr__(self, "malicious", tuple(str(c) for c in self.malicious))
+        bad = [c for c in self.malicious if not is_valid_id(c)]
+        if bad:
+            raise ConfigError(f"simulation.malicious holds invalid client ids {bad}")
+
+
+@dataclass(frozen=True)
 class CoordinatorConfig:
     """Everything the coordinator service needs (see the module docstring)."""
 
@@ -307,6 +349,7 @@ class CoordinatorConfig:
     aggregator: AggregatorSettings = field(default_factory=AggregatorSettings)
     data: DataSettings = field(default_factory=DataSettings)
     api: ApiSettings = field(default_factory=ApiSettings)
+    simulation: SimulationSettings | None = None
 
     def __post_init__(self) -> None:
         from protocol.topics import is_valid_id
@@ -361,7 +404,16 @@ class CoordinatorConfig:
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], *, base_dir: Path) -> CoordinatorConfig:
         """Build the settings from parsed TOML."""
-        sections = {"coordinator", "broker", "model", "training", "aggregator", "data", "api"}
+        sections = {
+            "coordinator",
+            "broker",
+            "model",
+            "training",
+            "aggregator",
+            "data",
+            "api",
+            "simulation",
+        }
         unknown = set(raw) - sections
         if unknown:
             raise ConfigError(f"unknown section(s) {sorted(unknown)} in coordinator config")
@@ -399,6 +451,11 @@ class CoordinatorConfig:
                 ),
                 data=_build(DataSettings, dict(raw.get("data", {})), "data", base_dir),
                 api=_build(ApiSettings, dict(raw.get("api", {})), "api", base_dir),
+                simulation=(
+                    _build(SimulationSettings, dict(raw["simulation"]), "simulation")
+                    if "simulation" in raw
+                    else None
+                ),
             )
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"invalid coordinator config: {exc}") from None
@@ -433,19 +490,18 @@ class CoordinatorConfig:
             "defense_start_round": self.defense_start_round,
         }
         broker = mqtt.broker_to_toml(self.broker, relative_to, password_file)
-        return dumps_toml(
-            {
-                "coordinator": main,
-                "broker": broker,
-                "model": _section(self.model, relative_to),
-                "training": _section(self.training, relative_to),
-                "aggregator": _section(self.aggregator, relative_to),
-                "data": _section(self.data, relative_to),
-                "api": _section(self.api, relative_to),
-            },
-            comments=COMMENTS if commented else None,
-            header=header,
-        )
+        sections: dict[str, Mapping[str, Any]] = {
+            "coordinator": main,
+            "broker": broker,
+            "model": _section(self.model, relative_to),
+            "training": _section(self.training, relative_to),
+            "aggregator": _section(self.aggregator, relative_to),
+            "data": _section(self.data, relative_to),
+            "api": _section(self.api, relative_to),
+        }
+        if self.simulation is not None:
+            sections["simulation"] = {"malicious": list(self.simulation.malicious)}
+        return dumps_toml(sections, comments=COMMENTS if commented else None, header=header)
 
 
 def _build(cls: Any, values: dict[str, Any], section: str, base_dir: Path | None = None) -> Any:

@@ -432,16 +432,40 @@ def make_strategy(
     *,
     oracle: RootOracle | None = None,
     num_clients: int = 0,
+    num_rounds: int = 0,
+    profile: str | None = None,
     seed: int = 0,
 ) -> Strategy:
-    """Build the server strategy called ``name`` (an aggregation rule, or ``"siren"``)."""
+    """Build the server strategy called ``name`` (an aggregation rule, or ``"siren"``).
+
+    Parameters
+    ----------
+    name : str
+        A registered rule or ``"siren"``.
+    params : dict, optional
+        The rule's (or SIREN's) parameters; they win over ``profile`` and ``seed``.
+    oracle : RootOracle, optional
+        The server's root set (SIREN, FLTrust).
+    num_clients, num_rounds : int
+        K and T of the run (SIREN's penalty threshold is a fraction of one of them).
+    profile : str, optional
+        SIREN profile (:mod:`protocol.siren_profiles`); None: the default. Other rules ignore it.
+    seed : int
+        The run seed.
+    """
     if name == "siren":
         from coordinator.siren import SirenStrategy
 
         if oracle is None:
             raise ValueError("SIREN needs the server's root test set (an oracle)")
         # The run seed drives SIREN's probes of banned boards unless a seed is given explicitly.
+        defaults: dict[str, Any] = {"seed": seed}
+        if profile is not None:
+            defaults["profile"] = profile
         return SirenStrategy(
-            oracle=oracle, num_clients=num_clients, **{"seed": seed, **(params or {})}
+            oracle=oracle,
+            num_clients=num_clients,
+            num_rounds=num_rounds,
+            **{**defaults, **(params or {})},
         )
     return RuleStrategy(name, params, oracle=oracle, seed=seed)

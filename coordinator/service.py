@@ -240,7 +240,15 @@ def build_runtime(config: CoordinatorConfig, num_clients: int) -> CoordinatorRun
     params = dict(config.aggregator.params)
     if name == "siren":
         params.setdefault("seed", config.seed)  # seeds SIREN's probes of banned boards
-    strategy = make_strategy(name, params, oracle=oracle, num_clients=num_clients, seed=config.seed)
+    strategy = make_strategy(
+        name,
+        params,
+        oracle=oracle,
+        num_clients=num_clients,
+        num_rounds=config.rounds,
+        profile=config.aggregator.profile,
+        seed=config.seed,
+    )
     undefended = None
     if config.defense_start_round > 1:
         undefended = RuleStrategy("fedavg", seed=config.seed)

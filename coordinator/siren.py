@@ -31,10 +31,19 @@ root accuracy in the set being tested) exceeds π/2, i.e. ``cos < 0``, is malici
 vector has no direction; its cosine is recorded as ``None`` and it passes (angle taken as π/2).
 
 **Penalty** (§4.6): every judgement "malicious" adds 1 to the client's count (its *malicious
-index*, Figs. 11-14). A count ``> C_p`` (default ``0.45·K``) bans the client: from the next
-round its update is refused without checking. **Award**: a banned client judged benign loses
+index*, Figs. 11-14). A count ``> C_p`` bans the client: from the next round its update is
+refused without checking. **Award**: a banned client judged benign loses
 ``C_a`` from its count and rejoins, from the next round, once the count is ``< C_p`` (the gap
 between ``> C_p`` and ``< C_p`` is a hysteresis: a count of exactly ``C_p`` keeps the status).
+
+**Profiles.** The paper's text and its authors' public code differ in how C_s and C_p are
+applied (and in the boards' alarm rule); :mod:`protocol.siren_profiles` names both readings and
+derives the relative threshold. ``profile="authors"`` (the default) applies C_s relative to the
+reference accuracy of each test — ``max − ω^(i) < C_s·max`` wherever the list above says
+``max − ω^(i) < C_s``, and ``max_a − max_s ≤ C_s·max_a`` for the false-alarm test — and bans
+above ``C_p = int(0.45·T)`` penalties (T = rounds of the run); ``profile="paper-text"`` applies
+C_s as an absolute difference and bans above ``C_p = 0.45·K``. ``server_threshold`` and
+``penalty_basis`` override the profile one at a time.
 
 Choices where the paper is ambiguous (all documented on the parameters of :class:`SirenParams`):
 
@@ -74,15 +83,15 @@ Choices where the paper is ambiguous (all documented on the parameters of :class
 8. Threshold comparisons allow 1e-9 of rounding: accuracy differences that equal ``C_s`` in
    exact arithmetic (e.g. 0.85 − 0.75) count as equal to it.
 
-Interaction with the paper alarm rule: a benign board alarms whenever ``g_t`` is not ``C_c``
-better than its own previous model, which in IID training is most rounds after the first few.
-It then trains from its own model, so its ``Δ^(i)`` carries the offset ``g_t^(i) − g_t``; the
-offsets of models around their mean are negatively correlated, so two benign updates are often
-slightly more than π/2 apart and the weight analysis rejects (and penalizes) benign boards in
-clean rounds. The accuracy check alone still rejects boosted sign-flipped updates, so
-``weight_analysis=False`` removes those false rejections; the authors' relative alarm rule removes
-the false alarms instead, but then attackers that stay silent poison every round in which no
-board alarms (Fig. 3 case 2), which the paper rule prevents.
+Interaction with the printed alarm rule (profile ``paper-text``): a benign board alarms whenever
+``g_t`` is not ``C_c`` better than its own previous model, which in IID training is most rounds
+after the first few. It then trains from its own model, so its ``Δ^(i)`` carries the offset
+``g_t^(i) − g_t``; the offsets of models around their mean are negatively correlated, so two
+benign updates are often slightly more than π/2 apart and the weight analysis rejects (and
+penalizes) benign boards in clean rounds. The accuracy check alone still rejects boosted
+sign-flipped updates, so ``weight_analysis=False`` removes those false rejections; the authors'
+relative alarm rule removes the false alarms instead, but then attackers that stay silent poison
+every round in which no board alarms (Fig. 3 case 2), which the printed rule prevents.
 
 Complexity per round: at most ``K + probes`` root-set evaluations (none in cases 1-2 without
 probes), ``O(K d)`` for the weight analysis and the weighted sum.
@@ -99,6 +108,12 @@ import numpy as np
 
 from coordinator.errors import UnknownAggregatorError
 from coordinator.rounds import RootOracle, StepResult, Submission
+from protocol.siren_profiles import (
+    DEFAULT_PROFILE,
+    PENALTY_BASES,
+    SERVER_THRESHOLDS,
+    get_profile,
+)
 
 #: Tolerance of the threshold comparisons (choice 8 of the module docstring).
 EPS = 1e-9
@@ -121,11 +136,13 @@ class SirenParams:
     Attributes
     ----------
     c_s : float
-        Server identification threshold C_s (accuracy fraction; 0.10 = 10 points).
+        Server identification threshold C_s (0.10: 10 points of accuracy, or 10% of the
+        reference accuracy with ``server_threshold="relative"``).
     c_p : float or None
-        Penalty threshold C_p; None means ``c_p_fraction · K``.
+        Penalty threshold C_p; None means ``c_p_fraction · K`` or ``int(c_p_fraction · T)``
+        (``penalty_basis``).
     c_p_fraction : float
-        C_p as a fraction of the number of clients K (0.45).
+        C_p as a fraction of the number of clients K or of rounds T (0.45).
     c_a : float
         Award C_a subtracted from a banned client's count when it is judged benign (0.5).
     weight_analysis : bool
@@ -146,6 +163,12 @@ class SirenParams:
         Test alarming clients in the false-alarm branch instead of rejecting them all (choice 6).
     seed : int
         Seed of the probe draws.
+    profile : str
+        SIREN profile (:mod:`protocol.siren_profiles`) giving the defaults of the next two.
+    server_threshold : {"absolute", "relative"} or None
+        ``max − ω < C_s`` or ``max − ω < C_s · max``; None: the profile's.
+    penalty_basis : {"clients", "rounds"} or None
+        ``C_p = c_p_fraction · K`` or ``int(c_p_fraction · T)``; None: the profile's.
     """
 
     c_s: float = 0.10
@@ -161,8 +184,20 @@ class SirenParams:
     case4_silent: str = "malicious"
     false_alarm_check: bool = False
     seed: int = 0
+    profile: str = DEFAULT_PROFILE
+    server_threshold: str | None = None
+    penalty_basis: str | None = None
 
     def __post_init__(self) -> None:
+        try:
+            chosen = get_profile(self.profile)
+        except ValueError as exc:
+            raise ValueError(f"siren: {exc}") from None
+        # Unset overrides take the profile's value, so the recorded parameters are explicit.
+        if self.server_threshold is None:
+            object.__setattr__(self, "server_threshold", chosen.server_threshold)
+        if self.penalty_basis is None:
+            object.__setattr__(self, "penalty_basis", chosen.penalty_basis)
         if not 0.0 <= self.c_s <= 1.0:
             raise ValueError(f"siren: c_s must be in [0, 1], got {self.c_s}")
         if self.c_p is not None and not self.c_p > 0:
@@ -179,6 +214,8 @@ class SirenParams:
             ("alpha", self.alpha, ALPHA_MODES),
             ("rollback", self.rollback, ROLLBACK_MODES),
             ("case4_silent", self.case4_silent, CASE4_SILENT_MODES),
+            ("server_threshold", self.server_threshold, SERVER_THRESHOLDS),
+            ("penalty_basis", self.penalty_basis, PENALTY_BASES),
         ):
             if value not in allowed:
                 raise ValueError(f"siren: {name} must be one of {allowed}, got {value!r}")
@@ -206,8 +243,17 @@ class SirenParams:
             kind = type(getattr(defaults, name))
             if name == "c_p":
                 kind = float
-            converted[name] = _coerce(name, raw, kind, allow_none=name == "c_p")
+            optional = name in ("c_p", "server_threshold", "penalty_basis")
+            converted[name] = _coerce(name, raw, kind, allow_none=optional)
         return cls(**converted)
+
+    def threshold(self, reference: float) -> float:
+        """The C_s margin of a test against ``reference`` (the accuracy compared with).
+
+        ``c_s`` itself (absolute) or ``c_s · reference`` (relative); see
+        :mod:`protocol.siren_profiles` for the derivation.
+        """
+        return self.c_s * reference if self.server_threshold == "relative" else self.c_s
 
 
 def describe_parameters() -> str:
@@ -312,8 +358,8 @@ class _RoundView:
         return max(group, key=lambda c: (self.accuracy(c), -c))
 
     def close(self, cid: int, top: float) -> bool:
-        """``top − ω^(i) < C_s`` (with the rounding allowance)."""
-        return top - self.accuracy(cid) < self.params.c_s - EPS
+        """``top − ω^(i) < C_s`` (``< C_s · top`` when relative), with the rounding allowance."""
+        return top - self.accuracy(cid) < self.params.threshold(top) - EPS
 
     def aligned(self, cid: int, ref: int) -> bool:
         """Weight analysis: the angle between ``Δ^(i)`` and ``Δ^(ref)`` is at most π/2."""
@@ -358,7 +404,11 @@ class SirenStrategy:
     oracle : RootOracle
         Root-set accuracy of flat weight vectors (``accuracy(weights) -> float``).
     num_clients : int
-        K, the size of the fleet (sets ``C_p = c_p_fraction · K`` unless ``c_p`` is given).
+        K, the size of the fleet (sets ``C_p = c_p_fraction · K`` with
+        ``penalty_basis="clients"``, unless ``c_p`` is given).
+    num_rounds : int
+        T, the rounds of the run (sets ``C_p = int(c_p_fraction · T)`` with
+        ``penalty_basis="rounds"``, unless ``c_p`` is given).
     **params
         Fields of :class:`SirenParams`.
 
@@ -374,19 +424,33 @@ class SirenStrategy:
 
     name = "siren"
 
-    def __init__(self, oracle: RootOracle, num_clients: int = 0, **params: Any) -> None:
+    def __init__(
+        self, oracle: RootOracle, num_clients: int = 0, num_rounds: int = 0, **params: Any
+    ) -> None:
         self.oracle = oracle
         self.params = SirenParams.from_kwargs(params)
-        if num_clients < 0:
-            raise ValueError(f"num_clients must be >= 0, got {num_clients}")
-        if self.params.c_p is None and num_clients == 0:
-            raise ValueError("siren needs num_clients (K) for C_p = 0.45·K, or an explicit c_p")
+        if num_clients < 0 or num_rounds < 0:
+            raise ValueError(
+                f"num_clients and num_rounds must be >= 0, got {num_clients} and {num_rounds}"
+            )
+        p = self.params
         self.num_clients = num_clients
-        self.c_p = (
-            float(self.params.c_p)
-            if self.params.c_p is not None
-            else self.params.c_p_fraction * num_clients
-        )
+        self.num_rounds = num_rounds
+        if p.c_p is not None:
+            self.c_p = float(p.c_p)
+        elif p.penalty_basis == "rounds":
+            if num_rounds == 0:
+                raise ValueError(
+                    f"siren profile {p.profile!r} bans after int({p.c_p_fraction}·T) penalties: "
+                    "pass num_rounds (T), an explicit c_p, or penalty_basis=clients"
+                )
+            self.c_p = float(int(p.c_p_fraction * num_rounds))
+        else:
+            if num_clients == 0:
+                raise ValueError(
+                    f"siren needs num_clients (K) for C_p = {p.c_p_fraction}·K, or an explicit c_p"
+                )
+            self.c_p = p.c_p_fraction * num_clients
         self.previous: np.ndarray | None = None
         self.counts: dict[int, float] = {i: 0.0 for i in range(num_clients)}
         self.banned: set[int] = set()
@@ -485,6 +549,9 @@ class SirenStrategy:
             "c_s": p.c_s,
             "c_p": self.c_p,
             "c_a": p.c_a,
+            "profile": p.profile,
+            "server_threshold": p.server_threshold,
+            "penalty_basis": p.penalty_basis,
         }
         return StepResult(new_global, verdicts, record)
 
@@ -517,7 +584,7 @@ class SirenStrategy:
             r_s = view.best(silent)
             d.reference["silent"] = r_s
             d.max_silent = view.accuracy(r_s)
-        if d.max_silent is None or max_a - d.max_silent > p.c_s + EPS:
+        if d.max_silent is None or max_a - d.max_silent > p.threshold(max_a) + EPS:
             d.branch, d.rollback = "poisoned-global", True
             d.benign, d.malicious = list(alarming), list(silent)
             return d
@@ -650,6 +717,7 @@ class SirenStrategy:
             "version": STATE_VERSION,
             "params": asdict(self.params),
             "num_clients": self.num_clients,
+            "num_rounds": self.num_rounds,
             "c_p": self.c_p,
             "last_round": self.last_round,
             "previous_global": None if self.previous is None else encode_vector(self.previous),

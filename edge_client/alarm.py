@@ -7,8 +7,15 @@ Each round a board measures, on its local test split (never trained on):
 
 Two rules decide the alarm bit ``A_t^(i)``:
 
-* ``paper`` (default, SIREN §4.2 step 3): no alarm iff ``ω_t − ω_t^(i) ≥ C_c``;
+* ``paper`` (SIREN §4.2 step 3, Alg. 1 line 18): no alarm iff ``ω_t − ω_t^(i) ≥ C_c``;
 * ``relative`` (the authors' public code): alarm iff ``ω_t^(i) > ω_t + C_c · ω_t^(i)``.
+
+The rule comes from the SIREN profile (:mod:`protocol.siren_profiles`; ``authors`` →
+``relative``, ``paper-text`` → ``paper``) unless it is set explicitly. With the printed rule and
+C_c = 4% a benign board alarms whenever the global model is not 4 points better than its own
+previous model, which in IID training is most rounds once the local models have caught up; with
+the relative rule it alarms only when the global model is worse than its own by more than 4% of
+its own accuracy, i.e. when the global model is actually poor.
 
 Without a previous local model (the board's first round) there is never an alarm.
 """
@@ -21,7 +28,9 @@ from typing import Any
 
 import numpy as np
 
-ALARM_RULES = ("paper", "relative")
+from protocol.siren_profiles import ALARM_RULES, DEFAULT_PROFILE, get_profile
+
+__all__ = ["ALARM_RULES", "EPS", "AlarmConfig", "AlarmResult", "decide_alarm", "run_alarm"]
 
 
 @dataclass(frozen=True)
@@ -33,11 +42,25 @@ class AlarmConfig:
     threshold : float
         C_c, as a fraction (0.04 = 4 points of accuracy).
     rule : {"paper", "relative"}
-        Which comparison decides the alarm (module docstring).
+        Which comparison decides the alarm (module docstring); the default is the default
+        SIREN profile's rule.
     """
 
     threshold: float = 0.04
-    rule: str = "paper"
+    rule: str = get_profile(DEFAULT_PROFILE).alarm_rule
+
+    @classmethod
+    def for_profile(
+        cls, profile: str | None = None, threshold: float = 0.04, rule: str | None = None
+    ) -> AlarmConfig:
+        """The alarm of SIREN profile ``profile`` (None: the default); ``rule`` overrides it.
+
+        Raises
+        ------
+        ValueError
+            An unknown profile or rule, or a threshold outside [0, 1].
+        """
+        return cls(threshold, rule if rule is not None else get_profile(profile).alarm_rule)
 
     def __post_init__(self) -> None:
         if self.rule not in ALARM_RULES:

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from protocol.siren_profiles import DEFAULT_PROFILE, profile_names
 from siren_cli.errors import CommandError
 from siren_cli.signals import stop_on_signals
 
@@ -74,7 +75,7 @@ def _provision(args: argparse.Namespace) -> int:
             rounds=args.rounds,
             seed=args.seed,
             training=TrainingSettings(model=args.model),
-            alarm=AlarmSettings(enabled=args.alarm),
+            alarm=AlarmSettings(enabled=args.alarm, profile=args.siren_profile),
             data=data,
             place=Placement(args.install_dir, args.user, args.venv),
             force=args.force,
@@ -156,6 +157,13 @@ def register(sub: Any) -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="run the SIREN alarm (default: on)",
+    )
+    prov.add_argument(
+        "--siren-profile",
+        default=DEFAULT_PROFILE,
+        choices=profile_names(),
+        help="SIREN profile of the alarm rule; must match the coordinator's aggregator.profile "
+        "(default: %(default)s)",
     )
     prov.add_argument(
         "--dataset",

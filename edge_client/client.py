@@ -614,7 +614,9 @@ def build_runtime(config: BoardConfig, data: BoardData | None = None) -> BoardRu
         from models.litert import make_evaluator
 
         evaluator = make_evaluator(trainer.model, prefer=config.alarm.backend)
-        alarm = AlarmConfig(config.alarm.threshold, config.alarm.rule)
+        alarm = AlarmConfig.for_profile(
+            config.alarm.profile, config.alarm.threshold, config.alarm.rule
+        )
         if evaluator.backend != config.alarm.backend:
             logger.warning(
                 "%s: alarm backend %s asked for but unavailable (no ai-edge-litert or "

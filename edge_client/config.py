@@ -35,7 +35,8 @@ Example (every key shown; relative paths are relative to the file's directory)::
 
     [alarm]
     enabled = true
-    rule = "paper"
+    profile = "authors"            # SIREN profile: "authors" or "paper-text" (as the coordinator's)
+    rule = ""                      # "": the profile's rule; "paper" or "relative" override it
     threshold = 0.04
     backend = "litert"
 
@@ -70,6 +71,7 @@ from protocol import settings as toml_settings
 from protocol.settings import relative_path as _rel
 from protocol.settings import resolve_path as _path
 from protocol.settings import section_values as _section
+from protocol.siren_profiles import ALARM_RULES, DEFAULT_PROFILE, get_profile
 
 try:  # Python 3.11+
     import tomllib
@@ -120,7 +122,10 @@ COMMENTS: dict[str, dict[str, str]] = {
     "alarm": {
         "": "SIREN's local-test alarm (Algorithm 1).",
         "enabled": "run the alarm every round",
-        "rule": "paper (Alg. 1 as printed) or relative (the authors' code)",
+        "profile": "SIREN profile: authors (the authors' code, default) or paper-text "
+        "(Alg. 1 as printed); must match the coordinator's [aggregator] profile",
+        "rule": 'paper (Alg. 1 as printed) or relative (the authors\' code); "" = the '
+        "profile's rule",
         "threshold": "client threshold C_c",
         "backend": "litert (on-device inference) or keras",
     },
@@ -166,12 +171,29 @@ class TrainingSettings:
 
 @dataclass(frozen=True)
 class AlarmSettings:
-    """SIREN client alarm (Algorithm 1): rule, threshold C_c and inference runtime."""
+    """SIREN client alarm (Algorithm 1): profile, rule, threshold C_c and inference runtime.
+
+    ``rule`` left unset (None, or ``""`` in TOML) takes the rule of ``profile``
+    (:mod:`protocol.siren_profiles`) and is stored resolved.
+    """
 
     enabled: bool = False
-    rule: str = "paper"
+    profile: str = DEFAULT_PROFILE
+    rule: str | None = None
     threshold: float = 0.04
     backend: str = "litert"
+
+    def __post_init__(self) -> None:
+        try:
+            chosen = get_profile(self.profile)
+        except ValueError as exc:
+            raise ConfigError(f"alarm.profile: {exc}") from None
+        if self.rule is None:
+            object.__setattr__(self, "rule", chosen.alarm_rule)
+        elif self.rule not in ALARM_RULES:
+            raise ConfigError(
+                f"alarm.rule must be one of {ALARM_RULES} or empty, got {self.rule!r}"
+            )
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from protocol.siren_profiles import ALARM_RULES, DEFAULT_PROFILE, profile_names
 from siren_cli.errors import CommandError
 
 
@@ -135,11 +136,20 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
         help="boards run the SIREN alarm (default: only with --aggregator siren)",
     )
     d.add_argument(
+        "--siren-profile",
+        default=DEFAULT_PROFILE,
+        choices=profile_names(),
+        help="SIREN reading: authors = the authors' public code (relative alarm rule, relative "
+        "C_s, ban after int(0.45*T) penalties); paper-text = Alg. 1 / Table 2 as printed "
+        "(default: %(default)s; --alarm-rule and --agg-param server_threshold=..., "
+        "penalty_basis=... override one part)",
+    )
+    d.add_argument(
         "--alarm-rule",
-        default="paper",
-        choices=["paper", "relative"],
-        help="paper: alarm unless acc(global)-acc(local) >= C_c; relative: the "
-        "authors' code (default: paper)",
+        default=None,
+        choices=list(ALARM_RULES),
+        help="paper: alarm unless acc(global)-acc(local) >= C_c; relative: alarm when "
+        "acc(local) > acc(global) + C_c*acc(local) (default: the profile's)",
     )
     d.add_argument(
         "--alarm-threshold", type=float, default=0.04, help="client threshold C_c (default: 0.04)"
@@ -229,6 +239,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
             aggregator=args.aggregator,
             aggregator_params=parse_key_values(args.agg_param, "--agg-param"),
             alarm=args.alarm,
+            siren_profile=args.siren_profile,
             alarm_rule=args.alarm_rule,
             alarm_threshold=args.alarm_threshold,
             alarm_backend=args.alarm_backend,
@@ -289,7 +300,12 @@ def _run(args: argparse.Namespace) -> int:
     validate_names(config)
     out = Path(args.out)
     from firmware_sim.engine import run_simulation
-    from firmware_sim.report import plot_accuracy, plot_malicious_index, write_history
+    from firmware_sim.report import (
+        format_ban_outcome,
+        plot_accuracy,
+        plot_malicious_index,
+        write_history,
+    )
 
     print(
         f"siren sim run: {config.clients} boards, {config.rounds} rounds, "
@@ -319,6 +335,9 @@ def _run(args: argparse.Namespace) -> int:
     )
     if history["fleet"].get("malicious_ids"):
         print(f"malicious boards: {history['fleet']['malicious_ids']}")
+    bans = format_ban_outcome(s.get("bans"))
+    if bans is not None:
+        print(bans)
     if index_png is not None:
         print(f"malicious index per board: {index_png}")
     return 0
@@ -339,7 +358,8 @@ def _aggregators(args: argparse.Namespace) -> int:
 
     print(
         f"siren({describe_parameters()}): SIREN decision process (alarms, root-set accuracy, "
-        "weight analysis, penalty and award); c_p=None means 0.45·K"
+        "weight analysis, penalty and award); c_p=None: 0.45·K or int(0.45·T), "
+        "as the profile says"
     )
     return 0
 

@@ -20,11 +20,13 @@ from coordinator.rounds import RuleStrategy, Submission, guarded_step, make_stra
 from edge_client.alarm import AlarmConfig
 from edge_client.board import BoardData, BoardState, BoardUpdate, board_step
 from firmware_sim.adversary import Adversary
+from firmware_sim.report import ban_outcome
 from models.datasets import Dataset, load_dataset
 from models.partition import FederatedSplit, make_federated_split
 from models.tf_setup import seed_everything
 from models.training import TrainConfig, Trainer, default_learning_rate
 from models.zoo import DEFAULT_MODEL
+from protocol.siren_profiles import DEFAULT_PROFILE, get_profile
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,9 @@ class SimConfig:
     """Everything that defines a simulated run (recorded verbatim in ``history.json``).
 
     Attributes mirror the ``siren sim run`` options; see ``siren sim run --help``.
+    ``siren_profile`` (:mod:`protocol.siren_profiles`) sets the boards' alarm rule and the SIREN
+    server's thresholds; ``alarm_rule`` left at None takes the profile's rule (and is recorded
+    resolved), server parameters in ``aggregator_params`` override the profile's.
     """
 
     dataset: str = "auto"
@@ -53,7 +58,8 @@ class SimConfig:
     aggregator: str = "fedavg"
     aggregator_params: dict[str, Any] = field(default_factory=dict)
     alarm: bool | None = None
-    alarm_rule: str = "paper"
+    siren_profile: str = DEFAULT_PROFILE
+    alarm_rule: str | None = None
     alarm_threshold: float = 0.04
     alarm_backend: str = "litert"
     attack: str | None = None
@@ -83,6 +89,9 @@ class SimConfig:
                 f"--guard-factor and --guard-max-abs must be positive (inf: no bound), got "
                 f"{self.guard_factor} and {self.guard_max_abs}"
             )
+        profile = get_profile(self.siren_profile)  # raises with the valid names
+        if self.alarm_rule is None:
+            object.__setattr__(self, "alarm_rule", profile.alarm_rule)
 
     @property
     def alarm_enabled(self) -> bool:
@@ -166,6 +175,8 @@ def build_fleet(config: SimConfig, dataset: Dataset | None = None) -> Fleet:
         config.aggregator_params,
         oracle=oracle,
         num_clients=config.clients,
+        num_rounds=config.rounds,
+        profile=config.siren_profile,
         seed=config.seed,
     )
     # Before --defense-start-round the server runs plain FedAvg (SIREN §5.9); boards keep their
@@ -218,7 +229,11 @@ def play_round(fleet: Fleet, round_index: int, global_weights: np.ndarray) -> di
     cfg = fleet.config
     t0 = time.perf_counter()
     selected = select_clients(cfg, round_index)
-    alarm_cfg = AlarmConfig(cfg.alarm_threshold, cfg.alarm_rule) if cfg.alarm_enabled else None
+    alarm_cfg = (
+        AlarmConfig.for_profile(cfg.siren_profile, cfg.alarm_threshold, cfg.alarm_rule)
+        if cfg.alarm_enabled
+        else None
+    )
     updates: list[BoardUpdate] = []
     for cid in selected:
         data = fleet.boards[cid]
@@ -304,6 +319,7 @@ def run_simulation(
         if progress is not None:
             progress(record)
     final = rounds[-1]
+    malicious = sorted(fleet.adversary.malicious_ids)
     return {
         "config": asdict(config),
         "fleet": {
@@ -324,7 +340,8 @@ def run_simulation(
             "final_test_loss": final["test_loss"],
             "best_test_accuracy": max(r["test_accuracy"] for r in rounds),
             "wall_seconds": time.perf_counter() - started,
-            "malicious_ids": sorted(fleet.adversary.malicious_ids),
+            "malicious_ids": malicious,
+            "bans": ban_outcome(rounds, malicious),
         },
         "strategy_state": fleet.strategy.state_dict(),
         "final_global": global_weights,

@@ -214,7 +214,11 @@ class FleetWorker:
         self.fleet = fleet if fleet is not None else build_fleet(self.config)
         cfg = self.config
         self.layout = TensorLayout(self.fleet.trainer.layout.as_list())
-        self.alarm = AlarmConfig(cfg.alarm_threshold, cfg.alarm_rule) if cfg.alarm_enabled else None
+        self.alarm = (
+            AlarmConfig.for_profile(cfg.siren_profile, cfg.alarm_threshold, cfg.alarm_rule)
+            if cfg.alarm_enabled
+            else None
+        )
         self.profiles = [DeviceProfile(**p) for p in spec.profiles]
         coordinator_key = load_verify_key(spec.coordinator_key)
         self.inbox: queue.Queue[LinkEvent] = queue.Queue()
@@ -594,6 +598,7 @@ def prepare_fleet(
         CoordinatorConfig,
         DataSettings,
         ModelSettings,
+        SimulationSettings,
         TrainingSettings,
     )
     from coordinator.config import BrokerSettings as CoordinatorBroker
@@ -616,6 +621,13 @@ def prepare_fleet(
         allow.add(name, key.verify_key)
     allow.save(coord_dir / "allow-list.txt")
     dataset = resolve_dataset(config.dataset)
+    malicious: tuple[int, ...] = ()
+    if config.attack not in (None, "", "none"):
+        from firmware_sim.attacks import select_malicious_ids
+
+        malicious, _ = select_malicious_ids(
+            config.clients, config.malicious, config.malicious_ids, config.seed
+        )
     coord = CoordinatorConfig(
         run=run_id,
         key_dir=coord_dir / "keys",
@@ -647,6 +659,7 @@ def prepare_fleet(
             dict(config.aggregator_params),
             guard_factor=getattr(config, "guard_factor", 100.0),
             guard_max_abs=getattr(config, "guard_max_abs", 1e6),
+            profile=config.siren_profile,
         ),
         data=DataSettings(
             dataset=dataset,
@@ -663,6 +676,8 @@ def prepare_fleet(
             split_seed=config.seed,
         ),
         api=ApiSettings(enabled=options.api_port is not None, port=options.api_port or 0),
+        # The simulator's ground truth, for the dashboard's counts of bans (never for decisions).
+        simulation=SimulationSettings(tuple(client_name(i) for i in malicious)),
     )
     coord_toml = coord_dir / "coord.toml"
     password_file = None
@@ -772,6 +787,7 @@ def board_config_for(spec: WorkerSpec, index: int, state_dir: Path) -> Any:
         ),
         alarm=AlarmSettings(
             enabled=cfg.alarm_enabled,
+            profile=cfg.siren_profile,
             rule=cfg.alarm_rule,
             threshold=cfg.alarm_threshold,
             backend=cfg.alarm_backend,
@@ -1035,6 +1051,8 @@ def _history(
     protocol: int,
     workers: int,
 ) -> dict[str, Any]:
+    from firmware_sim.report import ban_outcome
+
     describe, worker_rounds = read_worker_stats(stats_paths)
     describe = {k: v for k, v in describe.items() if k not in ("kind", "worker")}
     rows = [r for r in store.round_rows() if r.status == "closed"]
@@ -1050,6 +1068,8 @@ def _history(
     seconds = [r["seconds"] for r in rounds]
     config_dict = asdict(config)
     config_dict["dataset"] = describe.get("dataset", config.dataset)
+    malicious = describe.get("malicious_ids")
+    bans = ban_outcome(rounds, malicious if isinstance(malicious, list) else None)
     return {
         "config": config_dict,
         "fleet": {
@@ -1076,6 +1096,8 @@ def _history(
                 for k, v in store.decision_counts().items()
                 if k not in ("accepted", "duplicate")
             },
+            "malicious_ids": malicious if isinstance(malicious, list) else None,
+            "bans": bans,
         },
         "strategy_state": rows[-1].strategy_state,
         "final_global": final.weights,
@@ -1155,7 +1177,7 @@ def fleet_command(args: argparse.Namespace) -> int:
     from firmware_sim.broker import BrokerError
     from firmware_sim.cli import config_from_args, format_round, validate_names
     from firmware_sim.profiles import parse_mix
-    from firmware_sim.report import plot_accuracy, write_history
+    from firmware_sim.report import format_ban_outcome, plot_accuracy, write_history
     from siren_cli.errors import CommandError
 
     config = config_from_args(args)
@@ -1224,6 +1246,9 @@ def fleet_command(args: argparse.Namespace) -> int:
     )
     if history["fleet"].get("malicious_ids"):
         print(f"malicious boards: {history['fleet']['malicious_ids']}")
+    bans = format_ban_outcome(s.get("bans"))
+    if bans is not None:
+        print(bans)
     return 0
 
 

@@ -40,6 +40,74 @@ def _write_json(path: Path, data: Any) -> None:
     tmp.replace(path)
 
 
+def ban_outcome(
+    rounds: list[dict[str, Any]], malicious_ids: list[int] | None
+) -> dict[str, Any] | None:
+    """Who the server banned by the end of a run, against who was malicious.
+
+    Parameters
+    ----------
+    rounds : list of dict
+        The history's round records; a strategy that bans (SIREN's penalty mechanism) lists its
+        banned clients in ``decision["banned"]`` after every round.
+    malicious_ids : list of int or None
+        The malicious boards, when the simulator knows them (None: unknown).
+
+    Returns
+    -------
+    dict or None
+        None when no round records bans (rules without a penalty mechanism). Otherwise
+        ``banned`` (after the last round), ``ever_banned`` (in any round), and when
+        ``malicious_ids`` is known: ``honest_banned`` / ``honest_banned_count`` (honest boards
+        banned at the end), ``honest_ever_banned`` (honest boards banned at some point, even if
+        they rejoined) and ``attackers_missed`` / ``attackers_missed_count`` (malicious boards
+        not banned at the end).
+    """
+    lists = [
+        r["decision"]["banned"]
+        for r in rounds
+        if isinstance(r.get("decision"), dict) and isinstance(r["decision"].get("banned"), list)
+    ]
+    if not lists:
+        return None
+    banned = sorted(int(c) for c in lists[-1])
+    ever = sorted({int(c) for banned_then in lists for c in banned_then})
+    out: dict[str, Any] = {"banned": banned, "ever_banned": ever}
+    if malicious_ids is not None:
+        bad = {int(c) for c in malicious_ids}
+        out["honest_banned"] = [c for c in banned if c not in bad]
+        out["honest_banned_count"] = len(out["honest_banned"])
+        out["honest_ever_banned"] = [c for c in ever if c not in bad]
+        out["attackers_missed"] = sorted(bad - set(banned))
+        out["attackers_missed_count"] = len(out["attackers_missed"])
+    return out
+
+
+def format_ban_outcome(outcome: dict[str, Any] | None) -> str | None:
+    """One line for a run's summary (None when the strategy does not ban).
+
+    ``banned [2, 4, 6, 7]: 0 honest boards banned, 0 of 4 attackers missed``; without known
+    malicious boards only the banned list.
+    """
+    if outcome is None:
+        return None
+    line = f"banned {outcome['banned']}"
+    if "honest_banned" not in outcome:
+        return line + " (malicious boards unknown)"
+    honest = outcome["honest_banned"]
+    attackers = outcome["attackers_missed_count"] + len(outcome["banned"]) - len(honest)
+    line += f": {len(honest)} honest board{'' if len(honest) == 1 else 's'} banned"
+    if honest:
+        line += f" {honest}"
+    line += f", {outcome['attackers_missed_count']} of {attackers} attackers missed"
+    if outcome["attackers_missed"]:
+        line += f" {outcome['attackers_missed']}"
+    rejoined = [c for c in outcome["honest_ever_banned"] if c not in honest]
+    if rejoined:
+        line += f"; honest boards banned and readmitted: {rejoined}"
+    return line
+
+
 def plot_accuracy(histories: dict[str, dict[str, Any]], path: Path, title: str = "") -> Path:
     """Test accuracy per round, one line per labelled history, saved as PNG."""
     import matplotlib

@@ -20,15 +20,24 @@ by the three rules:
 * ``reaggregate="rule"`` (default) re-aggregates the remaining clients with the same rule, the
   removed clients counted against the Byzantine budget (Krum ``f - removed``, trimmed mean
   ``beta - removed``; the median has no budget); ``"mean"`` takes their plain mean (Eq. 1).
-* ``max_flagged`` (default: the rule's budget, ``f`` for Krum, ``beta`` for the trimmed mean
-  and ``(K - 1) // 2`` for the median). The paper's detection presumes an attack: its maximum is
-  taken over the clients, so the Krum-selected client (``rho = 1``) is always flagged and, with no
-  attacker, every client has a similar trimmed count. When more clients are flagged than the
-  budget allows, detection contradicts the Byzantine assumption and is not trusted: the
-  pre-aggregate is returned unchanged (``info["fallback"]``). Pass ``max_flagged=K`` for the
-  paper's behaviour without this safeguard (the re-aggregation budget then stops at 0, and a
-  Krum score keeps at least one neighbour); if all K clients are flagged the pre-aggregate is
-  returned in any case.
+* Removal (Secs. 4.1-4.3, the default): every flagged client is removed and the remaining ones
+  re-aggregated, however many are flagged; the re-aggregation budget stops at 0 and a Krum score
+  keeps at least one neighbour (with one, two mutual nearest neighbours tie and the lower index
+  wins, as everywhere in Krum; ``info["reaggregate_neighbours"]`` records the count). Only when
+  all K clients are flagged is nothing left, and the pre-aggregate is returned
+  (``info["fallback"]``). The paper's detection presumes an attack: its threshold is relative
+  to the largest statistic, so the Krum-selected client (``rho = 1``) is always flagged; with no
+  attacker the coordinate-wise variants can flag many honest clients, and when Krum picks an
+  honest update, honest updates whose signs agree with it (``rho >= q``) are removed with it,
+  which can leave the attackers to the re-aggregation.
+* ``fallback=True`` adds a safeguard the paper does not have: when more clients are flagged
+  than ``max_flagged`` (default: the rule's budget, ``f`` for Krum, ``beta`` for the trimmed
+  mean and ``(K - 1) // 2`` for the median), detection is taken to contradict the Byzantine
+  assumption and the pre-aggregate is returned unchanged. It protects clean rounds but hands the
+  round to the attack when there are more attackers than the budget: under Fang et al.'s Krum
+  attack with four attackers among ten boards (Krum's bound caps ``f`` at 3) detection flags
+  exactly the four, and the safeguard returns Krum's pick, the crafted update.
+  ``info["over_budget"]`` records whether more clients were flagged than the budget either way.
 * Counting (trimmed mean, median): a client's value counts as used in a coordinate when it lies
   inside the kept range ``[lowest kept, highest kept]``, as in :mod:`coordinatewise`; tied values
   count for every tied client, so no tie-breaking by client order is needed. Krum ties go to the
@@ -45,6 +54,7 @@ from coordinator.aggregators.base import (
     InvalidParameterError,
     Verdict,
     check_count,
+    check_flag,
     map_column_blocks,
     register,
     require_clients,
@@ -66,7 +76,10 @@ _REAGGREGATE = ("rule", "mean")
 _SORT_BLOCK_BYTES = 1 << 18
 
 
-def _check_common(rule: str, q: float, reaggregate: str, max_flagged: int | None) -> int | None:
+def _check_common(
+    rule: str, q: float, reaggregate: str, max_flagged: int | None, fallback: bool
+) -> int | None:
+    check_flag("fallback", fallback)
     if not 0.0 <= q <= 1.0:
         raise InvalidParameterError(f"{rule} needs 0 <= q <= 1, got q={q}")
     if reaggregate not in _REAGGREGATE:
@@ -141,9 +154,14 @@ def sign_correlations(updates: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return np.asarray(np.clip(rho, -1.0, 1.0), dtype=np.float64)
 
 
-def _over_budget(flagged: np.ndarray, budget: int) -> bool:
+def _pre_aggregate_reason(flagged: np.ndarray, budget: int, fallback: bool) -> str | None:
+    """Why the pre-aggregate is returned instead of re-aggregating, or None (module notes)."""
     n = int(flagged.sum())
-    return n > budget or n == len(flagged)
+    if n == len(flagged):
+        return f"all {n} flagged, nothing left to re-aggregate"
+    if fallback and n > budget:
+        return f"{n} flagged > budget {budget}, detection not trusted"
+    return None
 
 
 def _share(used: np.ndarray) -> np.ndarray:
@@ -160,15 +178,17 @@ def pdrr_krum(
     q: float = 0.5,
     reaggregate: str = "rule",
     max_flagged: int | None = None,
+    fallback: bool = False,
 ) -> AggregationResult:
     """PDRR against the Krum attack: flag updates whose change directions follow Krum's pick.
 
     Lu et al., Sec. 4.1. Pre-aggregate with Krum (squared L2 distances, the K - f - 2 nearest
     neighbours, ties to the lowest index); ``rho_i`` = Pearson correlation of ``sign(Delta_i)``
     with ``sign(Delta_krum)``; flag ``rho_i >= lambda_D = q * max(rho)`` (the paper finds any q
-    in [0.1, 0.99] separates its attack; default 0.5); remove; re-aggregate (module notes). The
-    Krum-selected client has ``rho = 1`` and is always flagged, so with no attack PDRR returns
-    Krum over the other clients, or Krum itself when more than ``f`` clients are flagged.
+    in [0.1, 0.99] separates its attack; default 0.5); remove every flagged client; re-aggregate
+    the rest (module notes; ``fallback=True`` keeps Krum's pick when more than ``max_flagged``
+    clients are flagged). The Krum-selected client has ``rho = 1`` and is always flagged, so with
+    no attack PDRR returns Krum over the other clients.
 
     Verdicts: score ``rho_i``; kept/weight as in the final aggregation (1 for the update Krum
     selects, ``1/K'`` for each remaining client with ``reaggregate="mean"``).
@@ -177,7 +197,7 @@ def pdrr_krum(
     matrix, computed once (the re-aggregation uses its sub-matrix), plus O(K d) for the signs.
     """
     k = updates.shape[0]
-    limit = _check_common("pdrr_krum", q, reaggregate, max_flagged)
+    limit = _check_common("pdrr_krum", q, reaggregate, max_flagged, fallback)
     fv = check_count("f", f)
     require_clients("pdrr_krum", k, 2 * fv + 3, "2f+3", f=fv)
     dist = distances_from_gram(gram_matrix(updates))
@@ -187,18 +207,20 @@ def pdrr_krum(
     flagged = rho >= threshold
     n_flagged = int(flagged.sum())
     budget = fv if limit is None else limit
+    why = _pre_aggregate_reason(flagged, budget, fallback)
     info: dict[str, object] = {
         "pre_selected": selected,
         "correlation": rho,
         "threshold": threshold,
         "flagged": np.flatnonzero(flagged).tolist(),
-        "fallback": _over_budget(flagged, budget),
+        "fallback": why is not None,
+        "over_budget": n_flagged > budget,
     }
     weights = np.zeros(k)
-    if info["fallback"]:
+    if why is not None:
         weights[selected] = 1.0
         vector = np.array(updates[selected], dtype=np.float32)
-        head = f"{n_flagged} flagged > budget {budget}, detection not trusted; "
+        head = f"{why}; "
         reasons = [
             head + ("krum pre-aggregate, selected" if i == selected else "not selected by krum")
             for i in range(k)
@@ -220,6 +242,7 @@ def pdrr_krum(
                 scores = krum_scores(sub, f_left, neighbours=neighbours)
                 pick = int(remaining[int(rank_by_score(scores)[0])])
             info["selected"] = pick
+            info["reaggregate_neighbours"] = neighbours
             weights[pick] = 1.0
             vector = np.array(updates[pick], dtype=np.float32)
             note = f"krum over the {r} remaining with f={f_left}"
@@ -249,16 +272,18 @@ def _finish_coordinatewise(
     rule_beta: int | None,
     describe: list[str],
     info: dict[str, object],
+    fallback: bool,
 ) -> AggregationResult:
     """Removal and re-aggregation shared by the trimmed-mean and median variants."""
     k = updates.shape[0]
     n_flagged = int(flagged.sum())
-    fallback = _over_budget(flagged, budget)
-    info["fallback"] = fallback
+    why = _pre_aggregate_reason(flagged, budget, fallback)
+    info["fallback"] = why is not None
+    info["over_budget"] = n_flagged > budget
     info["flagged"] = np.flatnonzero(flagged).tolist()
-    if fallback:
+    if why is not None:
         vector, weights = pre_vector, _share(pre_used)
-        note = f"; {n_flagged} flagged > budget {budget}, detection not trusted, pre-aggregate used"
+        note = f"; {why}, pre-aggregate used"
         reasons = [describe[i] + note for i in range(k)]
     else:
         remaining = np.flatnonzero(~flagged)
@@ -301,6 +326,7 @@ def pdrr_trimmed_mean(
     q: float = 0.5,
     reaggregate: str = "rule",
     max_flagged: int | None = None,
+    fallback: bool = False,
 ) -> AggregationResult:
     """PDRR against the trimmed-mean attack: flag updates trimmed far more often than others.
 
@@ -308,9 +334,10 @@ def pdrr_trimmed_mean(
     per side: an int count or a float fraction of K, as in ``trimmed_mean``; the paper needs
     ``beta >= c``, the number of attackers) while counting each client's trimmed values
     ``n_i^c`` over the coordinates whose pre-aggregate is non-zero (zero change direction
-    parameters are ignored); flag ``n_i^c >= q * max(n^c)``; remove; re-aggregate (module
-    notes). With no attack every client is trimmed about equally often, all are flagged, and the
-    trimmed mean is returned.
+    parameters are ignored); flag ``n_i^c >= q * max(n^c)``; remove every flagged client;
+    re-aggregate the rest with ``beta - removed`` (module notes; ``fallback=True`` keeps the
+    trimmed mean when more than ``max_flagged`` clients are flagged). With no attack every client
+    is trimmed about equally often; if all are flagged the trimmed mean is returned.
 
     Verdicts: score ``n_i^c``; weight = the client's share of the values used by the final
     aggregate (``1/K'`` each for ``reaggregate="mean"``).
@@ -320,7 +347,7 @@ def pdrr_trimmed_mean(
     re-aggregate.
     """
     k, d = updates.shape
-    limit = _check_common("pdrr_trimmed_mean", q, reaggregate, max_flagged)
+    limit = _check_common("pdrr_trimmed_mean", q, reaggregate, max_flagged, fallback)
     trim = trim_count(beta, k)
     require_clients("pdrr_trimmed_mean", k, 2 * trim + 1, "2*beta+1", beta=trim)
     vector, used, moving = _detection_pass(updates, trim)
@@ -343,6 +370,7 @@ def pdrr_trimmed_mean(
         trim,
         describe,
         info,
+        fallback,
     )
 
 
@@ -354,13 +382,16 @@ def pdrr_median(
     q: float = 0.5,
     reaggregate: str = "rule",
     max_flagged: int | None = None,
+    fallback: bool = False,
 ) -> AggregationResult:
     """PDRR against the median attack: flag updates that are (almost) never the median.
 
     Lu et al., Sec. 4.3. Pre-aggregate with the coordinate-wise median (the mean of the two
     middle values for even K; the paper's "if d is odd" means K) while counting, per client, the
     coordinates ``n_i^r`` with a non-zero pre-aggregate where its value was (one of) the middle
-    value(s); flag ``n_i^r <= (1 - q) * max(n^r)``; remove; re-aggregate (module notes).
+    value(s); flag ``n_i^r <= (1 - q) * max(n^r)``; remove every flagged client; take the median
+    of the rest (module notes; ``fallback=True`` keeps the median when more than ``max_flagged``
+    clients are flagged).
 
     Verdicts: score ``n_i^r``; weight = the client's share of the values used by the final
     aggregate (``1/K'`` each for ``reaggregate="mean"``).
@@ -369,7 +400,7 @@ def pdrr_median(
     one copy of the remaining rows to re-aggregate.
     """
     k, d = updates.shape
-    limit = _check_common("pdrr_median", q, reaggregate, max_flagged)
+    limit = _check_common("pdrr_median", q, reaggregate, max_flagged, fallback)
     trim = (k - 1) // 2
     vector, counts, moving = _detection_pass(updates, trim)
     threshold = (1.0 - q) * float(counts.max())
@@ -390,4 +421,5 @@ def pdrr_median(
         None,
         describe,
         info,
+        fallback,
     )

@@ -40,6 +40,7 @@ from coordinator.aggregators.base import (
     AggregationResult,
     InvalidParameterError,
     Verdict,
+    check_flag,
     map_column_blocks,
     register,
     weighted_combination,
@@ -50,6 +51,14 @@ MIN_CLIENTS = 3
 """Both rules need a line through at least three points to have residuals."""
 
 _LEVERAGES = ("origin", "intercept")
+_VARIANTS = ("paper", "authors")
+#: Defaults of ``delta``, ``gamma``, ``leverage`` and ``square_weights`` per variant.
+_VARIANT_DEFAULTS: dict[str, dict[str, object]] = {
+    "paper": {"delta": 0.01, "gamma": 1.48, "leverage": "origin", "square_weights": False},
+    "authors": {"delta": 0.1, "gamma": 1.4826, "leverage": "intercept", "square_weights": True},
+}
+#: Added to the residual scale by the authors' released code (a guard against tau = 0).
+_AUTHORS_TAU_FLOOR = 1e-7
 _TARGET_BLOCK_ELEMENTS = 1 << 19  # slope-tensor elements per block (2 MiB in float32)
 _MAX_BLOCK = 4096
 
@@ -235,15 +244,24 @@ def _leverage_root(geo: _Geometry, leverage: str) -> np.ndarray:
     return np.sqrt(1.0 - h)
 
 
+def _row_median_without_smallest(a: np.ndarray) -> np.ndarray:
+    """Median of each row of ``a`` once its smallest value is left out (K - 1 values)."""
+    s = np.sort(a, axis=1)[:, 1:]
+    m = s.shape[1]
+    return 0.5 * (s[:, (m - 1) // 2] + s[:, m // 2])
+
+
 @register("residual_reweighting")
 def residual_reweighting(
     updates: np.ndarray,
     ctx: AggregationContext,
     *,
     lam: float = 2.0,
-    delta: float = 0.01,
-    gamma: float = 1.48,
-    leverage: str = "origin",
+    delta: float | None = None,
+    gamma: float | None = None,
+    leverage: str | None = None,
+    variant: str = "paper",
+    square_weights: bool | None = None,
 ) -> AggregationResult:
     """Residual-based reweighting: IRLS confidences to the repeated-median line (Fu et al.).
 
@@ -275,6 +293,24 @@ def residual_reweighting(
     * ``delta`` defaults to 0.01, the paper's value for non-IID data (App. A.3; 0.1 near IID).
     * Sample counts are not used (the paper's weights come from the residuals only).
 
+    ``variant="authors"`` follows the aggregation of the authors' released code where it differs
+    from the equations above (``delta``, ``gamma``, ``leverage`` and ``square_weights`` still
+    override one part each):
+
+    * the line's intercept is the one through the point of medians,
+      ``beta0 = median(y) - beta1 * median(x)``, instead of Siegel's repeated-median intercept
+      (Eq. 2); the slope is Eq. (1) in both;
+    * the hat matrix has an intercept column (``leverage="intercept"``);
+    * ``tau = 1.4826 * (1 + 5 / (K - 1)) * median|r| + 1e-7``, the median taken over the K - 1
+      largest absolute residuals (the smallest left out);
+    * ``delta = 0.1``, and the correction only replaces values whose confidence is below
+      ``delta`` by the line: their confidence is kept in the model weights (Eq. 8 is not applied);
+    * the model weights are divided by their maximum and squared before the weighted mean
+      (``square_weights``): ``W <- (W / max W)^2``, which widens the gap between clients.
+
+    The std of the confidences (population here, sample in the released code) only scales every
+    weight of a parameter by the same factor, which the normalisation removes.
+
     Verdicts: ``weight = W_k / sum W``, ``score`` = mean corrected confidence of the client
     over its parameters (before the std weighting), reason with the number of parameters
     replaced by the line. ``info["replaced"]`` has those counts.
@@ -285,6 +321,18 @@ def residual_reweighting(
     """
     k, d = updates.shape
     _check_clients("residual_reweighting", k)
+    if variant not in _VARIANTS:
+        raise InvalidParameterError(
+            f"residual_reweighting variant must be one of {_VARIANTS}, got {variant!r}"
+        )
+    defaults = _VARIANT_DEFAULTS[variant]
+    delta = float(defaults["delta"]) if delta is None else delta  # type: ignore[arg-type]
+    gamma = float(defaults["gamma"]) if gamma is None else gamma  # type: ignore[arg-type]
+    leverage = str(defaults["leverage"]) if leverage is None else leverage
+    if square_weights is None:
+        square_weights = bool(defaults["square_weights"])
+    square_weights = check_flag("square_weights", square_weights)
+    authors = variant == "authors"
     if not lam > 0:
         raise InvalidParameterError(f"residual_reweighting needs lam > 0, got lam={lam}")
     if not 0 <= delta < 1:
@@ -302,17 +350,27 @@ def residual_reweighting(
     corrected = np.empty((k, d), dtype=np.float32)
     buffers = _Buffers(geo)
 
+    centre_rank = 0.5 * (k + 1)  # median of the ranks 1..K
+
     def work(cols: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         fit = _fit_block(_transposed(updates, cols), geo, buffers.slopes)
-        line = fit.beta0[:, None] + fit.beta1[:, None] * geo.x
+        # The authors' line goes through the point of medians (ys is sorted).
+        beta0 = _row_median(fit.ys) - fit.beta1 * centre_rank if authors else fit.beta0
+        line = beta0[:, None] + fit.beta1[:, None] * geo.x
         resid = fit.ys - line
-        tau = tau_factor * _row_median(np.abs(resid))
+        if authors:
+            tau = tau_factor * _row_median_without_smallest(np.abs(resid)) + _AUTHORS_TAU_FLOOR
+        else:
+            tau = tau_factor * _row_median(np.abs(resid))
         with np.errstate(divide="ignore", invalid="ignore"):
             a = np.abs(resid) / (tau[:, None] * root)
             a[resid == 0] = 0.0
             conf = np.minimum(1.0, z / a)
-        keep = conf > delta
-        conf = np.where(keep, conf, 0.0)
+        if authors:  # replace values below delta, keep every confidence
+            keep = conf >= delta
+        else:  # Eqs. (8)-(9): confidence <= delta is zeroed and the value replaced
+            keep = conf > delta
+            conf = np.where(keep, conf, 0.0)
         values = np.where(keep, fit.ys, line)
         sigma = conf.std(axis=1)
         corrected[:, cols] = _to_client_order(fit.order, values).T
@@ -328,7 +386,11 @@ def residual_reweighting(
     replaced = np.sum([p[2] for p in parts], axis=0).astype(np.int64)
     total = float(raw.sum())
     uniform = not total > 0
-    share = np.full(k, 1.0 / k) if uniform else raw / total
+    if uniform:
+        share = np.full(k, 1.0 / k)
+    else:
+        model_weights = (raw / raw.max()) ** 2 if square_weights else raw
+        share = model_weights / float(model_weights.sum())
 
     vector = weighted_combination(corrected, share)
 
@@ -345,5 +407,12 @@ def residual_reweighting(
                 f"{replaced[i]} of {d} parameters replaced by the line",
             )
         )
-    info = {"replaced": replaced, "raw_weight": raw, "uniform_fallback": uniform}
+    info = {
+        "replaced": replaced,
+        "raw_weight": raw,
+        "uniform_fallback": uniform,
+        "variant": variant,
+        "delta": delta,
+        "square_weights": square_weights,
+    }
     return AggregationResult(vector, tuple(verdicts), info=info)

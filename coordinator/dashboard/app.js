@@ -110,7 +110,7 @@
   function renderHeader() {
     const run = state.run;
     $("run-id").textContent = run.run;
-    $("run-aggregator").textContent = run.aggregator;
+    $("run-aggregator").textContent = run.aggregator + (run.siren_profile ? " (" + run.siren_profile + ")" : "");
     const shown = run.finished ? run.rounds_planned : run.current_round;
     $("run-round").textContent = shown + " / " + run.rounds_planned;
     const chip = $("run-state");
@@ -138,6 +138,27 @@
       : run.finished
         ? "run finished"
         : "–";
+    renderBans(run);
+  }
+
+  // SIREN's bans; with the simulator's list of malicious boards, also how many of them are honest
+  // boards and how many attackers are still admitted (a real coordinator cannot know either).
+  function renderBans(run) {
+    const card = $("card-bans");
+    const banned = run.banned || [];
+    let text = banned.length + " banned";
+    let detail = banned.length ? "banned: " + banned.join(", ") : "no board banned";
+    if (run.known_malicious !== null && run.known_malicious !== undefined) {
+      const honest = run.honest_banned || [];
+      const missed = run.attackers_missed || [];
+      text += " · " + honest.length + " honest · " + missed.length + " of " + run.known_malicious.length + " attackers missed";
+      detail += "; honest boards banned: " + (honest.join(", ") || "none") + "; attackers missed: " + (missed.join(", ") || "none");
+      card.setAttribute("data-honest-banned", String(honest.length));
+      card.setAttribute("data-attackers-missed", String(missed.length));
+    }
+    card.textContent = text;
+    card.setAttribute("title", detail);
+    card.setAttribute("data-banned", String(banned.length));
   }
 
   function renderAccuracy() {
@@ -274,7 +295,14 @@
       const row = document.createElement("tr");
       row.setAttribute("data-board", c.client);
       if (c.banned) row.className = "banned";
-      td(row, c.client, "mono");
+      const name = td(row, c.client, "mono");
+      if (c.malicious === true) {
+        const badge = document.createElement("span");
+        badge.className = "badge attacker";
+        badge.textContent = "attacker";
+        badge.title = "made malicious by the simulator";
+        name.appendChild(badge);
+      }
       const status = td(row, "");
       const wrap = document.createElement("span");
       wrap.className = "status";

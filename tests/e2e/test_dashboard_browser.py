@@ -170,6 +170,20 @@ def test_dashboard_shows_the_rounds_of_a_running_fleet(
             assert page.inner_text("#run-id") == api.get("/api/run").json()["run"]
             page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
 
+            # The simulator told the coordinator which board attacks (board-004): the page marks
+            # it and counts honest boards banned and attackers missed (the run is paused, so
+            # the API's answer and the page show the same round).
+            page.wait_for_selector("#card-bans[data-attackers-missed]", timeout=20_000)
+            run = api.get("/api/run").json()
+            assert run["known_malicious"] == ["board-004"]
+            assert run["siren_profile"] == "authors"
+            card = page.locator("#card-bans")
+            assert card.get_attribute("data-banned") == str(len(run["banned"]))
+            assert card.get_attribute("data-honest-banned") == str(len(run["honest_banned"]))
+            assert card.get_attribute("data-attackers-missed") == str(len(run["attackers_missed"]))
+            assert page.locator("#boards .badge.attacker").count() == 1
+            assert page.locator('#boards tr[data-board="board-004"] .badge.attacker').count() == 1
+
             # Paused: every board reports the open round, yet no round closes. (Waiting for all
             # reports first also keeps the ban below from racing a board's update on a slow
             # machine: a refused update is only asked for again after the resend interval.)

@@ -109,3 +109,19 @@ def test_the_simulators_broker_has_a_deployments_accounts_and_acls(tmp_path) -> 
         assert codes and codes[0].is_failure
     finally:
         broker.stop()
+
+
+def test_fleet_summary_counts_bans_like_the_in_process_engine(tmp_path: Path) -> None:
+    from firmware_sim.engine import run_simulation
+    from firmware_sim.fleet import FleetOptions, run_fleet
+
+    config = digits_config(
+        clients=5, aggregator="siren", attack="sign_flip", malicious_ids=(1, 3), learning_rate=0.01
+    )
+    history = run_fleet(config, FleetOptions(broker="mosquitto"), tmp_path / "fleet", timeout=180)
+    reference = run_simulation(config)
+    bans = history["summary"]["bans"]
+    assert history["summary"]["malicious_ids"] == [1, 3]
+    assert bans == reference["summary"]["bans"]
+    assert bans["banned"] == history["rounds"][-1]["decision"]["banned"]
+    assert set(bans["attackers_missed"]) | (set(bans["banned"]) & {1, 3}) == {1, 3}

@@ -13,6 +13,7 @@ from benchmarks.robustness import (
     grid,
     main,
     overview,
+    summarize,
 )
 
 
@@ -90,13 +91,21 @@ def test_malicious_index_section_links_only_finished_cells(tmp_path):
     assert malicious_index_links([unfinished], tmp_path) == ""
 
 
-def test_siren_relative_runs_siren_with_the_relative_alarm_rule():
-    cmd = cell_command(Cell("siren_relative", "sign_flip", 0.4, "iid"), {"clients": 10}, "o", 0)
-    assert cmd is not None
-    assert cmd[cmd.index("--aggregator") + 1] == "siren"
-    assert cmd[cmd.index("--alarm-rule") + 1] == "relative"
-    plain = cell_command(Cell("siren", "sign_flip", 0.4, "iid"), {"clients": 10}, "o", 0)
-    assert plain is not None and "--alarm-rule" not in plain
+def test_siren_cells_name_their_profile():
+    def command(defense: str) -> list[str]:
+        cmd = cell_command(Cell(defense, "sign_flip", 0.4, "iid"), {"clients": 10}, "o", 0)
+        assert cmd is not None and cmd[cmd.index("--aggregator") + 1] == "siren"
+        return cmd
+
+    relative = command("siren_relative")
+    assert relative[relative.index("--alarm-rule") + 1] == "relative"
+    assert relative[relative.index("--siren-profile") + 1] == "paper-text"
+    plain = command("siren")
+    assert "--alarm-rule" not in plain
+    assert plain[plain.index("--siren-profile") + 1] == "authors"
+    printed = command("siren_paper_text_no_wa")
+    assert printed[printed.index("--siren-profile") + 1] == "paper-text"
+    assert "weight_analysis=False" in printed
 
 
 def test_fang_krum_attacker_simulates_krum_with_the_defenders_f():
@@ -142,3 +151,36 @@ def test_overview_shows_the_baseline_and_the_worst_attack_per_fraction(tmp_path)
     assert "| fedavg | 82.00% | 2.00% (sign_flip) |  |  |" in lines
     # median's label-flip cell has not run: its worst so far is marked as partial
     assert "| median | 81.00% | 77.00% (sign_flip), 1 of 2 run |  |  |" in lines
+
+
+def test_summary_counts_honest_boards_banned_and_attackers_missed(tmp_path):
+    siren = Cell("siren", "sign_flip", 0.4, "iid")
+    krum = Cell("krum", "sign_flip", 0.4, "iid")
+    for cell, decision in ((siren, {"rule": "siren", "banned": [2, 3, 4]}), (krum, {})):
+        out = tmp_path / cell.key
+        out.mkdir()
+        summary = {
+            "final_test_accuracy": 0.8,
+            "best_test_accuracy": 0.8,
+            "malicious_ids": [2, 4, 7],
+        }
+        rounds = [{"decision": {"rule": "siren", "banned": []}}, {"decision": decision}]
+        if cell is krum:
+            rounds = [{"decision": {"rule": "krum"}}]
+        (out / "history.json").write_text(json.dumps({"rounds": rounds, "summary": summary}))
+    lines = summarize([siren, krum], tmp_path, 10).splitlines()
+    assert "| honest banned | attackers missed |" in lines[0]
+    siren_row = next(line for line in lines if "| siren |" in line)
+    assert "| 1 (3) | 1 of 3 (7) |" in siren_row
+    krum_row = next(line for line in lines if "| krum (f=3) |" in line)
+    assert "| 80.00% | 80.00% |  |  |  |  |" in krum_row
+
+
+def test_pdrr_fallback_defenses_pass_the_safeguard_and_keep_the_krum_attackers_f():
+    cmd = cell_command(
+        Cell("pdrr_krum_fallback", "fang_krum", 0.4, "noniid"), {"clients": 10}, "o", 0
+    )
+    assert cmd is not None and cmd[cmd.index("--aggregator") + 1] == "pdrr_krum"
+    assert "fallback=True" in cmd and "f=3" in cmd and "krum_f=3" in cmd
+    plain = cell_command(Cell("pdrr_krum", "fang_krum", 0.4, "noniid"), {"clients": 10}, "o", 0)
+    assert plain is not None and not any(a.startswith("fallback") for a in plain)

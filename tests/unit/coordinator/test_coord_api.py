@@ -23,7 +23,7 @@ from fastapi.testclient import TestClient
 from nacl.signing import SigningKey
 
 from coordinator.api import CoordinatorControls, create_app, start_api_server
-from coordinator.config import AggregatorSettings, CoordinatorConfig
+from coordinator.config import AggregatorSettings, CoordinatorConfig, SimulationSettings
 from coordinator.store import CoordinatorStore
 from protocol.envelope import check_global
 from tests.unit.coordinator.api_builders import (
@@ -131,6 +131,33 @@ def test_run_describes_settings_progress_and_the_open_round(
         "missing": ["board-001", "board-002", "board-003"],
     }
     assert body["admin_enabled"] is True
+
+
+def test_without_a_simulator_the_run_shows_bans_but_cannot_judge_them(client: TestClient) -> None:
+    body = client.get("/api/run").json()
+    assert body["siren_profile"] == "authors"
+    assert body["banned"] == ["board-002"]
+    assert body["known_malicious"] is None
+    assert body["honest_banned"] is None and body["attackers_missed"] is None
+    assert {c["malicious"] for c in client.get("/api/clients").json()} == {None}
+
+
+def test_with_the_simulators_ground_truth_the_run_counts_honest_bans_and_missed_attackers(
+    tmp_path: Path, store: CoordinatorStore
+) -> None:
+    # board-002 is banned after round 2 (see the module docstring). Tell the API that
+    # board-002 and board-003 were malicious: one attacker banned, one missed, no honest ban.
+    config = make_config(tmp_path, simulation=SimulationSettings(("board-003", "board-002")))
+    client = TestClient(create_app(config, store, None, clock=lambda: NOW), base_url=BASE)
+    body = client.get("/api/run").json()
+    assert body["known_malicious"] == ["board-002", "board-003"]
+    assert body["honest_banned"] == [] and body["attackers_missed"] == ["board-003"]
+    rows = {c["client"]: c["malicious"] for c in client.get("/api/clients").json()}
+    assert rows == {"board-000": False, "board-001": False, "board-002": True, "board-003": True}
+    honest = make_config(tmp_path, simulation=SimulationSettings(("board-003",)))
+    client = TestClient(create_app(honest, store, None, clock=lambda: NOW), base_url=BASE)
+    body = client.get("/api/run").json()
+    assert body["honest_banned"] == ["board-002"] and body["attackers_missed"] == ["board-003"]
 
 
 def test_rounds_history_lists_accuracy_case_alarms_and_kept_boards(client: TestClient) -> None:

@@ -70,3 +70,31 @@ def test_commented_toml_documents_every_key_and_loads_the_same(tmp_path: Path) -
     (tmp_path / "coord.toml").write_text(text)
     (tmp_path / "pw").write_text("secret\n")
     assert CoordinatorConfig.load(tmp_path / "coord.toml").aggregator.name == "siren"
+
+
+def test_siren_profile_round_trips_and_defaults_to_authors(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, aggregator=AggregatorSettings("siren", {}, profile="paper-text"))
+    (tmp_path / "coord.toml").write_text(cfg.to_toml(relative_to=tmp_path))
+    text = (tmp_path / "coord.toml").read_text()
+    assert 'profile = "paper-text"' in text
+    assert CoordinatorConfig.load(tmp_path / "coord.toml").aggregator.profile == "paper-text"
+    (tmp_path / "coord.toml").write_text(text.replace('profile = "paper-text"\n', ""))
+    assert CoordinatorConfig.load(tmp_path / "coord.toml").aggregator.profile == "authors"
+    (tmp_path / "coord.toml").write_text(text.replace('"paper-text"', '"paper"'))
+    with pytest.raises(ConfigError, match="unknown SIREN profile 'paper'; valid: authors"):
+        CoordinatorConfig.load(tmp_path / "coord.toml")
+
+
+def test_the_simulators_malicious_boards_round_trip_and_are_absent_by_default(
+    tmp_path: Path,
+) -> None:
+    from coordinator.config import SimulationSettings
+
+    plain = _config(tmp_path)
+    assert plain.simulation is None and "[simulation]" not in plain.to_toml(relative_to=tmp_path)
+    cfg = _config(tmp_path, simulation=SimulationSettings(("b2", "b4")))
+    (tmp_path / "coord.toml").write_text(cfg.to_toml(relative_to=tmp_path))
+    loaded = CoordinatorConfig.load(tmp_path / "coord.toml")
+    assert loaded.simulation == SimulationSettings(("b2", "b4"))
+    with pytest.raises(ConfigError, match="invalid client ids"):
+        SimulationSettings(("bad/id",))

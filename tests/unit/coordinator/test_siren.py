@@ -62,7 +62,10 @@ def sub(cid: int, delta: np.ndarray, alarm: bool, n: int = 100) -> Submission:
 
 
 def make(num_clients: int = 6, **params: object) -> tuple[SirenStrategy, LinearRootSet]:
+    """SIREN as printed (profile ``paper-text``: absolute C_s, C_p = 0.45·K) unless overridden;
+    the ``authors`` profile has tests of its own at the end of the module."""
     oracle = LinearRootSet()
+    params.setdefault("profile", "paper-text")
     return SirenStrategy(oracle=oracle, num_clients=num_clients, **params), oracle
 
 
@@ -380,11 +383,33 @@ def test_alpha_uniform_ignores_declared_sample_counts():
 
 
 def test_make_strategy_builds_siren_with_table_2_defaults():
-    strategy = make_strategy("siren", {}, oracle=LinearRootSet(), num_clients=10)
+    strategy = make_strategy(
+        "siren", {}, oracle=LinearRootSet(), num_clients=10, num_rounds=40, profile="paper-text"
+    )
     assert isinstance(strategy, SirenStrategy)
     p = strategy.params
     assert (p.c_s, p.c_a, p.weight_analysis) == (0.10, 0.5, True)
+    assert (p.server_threshold, p.penalty_basis) == ("absolute", "clients")
     assert strategy.c_p == pytest.approx(4.5)
+
+
+def test_make_strategy_defaults_to_the_authors_profile_with_c_p_from_the_rounds():
+    strategy = make_strategy("siren", {}, oracle=LinearRootSet(), num_clients=10, num_rounds=40)
+    assert isinstance(strategy, SirenStrategy)
+    p = strategy.params
+    assert (p.profile, p.server_threshold, p.penalty_basis) == ("authors", "relative", "rounds")
+    assert strategy.c_p == 18.0  # int(0.45 * 40), not 0.45 * 10
+    # Explicit parameters win over the profile argument.
+    mixed = make_strategy(
+        "siren",
+        {"server_threshold": "absolute"},
+        oracle=LinearRootSet(),
+        num_clients=10,
+        num_rounds=10,
+        profile="authors",
+    )
+    assert isinstance(mixed, SirenStrategy)
+    assert mixed.params.server_threshold == "absolute" and mixed.c_p == 4.0
 
 
 def test_parameter_listing_shows_table_2_defaults():
@@ -402,7 +427,13 @@ def test_parameters_are_typed_and_validated():
     with pytest.raises(ValueError, match="rollback must be one of"):
         make(rollback="sideways")
     with pytest.raises(ValueError, match="num_clients"):
-        SirenStrategy(oracle=LinearRootSet(), num_clients=0)
+        SirenStrategy(oracle=LinearRootSet(), num_clients=0, profile="paper-text")
+    with pytest.raises(ValueError, match=r"pass num_rounds \(T\)"):
+        SirenStrategy(oracle=LinearRootSet(), num_clients=10, profile="authors")
+    with pytest.raises(ValueError, match="unknown SIREN profile 'paper'; valid: authors"):
+        make(profile="paper")
+    with pytest.raises(ValueError, match="server_threshold must be one of"):
+        make(server_threshold="percent")
 
 
 def test_duplicate_client_ids_are_rejected():
@@ -450,3 +481,55 @@ def test_state_survives_a_json_round_trip_and_a_restart():
     resumed, _ = rounds(c, 5, 9, g4)
     assert resumed == reference[4:]
     assert any(r["record"]["probed"] for r in resumed)  # the probe draws resumed too
+
+
+# --------------------------------------------------------------------------- profiles
+
+
+def test_relative_threshold_is_a_fraction_of_the_reference_accuracy():
+    # Everybody alarms. 0.40 vs 0.35: 5 points apart, 12.5% of 0.40. Absolute C_s = 0.10 keeps
+    # both alarming clients (case 3, g_t dropped); relative C_s = 0.10 · 0.40 = 4 points rejects
+    # client 1 (case 4).
+    subs = [sub(0, upd(8), True), sub(1, upd(7), True)]
+    ra = make(profile="paper-text")[0].step(1, ZERO, subs).record
+    rr = make(profile="authors", num_rounds=10)[0].step(1, ZERO, subs).record
+    assert ra["root_accuracy"]["1"] == pytest.approx(0.35)
+    assert ra["case"] == 3 and ra["benign"] == [0, 1]
+    assert rr["case"] == 4 and rr["benign"] == [0] and rr["malicious"] == [1]
+    assert rr["server_threshold"] == "relative" and ra["server_threshold"] == "absolute"
+    # At high accuracy the two readings agree: 0.95 vs 0.90 is 5 points, 5.3% of 0.95.
+    high = [sub(0, upd(19), True), sub(1, upd(18), True)]
+    assert make(profile="authors", num_rounds=10)[0].step(1, ZERO, high).record["case"] == 3
+
+
+def test_relative_threshold_applies_to_the_false_alarm_test():
+    # Alarming best 0.50, silent best 0.40: 10 points. Absolute: 10 <= 10, false alarms.
+    # Relative: 10 > 0.10 · 0.50 = 5 points, g_t is judged poisoned. Silent best 0.45: 5 points,
+    # equal to the relative margin, so false alarms again (the test is <=).
+    subs = [sub(0, upd(10), True), sub(1, upd(8), False)]
+    assert make(profile="paper-text")[0].step(1, ZERO, subs).record["branch"] == "false-alarm"
+    rr = make(profile="authors", num_rounds=10)[0].step(1, ZERO, subs).record
+    assert rr["branch"] == "poisoned-global" and rr["rollback"] is True
+    equal = [sub(0, upd(10), True), sub(1, upd(9), False)]
+    rr = make(profile="authors", num_rounds=10)[0].step(1, ZERO, equal).record
+    assert rr["branch"] == "false-alarm"
+
+
+def test_authors_profile_bans_after_int_045_t_penalties():
+    # T = 5 rounds: C_p = int(2.25) = 2, so the third penalty bans; with the paper's 0.45·K and
+    # K = 6, C_p = 2.7 and the third penalty bans too, but with T = 10 (C_p = 4) it takes five.
+    def penalties_until_ban(strategy: SirenStrategy) -> int:
+        for t in range(1, 20):
+            rec = strategy.step(
+                t, ZERO, [sub(0, upd(18), False), sub(1, upd(18), True), sub(2, upd(17), False)]
+            ).record
+            if 1 in rec["newly_banned"]:
+                return int(rec["penalty_counts"]["1"])
+        raise AssertionError("never banned")
+
+    short, _ = make(profile="authors", num_rounds=5)
+    assert short.c_p == 2.0 and penalties_until_ban(short) == 3
+    long, _ = make(profile="authors", num_rounds=10)
+    assert long.c_p == 4.0 and penalties_until_ban(long) == 5
+    by_clients, _ = make(profile="authors", num_rounds=10, penalty_basis="clients")
+    assert by_clients.c_p == pytest.approx(2.7) and penalties_until_ban(by_clients) == 3

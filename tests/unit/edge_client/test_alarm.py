@@ -55,3 +55,17 @@ def test_relative_rule_equality_does_not_alarm():
     # 0.5 - 0.48 = 0.04 * 0.5 exactly (0.020000000000000018 in floating point): not "greater".
     assert decide_alarm(0.48, 0.5, RELATIVE) is False
     assert decide_alarm(0.4799, 0.5, RELATIVE) is True
+
+
+def test_profiles_choose_the_rule_and_an_explicit_rule_wins():
+    assert AlarmConfig().rule == "relative"  # the default profile is the authors' code
+    assert AlarmConfig.for_profile("authors").rule == "relative"
+    assert AlarmConfig.for_profile("paper-text").rule == "paper"
+    assert AlarmConfig.for_profile("paper-text", 0.05, rule="relative") == AlarmConfig(
+        0.05, "relative"
+    )
+    # The two rules disagree on a good global model that is not 4 points better.
+    assert decide_alarm(0.90, 0.88, AlarmConfig.for_profile("paper-text")) is True
+    assert decide_alarm(0.90, 0.88, AlarmConfig.for_profile("authors")) is False
+    with pytest.raises(ValueError, match="unknown SIREN profile"):
+        AlarmConfig.for_profile("printed")

@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from edge_client.config import BoardConfig, BrokerSettings, ConfigError, DataSettings
+from edge_client.config import (
+    AlarmSettings,
+    BoardConfig,
+    BrokerSettings,
+    ConfigError,
+    DataSettings,
+)
 
 
 def _config(root: Path) -> BoardConfig:
@@ -80,3 +86,22 @@ def test_commented_board_toml_documents_every_key_and_loads_the_same(tmp_path: P
         assert COMMENTS[section].get(""), f"[{section}] has no description"
         for key in values:
             assert COMMENTS[section].get(key), f"{section}.{key} has no comment"
+
+
+def test_alarm_rule_comes_from_the_profile_unless_set(tmp_path: Path) -> None:
+    assert AlarmSettings().profile == "authors" and AlarmSettings().rule == "relative"
+    assert AlarmSettings(profile="paper-text").rule == "paper"
+    assert AlarmSettings(profile="paper-text", rule="relative").rule == "relative"
+    base = (
+        '[board]\nclient_id = "b1"\nrun = "r"\nkey_dir = "k"\ncoordinator_key = "c"\n'
+        'state_dir = "s"\n[alarm]\nenabled = true\n'
+    )
+    (tmp_path / "a.toml").write_text(base + 'profile = "paper-text"\nrule = ""\n')
+    loaded = BoardConfig.load(tmp_path / "a.toml")
+    assert (loaded.alarm.profile, loaded.alarm.rule) == ("paper-text", "paper")
+    (tmp_path / "b.toml").write_text(base + 'profile = "nope"\n')
+    with pytest.raises(ConfigError, match=r"alarm\.profile: unknown SIREN profile 'nope'"):
+        BoardConfig.load(tmp_path / "b.toml")
+    (tmp_path / "c.toml").write_text(base + 'rule = "sometimes"\n')
+    with pytest.raises(ConfigError, match=r"alarm\.rule must be one of"):
+        BoardConfig.load(tmp_path / "c.toml")

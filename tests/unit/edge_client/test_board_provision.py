@@ -141,3 +141,21 @@ def test_install_script_places_the_bundle_idempotently_and_the_unit_verifies(
     unit = home / "siren-board-board-003.service"
     verify = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True)
     assert verify.returncode == 0, verify.stderr
+
+
+def test_provision_command_writes_the_siren_profile(tmp_path: Path) -> None:
+    from siren_cli.main import main
+
+    coordinator = SigningKey(b"p" * 32)
+    save_key_pair(tmp_path / "coord", coordinator, overwrite=True)
+    base = ["client", "provision", "--run", "demo", "--broker-host", "broker.lan", "--system-ca",
+            "--coordinator-key", str(tmp_path / "coord"), "--dataset", "digits"]  # fmt: skip
+    out = tmp_path / "b1"
+    assert main([*base, "--client-id", "b1", "--out", str(out)]) == 0
+    default = BoardConfig.load(out / "board.toml")
+    assert (default.alarm.profile, default.alarm.rule) == ("authors", "relative")
+    out = tmp_path / "b2"
+    argv = [*base, "--client-id", "b2", "--out", str(out), "--siren-profile", "paper-text"]
+    assert main(argv) == 0
+    printed = BoardConfig.load(out / "board.toml")
+    assert (printed.alarm.profile, printed.alarm.rule) == ("paper-text", "paper")

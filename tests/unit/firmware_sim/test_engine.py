@@ -88,3 +88,34 @@ def test_sim_run_rejects_bad_options_cleanly(tmp_path, capsys, argv, message):
     assert code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "history.json").exists()
+
+
+def test_siren_profile_option_sets_the_alarm_rule_and_the_server_profile():
+    import argparse
+
+    from firmware_sim.cli import add_run_options, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_run_options(parser)
+    default = config_from_args(parser.parse_args([]))
+    assert (default.siren_profile, default.alarm_rule) == ("authors", "relative")
+    printed = config_from_args(parser.parse_args(["--siren-profile", "paper-text"]))
+    assert printed.alarm_rule == "paper"
+    mixed = config_from_args(
+        parser.parse_args(["--siren-profile", "paper-text", "--alarm-rule", "relative"])
+    )
+    assert (mixed.siren_profile, mixed.alarm_rule) == ("paper-text", "relative")
+    with pytest.raises(ValueError, match="unknown SIREN profile"):
+        SimConfig(siren_profile="printed")
+
+
+def test_sim_run_siren_profile_reaches_the_server(digits):
+    hist = run_simulation(
+        SimConfig(dataset="digits", clients=4, rounds=2, aggregator="siren",
+                  siren_profile="paper-text", learning_rate=0.01),
+        dataset=digits,
+    )  # fmt: skip
+    decision = hist["rounds"][-1]["decision"]
+    assert decision["profile"] == "paper-text" and decision["server_threshold"] == "absolute"
+    assert decision["c_p"] == pytest.approx(0.45 * 4)
+    assert hist["config"]["alarm_rule"] == "paper"

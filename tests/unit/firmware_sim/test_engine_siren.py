@@ -56,7 +56,9 @@ def test_siren_history_holds_alarms_board_accuracies_and_decisions(digits, tmp_p
         assert d["rule"] == "siren" and d["case"] in (1, 3, 4)
         # S_a and S_s are exactly the alarm bits the boards sent.
         assert d["alarming"] == sorted(int(c) for c, a in r["alarms"].items() if a)
-        assert len(d["penalty_counts"]) == 10 and d["c_p"] == 4.5
+        # The default (authors) profile: C_p = int(0.45 · T) = int(1.35) with T = 3 rounds.
+        assert len(d["penalty_counts"]) == 10 and d["c_p"] == 1.0
+        assert (d["profile"], d["server_threshold"]) == ("authors", "relative")
     assert "strategy_state" not in saved  # the model-sized state lives in its own file
     state = json.loads((tmp_path / "strategy_state.json").read_text())
     assert state["version"] == 1
@@ -129,3 +131,23 @@ def test_defense_start_round_option():
     )
     assert cfg.defense_start_round == 4
     assert config_from_args(parser.parse_args([])).defense_start_round == 1
+
+
+def test_sim_run_summary_counts_honest_boards_banned_and_attackers_missed(tmp_path, capsys):
+    from siren_cli.main import main
+
+    out = tmp_path / "run"
+    argv = ["sim", "run", "--dataset", "digits", "--clients", "5", "--rounds", "2",
+            "--learning-rate", "0.01", "--aggregator", "siren", "--attack", "sign_flip",
+            "--malicious-ids", "1,3", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    hist = json.loads((out / "history.json").read_text())
+    bans = hist["summary"]["bans"]
+    final = set(hist["rounds"][-1]["decision"]["banned"])
+    assert bans["banned"] == sorted(final)
+    assert bans["honest_banned"] == sorted(final - {1, 3})
+    assert bans["attackers_missed"] == sorted({1, 3} - final)
+    line = next(ln for ln in printed.splitlines() if ln.startswith("banned ["))
+    assert f"{len(bans['honest_banned'])} honest board" in line
+    assert f"{bans['attackers_missed_count']} of 2 attackers missed" in line

@@ -78,6 +78,7 @@ def test_prepared_fleet_splits_boards_over_workers(tmp_path: Path) -> None:
     )  # fmt: skip
     coord = CoordinatorConfig.load(coord_toml)
     assert coord.clients == tuple(client_name(i) for i in range(5))
+    assert coord.simulation is not None and coord.simulation.malicious == ()  # no attack
     assert coord.aggregator.params == {"f": 1} and coord.round_timeout == 9.0
     assert coord.data.root == "split" and coord.data.split_seed == config.seed
     assert coord.run.startswith("fleet-0-")
@@ -87,3 +88,39 @@ def test_prepared_fleet_splits_boards_over_workers(tmp_path: Path) -> None:
     assert sim_config_from_dict(w0.sim) == config
     assert asdict(sim_config_from_dict(w1.sim)) == asdict(config)
     assert len(w0.profiles) == 5 and client_name(7) == "board-007"
+
+
+def test_prepared_fleet_passes_the_siren_profile_to_coordinator_and_boards(tmp_path: Path) -> None:
+    from coordinator.config import CoordinatorConfig
+    from firmware_sim.fleet import WorkerSpec, board_config_for
+
+    config = SimConfig(dataset="digits", clients=3, rounds=4, aggregator="siren",
+                       siren_profile="paper-text", alarm_rule="relative")  # fmt: skip
+    coord_toml, specs = prepare_fleet(
+        config, FleetOptions(), tmp_path, host="127.0.0.1", port=1883, protocol=5
+    )
+    coord = CoordinatorConfig.load(coord_toml)
+    assert coord.aggregator.profile == "paper-text" and coord.rounds == 4
+    assert coord.simulation is not None and coord.simulation.malicious == ()
+    spec = WorkerSpec.from_json(specs[0].read_text())
+    board = board_config_for(spec, 1, tmp_path / "state")
+    # The board keeps the profile and the explicit rule that overrides the profile's.
+    assert (board.alarm.profile, board.alarm.rule) == ("paper-text", "relative")
+    assert sim_config_from_dict(spec.sim).alarm_rule == "relative"
+
+
+def test_prepared_fleet_tells_the_coordinator_which_boards_attack(tmp_path: Path) -> None:
+    from coordinator.config import CoordinatorConfig
+
+    config = SimConfig(dataset="digits", clients=5, rounds=2, aggregator="siren",
+                       attack="sign_flip", malicious=0.4, seed=3)  # fmt: skip
+    coord_toml, _ = prepare_fleet(
+        config, FleetOptions(), tmp_path, host="127.0.0.1", port=1883, protocol=5
+    )
+    from firmware_sim.attacks import select_malicious_ids
+
+    expected, _ = select_malicious_ids(5, 0.4, None, 3)
+    coord = CoordinatorConfig.load(coord_toml)
+    assert coord.simulation is not None
+    assert coord.simulation.malicious == tuple(client_name(i) for i in expected)
+    assert len(coord.simulation.malicious) == 2

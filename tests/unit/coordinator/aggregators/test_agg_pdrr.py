@@ -69,10 +69,11 @@ def test_krum_reaggregate_mean() -> None:
 
 def test_krum_without_attack_falls_back_or_drops_the_pick() -> None:
     # K=5, f=1, 2 neighbours: h1 scores 8, the others 12 -> h1. rho(h_i, h1) = 1/sqrt(3) for
-    # i = 2..5 (one differing sign), all >= 0.5: five flagged > f = 1 -> Krum's own pick.
+    # i = 2..5 (one differing sign), all >= 0.5: all five flagged, nothing left -> Krum's pick.
     result = aggregate("pdrr_krum", HONEST, f=1)
     assert result.info["fallback"] is True
     assert result.info["flagged"] == [0, 1, 2, 3, 4]
+    assert "all 5 flagged" in result.verdicts[0].reason
     np.testing.assert_array_equal(result.vector, HONEST[0])
     # with q = 0.6 only h1 (rho = 1) is flagged; Krum over h2..h5 (f' = 0, 2 neighbours):
     # every score is 8 + 8 = 16, ties go to the lowest index -> h2
@@ -104,21 +105,26 @@ def test_trimmed_mean_attack_detected() -> None:
     assert [v.score for v in result.verdicts] == [3, 1, 1, 0, 1]
 
 
-def test_trimmed_mean_without_attack_is_the_trimmed_mean() -> None:
+def test_trimmed_mean_without_attack_removes_or_falls_back() -> None:
     # coord 0: [1,2,3,4,5] trims c0, c4; coord 1: [2,1,3,5,4] trims c1, c3.
-    # n^c = [1,1,0,1,1], threshold 0.5: four flagged > beta = 1 -> pre-aggregate [3, 3]
+    # n^c = [1,1,0,1,1], threshold 0.5: four flagged. The paper removes the four and c2 alone
+    # remains (beta' = 0).
     updates = np.array([[1, 2], [2, 1], [3, 3], [4, 5], [5, 4]], dtype=np.float32)
     result = aggregate("pdrr_trimmed_mean", updates, beta=1)
-    plain = aggregate("trimmed_mean", updates, beta=1)
-    assert result.info["fallback"] is True
+    assert result.info["flagged"] == [0, 1, 3, 4]
+    assert result.info["fallback"] is False and result.info["over_budget"] is True
     np.testing.assert_allclose(result.vector, [3.0, 3.0])
-    np.testing.assert_allclose(result.vector, plain.vector)
-    assert [v.weight for v in result.verdicts] == pytest.approx([v.weight for v in plain.verdicts])
-    # without the safeguard the four are removed and c2 alone remains (beta' = 0)
-    unguarded = aggregate("pdrr_trimmed_mean", updates, beta=1, max_flagged=5)
-    assert unguarded.info["flagged"] == [0, 1, 3, 4]
-    np.testing.assert_allclose(unguarded.vector, [3.0, 3.0])
-    assert [v.weight for v in unguarded.verdicts] == [0, 0, 1, 0, 0]
+    assert [v.weight for v in result.verdicts] == [0, 0, 1, 0, 0]
+    # with the safeguard, four flagged > beta = 1 -> the trimmed mean itself
+    guarded = aggregate("pdrr_trimmed_mean", updates, beta=1, fallback=True)
+    plain = aggregate("trimmed_mean", updates, beta=1)
+    assert guarded.info["fallback"] is True
+    np.testing.assert_allclose(guarded.vector, plain.vector)
+    assert [v.weight for v in guarded.verdicts] == pytest.approx([v.weight for v in plain.verdicts])
+    # a larger budget lets the safeguard trust the detection again
+    trusted = aggregate("pdrr_trimmed_mean", updates, beta=1, fallback=True, max_flagged=4)
+    assert trusted.info["fallback"] is False
+    assert [v.weight for v in trusted.verdicts] == [0, 0, 1, 0, 0]
 
 
 # Median, K=5:
@@ -143,14 +149,65 @@ def test_median_attack_detected() -> None:
     np.testing.assert_allclose(mean.vector, [2.5] * 4)
 
 
-def test_median_without_attack_falls_back() -> None:
+def test_median_without_attack_removes_the_clients_never_chosen() -> None:
     # coord 0: [1,2,3], coord 1: [3,2,1]: c1 is always the median, n^r = [0, 2, 0];
-    # threshold 1 flags c0 and c2: 2 > (K-1)//2 = 1 -> the median itself
+    # threshold 1 flags c0 and c2 (2 > (K-1)//2 = 1): removed, the median of c1 alone is c1.
     updates = np.array([[1, 3], [2, 2], [3, 1]], dtype=np.float32)
     result = aggregate("pdrr_median", updates)
-    assert result.info["fallback"] is True
+    assert result.info["fallback"] is False and result.info["over_budget"] is True
     np.testing.assert_allclose(result.vector, [2, 2])
     assert [v.weight for v in result.verdicts] == [0, 1, 0]
+    assert aggregate("pdrr_median", updates, fallback=True).info["fallback"] is True
+
+
+# More flagged clients than the rule's budget: the paper removes them all and re-aggregates the
+# rest; the safeguard (fallback=True) keeps the pre-aggregate. Each test below tells the two
+# apart, so it would fail on a rule that kept the pre-aggregate by default.
+
+
+def test_krum_attackers_beyond_f_are_removed_not_selected() -> None:
+    # K=7, f=2 (3 neighbours), three identical crafted updates a and four honest h1..h4.
+    # Krum scores: each attacker 0 + 0 + 4.44 (h2) = 4.44, the lowest -> Krum picks attacker 0.
+    # rho = 1 for the three attackers, < 0 for the honest: 3 flagged > f = 2.
+    updates = np.concatenate([np.repeat(ATTACK[:1], 3, axis=0), HONEST[:4]])
+    assert aggregate("krum", updates, f=2).info["selected"] == 0
+    result = aggregate("pdrr_krum", updates, f=2)
+    assert result.info["flagged"] == [0, 1, 2] and result.info["over_budget"] is True
+    assert result.info["fallback"] is False
+    # Krum over h1..h4 with f' = 0 and 2 neighbours: h1 scores 4 + 4 = 8, the others 4 + 8 = 12.
+    np.testing.assert_array_equal(result.vector, HONEST[0])
+    assert [v.kept for v in result.verdicts] == [False] * 3 + [True, False, False, False]
+    guarded = aggregate("pdrr_krum", updates, f=2, fallback=True)
+    assert guarded.info["fallback"] is True
+    np.testing.assert_array_equal(guarded.vector, ATTACK[0])  # the crafted update
+    assert "3 flagged > budget 2" in guarded.verdicts[0].reason
+
+
+def test_trimmed_mean_attackers_beyond_beta_are_removed() -> None:
+    rng = np.random.default_rng(5)
+    k, c, d = 20, 6, 2000
+    updates = _fang_partial_trim(rng, k, c, d)
+    result = aggregate("pdrr_trimmed_mean", updates, beta=4)
+    assert result.info["flagged"] == list(range(c)) and result.info["over_budget"] is True
+    assert result.info["reaggregate_beta"] == 0
+    np.testing.assert_allclose(result.vector, updates[c:].mean(axis=0), rtol=1e-5, atol=1e-6)
+    guarded = aggregate("pdrr_trimmed_mean", updates, beta=4, fallback=True)
+    poisoned = aggregate("trimmed_mean", updates, beta=4).vector
+    np.testing.assert_allclose(guarded.vector, poisoned, rtol=1e-6)
+    # The pre-aggregate still holds attackers' values: it is farther from the honest mean.
+    honest = updates[c:].mean(axis=0)
+    assert np.linalg.norm(poisoned - honest) > 10 * np.linalg.norm(result.vector - honest)
+
+
+def test_median_beyond_the_budget_takes_the_median_of_the_rest() -> None:
+    # coord 0: c0=0, c1=2, c2=3, c3=1, c4=10 -> median 2 (c1); coord 1: 0, 3, 2, 1, 10 -> 2 (c2).
+    # n^r = [0, 1, 1, 0, 0]; threshold 0.5 flags c0, c3, c4: 3 > (K-1)//2 = 2.
+    updates = np.array([[0, 0], [2, 3], [3, 2], [1, 1], [10, 10]], dtype=np.float32)
+    result = aggregate("pdrr_median", updates)
+    assert result.info["flagged"] == [0, 3, 4] and result.info["fallback"] is False
+    np.testing.assert_allclose(result.vector, [2.5, 2.5])  # median of {2, 3}
+    guarded = aggregate("pdrr_median", updates, fallback=True)
+    np.testing.assert_allclose(guarded.vector, [2.0, 2.0])  # the plain median
 
 
 def _fang_partial_trim(rng: np.random.Generator, k: int, c: int, d: int) -> np.ndarray:
@@ -203,6 +260,7 @@ def test_fang_attack_on_krum_is_removed() -> None:
         ("pdrr_krum", {"f": 1, "q": 1.5}, InvalidParameterError, "q=1.5"),
         ("pdrr_median", {"reaggregate": "max"}, InvalidParameterError, "'max'"),
         ("pdrr_median", {"max_flagged": -1}, InvalidParameterError, "max_flagged"),
+        ("pdrr_median", {"fallback": "yes"}, InvalidParameterError, "fallback must be True"),
         ("pdrr_trimmed_mean", {"beta": 0.7}, InvalidParameterError, "0.7"),
         ("pdrr_krum", {"f": -1}, InvalidParameterError, "f must be >= 0"),
     ],
@@ -240,12 +298,12 @@ def test_identical_updates_input_unchanged_and_order(rule: str, kwargs: dict[str
 def test_single_column_blocks(d: int) -> None:
     # d = 1 and a last block of one column: the transposed block must be copied before sorting.
     # Every coordinate is [-9, 1, 2, 3, 4]: the trimmed mean (beta=1) cuts c0 and c4 everywhere,
-    # both flagged (2 > beta) -> fallback to mean(1, 2, 3) = 2; the median is always c2, the
-    # four others are flagged (4 > 2) -> fallback to 2.
+    # both flagged and removed -> mean(1, 2, 3) = 2 (beta' = 0); the median is always c2, the
+    # four others are flagged and removed -> 2.
     updates = np.tile(np.array([[-9.0], [1.0], [2.0], [3.0], [4.0]], dtype=np.float32), (1, d))
     trimmed = aggregate("pdrr_trimmed_mean", updates, beta=1)
     median = aggregate("pdrr_median", updates)
     np.testing.assert_array_equal(trimmed.vector, np.full(d, 2.0))
     np.testing.assert_array_equal(median.vector, np.full(d, 2.0))
-    assert trimmed.info["flagged"] == [0, 4] and trimmed.info["fallback"] is True
-    assert median.info["flagged"] == [0, 1, 3, 4] and median.info["fallback"] is True
+    assert trimmed.info["flagged"] == [0, 4] and trimmed.info["fallback"] is False
+    assert median.info["flagged"] == [0, 1, 3, 4] and median.info["fallback"] is False

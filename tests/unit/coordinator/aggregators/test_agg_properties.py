@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from coordinator.aggregators import REGISTRY, aggregate
@@ -151,6 +151,9 @@ def test_client_order_does_not_matter(name: str, shape: tuple[int, int, int, int
     perm = rng.permutation(k)
     a = _call(name, x, f, server)
     b = _call(name, x[perm], f, server)
+    # PDRR-Krum re-aggregates the clients left after removal with Krum; when few are left it
+    # scores with a single neighbour, where two mutual nearest neighbours tie by construction.
+    assume(a.info.get("reaggregate_neighbours", 2) >= 2)
     np.testing.assert_allclose(b.vector, a.vector, rtol=1e-4, atol=1e-5)
     wa = np.array([v.weight for v in a.verdicts])
     wb = np.array([v.weight for v in b.verdicts])
@@ -227,11 +230,18 @@ def _attacked(
     return x, honest.mean(axis=0), server
 
 
-def _distance(name: str, shape: tuple[int, int, int, int], attack: str) -> float:
+def _distance(name: str, shape: tuple[int, int, int, int], attack: str, **extra: Any) -> float:
     f, _, d, _ = shape
     x, honest_mean, server = _attacked(shape, attack)
-    result = _call(name, x, f, server)
+    result = aggregate(name, x, **PARAMS[name](x.shape[0], f, server), **extra)
     return float(np.linalg.norm(result.vector - honest_mean) / (SIGMA * np.sqrt(d)))
+
+
+#: Extra parameters of the robustness property. PDRR-Krum's detection presumes that Krum picked
+#: an attacker: honest updates that share their sign pattern (as here, ±1 plus 5% noise) all
+#: correlate with an honest pick and are removed (see the test after the next), so the property
+#: holds for it only with the safeguard that keeps Krum's pick when too many are flagged.
+ROBUST_EXTRA: dict[str, dict[str, Any]] = {"pdrr_krum": {"fallback": True}}
 
 
 @pytest.mark.parametrize("attack", ["sign_flip", "noise"])
@@ -241,7 +251,16 @@ def _distance(name: str, shape: tuple[int, int, int, int], attack: str) -> float
 def test_robust_rules_stay_near_the_honest_mean(
     name: str, attack: str, shape: tuple[int, int, int, int]
 ) -> None:
-    assert _distance(name, shape, attack) <= 2.0
+    assert _distance(name, shape, attack, **ROBUST_EXTRA.get(name, {})) <= 2.0
+
+
+def test_pdrr_krum_as_published_removes_honest_updates_that_agree_in_sign() -> None:
+    # Two sign-flipping attackers among nine honest updates that agree in sign: Krum picks an
+    # honest update, every honest update has rho ~ 1 >= 0.5 and is removed with it, and Krum over
+    # what is left picks an attacker. The safeguard keeps Krum's honest pick.
+    shape = (2, 11, 20, 7)
+    assert _distance("pdrr_krum", shape, "sign_flip") >= 5.0
+    assert _distance("pdrr_krum", shape, "sign_flip", fallback=True) <= 2.0
 
 
 @pytest.mark.parametrize("attack", ["sign_flip", "noise"])

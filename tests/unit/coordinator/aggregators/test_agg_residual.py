@@ -132,11 +132,85 @@ def test_residual_reweighting_intercept_leverage() -> None:
     assert result.vector[0] == pytest.approx((9 * w4 + 5) / (3 + w4), rel=1e-6)
 
 
+def _authors_column() -> tuple[list[float], list[float]]:
+    """COLUMN under the authors' variant, by hand: (confidences by client, line by client).
+
+    Sorted y = [0, 2, 3, 9] at ranks 1..4, slope 2 (Eq. 1). Intercept through the medians:
+    median(y) = 2.5 at the centre rank 2.5, beta0 = 2.5 - 2 * 2.5 = -2.5; line -0.5, 1.5, 3.5,
+    5.5; residuals 0.5, 0.5, -0.5, 3.5. Scale: the median of |r| without the smallest,
+    med(0.5, 0.5, 3.5) = 0.5. Leverage with an intercept: h = 1/4 + (x - 2.5)^2 / 5.
+    """
+    tau = 1.4826 * (1 + 5 / 3) * 0.5 + 1e-7
+    z = 2.0 * math.sqrt(2 / 4)
+    h = [0.25 + (x - 2.5) ** 2 / 5 for x in (1, 2, 3, 4)]
+    resid = [0.5, 0.5, 0.5, 3.5]
+    conf = [min(1.0, z / (r / (tau * math.sqrt(1 - hx)))) for r, hx in zip(resid, h)]
+    assert conf[:3] == [1.0, 1.0, 1.0] and 0.4 < conf[3] < 0.5
+    # clients hold [9, 0, 3, 2]: ranks 4, 1, 3, 2
+    return [conf[3], conf[0], conf[2], conf[1]], [5.5, -0.5, 3.5, 1.5]
+
+
+def test_authors_variant_squares_max_normalised_weights_of_its_own_line() -> None:
+    conf, _ = _authors_column()
+    result = aggregate(
+        "residual_reweighting", np.array(COLUMN, dtype=np.float32)[:, None], variant="authors"
+    )
+    weights = [(c / max(conf)) ** 2 for c in conf]
+    share = [w / sum(weights) for w in weights]
+    assert [v.weight for v in result.verdicts] == pytest.approx(share, rel=1e-6)
+    assert result.vector[0] == pytest.approx(sum(w * y for w, y in zip(share, COLUMN)), rel=1e-6)
+    assert result.info["delta"] == 0.1 and result.info["square_weights"] is True
+    # The squaring alone, on the paper's line: w4 -> w4^2.
+    w4, _ = _hand_weights_column_a()
+    squared = aggregate(
+        "residual_reweighting", np.array(COLUMN, dtype=np.float32)[:, None], square_weights=True
+    )
+    total = w4**2 + 3
+    assert [v.weight for v in squared.verdicts] == pytest.approx(
+        [w4**2 / total, 1 / total, 1 / total, 1 / total], rel=1e-6
+    )
+
+
+def test_authors_variant_replaces_values_below_delta_but_keeps_their_confidence() -> None:
+    conf, line = _authors_column()
+    column = np.array(COLUMN, dtype=np.float32)[:, None]
+    result = aggregate("residual_reweighting", column, variant="authors", delta=0.5)
+    weights = [(c / max(conf)) ** 2 for c in conf]
+    share = [w / sum(weights) for w in weights]
+    # Client 0 (confidence ~0.44 < 0.5): its 9 becomes the line's 5.5, its weight stays.
+    assert result.verdicts[0].kept and result.verdicts[0].weight == pytest.approx(share[0])
+    values = [line[0], *COLUMN[1:]]
+    assert result.vector[0] == pytest.approx(sum(w * y for w, y in zip(share, values)), rel=1e-6)
+    assert result.info["replaced"].tolist() == [1, 0, 0, 0]
+    # The paper's Eq. (8) zeroes that confidence instead.
+    paper = aggregate("residual_reweighting", column, delta=0.7)
+    assert paper.verdicts[0].weight == 0.0
+
+
+def test_authors_variant_separates_poisoned_clients_more() -> None:
+    rng = np.random.default_rng(7)
+    k, d, bad = 12, 400, 3
+    updates = rng.normal(0.3, 0.1, (k, d)).astype(np.float32)
+    updates[:bad] = rng.normal(0.0, 10.0, (bad, d))
+    ratios = {}
+    for variant in ("paper", "authors"):
+        weights = np.array(
+            [v.weight for v in aggregate("residual_reweighting", updates, variant=variant).verdicts]
+        )
+        ratios[variant] = weights[:bad].max() / weights[bad:].min()
+    # Squaring the normalised weights roughly squares the ratio (0.05 here -> about 0.003).
+    assert ratios["authors"] < 0.1 * ratios["paper"]
+
+
 def test_identical_updates_return_that_update() -> None:
     row = np.array([0.5, -1.25, 3.0, 0.0], dtype=np.float32)
     updates = np.tile(row, (6, 1))
-    for name in ("repeated_median", "residual_reweighting"):
-        result = aggregate(name, updates)
+    for name, params in (
+        ("repeated_median", {}),
+        ("residual_reweighting", {}),
+        ("residual_reweighting", {"variant": "authors"}),
+    ):
+        result = aggregate(name, updates, **params)
         np.testing.assert_allclose(result.vector, row, rtol=1e-6, atol=1e-7)
         assert all(v.weight == pytest.approx(1 / 6) for v in result.verdicts)
     assert aggregate("residual_reweighting", updates).info["uniform_fallback"] is True
@@ -156,6 +230,8 @@ def test_bound_needs_three_clients(name: str) -> None:
         ({"delta": -0.1}, "delta=-0.1"),
         ({"gamma": -1.0}, "gamma=-1.0"),
         ({"leverage": "hat"}, "'hat'"),
+        ({"variant": "released"}, "'released'"),
+        ({"square_weights": "yes"}, "square_weights must be True or False"),
     ],
 )
 def test_parameter_errors(params: dict[str, Any], pattern: str) -> None:
