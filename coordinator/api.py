@@ -1164,7 +1164,8 @@ def _act(action: str, call: Any, *args: Any) -> bool:
     except ValueError as exc:
         raise HTTPException(409, str(exc)) from None
     if changed:
-        logger.info("admin: %s", " ".join([action, *map(str, args)]))
+        shown = [bytes(a).hex() if isinstance(a, VerifyKey) else str(a) for a in args]
+        logger.info("admin: %s", " ".join([action, *shown]))
     return changed
 
 

@@ -11,6 +11,8 @@ from siren_cli.signals import stop_on_signals
 
 
 def _run(args: argparse.Namespace) -> int:
+    import logging
+
     from coordinator.config import ConfigError, CoordinatorConfig
     from coordinator.errors import CoordinatorError
     from coordinator.service import (
@@ -29,6 +31,9 @@ def _run(args: argparse.Namespace) -> int:
         signing_key = load_signing_key(config.key_dir)
         store = CoordinatorStore(config.db)
         keys = expected_clients(config, AllowList.load(config.allow_list), revoked_keys(store))
+        logging.getLogger("coordinator").info(
+            "run %s: loading the model and the root set (TensorFlow; a few seconds)", config.run
+        )
         runtime = build_runtime(config, len(keys))
         engine = RoundEngine(config, runtime, store, signing_key, keys)
     except (ConfigError, KeyFileError, AllowListError, CoordinatorError) as exc:
@@ -40,7 +45,10 @@ def _run(args: argparse.Namespace) -> int:
     try:
         if config.api.enabled:
             api_server = _start_api(config, service)
-        code = service.run(stop_on_signals())
+        try:
+            code = service.run(stop_on_signals())
+        except CoordinatorError as exc:  # a database of another run, a reordered board list
+            raise CommandError(str(exc)) from exc
         if engine.finished:
             print(run_summary(store, config.run), flush=True)
         return code
@@ -64,6 +72,16 @@ def run_summary(store: Any, run: str) -> str:
         "refused: "
         + (", ".join(f"{k} {v}" for k, v in sorted(refused.items())) if refused else "none"),
     ]
+    last = (rows[-1].record.get("decision") or {}) if rows else {}
+    if "banned" in last:  # SIREN
+        rollbacks = sum(1 for r in rows if (r.record.get("decision") or {}).get("rollback"))
+        import json
+
+        boards = json.loads(store.get_meta("config") or "{}").get("clients", [])
+        names = [boards[i] if 0 <= int(i) < len(boards) else str(i) for i in last["banned"]]
+        parts.append(
+            f"banned by SIREN: {', '.join(names) or 'none'}; {rollbacks} rollback round(s)"
+        )
     guarded = sum(1 for r in rows if (r.record.get("decision") or {}).get("guard"))
     failed = sum(1 for r in rows if r.record.get("failure"))
     if guarded or failed:
@@ -194,7 +212,11 @@ def _audit_verify(args: argparse.Namespace) -> int:
     try:
         key = resolve_verify_key(args.key or default_key)
     except (KeyFileError, ValueError, OSError) as exc:
-        raise CommandError(f"coordinator public key: {exc} (pass --key)") from exc
+        where = "" if args.key else f" (looked for {default_key})"
+        raise CommandError(
+            f"the coordinator's public key is needed{where}: pass --key with its public.key, "
+            f"key folder or 64 hex digits ({exc})"
+        ) from exc
     report = verify_chain(entries, key)
     if not entries:
         print(f"{source}: the audit log is empty")

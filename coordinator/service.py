@@ -446,7 +446,39 @@ class RoundEngine:
             logger.info("run %s started: round 1 of %d", self.config.run, self.config.rounds)
         else:
             self.store.check_identity(self.config.run, layout_fp)
+            self._admit_new_boards()
         return self._load()
+
+    def _admit_new_boards(self) -> None:
+        """Boards listed after the run's own ones (``siren deploy add-board``) join a resumed
+        run from its open round on; the run's boards must keep their place.
+
+        Raises
+        ------
+        StoreError
+            If the configuration drops or reorders a board of the run.
+        """
+        from coordinator.store import StoreError
+
+        stored = json.loads(self.store.get_meta("config") or "{}")
+        before = [str(c) for c in stored.get("clients", [])]
+        if not before or before == self.clients:
+            return
+        if self.clients[: len(before)] != before:
+            raise StoreError(
+                f"the run's boards are {before}, in this order; the configuration lists "
+                f"{self.clients}: a run's boards keep their place, new boards come after them"
+            )
+        new = self.clients[len(before) :]
+        stored["clients"] = self.clients
+        self.store.set_meta("config", json.dumps(stored))
+        self._audit(
+            "keys",
+            action="join",
+            round=self.store.current_round,
+            keys={c: key_fingerprint(self.keys[c]) for c in new},
+        )
+        logger.warning("boards %s join run %s", ", ".join(new), self.config.run)
 
     def _load(self) -> bytes:
         store = self.store

@@ -127,16 +127,26 @@ def check_broker(
     pids = pids if pids is not None else processes_with_argument(str(conf))
     if not pids:
         return [Finding(False, f"no running process was started with {conf}")]
-    sockets = listening_sockets(pids)
-    others = sorted(s for s in sockets if s[1] != port)
-    findings.append(
-        Finding(
-            bool(sockets) and not others,
-            f"listening sockets of mosquitto (pid {', '.join(map(str, pids))}): "
-            + (", ".join(f"{a}:{p}" for a, p in sorted(sockets)) or "none")
-            + (f" -- not the TLS port: {others}" if others else ""),
+    unreadable = [p for p in pids if not os.access(f"/proc/{p}/fd", os.R_OK)]
+    if unreadable:
+        findings.append(
+            Finding(
+                False,
+                f"cannot read the sockets of mosquitto (pid {', '.join(map(str, unreadable))}): "
+                "run this check as root (or as the account Mosquitto runs as)",
+            )
         )
-    )
+    sockets = listening_sockets([p for p in pids if p not in unreadable])
+    others = sorted(s for s in sockets if s[1] != port)
+    if not unreadable:
+        findings.append(
+            Finding(
+                bool(sockets) and not others,
+                f"listening sockets of mosquitto (pid {', '.join(map(str, pids))}): "
+                + (", ".join(f"{a}:{p}" for a, p in sorted(sockets)) or "none")
+                + (f" -- not the TLS port: {others}" if others else ""),
+            )
+        )
     problem = tls_handshake(host, port, cafile)
     findings.append(
         Finding(

@@ -11,9 +11,18 @@ from siren_cli.errors import CommandError
 
 def _init(args: argparse.Namespace) -> int:
     from deploy.errors import DeployError
-    from deploy.folder import Deployment, board_ids, default_broker_user, init_deployment
+    from deploy.folder import (
+        Deployment,
+        board_ids,
+        default_broker_user,
+        default_coordinator_user,
+        init_deployment,
+    )
 
     broker_user = default_broker_user() if args.broker_user is None else args.broker_user
+    coordinator_user = (
+        default_coordinator_user() if args.coordinator_user is None else args.coordinator_user
+    )
     try:
         deployment = Deployment(
             run=args.run,
@@ -24,6 +33,7 @@ def _init(args: argparse.Namespace) -> int:
             boards=board_ids(args.board_prefix, 0, args.boards),
             hostnames=tuple(args.hostname or ()),
             coordinator_host=args.coordinator_host or "",
+            coordinator_user=coordinator_user,
             broker_user=broker_user,
             rounds=args.rounds,
             seed=args.seed,
@@ -62,9 +72,9 @@ def _add_board(args: argparse.Namespace) -> int:
     except DeployError as exc:
         raise CommandError(str(exc)) from exc
     print(
-        f"added {', '.join(new)}: reload the broker (sudo systemctl reload siren-broker, or "
-        "sudo kill -HUP $(pidof mosquitto)) and restart the coordinator; the new bundles are "
-        f"in {args.dir / 'boards'}"
+        f"added {', '.join(new)}: reload the broker (siren deploy reload-broker {args.dir}) and "
+        "restart the coordinator (the new boards join the run from its open round); the new "
+        f"bundles are in {args.dir / 'boards'}"
     )
     return 0
 
@@ -83,6 +93,23 @@ def _board_action(name: str) -> Any:
         return 0
 
     return handler
+
+
+def _reload(args: argparse.Namespace) -> int:
+    from deploy.errors import DeployError
+    from deploy.folder import Deployment, Paths, reload_broker
+
+    try:
+        Deployment.load(args.dir)
+    except DeployError as exc:
+        raise CommandError(str(exc)) from exc
+    pids = reload_broker(Paths(args.dir))
+    if not pids:
+        raise CommandError(
+            f"no running Mosquitto was started with {args.dir / 'broker' / 'mosquitto.conf'}"
+        )
+    print(f"Mosquitto (pid {', '.join(map(str, pids))}) reloads its password file and ACLs")
+    return 0
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -160,6 +187,12 @@ def register(sub: Any) -> None:
         default=None,
         help="account Mosquitto runs as, which gets the broker files (default: 'mosquitto' "
         "when run as root, else yours; '' = leave files to whoever writes them)",
+    )
+    init.add_argument(
+        "--coordinator-user",
+        default=None,
+        help="account that runs the coordinator, which gets the coordinator's files (default: "
+        "the account that ran sudo; '' = leave them to whoever writes them)",
     )
     init.add_argument("--board-prefix", default="board-", help="board ids (default: board-000...)")
     init.add_argument("--rounds", type=int, default=10, help="rounds T (default: 10)")
@@ -245,6 +278,15 @@ def register(sub: Any) -> None:
         renew.add_argument("dir", type=Path, help="deployment folder")
         renew.add_argument("board", help="board id")
         renew.set_defaults(func=_board_action("renew_board"))
+    reload = s.add_parser(
+        "reload-broker",
+        help="make the deployment's running Mosquitto reload its password file and ACLs",
+        description="Send SIGHUP to the Mosquitto started with DIR/broker/mosquitto.conf (and "
+        "to no other Mosquitto on the machine). Sessions whose credentials are gone end; no "
+        "other client is disconnected.",
+    )
+    reload.add_argument("dir", type=Path, help="deployment folder")
+    reload.set_defaults(func=_reload)
     check = s.add_parser(
         "check",
         help="check the running broker: only the TLS port, verified handshake, no plain text",

@@ -24,6 +24,7 @@ import os
 import secrets
 import shutil
 import stat
+import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -102,6 +103,7 @@ class Deployment:
     boards: tuple[str, ...] = ()
     hostnames: tuple[str, ...] = ()
     coordinator_host: str = ""
+    coordinator_user: str = ""
     broker_user: str = ""
     rounds: int = 10
     seed: int = 0
@@ -273,6 +275,15 @@ def _broker_owner(deployment: Deployment) -> tuple[int, int] | None:
     return ids
 
 
+def default_coordinator_user() -> str:
+    """The account that ran ``sudo`` (``$SUDO_USER``) when running as root through sudo, else ""
+    (the coordinator's files stay the writer's)."""
+    user = os.environ.get("SUDO_USER", "")
+    if os.geteuid() == 0 and user and user != "root" and account_ids(user) is not None:
+        return user
+    return ""
+
+
 def default_broker_user() -> str:
     """``mosquitto`` when running as root and that account exists, else "" (the writer)."""
     if os.geteuid() == 0 and account_ids("mosquitto") is not None:
@@ -301,8 +312,12 @@ def _write_bundles(
     wheel: Path,
     force: bool,
     data: Sequence[Any] | None,
+    boards_dir: Path | None = None,
+    register: bool = True,
 ) -> dict[str, str]:
-    """Write the bundles of ``ids``; return ``{id: password}`` (password auth only)."""
+    """Write the bundles of ``ids`` (into ``boards_dir``, default the deployment's); register
+    their keys in the coordinator's allow-list unless ``register`` is False; return
+    ``{id: password}`` (password auth only)."""
     import numpy as np
 
     from edge_client.config import AlarmSettings, DataSettings, TrainingSettings
@@ -313,7 +328,7 @@ def _write_bundles(
     place = Placement(deployment.install_dir, deployment.service_user, deployment.venv)
     for board in ids:
         index = deployment.boards.index(board)
-        out = paths.boards / board
+        out = (boards_dir or paths.boards) / board
         client_cert = None
         if deployment.auth == "mtls":
             cert_dir = paths.ca / "issued"
@@ -334,12 +349,17 @@ def _write_bundles(
                 broker_port=deployment.broker_port,
                 coordinator_key=paths.coordinator / "keys",
                 ca_cert=paths.ca / "ca.crt",
-                allow_list=paths.allow_list,
+                allow_list=paths.allow_list if register else None,
                 rounds=deployment.rounds,
                 seed=deployment.seed,
                 training=TrainingSettings(),
                 alarm=AlarmSettings(enabled=deployment.alarm),
-                data=DataSettings(source="npz", path=out / "data.npz", dataset=deployment.dataset),
+                data=DataSettings(
+                    source="npz",
+                    path=out / "data.npz",
+                    dataset=deployment.dataset,
+                    clients=len(deployment.boards),
+                ),
                 place=place,
                 password=passwords.get(board),
                 client_cert=client_cert,
@@ -497,7 +517,7 @@ def _next_steps(deployment: Deployment, paths: Paths) -> str:
         "sudo systemctl enable --now siren-broker",
         "```",
         "",
-        f"Check it: `siren deploy check {root}` (only the TLS port listens, the handshake "
+        f"Check it, as root: `siren deploy check {root}` (only the TLS port listens, the handshake "
         "verifies with the deployment's CA, plain-text MQTT is refused).",
         "",
         "## 2. Coordinator",
@@ -519,9 +539,9 @@ def _next_steps(deployment: Deployment, paths: Paths) -> str:
         "",
         "## Later",
         "",
-        f"- more boards: `siren deploy add-board {root} --count N`, then reload the broker "
-        "(`sudo systemctl reload siren-broker` or `sudo kill -HUP $(pidof mosquitto)`) and "
-        "restart the coordinator (it resumes the run where it stopped);",
+        f"- more boards: `siren deploy add-board {root} --count N`, then "
+        f"`siren deploy reload-broker {root}` and restart the coordinator (it resumes the run, "
+        "and the new boards join it from its open round);",
         "- `ca/ca.key` signs broker and board certificates: keep it off the network once the "
         "fleet is set up.",
         "",
@@ -593,13 +613,20 @@ def init_deployment(
     siren = Path(shutil.which("siren") or "siren").resolve()
     (paths.coordinator / "siren-coordinator.service").write_text(
         _unit(f"siren-edge coordinator of run {deployment.run}",
-              f"{siren} coordinator run --config {paths.coord_toml.resolve()}", "",
-              paths.coordinator.resolve())
+              f"{siren} coordinator run --config {paths.coord_toml.resolve()}",
+              deployment.coordinator_user, paths.coordinator.resolve())
     )  # fmt: skip
     progress("broker configuration: TLS listener, passwords, ACLs")
     _write_broker(deployment, paths, coordinator_password, passwords)
     (directory / DEPLOYMENT_FILE).write_text(deployment.to_toml())
     (directory / "README.md").write_text(_next_steps(deployment, paths))
+    if deployment.coordinator_user:
+        # Made with sudo: the coordinator's files belong to whoever runs the coordinator.
+        ids = account_ids(deployment.coordinator_user)
+        if ids is None:
+            raise DeployError(f"no account {deployment.coordinator_user!r} for the coordinator")
+        if os.geteuid() == 0:
+            _chown_tree(paths.coordinator, ids)
     if owner is not None:
         blocked = unreachable_for(paths.broker, owner)
         if blocked is not None:
@@ -652,6 +679,12 @@ def add_boards(
     wheel = next(iter(sorted(paths.dist.glob("*.whl"))), None) or build_board_wheel(paths.dist)
     progress(f"{len(new)} new board bundle(s): {', '.join(new)}")
     passwords = _write_bundles(updated, paths, new, wheel=wheel, force=False, data=None)
+    if deployment.demo_data:
+        progress(
+            f"note: the demo data is a split made for the first {len(deployment.boards)} boards; "
+            f"the new bundles have no data.npz: put each new board's own data (arrays x_train, "
+            f"y_train, x_test, y_test) at boards/<id>/data.npz before installing it"
+        )
     config = CoordinatorConfig.load(paths.coord_toml)
     coordinator_password = config.broker.password or ""
     _write_broker(updated, paths, coordinator_password, passwords)
@@ -737,11 +770,26 @@ def reload_broker(paths: Paths) -> list[int]:
     return pids
 
 
-def _run_started(paths: Paths) -> bool:
+def _run_state(paths: Paths) -> str:
+    """``not started``, ``running`` (started, not finished) or ``finished``."""
     from coordinator.config import CoordinatorConfig
 
-    db = CoordinatorConfig.load(paths.coord_toml).db
-    return Path(db).exists()
+    db = Path(CoordinatorConfig.load(paths.coord_toml).db)
+    if not db.exists():
+        return "not started"
+    rows = _read_meta(db, "finished")
+    return "finished" if rows == "1" else "running"
+
+
+def _read_meta(db: Path, key: str) -> str | None:
+    import sqlite3
+
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5.0) as conn:
+            row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    except sqlite3.Error:
+        return None
+    return None if row is None else str(row[0])
 
 
 def _apply_broker_change(
@@ -782,16 +830,17 @@ def revoke_board(directory: Path, board: str, *, progress: Any = print) -> dict[
         answer = coordinator_api(paths, "POST", f"/api/admin/clients/{board}/revoke")
         done["coordinator"] = "revoked" if answer.get("changed") else "already revoked"
     except CoordinatorOfflineError as exc:
-        if _run_started(paths):
+        state = _run_state(paths)
+        if state == "running":
             raise DeployError(
-                f"{exc}; the run has started, so its coordinator must revoke the key itself: "
-                "start it (siren coordinator run) and run this again"
+                f"{exc}; the run is in progress, so its coordinator must revoke the key itself: "
+                "start it (siren coordinator run) and run this again; nothing was changed"
             ) from exc
         allow = AllowList.load(paths.allow_list, missing_ok=True)
         if board in allow:
             allow.remove(board)
             allow.save(paths.allow_list)
-        done["coordinator"] = "not started: key removed from its allow-list"
+        done["coordinator"] = f"run {state}: key removed from its allow-list"
     updated = replace(deployment, revoked=(*deployment.revoked, board))
     done["broker_reloaded"] = _apply_broker_change(directory, updated, {})
     progress(
@@ -824,32 +873,50 @@ def renew_board(directory: Path, board: str, *, progress: Any = print) -> dict[s
         raise DeployError(f"{board!r} is not a board of this deployment: {deployment.boards}")
     readmit = board in deployment.revoked
     wheel = next(iter(sorted(paths.dist.glob("*.whl"))), None) or build_board_wheel(paths.dist)
-    passwords = _write_bundles(deployment, paths, [board], wheel=wheel, force=True, data=None)
-    new_key = load_verify_key(paths.boards / board / "keys")
-    done: dict[str, Any] = {"board": board, "readmitted": readmit}
+    # The new bundle is made aside and takes the old one's place only once the coordinator
+    # has the new key: a refusal changes nothing.
+    staging = Path(tempfile.mkdtemp(prefix=f".renew-{board}-", dir=paths.boards))
     try:
-        coordinator_api(
-            paths,
-            "POST",
-            "/api/admin/keys",
-            {"client_id": board, "public_key": bytes(new_key).hex()},
-        )
-        done["coordinator"] = "re-admitted with the new key" if readmit else "has the new key"
-    except CoordinatorOfflineError as exc:
-        if _run_started(paths):
-            raise DeployError(
-                f"{exc}; the run has started, so its coordinator must register the new key: "
-                f"start it and run this again (the new bundle is written in {paths.boards / board})"
-            ) from exc
-        allow = AllowList.load(paths.allow_list, missing_ok=True)
-        allow.add(board, new_key, replace=True)
-        allow.save(paths.allow_list)
-        done["coordinator"] = "not started: new key in its allow-list"
+        passwords = _write_bundles(
+            deployment, paths, [board], wheel=wheel, force=True, data=None,
+            boards_dir=staging, register=False,
+        )  # fmt: skip
+        new_key = load_verify_key(staging / board / "keys")
+        done: dict[str, Any] = {"board": board, "readmitted": readmit}
+        try:
+            registration = {"client_id": board, "public_key": bytes(new_key).hex()}
+            coordinator_api(paths, "POST", "/api/admin/keys", registration)
+            done["coordinator"] = "re-admitted with the new key" if readmit else "has the new key"
+        except CoordinatorOfflineError as exc:
+            state = _run_state(paths)
+            if state == "running":
+                raise DeployError(
+                    f"{exc}; the run is in progress, so its coordinator must register the new "
+                    "key: start it (siren coordinator run) and run this again; nothing was "
+                    "changed"
+                ) from exc
+            allow = AllowList.load(paths.allow_list, missing_ok=True)
+            allow.add(board, new_key, replace=True)
+            allow.save(paths.allow_list)
+            done["coordinator"] = f"run {state}: new key in its allow-list"
+        old = paths.boards / board
+        if (old / "data.npz").exists():
+            shutil.copyfile(old / "data.npz", staging / board / "data.npz")
+        shutil.rmtree(old, ignore_errors=True)
+        (staging / board).rename(old)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     updated = replace(deployment, revoked=tuple(b for b in deployment.revoked if b != board))
     done["broker_reloaded"] = _apply_broker_change(directory, updated, passwords)
     progress(
-        f"{board}: new key and credentials in {paths.boards / board} (copy it to the board and run "
-        f"install.sh again); coordinator {done['coordinator']}"
-        + (", Mosquitto reloaded" if done["broker_reloaded"] else "")
+        f"{board}: new key and credentials in {paths.boards / board}; coordinator "
+        f"{done['coordinator']}"
+        + (
+            ", Mosquitto reloaded (the board's old session ended)"
+            if done["broker_reloaded"]
+            else ""
+        )
+        + ". Copy the bundle to the board and run its install.sh again: it restarts the board "
+        "with the new credentials"
     )
     return done

@@ -12,6 +12,8 @@ from siren_cli.signals import stop_on_signals
 
 
 def _run(args: argparse.Namespace) -> int:
+    import logging
+
     from edge_client.client import BoardClient, finished_run
     from edge_client.config import BoardConfig
     from edge_client.errors import EdgeClientError
@@ -25,6 +27,10 @@ def _run(args: argparse.Namespace) -> int:
         if done is not None:
             print(done, flush=True)
             return 0
+        logging.getLogger("edge_client").info(
+            "%s: loading its data and model (TensorFlow: tens of seconds on a small board)",
+            config.client_id,
+        )
         client = BoardClient(config)
     except (EdgeClientError, KeyFileError, ModelsError) as exc:
         raise CommandError(str(exc)) from exc

@@ -213,7 +213,16 @@ if [ "$VENV_STEP" = 1 ]; then
   if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
   fi
-  "$VENV/bin/python" -m pip install --disable-pip-version-check -q \\
+  if command -v runuser >/dev/null 2>&1 && \\
+      ! runuser -u "$SERVICE_USER" -- "$VENV/bin/python" -c pass 2>/dev/null; then
+    echo "install.sh: $SERVICE_USER cannot run $VENV/bin/python (it points to an interpreter in" >&2
+    echo "  a folder $SERVICE_USER may not enter, e.g. a pyenv build under /root): remove $VENV" >&2
+    echo "  and run install.sh again with --python /usr/bin/python3" >&2
+    exit 1
+  fi
+  echo "    installing the board's libraries (TensorFlow, LiteRT, ...: about 1.6 GB the first"
+  echo "    time, from PyPI; nothing again when they are there)"
+  "$VENV/bin/python" -m pip install --disable-pip-version-check --progress-bar on \\
     -r "$HOME_DIR/requirements-board.txt"
   WHEEL=$(ls "$HOME_DIR"/siren_edge_board-*.whl 2>/dev/null | tail -n 1 || true)
   if [ -n "$WHEEL" ]; then
@@ -232,7 +241,9 @@ if [ "$SYSTEMD" = 1 ] && [ -d /run/systemd/system ]; then
   echo "4/4 systemd unit $UNIT"
   install -m 0644 "$HOME_DIR/$UNIT" "/etc/systemd/system/$UNIT"
   systemctl daemon-reload
-  systemctl enable --now "$UNIT"
+  systemctl enable "$UNIT"
+  # restart, not start: a running board picks up a new bundle (rotated key, new credentials)
+  systemctl restart "$UNIT"
   echo "started: journalctl -u $UNIT -f"
 else
   echo "4/4 systemd unit: not installed (no systemd here, or --no-systemd); start the board with"
@@ -257,10 +268,11 @@ steps below and is safe to run again. The rest of this file is the same, by hand
 
 ## Which boards
 
-64-bit Linux on aarch64 with Python 3.10 or newer and about 1 GB of RAM: Raspberry Pi 4 or 5
-(2 GB or more recommended) with Raspberry Pi OS 64-bit (Bookworm, Python 3.11), or NVIDIA Jetson
-with JetPack 6 (Ubuntu 22.04, Python 3.10). The 32-bit Raspberry Pi OS is not supported
-(TensorFlow publishes no armv7l wheels); JetPack 5 ships Python 3.8, which is too old.
+64-bit Linux on aarch64 with Python 3.10 or newer and 2 GB of RAM or more (the board process
+peaks at about 700 MB, TensorFlow's): Raspberry Pi 4 or 5 with Raspberry Pi OS 64-bit
+(Bookworm, Python 3.11), or NVIDIA Jetson with JetPack 6 (Ubuntu 22.04, Python 3.10). The
+32-bit Raspberry Pi OS is not supported (TensorFlow publishes no armv7l wheels); JetPack 5
+ships Python 3.8, which is too old.
 
 ## 1. Service account
 
@@ -318,7 +330,7 @@ for Jetson Platform"); one of them can replace it when its version is 2.16 or ne
 
 ```bash
 sudo install -m 0644 {home}/{service} /etc/systemd/system/{service}
-sudo systemctl daemon-reload && sudo systemctl enable --now {service}
+sudo systemctl daemon-reload && sudo systemctl enable {service} && sudo systemctl restart {service}
 journalctl -u {service} -f
 ```
 

@@ -67,3 +67,32 @@ def test_revoke_readmit_and_restart(tmp_path: Path) -> None:
     assert verify_chain(entries, COORD.verify_key).ok
     actions = [json.loads(e[0])["body"].get("action") for e in entries]
     assert actions == ["start", "revoke", None, "readmit"]
+
+
+def test_boards_added_to_the_configuration_join_a_resumed_run(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from coordinator.store import StoreError
+
+    engine = _engine(tmp_path, rounds=3)
+    engine.start()
+    engine.store.close()
+    newcomer = SigningKey(b"N" * 32)
+    grown = _engine(tmp_path, rounds=3)
+    grown.config = replace(grown.config, clients=("b0", "b1", "b2", "b3"))
+    grown.keys["b3"] = newcomer.verify_key
+    grown.clients = list(grown.config.clients)
+    grown.index_of = {c: i for i, c in enumerate(grown.clients)}
+    grown.start()
+    assert grown.missing() == ["b0", "b1", "b2", "b3"]
+    assert grown.handle_update(_signed(grown, newcomer, client="b3")).accepted
+    stored = json.loads(grown.store.get_meta("config"))
+    assert stored["clients"] == ["b0", "b1", "b2", "b3"]
+    actions = [json.loads(e[0])["body"].get("action") for e in grown.store.audit_entries()]
+    assert actions == ["start", "join"]
+    grown.store.close()
+    reordered = _engine(tmp_path, rounds=3)
+    reordered.config = replace(reordered.config, clients=("b1", "b0", "b2", "b3"))
+    reordered.clients = list(reordered.config.clients)
+    with pytest.raises(StoreError, match="keep their place"):
+        reordered.start()

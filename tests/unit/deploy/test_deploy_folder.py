@@ -183,3 +183,42 @@ def test_board_wheel_holds_only_the_board_packages_and_imports_without_the_rest(
         [sys.executable, "-S", "-c", code], capture_output=True, text=True, cwd=tmp_path
     )
     assert out.stdout.strip() == "ok", out.stderr
+
+
+def _fake_run(root: Path, finished: bool) -> None:
+    import sqlite3
+
+    with sqlite3.connect(root / "coordinator" / "coordinator.sqlite") as db:
+        db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        db.execute("INSERT INTO meta VALUES ('run', 'demo')")
+        if finished:
+            db.execute("INSERT INTO meta VALUES ('finished', '1')")
+
+
+def test_a_run_in_progress_without_its_coordinator_changes_nothing(tmp_path: Path, capsys) -> None:
+    from coordinator.broker import read_passwd
+
+    root = tmp_path / "dep"
+    assert _init(root, "--no-demo-data", "--api-port", "1") == 0
+    _fake_run(root, finished=False)
+    key = (root / "boards" / "board-001" / "keys" / "private.key").read_text()
+    passwd = (root / "broker" / "passwd").read_text()
+    allow = (root / "coordinator" / "allow-list.txt").read_text()
+    for command in ("rotate-board", "revoke-board", "readmit-board"):
+        assert main(["deploy", command, str(root), "board-001"]) == 2
+        assert "nothing was changed" in capsys.readouterr().err or command == "readmit-board"
+    assert (root / "boards" / "board-001" / "keys" / "private.key").read_text() == key
+    assert (root / "broker" / "passwd").read_text() == passwd
+    assert (root / "coordinator" / "allow-list.txt").read_text() == allow
+    assert not list((root / "boards").glob(".renew-*"))
+    assert "board-001" in read_passwd(root / "broker" / "passwd")
+
+
+def test_after_the_run_the_files_change_without_a_coordinator(tmp_path: Path) -> None:
+    from protocol.keys import AllowList
+
+    root = tmp_path / "dep"
+    assert _init(root, "--no-demo-data", "--api-port", "1") == 0
+    _fake_run(root, finished=True)
+    assert main(["deploy", "revoke-board", str(root), "board-000"]) == 0
+    assert "board-000" not in AllowList.load(root / "coordinator" / "allow-list.txt")
