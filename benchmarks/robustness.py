@@ -90,8 +90,12 @@ DEFENSES: dict[str, tuple[str, dict[str, Any]]] = {
 #: ``paper-text``), with and without weight analysis, and the printed server thresholds with the
 #: relative alarm rule of the authors' public code; residual reweighting as in its authors'
 #: released code, and with only that code's squared weights; PDRR with the safeguard that keeps
-#: the pre-aggregate when more boards are flagged than the rule's budget (``fallback=True``).
+#: the pre-aggregate when more boards are flagged than the rule's budget (``fallback=True``);
+#: geometric median, FoolsGold and DSPO's score policy (measured under ``huge_values``).
 OPTIONAL_DEFENSES: dict[str, tuple[str, dict[str, Any]]] = {
+    "geometric_median": ("geometric_median", {}),
+    "foolsgold": ("foolsgold", {}),
+    "dspo_score": ("dspo_score", {}),
     "siren_paper_text": ("siren", {}),
     "siren_paper_text_no_wa": ("siren", {"weight_analysis": False}),
     "siren_relative": ("siren", {}),
@@ -120,8 +124,11 @@ PAPER_ALIASES = {
 }
 #: Rules that select with Krum's scores (their ``f`` is the one Fang's Krum attack simulates).
 KRUM_RULES = frozenset({"krum", "multi_krum", "bulyan", "pdrr_krum"})
-ATTACKS = ("sign_flip", "label_flip", "targeted_poison", "fang_trim", "fang_krum")
+ATTACKS = ("sign_flip", "label_flip", "targeted_poison", "fang_trim", "fang_krum", "huge_values")
 FRACTIONS = (0.4, 0.8)
+#: Attacks run at their own malicious fractions whatever ``--fractions`` says: one board of ten
+#: with a stolen key sending huge finite values (the threat the global-model guard answers).
+ATTACK_FRACTIONS: dict[str, tuple[float, ...]] = {"huge_values": (0.1,)}
 #: Threads of every cell (TensorFlow's intra- and inter-op pools, OpenMP): results are bit for bit
 #: reproducible only at a fixed thread count, and one thread per cell is what ``--jobs`` can keep.
 CELL_THREADS = 1
@@ -174,13 +181,23 @@ def grid(
     fractions: Sequence[float],
     distributions: Sequence[str],
 ) -> list[Cell]:
-    """All cells: one no-attack baseline per defense and distribution, then every attack cell."""
+    """All cells: one no-attack baseline per defense and distribution, then every attack cell
+    (attacks of :data:`ATTACK_FRACTIONS` at their own fractions)."""
     cells = [Cell(d, "none", 0.0, dist) for dist in distributions for d in defenses]
     cells += [
         Cell(d, a, f, dist)
         for dist in distributions
         for f in fractions
         for a in attacks
+        if a not in ATTACK_FRACTIONS
+        for d in defenses
+    ]
+    cells += [
+        Cell(d, a, f, dist)
+        for dist in distributions
+        for a in attacks
+        if a in ATTACK_FRACTIONS
+        for f in ATTACK_FRACTIONS[a]
         for d in defenses
     ]
     return cells
