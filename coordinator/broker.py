@@ -30,6 +30,7 @@ import hashlib
 import os
 import secrets
 import shutil
+import stat
 import subprocess
 import tempfile
 from collections.abc import Iterable, Mapping
@@ -216,6 +217,33 @@ def account_ids(name: str | None) -> tuple[int, int] | None:
     except (ImportError, KeyError):
         return None
     return entry.pw_uid, entry.pw_gid
+
+
+def unreachable_for(path: Path, owner: tuple[int, int]) -> Path | None:
+    """The first ancestor of ``path`` that account ``owner`` (uid, gid) may not traverse, or
+    None. A broker folder under ``/root`` (mode 0700) is unreachable for ``mosquitto``."""
+    uid, gid = owner
+    for parent in [*reversed(path.resolve().parents), path.resolve()]:
+        st = parent.stat()
+        if uid == 0:
+            continue
+        if st.st_uid == uid:
+            ok = bool(st.st_mode & stat.S_IXUSR)
+        elif st.st_gid == gid:
+            ok = bool(st.st_mode & stat.S_IXGRP)
+        else:
+            ok = bool(st.st_mode & stat.S_IXOTH)
+        if not ok:
+            return parent
+    return None
+
+
+def hand_over(directory: Path, owner: tuple[int, int]) -> None:
+    """Give ``directory`` and everything in it to ``owner`` (uid, gid): Mosquitto, switched
+    to its account, must read the key and password file and write its log and database."""
+    os.chown(directory, *owner)
+    for child in directory.rglob("*"):
+        os.chown(child, *owner, follow_symlinks=False)
 
 
 def write_private(

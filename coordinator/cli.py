@@ -108,15 +108,23 @@ def _start_api(config: Any, service: Any) -> Any:
 
 
 def _broker_config(args: argparse.Namespace) -> int:
+    import os
+
     from coordinator.broker import (
         BrokerConfigError,
         TlsFiles,
+        account_ids,
         generate_self_signed,
+        hand_over,
         read_bundle_credentials,
+        unreachable_for,
         write_broker_config,
     )
 
     out: Path = args.out
+    run_as = args.run_as
+    if run_as is None and os.geteuid() == 0 and account_ids("mosquitto") is not None:
+        run_as = "mosquitto"  # what Mosquitto started as root switches to anyway
     try:
         if args.self_signed:
             tls = generate_self_signed(out / "tls", args.hostname or ["localhost"])
@@ -133,17 +141,29 @@ def _broker_config(args: argparse.Namespace) -> int:
             bind=args.bind,
             boards=boards,
             coordinator_user=args.coordinator_user,
-            run_as=args.run_as,
+            run_as=run_as,
         )
+        owner = account_ids(run_as) if run_as else None
+        if owner is not None and os.geteuid() == 0:
+            pw = files.coordinator_password
+            hand_over(out, owner)
+            os.chown(pw, 0, 0)  # the coordinator's secret is not the broker's
     except BrokerConfigError as exc:
         raise CommandError(str(exc)) from exc
+    blocked = unreachable_for(out, owner) if owner is not None else None
+    if blocked is not None:
+        print(
+            f"warning: account {run_as!r} cannot enter {blocked}, so Mosquitto will not read "
+            f"{out}: put it elsewhere (e.g. under /srv) or pass --run-as"
+        )
     print(
         f"wrote {files.conf}, {files.passwd} ({len(files.users)} users: "
         f"{', '.join(files.users)}), {files.acl} and {files.coordinator_password}"
     )
     if args.self_signed:
         print(f"CA certificate for the boards: {tls.cafile}")
-    print(f"start: mosquitto -c {files.conf}   (reload after changes: kill -HUP <pid>)")
+    as_whom = f" (as root it switches to {run_as!r}, which owns {out})" if run_as else ""
+    print(f"start: mosquitto -c {files.conf}{as_whom}; reload after changes: kill -HUP <its pid>")
     return 0
 
 

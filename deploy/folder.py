@@ -23,7 +23,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import stat
 import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -38,6 +37,7 @@ from coordinator.broker import (
     account_ids,
     generate_ca,
     issue_certificate,
+    unreachable_for,
     write_broker_config,
     write_private,
 )
@@ -242,25 +242,6 @@ def _chown_tree(path: Path, owner: tuple[int, int]) -> None:
     os.chown(path, *owner)
     for child in path.rglob("*"):
         os.chown(child, *owner, follow_symlinks=False)
-
-
-def unreachable_for(path: Path, owner: tuple[int, int]) -> Path | None:
-    """The first ancestor of ``path`` that account ``owner`` (uid, gid) may not traverse, or
-    None. A broker folder under ``/root`` (mode 0700) is unreachable for ``mosquitto``."""
-    uid, gid = owner
-    for parent in [*reversed(path.resolve().parents), path.resolve()]:
-        st = parent.stat()
-        if uid == 0:
-            continue
-        if st.st_uid == uid:
-            ok = bool(st.st_mode & stat.S_IXUSR)
-        elif st.st_gid == gid:
-            ok = bool(st.st_mode & stat.S_IXGRP)
-        else:
-            ok = bool(st.st_mode & stat.S_IXOTH)
-        if not ok:
-            return parent
-    return None
 
 
 def _broker_owner(deployment: Deployment) -> tuple[int, int] | None:

@@ -277,3 +277,43 @@ def test_provisioned_boards_complete_a_run_over_tls(secure_broker: tuple[Path, i
     assert query(db, "SELECT round FROM rounds WHERE status='closed'") == [(1,), (2,)]
     assert query(db, "SELECT round, COUNT(*) FROM updates GROUP BY round") == [(1, 2), (2, 2)]
     assert query(db, "SELECT reason FROM decisions WHERE reason != 'accepted'") == []
+
+
+def test_the_printed_start_command_works_as_root_without_run_as() -> None:
+    """Before, the files were root-owned 0600 while Mosquitto started as root switched to the
+    'mosquitto' account and could not read its password file or write its log."""
+    import pwd
+    import shutil
+    import tempfile
+
+    from firmware_sim.broker import free_port, wait_for_port
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    try:
+        pwd.getpwnam("mosquitto")
+    except KeyError:
+        pytest.skip("no 'mosquitto' account")
+    base = Path(tempfile.mkdtemp(prefix="siren-broker-"))
+    base.chmod(0o755)
+    try:
+        port = free_port()
+        argv = ["coordinator", "broker-config", "--out", str(base / "broker"), "--run", RUN,
+                "--port", str(port), "--bind", "127.0.0.1", "--self-signed",
+                "--hostname", "127.0.0.1"]  # fmt: skip
+        assert main(argv) == 0
+        assert "user mosquitto" in (base / "broker" / "mosquitto.conf").read_text()
+        assert (base / "broker" / "passwd").stat().st_uid == pwd.getpwnam("mosquitto").pw_uid
+        exe = find_mosquitto()
+        assert exe is not None
+        proc = subprocess.Popen([exe, "-c", str(base / "broker" / "mosquitto.conf")])
+        try:
+            assert wait_for_port("127.0.0.1", port, 10)
+            time.sleep(0.5)
+            assert proc.poll() is None  # it read its password file and opened its log
+            assert "Error" not in (base / "broker" / "mosquitto.log").read_text()
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

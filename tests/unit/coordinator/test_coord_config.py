@@ -98,3 +98,16 @@ def test_the_simulators_malicious_boards_round_trip_and_are_absent_by_default(
     assert loaded.simulation == SimulationSettings(("b2", "b4"))
     with pytest.raises(ConfigError, match="invalid client ids"):
         SimulationSettings(("bad/id",))
+
+
+def test_config_template_is_a_complete_commented_coord_toml(tmp_path: Path, capsys) -> None:
+    from siren_cli.main import main
+
+    assert main(["coordinator", "config-template", "--run", "field-1"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("# siren-edge coordinator configuration")
+    (tmp_path / "coord.toml").write_text(text)
+    (tmp_path / "mqtt.password").write_text("pw\n")
+    loaded = CoordinatorConfig.load(tmp_path / "coord.toml")
+    assert loaded.run == "field-1" and loaded.aggregator.name == "siren"
+    assert loaded.data.evaluate and loaded.data.root == "split"

@@ -67,3 +67,23 @@ def test_reset_archives_the_state_and_leaves_an_empty_folder(tmp_path: Path, cap
     assert "starts afresh" in capsys.readouterr().out
     assert main(["client", "reset", "--config", str(toml)]) == 0
     assert "nothing to reset" in capsys.readouterr().out
+
+
+def test_a_board_says_which_alarm_backend_it_uses(tmp_path: Path, caplog) -> None:
+    import logging
+
+    from edge_client.client import build_runtime
+    from edge_client.config import AlarmSettings, DataSettings
+
+    toml = _board(tmp_path)
+    config = BoardConfig.load(toml)
+    from dataclasses import replace
+
+    config = replace(
+        config,
+        alarm=AlarmSettings(enabled=True),
+        data=DataSettings(source="split", dataset="digits", clients=4),
+    )
+    with caplog.at_level(logging.INFO, logger="edge_client"):
+        build_runtime(config)
+    assert "board-000: SIREN alarm runs in litert" in caplog.text
