@@ -448,8 +448,8 @@ def summarize(cells: list[Cell], root: Path, clients: int) -> str:
     """
     lines = [
         "| distribution | attack | malicious | defense | final acc. | best acc. | ASR | "
-        "miscl. conf. | honest banned | attackers missed | paper | wall time |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "miscl. conf. | honest banned | attackers missed | paper | difference | wall time |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for cell in cells:
         d = root / cell.key
@@ -464,7 +464,7 @@ def summarize(cells: list[Cell], root: Path, clients: int) -> str:
             state = "n/a" if (d / "not_applicable").exists() else "not run"
             lines.append(
                 f"| {cell.distribution} | {cell.attack} | {int(100 * cell.fraction)}% | "
-                f"{defense} | {state} | | | | | | {paper_s} | |"
+                f"{defense} | {state} | | | | | | {paper_s} | | |"
             )
             continue
         last = hist["rounds"][-1]
@@ -472,13 +472,15 @@ def summarize(cells: list[Cell], root: Path, clients: int) -> str:
         conf = last.get("misclassification_confidence")
         wall = hist["summary"].get("wall_seconds", 0.0)
         honest, missed = _ban_columns(cell_bans(hist))
+        final = 100 * hist["summary"]["final_test_accuracy"]
+        diff = f"{final - paper:+.2f}" if paper_s and paper is not None else ""
         lines.append(
             f"| {cell.distribution} | {cell.attack} | {int(100 * cell.fraction)}% | "
             f"{defense} | {100 * hist['summary']['final_test_accuracy']:.2f}% | "
             f"{100 * hist['summary']['best_test_accuracy']:.2f}% | "
             f"{'' if asr is None else f'{100 * asr:.1f}%'} | "
             f"{'' if conf is None else f'{conf:.3f}'} | {honest} | {missed} | {paper_s} | "
-            f"{wall / 60:.1f} min |"
+            f"{diff} | {wall / 60:.1f} min |"
         )
     return "\n".join(lines)
 
