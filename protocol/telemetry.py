@@ -20,8 +20,8 @@ Fixed names
                                   the alarm
     ``train_s``         s         wall time of local training in the round
     ``train_cpu_s``     s         CPU time of the process during local training
-    ``soc_temp_c``      °C        highest temperature of any thermal zone sampled during the
-                                  round
+    ``soc_temp_c``      °C        highest temperature of the SoC's own thermal zones sampled
+                                  during the round
     ``throttled_flags`` bit field Raspberry Pi firmware's ``get_throttled`` word after the round
     ``power_mw``        mW        mean board input power during the round (the ``VDD_IN`` or
                                   ``POM_5V_IN`` rail)
@@ -109,7 +109,7 @@ FIGURES: dict[str, Figure] = {
     "alarm_cpu_s": Figure("s", "CPU time of the process during the SIREN alarm"),
     "train_s": Figure("s", "wall time of local training"),
     "train_cpu_s": Figure("s", "CPU time of the process during local training"),
-    "soc_temp_c": Figure("°C", "hottest thermal zone during the round", ABSOLUTE_ZERO_C),
+    "soc_temp_c": Figure("°C", "hottest SoC thermal zone during the round", ABSOLUTE_ZERO_C),
     "throttled_flags": Figure(
         "bit field", "Raspberry Pi get_throttled word", limit=THROTTLED_LIMIT, integer=True
     ),
