@@ -210,10 +210,15 @@ def pack(figures: Mapping[str, float]) -> tuple[TensorLayout, np.ndarray]:
 
 
 def unpack(layout: TensorLayout, values: np.ndarray | None) -> dict[str, float]:
-    """The figures of a decoded status message as ``{name: value}`` (empty without figures)."""
+    """The figures of a decoded status message as ``{name: value}`` (empty without figures).
+
+    Each float32 value becomes the shortest decimal that reads back as the same float32
+    (0.1, not 0.10000000149011612): the same number at the precision it was sent with.
+    """
     if values is None or layout.size == 0:
         return {}
-    return {name: float(v) for (name, _), v in zip(layout, values.tolist())}
+    vector = np.asarray(values, dtype=np.float32)
+    return {name: float(str(v)) for (name, _), v in zip(layout, vector)}
 
 
 #: Bits of the Raspberry Pi ``get_throttled`` word (Raspberry Pi documentation, ``vcgencmd``).

@@ -86,8 +86,14 @@ def test_figures_round_trip_sorted_by_name_as_float32(board1: SigningKey) -> Non
     assert message.kind is Kind.STATUS and message.round == 4
     assert list(message.layout.names) == sorted(FIGURES_OF_A_PI)
     assert all(shape == () for shape in message.layout.shapes)
-    expected = {k: float(np.float32(v)) for k, v in FIGURES_OF_A_PI.items()}
-    assert message.telemetry == expected
+    # Each value comes back as the shortest decimal of its float32: here, exactly as sent.
+    assert message.telemetry == FIGURES_OF_A_PI
+    assert all(
+        np.float32(v) == np.float32(FIGURES_OF_A_PI[k]) for k, v in message.telemetry.items()
+    )
+    assert decode_message(
+        _status(board1, telemetry={"train_s": 1 / 3}), board1.verify_key
+    ).telemetry == {"train_s": float(str(np.float32(1 / 3)))}
     assert message.telemetry["throttled_flags"] == 0x50005  # exact in float32
     assert message.header.payload_sha256 != EMPTY_SHA256
 
