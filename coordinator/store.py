@@ -578,8 +578,7 @@ class CoordinatorStore:
             "ON t.client = last.client AND t.round = last.round"
         )
         return {
-            str(r[0]): TelemetryRow(str(r[0]), int(r[1]), _figures(r[2]), float(r[3]))
-            for r in rows
+            str(r[0]): TelemetryRow(str(r[0]), int(r[1]), _figures(r[2]), float(r[3])) for r in rows
         }
 
     # -- writing -----------------------------------------------------------------------------
