@@ -146,6 +146,11 @@ class BoardLink:
         )
 
     def _status_bytes(self, online: bool) -> bytes:
+        return self.status_message(online)
+
+    def status_message(self, online: bool = True) -> bytes:
+        """The board's signed status now: the round and model it holds and, when it holds the
+        round of :attr:`figures`, that round's telemetry figures."""
         round_held, sha = self.status()
         figures = self.figures
         telemetry = figures[1] if figures is not None and figures[0] == round_held else None
@@ -247,6 +252,11 @@ class BoardLink:
         """
         self.figures = (round_index, dict(figures))
         self.announce(online=True)
+
+    def publish_status(self, payload: bytes) -> None:
+        """Publish a signed status message (retained, QoS 1) on the board's status topic."""
+        topic = status_topic(self.run, self.client_id)
+        self._on_network(lambda: self._publish(topic, payload, retain=True))
 
     def announce(self, online: bool = True) -> None:
         """Publish the retained ``online`` (or ``offline``) status again."""

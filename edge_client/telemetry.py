@@ -526,6 +526,18 @@ class RoundSampler:
         self.result.seconds = time.perf_counter() - self._start
 
 
+def sample_once(sensors: Sensors) -> SampledRound:
+    """One reading of the temperatures and the power rails (no thread), for callers that
+    cannot keep a sampler running across a round."""
+    start = time.perf_counter()
+    return SampledRound(
+        temperatures=sensors.temperatures() or {},
+        power=sensors.power() or {},
+        samples=1,
+        seconds=time.perf_counter() - start,
+    )
+
+
 @contextlib.contextmanager
 def sampled(sensors: Sensors | None, interval: float = 0.5) -> Iterator[SampledRound | None]:
     """``with sampled(sensors) as seen:`` -- a :class:`RoundSampler`, or nothing when
