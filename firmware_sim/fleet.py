@@ -463,7 +463,7 @@ class FleetWorker:
             for update in updates:
                 index = int(update.client_id)
                 self._seal(
-                    update, states[index], message, start, compute[index], stats, figures[index]
+                    update, states[index], message, start, compute[index], stats, figures.get(index)
                 )
         else:
             stats.trained_at = time.time()
