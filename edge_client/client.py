@@ -232,8 +232,13 @@ class BoardLink:
             action()
 
     def _publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        # Never call paho with our lock held: paho delivers an acknowledgement to _on_publish
+        # (which takes our lock) while holding its own outgoing-message lock, which publish()
+        # needs too -- holding ours across publish() deadlocks both threads as soon as an
+        # acknowledgement arrives during a publish (e.g. a small status followed at once by an
+        # update). _track copes with the acknowledgement arriving before it.
+        info = self._client.publish(topic, payload, qos=QOS, retain=retain)
         with self._lock:
-            info = self._client.publish(topic, payload, qos=QOS, retain=retain)
             self._track(info.mid)
 
     def publish_update(self, payload: bytes) -> None:

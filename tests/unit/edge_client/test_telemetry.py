@@ -500,3 +500,44 @@ def test_a_boards_status_carries_the_figures_of_the_round_it_holds(
     with caplog.at_level("WARNING", logger="edge_client.client"):
         assert status() == {}
     assert "without telemetry" in caplog.text
+
+
+def test_publishing_never_holds_the_links_lock_while_paho_delivers_an_acknowledgement() -> None:
+    """paho calls on_publish from its network thread while holding its own outgoing-message
+    lock, which publish() needs too; a link that held its lock across publish() deadlocked when
+    the acknowledgement of its status arrived while it published the update right after."""
+    import queue
+    import threading
+    from types import SimpleNamespace
+
+    from edge_client.client import BoardLink
+    from edge_client.config import BrokerSettings
+
+    link = BoardLink(
+        BrokerSettings(),
+        run="demo",
+        client_id="board-007",
+        signing_key=generate_signing_key(),
+        inbox=queue.Queue(),
+    )
+    blocked: list[int] = []
+
+    class AckingClient:
+        """Acknowledges every message from another thread before publish() returns."""
+
+        mid = 0
+
+        def publish(self, topic: str, payload: bytes, qos: int, retain: bool = False) -> object:
+            self.mid += 1
+            ack = threading.Thread(target=link._on_publish, args=(self, None, self.mid, 0, None))
+            ack.start()
+            ack.join(timeout=2.0)
+            if ack.is_alive():
+                blocked.append(self.mid)
+            return SimpleNamespace(mid=self.mid)
+
+    link._client = AckingClient()  # type: ignore[assignment]
+    link.report(1, {"train_s": 1.0})
+    link.publish_update(b"update")
+    assert blocked == []
+    assert link.flush(timeout=1.0)  # both acknowledged, whichever came first
