@@ -12,6 +12,11 @@ Each phase's time is the median over rounds (after one untimed warm-up) and its 
 increase of the process's resident set size during the phase (sampled every 2 ms). The worker runs
 in a subprocess so pinning and memory are isolated; the parent prints a table and writes
 ``benchmarks/results/alarm.md``.
+
+Next to the timings it records what the board's hardware exposes (:mod:`edge_client.telemetry`):
+the CPU time of each phase (median, all threads), the worker's peak RSS (``VmHWM``), the highest
+SoC temperature and the mean input power during each phase, and the Raspberry Pi throttling word
+before and after. A sensor the machine does not have is written as "absent", never estimated.
 """
 
 from __future__ import annotations
@@ -74,11 +79,49 @@ class PeakRSS:
 
 
 def _timed(fn: Callable[[], Any]) -> tuple[float, int, Any]:
-    with PeakRSS() as mem:
+    seconds, memory, _, _, out = _measured(fn, None)
+    return seconds, memory, out
+
+
+def _measured(fn: Callable[[], Any], sensors: Any) -> tuple[float, int, float, Any, Any]:
+    """``(wall seconds, peak RSS increase, CPU seconds, SampledRound or None, result)``."""
+    from edge_client.telemetry import sampled
+
+    with PeakRSS() as mem, sampled(sensors, interval=0.25) as seen:
+        c0 = time.process_time()
         t0 = time.perf_counter()
         out = fn()
         seconds = time.perf_counter() - t0
-    return seconds, mem.increase, out
+        cpu = time.process_time() - c0
+    return seconds, mem.increase, cpu, seen, out
+
+
+class _PhaseSensors:
+    """Per phase: the highest SoC temperature and the input power samples seen (absent: none)."""
+
+    def __init__(self) -> None:
+        self.temperature: dict[str, float] = {}
+        self.power: dict[str, list[float]] = {}
+
+    def add(self, phase: str, seen: Any) -> None:
+        from edge_client.telemetry import input_power, soc_zones
+
+        if seen is None:
+            return
+        soc = soc_zones(seen.temperatures)
+        if soc:
+            self.temperature[phase] = max(self.temperature.get(phase, -1e9), max(soc.values()))
+        total = input_power(seen.power)
+        if total is not None:
+            self.power.setdefault(phase, []).append(total)
+
+    def figures(self, phases: Sequence[str]) -> dict[str, float | None]:
+        out: dict[str, float | None] = {}
+        for phase in phases:
+            out[f"{phase}_soc_temp_c"] = self.temperature.get(phase)
+            samples = self.power.get(phase)
+            out[f"{phase}_power_mw"] = float(np.mean(samples)) if samples else None
+        return out
 
 
 def model_for_input(shape: tuple[int, ...]) -> str:
@@ -123,12 +166,18 @@ def worker(
     epochs: int,
     batch_size: int,
     data: Path | None = None,
+    sensors: Any = None,
 ) -> dict:
     """Measure one configuration in this process; return a JSON-serializable dict.
 
     ``data``: a board's ``data.npz`` (its own training data and local test split) instead of a
-    shard drawn from the model's dataset.
+    shard drawn from the model's dataset. ``sensors``: where the telemetry comes from
+    (:class:`edge_client.telemetry.Sensors`; default: this machine's).
     """
+    from edge_client.telemetry import Sensors
+
+    sensors = sensors if sensors is not None else Sensors()
+    throttled_before = sensors.throttled()
     if pinned:
         cpu = min(os.sched_getaffinity(0))
         os.sched_setaffinity(0, {cpu})
@@ -182,20 +231,25 @@ def worker(
             "alarm_litert_mem",
             "alarm_keras_mem",
             "train_mem",
+            "alarm_litert_cpu_s",
+            "alarm_keras_cpu_s",
+            "train_cpu_s",
+            "encode_sign_cpu_s",
         )
     }
+    phase_sensors = _PhaseSensors()
     upload_bytes = 0
     for r in range(rounds + 1):  # round 0 is the untimed warm-up
-        t_lite, m_lite, _ = _timed(
-            partial(run_alarm, lite, global_w, local_w, x_test, y_test, alarm_cfg)
+        t_lite, m_lite, c_lite, seen_lite, _ = _measured(
+            partial(run_alarm, lite, global_w, local_w, x_test, y_test, alarm_cfg), sensors
         )
-        t_keras, m_keras, _ = _timed(
-            partial(run_alarm, keras_eval, global_w, local_w, x_test, y_test, alarm_cfg)
+        t_keras, m_keras, c_keras, seen_keras, _ = _measured(
+            partial(run_alarm, keras_eval, global_w, local_w, x_test, y_test, alarm_cfg), sensors
         )
-        t_train, m_train, (new_local, _) = _timed(
-            partial(trainer.train, global_w, x_train, y_train, np.random.default_rng(r))
+        t_train, m_train, c_train, seen_train, (new_local, _) = _measured(
+            partial(trainer.train, global_w, x_train, y_train, np.random.default_rng(r)), sensors
         )
-        t_enc, _, envelope = _timed(
+        t_enc, _, c_enc, _, envelope = _measured(
             partial(
                 encode_update,
                 run="bench",
@@ -207,15 +261,32 @@ def worker(
                 base_sha256=weights_sha256(global_w),
                 samples=len(y_train),
                 alarm=False,
-            )
+            ),
+            None,
         )
         upload_bytes = len(envelope)
         if r == 0:
             continue
-        for k, v in zip(rows, (t_lite, t_keras, t_train, t_enc, m_lite, m_keras, m_train)):
+        measured: tuple[float, ...] = (t_lite, t_keras, t_train, t_enc, m_lite, m_keras)
+        measured = (*measured, m_train, c_lite, c_keras, c_train, c_enc)
+        for k, v in zip(rows, measured):
             rows[k].append(float(v))
+        for phase, seen in (
+            ("alarm_litert", seen_lite),
+            ("alarm_keras", seen_keras),
+            ("train", seen_train),
+        ):
+            phase_sensors.add(phase, seen)
         local_w = new_local
     med = {k: float(np.median(v)) for k, v in rows.items()}
+    telemetry: dict[str, Any] = {
+        "peak_rss_mib": sensors.peak_rss_mib(),
+        "throttled_before": throttled_before,
+        "throttled_after": sensors.throttled(),
+        **phase_sensors.figures(("alarm_litert", "alarm_keras", "train")),
+        "sensors": sensors.describe(),
+    }
+    sensors.close()
     return {
         "model": model_name,
         "dataset": dataset_name,
@@ -230,6 +301,7 @@ def worker(
         "rounds": rounds,
         "upload_bytes": upload_bytes,
         **med,
+        **telemetry,
     }
 
 
@@ -313,6 +385,50 @@ def format_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _absent(value: Any, text: str) -> str:
+    return "absent" if value is None else text
+
+
+def _throttling(before: Any, after: Any) -> str:
+    from protocol.telemetry import throttled_conditions
+
+    if after is None:
+        return "absent"
+    conditions = throttled_conditions(int(after))
+    text = f"0x{int(after):x}" + (f" ({', '.join(conditions)})" if conditions else " (none)")
+    return text if before is None or before == after else f"0x{int(before):x} -> {text}"
+
+
+def format_telemetry(results: list[dict]) -> str:
+    """Markdown table of what the hardware exposed per configuration ("absent" where nothing).
+
+    Rows written before telemetry was recorded (no ``train_cpu_s``) are left out.
+    """
+    head = (
+        "| model | CPU budget | CPU time: training / LiteRT alarm / Keras alarm | "
+        "peak RSS of the process | SoC temperature, highest: training / LiteRT alarm | "
+        "input power, mean: training / LiteRT alarm | throttling (Raspberry Pi) |"
+    )
+    lines = [head, "|" + "---|" * 7]
+    for r in results:
+        if "train_cpu_s" not in r:
+            continue
+        budget = "1 core, 1 thread" if r["pinned"] else f"{r['threads']} cores"
+        rss = r.get("peak_rss_mib")
+        temps = [r.get("train_soc_temp_c"), r.get("alarm_litert_soc_temp_c")]
+        power = [r.get("train_power_mw"), r.get("alarm_litert_power_mw")]
+        lines.append(
+            f"| {r['model']} | {budget} | {r['train_cpu_s']:.2f} s / "
+            f"{1000 * r['alarm_litert_cpu_s']:.1f} ms / {1000 * r['alarm_keras_cpu_s']:.1f} ms | "
+            f"{_absent(rss, f'{rss or 0:.0f} MiB')} | "
+            + " / ".join(_absent(t, f"{t or 0:.1f} °C") for t in temps)
+            + " | "
+            + " / ".join(_absent(p, f"{(p or 0) / 1000:.2f} W") for p in power)
+            + f" | {_throttling(r.get('throttled_before'), r.get('throttled_after'))} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark (or, with ``--worker``, one measurement) and write the results."""
     p = argparse.ArgumentParser(prog="siren bench alarm", description=__doc__.split("\n\n")[0])
@@ -380,6 +496,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             results.append(_run_worker(model, pinned, args))
     table = format_table(results)
     print(table)
+    telemetry = format_telemetry(results)
+    sensors = results[0].get("sensors", {}) if results else {}
+    present = "; ".join(f"{what}: {value}" for what, value in sensors.items())
+    print(telemetry)
     out.parent.mkdir(parents=True, exist_ok=True)
     data_arg = f" --data {args.data.name}" if args.data else ""
     out.write_text(
@@ -395,7 +515,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "The alarm is two evaluations on the board's local test split (10% of its shard). "
         "'Round' = LiteRT alarm + local training + encode/sign. Peak RSS + is the increase of "
         "the resident set during the phase.\n\n"
-        f"{table}\n\n```json\n{json.dumps(results, indent=1)}\n```\n"
+        f"{table}\n\n"
+        "## What the hardware exposed\n\n"
+        f"Sensors of this machine: {present or 'not recorded'}. CPU time is user + system time "
+        "of the worker process (every thread) during the phase, median over the rounds; peak "
+        "RSS is the process's `VmHWM` at the end; temperatures and power are sampled every "
+        "0.25 s during each phase (highest SoC zone, mean of the input rail). What the machine "
+        "does not expose is written as absent.\n\n"
+        f"{telemetry}\n\n```json\n{json.dumps(results, indent=1)}\n```\n"
     )
     print(f"wrote {out}")
     return 0

@@ -13,7 +13,7 @@ The benchmark starts, on loopback only,
    key the attacker holds and which it plays itself;
 4. the attacker: one MQTT client that watches the global topic and the boards' traffic and,
    every round, publishes the round's batch of :mod:`benchmarks.soak_messages`: the compromised
-   board's admitted update (a different extreme each round), about 45 other messages signed
+   board's admitted update (a different extreme each round), about 55 other messages signed
    with its key, and ``--messages / --rounds`` fuzz messages.
 
 **Deterministic outcomes.** The honest boards' updates of round t leave only after the

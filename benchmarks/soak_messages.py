@@ -15,8 +15,10 @@ seed, :func:`round_batch` returns the same messages byte for byte every time. Tw
   2^53 - 1), payloads at the extremes of float32 (10^15, the largest finite value and its
   negative, alternating signs, the smallest denormal, zeros) and non-finite ones, duplicate and
   conflicting updates, wrong base model, layout, kind, run and topic, status messages with
-  extreme fields. The first message of the family is the board's one update of the round
-  that the coordinator admits; which extreme it carries rotates over the rounds.
+  extreme fields, and telemetry figures at float32's extremes, outside their domain, non-finite,
+  unnamed, or for a round not yet open. The first message of the family is the board's one
+  update of the round that the coordinator admits; which extreme it carries rotates over the
+  rounds.
 
 Every message names the reason it is expected to get (:class:`Sent`): by construction where
 the mutation decides it (a flipped signature byte is ``bad_signature`` whatever else the
@@ -264,6 +266,7 @@ class _Maker:
         online: bool = True,
         round: int = 0,
         timestamp: int | None = None,
+        telemetry: dict[str, float] | None = None,
     ) -> bytes:
         ctx = self.ctx
         return encode_status(
@@ -273,9 +276,33 @@ class _Maker:
             online=online,
             round=round,
             model_sha256=ctx.base_sha256,
+            telemetry=telemetry,
             nonce=self.nonce(),
             timestamp_ms=self.clock if timestamp is None else timestamp,
         )
+
+    def raw_status(self, figures: dict[str, float], round: int) -> bytes:
+        """A status of the compromised board carrying ``figures`` as given (the encoder, which
+        refuses figures outside their domain, is bypassed), signed with its key."""
+        ctx = self.ctx
+        names = sorted(figures)
+        payload = np.array([figures[n] for n in names], dtype="<f4").tobytes()
+        header = {
+            "alarm": False,
+            "base_sha256": ctx.base_sha256,
+            "client": ctx.compromised,
+            "kind": "status",
+            "layout": [[n, []] for n in names],
+            "nonce": self.nonce().hex(),
+            "payload_sha256": hashlib.sha256(payload).hexdigest(),
+            "round": round,
+            "run": ctx.run,
+            "samples": 0,
+            "status": "online",
+            "timestamp_ms": self.clock,
+            "v": 1,
+        }
+        return sign_frame(_canonical(header), ctx.key, payload)
 
     def pick(self, items: Sequence[T]) -> T:
         return items[int(self.rng.integers(len(items)))]
@@ -753,7 +780,7 @@ def stolen_key_messages(ctx: RoundContext, rng: np.random.Generator) -> list[Sen
     Returns
     -------
     list of Sent
-        About 45 messages, all signed with the board's real key.
+        About 55 messages, all signed with the board's real key.
     """
     mk = _Maker(ctx, rng)
     t, a, run = ctx.round, ctx.compromised, ctx.run
@@ -872,6 +899,42 @@ def stolen_key_messages(ctx: RoundContext, rng: np.random.Generator) -> list[Sen
         own_status,
     )
     add("status:payload", mk.status() + b"\x00" * 4, Reason.PAYLOAD_LENGTH, own_status)
+    # Telemetry figures (docs/protocol.md 4.2): each stored row is bounded to one per round.
+    honest = {"train_s": 1.5, "train_cpu_s": 2.0, "rss_peak_mib": 650.0, "soc_temp_c": 55.0}
+    top = float(np.finfo(np.float32).max)
+    extremes = {
+        "rss_peak_mib": top,
+        "train_s": top,
+        "power_mw": top,
+        "power_mw.VDD_IN": 0.0,
+        "soc_temp_c": -273.15,
+        "temp_c.cpu-thermal": top,
+        "throttled_flags": float(2**24 - 1),
+        "process_boards": float(2**24),
+    }
+    add("status:figures", mk.status(round=t, telemetry=honest), Reason.ACCEPTED, own_status)
+    add("status:figures=extremes", mk.status(round=t, telemetry=extremes), Reason.ACCEPTED,
+        own_status)  # fmt: skip
+    add("status:figures,round=next", mk.status(round=t + 1, telemetry=honest),
+        Reason.FUTURE_ROUND, own_status)  # fmt: skip
+    add("status:figures,round=2^53-1", mk.status(round=MAX_HEADER_INT, telemetry=honest),
+        Reason.FUTURE_ROUND, own_status)  # fmt: skip
+    for label, figures in (
+        ("temperature_below_absolute_zero", {"soc_temp_c": -300.0}),
+        ("negative_time", {"train_s": -1.0}),
+        ("fractional_throttled", {"throttled_flags": 0.5}),
+        ("throttled_2^24", {"throttled_flags": float(2**24)}),
+        ("no_boards", {"process_boards": 0.0}),
+    ):
+        add(f"status:figures={label}", mk.raw_status(figures, t), Reason.BAD_TELEMETRY,
+            own_status)  # fmt: skip
+    add("status:figures=nan", mk.raw_status({"power_mw": float("nan")}, t), Reason.NON_FINITE,
+        own_status)  # fmt: skip
+    add("status:figures=-inf", mk.raw_status({"soc_temp_c": float("-inf")}, t),
+        Reason.NON_FINITE, own_status)  # fmt: skip
+    add("status:figures=unknown_name", mk.raw_status({"voltage_mv": 5000.0}, t),
+        Reason.INVALID_HEADER, own_status)  # fmt: skip
+    add("status:figures,round=0", mk.raw_status(honest, 0), Reason.INVALID_HEADER, own_status)
     return out
 
 

@@ -65,9 +65,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from coordinator.config import CoordinatorConfig
-from coordinator.store import SCHEMA_VERSION, CoordinatorStore, StoreError
+from coordinator.store import SCHEMA_VERSION, CoordinatorStore, StoreError, TelemetryRow
 from protocol.errors import KeyFileError, Reason
 from protocol.keys import key_fingerprint, load_verify_key, parse_verify_key, verify_key_hex
+from protocol.telemetry import FIGURES, throttled_conditions
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +86,50 @@ DURATION_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 60
 RECENT_REJECTIONS = 20
 
 _PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+#: Telemetry figure -> (metric, scale to the metric's unit, help text) of ``/metrics``.
+TELEMETRY_METRICS: dict[str, tuple[str, float, str]] = {
+    "rss_peak_mib": (
+        "siren_board_peak_rss_bytes",
+        2.0**20,
+        "Peak resident set size of the board's process.",
+    ),
+    "process_boards": (
+        "siren_board_process_boards",
+        1.0,
+        "Boards sharing the process whose memory and CPU figures are reported.",
+    ),
+    "alarm_s": ("siren_board_alarm_seconds", 1.0, "Wall time of the SIREN alarm."),
+    "alarm_cpu_s": ("siren_board_alarm_cpu_seconds", 1.0, "CPU time of the SIREN alarm."),
+    "train_s": ("siren_board_train_seconds", 1.0, "Wall time of local training."),
+    "train_cpu_s": ("siren_board_train_cpu_seconds", 1.0, "CPU time of local training."),
+    "soc_temp_c": (
+        "siren_board_soc_temperature_celsius",
+        1.0,
+        "Highest SoC temperature during the round.",
+    ),
+    "throttled_flags": (
+        "siren_board_throttled_flags",
+        1.0,
+        "Raspberry Pi get_throttled word after the round.",
+    ),
+    "power_mw": ("siren_board_power_watts", 1e-3, "Mean board input power during the round."),
+}
+#: Telemetry family -> (metric, label, scale, help text) of ``/metrics``.
+TELEMETRY_FAMILY_METRICS: dict[str, tuple[str, str, float, str]] = {
+    "temp_c": (
+        "siren_board_zone_temperature_celsius",
+        "zone",
+        1.0,
+        "Highest temperature of one thermal zone during the round.",
+    ),
+    "power_mw": (
+        "siren_board_rail_power_watts",
+        "rail",
+        1e-3,
+        "Mean power of one power-monitor rail during the round.",
+    ),
+}
 
 
 # -- the service's side --------------------------------------------------------------------
@@ -282,6 +327,29 @@ class RoundDetail(RoundSummary):
     decision: dict[str, Any] = Field(description="The strategy's raw record (board indices)")
 
 
+class BoardTelemetry(BaseModel):
+    """What a board measured in one round, as its status message reported it
+    (``docs/protocol.md`` section 4.2)."""
+
+    round: int = Field(description="The round the figures describe")
+    at: float = Field(description="When the status carrying them arrived (Unix s)")
+    figures: dict[str, float] = Field(
+        description="Exactly the figures the board sent, by name (units in docs/protocol.md 4.2)"
+    )
+    absent: list[str] = Field(
+        description="Fixed figures the board did not send: a sensor it does not have (or, "
+        "for alarm_s and alarm_cpu_s, an alarm that did not run). Nothing is filled in"
+    )
+    throttled: list[str] | None = Field(
+        description="The conditions set in throttled_flags (Raspberry Pi get_throttled); "
+        "null when the board sent no throttling word"
+    )
+    process_boards: int = Field(
+        description="Boards sharing the process the memory and CPU figures are from "
+        "(1 on a real board)"
+    )
+
+
 class ClientSummary(BaseModel):
     """One board at a glance."""
 
@@ -300,6 +368,9 @@ class ClientSummary(BaseModel):
     rejections: int = Field(description="Its logged admission rejections")
     malicious: bool | None = Field(
         description="Made malicious by the simulator; null when the coordinator cannot know"
+    )
+    telemetry: BoardTelemetry | None = Field(
+        description="Its figures of the latest round it reported any for; null if it never did"
     )
 
 
@@ -332,6 +403,9 @@ class ClientDetail(ClientSummary):
     rejections_by_reason: dict[str, int]
     recent_rejections: list[RejectionEntry]
     history: list[ClientRound]
+    telemetry_history: list[BoardTelemetry] = Field(
+        description="Its figures of every round it reported any for, ascending"
+    )
 
 
 class ModelInfo(BaseModel):
@@ -430,6 +504,21 @@ def _clean(value: Any) -> Any:
 
 def _dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
+
+
+def _telemetry(row: TelemetryRow) -> BoardTelemetry:
+    """The API's view of one stored round of figures."""
+    figures = row.figures
+    flags = figures.get("throttled_flags")
+    boards = figures.get("process_boards", 1.0)
+    return BoardTelemetry(
+        round=row.round,
+        at=row.at,
+        figures=figures,
+        absent=[name for name in FIGURES if name not in figures and name != "process_boards"],
+        throttled=None if flags is None else throttled_conditions(int(flags)),
+        process_boards=int(boards) if boards >= 1 else 1,
+    )
 
 
 class _StoreView(CoordinatorStore):
@@ -866,6 +955,7 @@ class _Answers:
         statuses = v.statuses()
         last_updates = v.last_updates()
         rejections = v.rejection_counts()
+        latest = v.latest_telemetry()
         standing = _siren_standing(records, ctx)
         reported: dict[str, int] = {}
         kept: dict[str, int] = {}
@@ -906,6 +996,7 @@ class _Answers:
                     admin_banned=admin_banned,
                     rejections=sum(rejections.get(board, {}).values()),
                     malicious=None if known is None else board in known,
+                    telemetry=_telemetry(latest[board]) if board in latest else None,
                 )
             )
         return out
@@ -1096,6 +1187,7 @@ class _Answers:
                 rejections_by_reason=v.rejection_counts().get(client_id, {}),
                 recent_rejections=v.client_rejections(client_id, RECENT_REJECTIONS),
                 history=history,
+                telemetry_history=[_telemetry(row) for row in v.telemetry(client_id)],
             )
 
     def model(self) -> ModelInfo:
@@ -1547,9 +1639,35 @@ def _metrics(v: _StoreView, config: CoordinatorConfig, ctx: _RunContext, clock: 
     out.family("siren_boards_banned", "gauge", "Banned boards, by SIREN's penalty or an operator.")
     out.sample("siren_boards_banned", len(standing[1]) if standing else 0, {"by": "siren"})
     out.sample("siren_boards_banned", len(ctx.admin_banned), {"by": "admin"})
+    _telemetry_metrics(out, v.latest_telemetry() if ready else {}, ctx)
     out.family("siren_scrape_timestamp_seconds", "gauge", "Server time of this scrape.")
     out.sample("siren_scrape_timestamp_seconds", float(clock()))
     return out.text()
+
+
+def _telemetry_metrics(
+    out: _Exposition, latest: Mapping[str, TelemetryRow], ctx: _RunContext
+) -> None:
+    """Per-board gauges of each board's latest figures; a figure a board did not send (an
+    absent sensor) has no sample for that board."""
+    rows = [latest[b] for b in ctx.boards if b in latest]
+    out.family(
+        "siren_board_telemetry_round", "gauge", "Round of the board's latest telemetry figures."
+    )
+    for row in rows:
+        out.sample("siren_board_telemetry_round", row.round, {"client": row.client})
+    for name, (metric, scale, text) in TELEMETRY_METRICS.items():
+        out.family(metric, "gauge", f"{text} Latest round reported; absent sensors: no sample.")
+        for row in rows:
+            if name in row.figures:
+                out.sample(metric, row.figures[name] * scale, {"client": row.client})
+    for prefix, (metric, label, scale, text) in TELEMETRY_FAMILY_METRICS.items():
+        out.family(metric, "gauge", f"{text} Latest round reported.")
+        for row in rows:
+            for name, value in row.figures.items():
+                head, dot, sensor = name.partition(".")
+                if dot and head == prefix:
+                    out.sample(metric, value * scale, {"client": row.client, label: sensor})
 
 
 # -- serving -------------------------------------------------------------------------------

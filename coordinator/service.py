@@ -59,6 +59,7 @@ from models.tf_setup import freeze_startup_objects
 from protocol.admission import Admission, AdmissionDecision, AdmissionPolicy
 from protocol.envelope import MAX_HEADER_INT, ZERO_SHA256, Kind, decode_message, encode_global
 from protocol.errors import (
+    FutureRoundError,
     InvalidMessageError,
     Reason,
     TopicError,
@@ -853,7 +854,10 @@ class RoundEngine:
         The decoding checks run with every board's key (an operator-banned board still
         announces its status), then: kind ``status`` (``wrong_kind``), the topic, when given, is
         the signer's status topic of the signed run (``topic_mismatch``), the run is this run
-        (``wrong_run``). A message passing them is ``accepted`` and sets the board's status.
+        (``wrong_run``), and a status carrying telemetry figures describes a round no later
+        than the current one (the run's last once it is finished; ``future_round``), which
+        bounds what a board can store to one row per round. A message passing them is
+        ``accepted``, sets the board's status and stores its figures for that board and round.
         Every outcome is counted in the store's status counts, apart from the updates'
         admission counts. Statuses carry no freshness rule: a resent status is accepted again
         (it only sets what the dashboard shows).
@@ -886,6 +890,14 @@ class RoundEngine:
                     f"status is for run {message.run!r}, current is {self.config.run!r}",
                     client_id=client,
                 )
+            figures = message.telemetry
+            latest = min(current, self.config.rounds)
+            if figures and message.round > latest:
+                raise FutureRoundError(
+                    f"status carries figures of round {message.round}; the latest round of "
+                    f"this run so far is {latest}",
+                    client_id=client,
+                )
         except InvalidMessageError as exc:
             self.store.count_status(current, exc.reason.value)
             logger.debug("ignored a status message: %s: %s", exc.reason.value, exc)
@@ -896,6 +908,7 @@ class RoundEngine:
             status,
             message.round,
             self.clock() if received_at is None else received_at,
+            telemetry=figures,
         )
         self.store.count_status(current, Reason.ACCEPTED.value)
         return AdmissionDecision(Reason.ACCEPTED, client, status, message=message)

@@ -33,14 +33,21 @@ received_at, delta)``
 ``status_decisions(round, reason, count)``
     outcome counts of messages on the status topics per round (``accepted`` and every refusal
     reason; docs/protocol.md section 8.8), apart from the updates' ``decisions``.
+``telemetry(client, round, figures, at)``
+    the telemetry figures a board's status carried for a round (``figures``: JSON object of
+    name to value, docs/protocol.md section 4.2); one row per board and round, the latest
+    status with figures for that round wins. Added after the first release: like every table
+    it is created when missing, so older databases gain it when a coordinator opens them, and
+    the readers treat a database without it as one without figures.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,6 +129,13 @@ CREATE TABLE IF NOT EXISTS status_decisions (
     count INTEGER NOT NULL,
     PRIMARY KEY (round, reason)
 );
+CREATE TABLE IF NOT EXISTS telemetry (
+    client TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    figures TEXT NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (client, round)
+);
 """
 
 
@@ -172,6 +186,44 @@ class StoredUpdate:
     nbytes: int
     received_at: float
     delta: np.ndarray | None
+
+
+@dataclass(frozen=True)
+class TelemetryRow:
+    """The telemetry figures one board reported for one round (docs/protocol.md 4.2).
+
+    Attributes
+    ----------
+    client : str
+        The board.
+    round : int
+        The round the figures describe.
+    figures : dict of str to float
+        What the board measured; a sensor it does not have is a name it did not send.
+    at : float
+        When the status carrying them was received (Unix seconds).
+    """
+
+    client: str
+    round: int
+    figures: dict[str, float]
+    at: float
+
+
+def _figures(text: str) -> dict[str, float]:
+    """Stored figures back as ``{name: float}`` (anything not a finite number left out)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {}
+    if not isinstance(value, dict):
+        return {}
+    out: dict[str, float] = {}
+    for name, number in value.items():
+        numeric = isinstance(number, (int, float)) and not isinstance(number, bool)
+        if numeric and math.isfinite(number):
+            out[str(name)] = float(number)
+    return out
 
 
 @dataclass(frozen=True)
@@ -493,6 +545,42 @@ class CoordinatorStore:
             for r in self._db.execute("SELECT client, status, round, at FROM statuses")
         }
 
+    def _has_table(self, name: str) -> bool:
+        row = self._db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)
+        ).fetchone()
+        return row is not None
+
+    def telemetry(self, client: str | None = None) -> list[TelemetryRow]:
+        """Stored telemetry figures, ordered by board and round (one board's with ``client``).
+
+        A database written before the ``telemetry`` table existed has none: ``[]``.
+        """
+        if not self._has_table("telemetry"):
+            return []
+        query = "SELECT client, round, figures, at FROM telemetry"
+        args: tuple[Any, ...] = ()
+        if client is not None:
+            query += " WHERE client = ?"
+            args = (client,)
+        return [
+            TelemetryRow(str(r[0]), int(r[1]), _figures(r[2]), float(r[3]))
+            for r in self._db.execute(query + " ORDER BY client, round", args)
+        ]
+
+    def latest_telemetry(self) -> dict[str, TelemetryRow]:
+        """Each board's figures of its latest round with figures, by board."""
+        if not self._has_table("telemetry"):
+            return {}
+        rows = self._db.execute(
+            "SELECT t.client, t.round, t.figures, t.at FROM telemetry AS t JOIN "
+            "(SELECT client, MAX(round) AS round FROM telemetry GROUP BY client) AS last "
+            "ON t.client = last.client AND t.round = last.round"
+        )
+        return {
+            str(r[0]): TelemetryRow(str(r[0]), int(r[1]), _figures(r[2]), float(r[3])) for r in rows
+        }
+
     # -- writing -----------------------------------------------------------------------------
 
     def _count(self, db: sqlite3.Connection, round_index: int, reason: str) -> int:
@@ -583,8 +671,16 @@ class CoordinatorStore:
                 (round_index, reason),
             )
 
-    def set_status(self, client: str, status: str, round_index: int, at: float) -> None:
-        """Record a board's announced status."""
+    def set_status(
+        self,
+        client: str,
+        status: str,
+        round_index: int,
+        at: float,
+        telemetry: Mapping[str, float] | None = None,
+    ) -> None:
+        """Record a board's announced status and, when it carried any, the round's telemetry
+        figures (replacing figures stored earlier for the same board and round)."""
         with self.transaction() as db:
             db.execute(
                 "INSERT INTO statuses (client, status, round, at) VALUES (?, ?, ?, ?) "
@@ -592,6 +688,13 @@ class CoordinatorStore:
                 "round = excluded.round, at = excluded.at",
                 (client, status, round_index, at),
             )
+            if telemetry:
+                db.execute(
+                    "INSERT INTO telemetry (client, round, figures, at) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT(client, round) DO UPDATE SET figures = excluded.figures, "
+                    "at = excluded.at",
+                    (client, round_index, _json(dict(telemetry)), at),
+                )
 
     # -- the audit log (coordinator.audit) ---------------------------------------------------
 

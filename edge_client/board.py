@@ -73,6 +73,10 @@ class BoardUpdate:
         Wall time of the alarm and of local training.
     train_loss : float
         Mean training loss over the local steps.
+    alarm_cpu_seconds, train_cpu_seconds : float
+        CPU time (user + system, every thread of the process) used during the alarm and
+        during local training (:func:`time.process_time`; a process hosting several boards
+        counts whatever its other threads did meanwhile too).
     """
 
     client_id: int
@@ -85,6 +89,8 @@ class BoardUpdate:
     alarm_seconds: float
     train_seconds: float
     train_loss: float
+    alarm_cpu_seconds: float = 0.0
+    train_cpu_seconds: float = 0.0
 
     def with_delta(self, delta: np.ndarray) -> BoardUpdate:
         """A copy with another update vector (used by simulated attacks)."""
@@ -130,17 +136,22 @@ def board_step(
     """
     result: AlarmResult | None = None
     start_weights = global_weights
+    alarm_cpu = 0.0
     if alarm is not None:
         if evaluator is None:
             raise ValueError("the SIREN alarm needs an evaluator")
+        c0 = time.process_time()
         result = run_alarm(
             evaluator, global_weights, state.previous_local, data.x_test, data.y_test, alarm
         )
+        alarm_cpu = time.process_time() - c0
         if result.alarm and state.previous_local is not None:
             start_weights = state.previous_local
+    c0 = time.process_time()
     t0 = time.perf_counter()
     new_local, stats = trainer.train(start_weights, data.x_train, data.y_train, rng)
     train_seconds = time.perf_counter() - t0
+    train_cpu = time.process_time() - c0
     delta = (new_local - np.asarray(global_weights, dtype=np.float32)).astype(np.float32)
     update = BoardUpdate(
         client_id=state.client_id,
@@ -153,5 +164,7 @@ def board_step(
         alarm_seconds=result.seconds if result else 0.0,
         train_seconds=train_seconds,
         train_loss=stats.mean_loss,
+        alarm_cpu_seconds=alarm_cpu,
+        train_cpu_seconds=train_cpu,
     )
     return update, BoardState(state.client_id, new_local, round_index)

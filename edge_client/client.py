@@ -39,6 +39,7 @@ from edge_client.config import BoardConfig, BrokerSettings, ConfigError
 from edge_client.errors import BoardStateError, EdgeClientError
 from edge_client.netloop import SharedNetworkLoop
 from edge_client.store import STATE_FILE, BoardRecord, BoardStore, DiskBoardStore
+from edge_client.telemetry import Sensors, round_figures, sampled
 from models.settings import SplitSettings
 from models.tf_setup import freeze_startup_objects
 from protocol.admission import AdmissionPolicy
@@ -121,6 +122,7 @@ class BoardLink:
         self.signing_key = signing_key
         self.inbox = inbox
         self.status = status or (lambda: (0, "0" * 64))
+        self.figures: tuple[int, dict[str, float]] | None = None
         self.connected = threading.Event()
         self.bytes_in = 0
         self.bytes_out = 0
@@ -144,15 +146,27 @@ class BoardLink:
         )
 
     def _status_bytes(self, online: bool) -> bytes:
+        return self.status_message(online)
+
+    def status_message(self, online: bool = True) -> bytes:
+        """The board's signed status now: the round and model it holds and, when it holds the
+        round of :attr:`figures`, that round's telemetry figures."""
         round_held, sha = self.status()
-        return encode_status(
-            run=self.run,
-            client=self.client_id,
-            signing_key=self.signing_key,
-            online=online,
-            round=max(0, round_held),
-            model_sha256=sha or "0" * 64,
-        )
+        figures = self.figures
+        telemetry = figures[1] if figures is not None and figures[0] == round_held else None
+        fields: dict[str, Any] = {
+            "run": self.run,
+            "client": self.client_id,
+            "signing_key": self.signing_key,
+            "online": online,
+            "round": max(0, round_held),
+            "model_sha256": sha or "0" * 64,
+        }
+        try:
+            return encode_status(**fields, telemetry=telemetry)
+        except InvalidMessageError as exc:  # a figure outside the protocol's domain
+            logger.warning("%s: status sent without telemetry: %s", self.client_id, exc)
+            return encode_status(**fields)
 
     # -- paho callbacks: network thread, enqueue only ---------------------------------------
 
@@ -218,8 +232,13 @@ class BoardLink:
             action()
 
     def _publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        # Never call paho with our lock held: paho delivers an acknowledgement to _on_publish
+        # (which takes our lock) while holding its own outgoing-message lock, which publish()
+        # needs too -- holding ours across publish() deadlocks both threads as soon as an
+        # acknowledgement arrives during a publish (e.g. a small status followed at once by an
+        # update). _track copes with the acknowledgement arriving before it.
+        info = self._client.publish(topic, payload, qos=QOS, retain=retain)
         with self._lock:
-            info = self._client.publish(topic, payload, qos=QOS, retain=retain)
             self._track(info.mid)
 
     def publish_update(self, payload: bytes) -> None:
@@ -228,6 +247,21 @@ class BoardLink:
             self.bytes_out += len(payload)
         topic = update_topic(self.run, self.client_id)
         self._on_network(lambda: self._publish(topic, payload))
+
+    def report(self, round_index: int, figures: dict[str, float]) -> None:
+        """Publish the retained ``online`` status carrying the telemetry figures of a round.
+
+        The figures go with every later status of the board while it holds that round's model
+        (a reconnect's ``online``, the ``offline`` on a clean stop), so the retained status
+        topic keeps the latest figures; a status for another round carries none.
+        """
+        self.figures = (round_index, dict(figures))
+        self.announce(online=True)
+
+    def publish_status(self, payload: bytes) -> None:
+        """Publish a signed status message (retained, QoS 1) on the board's status topic."""
+        topic = status_topic(self.run, self.client_id)
+        self._on_network(lambda: self._publish(topic, payload, retain=True))
 
     def announce(self, online: bool = True) -> None:
         """Publish the retained ``online`` (or ``offline``) status again."""
@@ -647,9 +681,17 @@ class BoardClient:
         The board's settings.
     runtime : BoardRuntime, optional
         Data, trainer and evaluator; built from ``config`` by default (imports TensorFlow).
+    sensors : Sensors, optional
+        Where the round's telemetry comes from (default: this machine's sysfs, ``vcgencmd``,
+        ``tegrastats``; :mod:`edge_client.telemetry`).
     """
 
-    def __init__(self, config: BoardConfig, runtime: BoardRuntime | None = None) -> None:
+    def __init__(
+        self,
+        config: BoardConfig,
+        runtime: BoardRuntime | None = None,
+        sensors: Sensors | None = None,
+    ) -> None:
         from protocol.keys import load_signing_key, load_verify_key
 
         self.config = config
@@ -679,6 +721,7 @@ class BoardClient:
             status=self.agent.held,
         )
         self.rounds_trained = 0
+        self.sensors = sensors if sensors is not None else Sensors()
 
     def run(self, stop: threading.Event | None = None) -> int:
         """Serve until the run's final global model arrives or ``stop`` is set; return 0."""
@@ -686,6 +729,12 @@ class BoardClient:
         if self.agent.finished:
             logger.info("%s: the run is already finished", self.config.client_id)
             return 0
+        present = self.sensors.describe()
+        logger.info(
+            "%s: telemetry: %s",
+            self.config.client_id,
+            "; ".join(f"{what}: {value}" for what, value in present.items()),
+        )
         freeze_startup_objects()
         s = self.config.broker
         cid = self.config.client_id
@@ -715,6 +764,7 @@ class BoardClient:
                 self.handle_global(newest.payload)
         finally:
             self.link.stop(offline=True)
+            self.sensors.close()
         return 0
 
     def handle_global(self, payload: bytes) -> Plan | None:
@@ -734,22 +784,32 @@ class BoardClient:
         elif plan.action == "train":
             rt = self.runtime
             assert message.weights is not None
-            update, new_state = board_step(
-                self.agent.state,
-                message.weights,
-                message.round,
-                rt.data,
-                rt.trainer,
-                self.agent.rng(message.round),
-                evaluator=rt.evaluator,
-                alarm=rt.alarm,
-            )
+            with sampled(self.sensors) as seen:
+                update, new_state = board_step(
+                    self.agent.state,
+                    message.weights,
+                    message.round,
+                    rt.data,
+                    rt.trainer,
+                    self.agent.rng(message.round),
+                    evaluator=rt.evaluator,
+                    alarm=rt.alarm,
+                )
             try:
                 sealed = self.agent.seal(update, new_state, message)
             except UpdateTooLargeError as exc:
                 logger.error("%s: %s", cid, exc)
                 self.agent.skip(message)
                 return plan
+            figures = round_figures(
+                update,
+                seen=seen,
+                peak_rss_mib=self.sensors.peak_rss_mib(),
+                throttled=self.sensors.throttled(),
+            )
+            # The figures go out just before the update, on the same connection, so the
+            # coordinator has them before the update can close the round (and end the run).
+            self.link.report(message.round, figures)
             self.link.publish_update(sealed)
             self.rounds_trained += 1
             logger.info(
@@ -760,4 +820,5 @@ class BoardClient:
                 update.alarm,
                 len(sealed),
             )
+            logger.debug("%s: round %d telemetry %s", cid, message.round, figures)
         return plan

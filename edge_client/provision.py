@@ -195,6 +195,10 @@ if ! id -u "$SERVICE_USER" >/dev/null 2>&1; then
   useradd --system --home-dir {place.install_dir} --no-create-home \\
     --shell /usr/sbin/nologin "$SERVICE_USER"
 fi
+# Raspberry Pi: vcgencmd (the throttling figure of the board's telemetry) needs group video.
+if [ "$SERVICE_USER" != root ] && getent group video >/dev/null 2>&1; then
+  usermod -a -G video "$SERVICE_USER"
+fi
 
 echo "2/4 files in $HOME_DIR"
 mkdir -p "$HOME_DIR/state"
@@ -279,7 +283,12 @@ ships Python 3.8, which is too old.
 ```bash
 sudo useradd --system --home-dir {place.install_dir} --no-create-home \\
   --shell /usr/sbin/nologin {user}
+sudo usermod -a -G video {user}   # Raspberry Pi: lets vcgencmd report throttling
 ```
+
+Each round the board reports what its hardware exposes (CPU time, peak memory, SoC temperature,
+Raspberry Pi throttling, Jetson power rails) in its status message; a sensor it cannot read is
+reported as absent. It logs which sensors it found when it starts.
 
 ## 2. Files
 

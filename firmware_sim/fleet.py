@@ -105,6 +105,8 @@ class WorkerSpec:
     broker_auth : bool
         The broker has accounts (each board's password derives from its key,
         :func:`firmware_sim.broker.mqtt_password_for`); False: anonymous.
+    telemetry : bool
+        Each board publishes its round's figures in its status (see :class:`FleetWorker`).
     """
 
     sim: dict[str, Any]
@@ -120,6 +122,7 @@ class WorkerSpec:
     state_dir: str = ""
     worker: int = 0
     broker_auth: bool = False
+    telemetry: bool = True
 
     def to_json(self) -> str:
         """The spec as JSON text."""
@@ -190,6 +193,15 @@ class _RoundStats:
 class FleetWorker:
     """Many simulated boards in one process: shared trainer, one MQTT connection per board.
 
+    **Telemetry.** With ``spec.telemetry`` every board publishes, just before its update, a
+    status with the figures of its round (``docs/protocol.md`` section 4.2), measured, not
+    made up: the wall and CPU time of its own alarm and training (the boards compute one
+    after the other, so these are its own, apart from what the worker's network thread used
+    meanwhile), and what this machine has -- its thermal zones, throttling word and power
+    rails read after the board's step, usually none on a desktop. Memory is the worker
+    process's peak RSS, shared by all its boards, so the figures say ``process_boards`` = the
+    number of boards in the worker rather than give a per-board number nobody measured.
+
     Parameters
     ----------
     spec : WorkerSpec
@@ -204,6 +216,7 @@ class FleetWorker:
         from edge_client.client import BoardAgent, BoardLink, LinkEvent
         from edge_client.netloop import SharedNetworkLoop
         from edge_client.store import BoardStore, DiskBoardStore, MemoryBoardStore
+        from edge_client.telemetry import Sensors
         from firmware_sim.engine import build_fleet
         from firmware_sim.profiles import DeviceProfile
         from protocol.keys import load_signing_key, load_verify_key
@@ -259,11 +272,14 @@ class FleetWorker:
             self.by_name[name] = index
         self._seen: dict[bytes, int] = {}
         self._delivered: set[tuple[str, bytes]] = set()
-        self._schedule: list[tuple[float, int, int, bytes]] = []
+        # (due, sequence, board index, is a status, message)
+        self._schedule: list[tuple[float, int, int, bool, bytes]] = []
         self._seq = 0
         self._stats: dict[int, _RoundStats] = {}
         self._latest_round = 0
         self.done = False
+        self.sensors = Sensors() if spec.telemetry else None
+        self._throttled: int | None = None
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -314,6 +330,8 @@ class FleetWorker:
             for link in links:
                 link.close()
             self.network.stop()
+            if self.sensors is not None:
+                self.sensors.close()
         return 0
 
     def describe(self) -> dict[str, Any]:
@@ -397,6 +415,9 @@ class FleetWorker:
         updates = []
         states = {}
         compute: dict[int, float] = {}
+        figures: dict[int, dict[str, float]] = {}
+        if self.sensors is not None:
+            self._throttled = self.sensors.throttled()  # once per round, not per board
         # Without round-level tampering every update goes out as soon as its board is done, as
         # on real boards, so the coordinator admits it while the next boards compute.
         pipelined = not fleet.adversary.tampers_rounds
@@ -428,11 +449,12 @@ class FleetWorker:
                 alarm=self.alarm,
             )
             compute[index] = time.perf_counter() - t0
+            figures[index] = self._figures(update)
             stats.alarm_ms.append(1000 * update.alarm_seconds)
             stats.train_ms.append(1000 * update.train_seconds)
             stats.alarms += int(bool(update.alarm))
             if pipelined:
-                self._seal(update, new_state, message, start, compute[index], stats)
+                self._seal(update, new_state, message, start, compute[index], stats, figures[index])
                 self._publish_due()
             else:
                 updates.append(update)
@@ -444,9 +466,26 @@ class FleetWorker:
             stats.trained_at = time.time()
             for update in updates:
                 index = int(update.client_id)
-                self._seal(update, states[index], message, start, compute[index], stats)
+                self._seal(
+                    update, states[index], message, start, compute[index], stats, figures.get(index)
+                )
         else:
             stats.trained_at = time.time()
+
+    def _figures(self, update: Any) -> dict[str, float]:
+        """The telemetry figures of a board's round (see the class docstring); empty when
+        telemetry is off."""
+        from edge_client.telemetry import round_figures, sample_once
+
+        if self.sensors is None:
+            return {}
+        return round_figures(
+            update,
+            seen=sample_once(self.sensors),
+            peak_rss_mib=self.sensors.peak_rss_mib(),
+            throttled=self._throttled,
+            process_boards=len(self.agents),
+        )
 
     def _seal(
         self,
@@ -456,10 +495,11 @@ class FleetWorker:
         start: float,
         seconds: float,
         stats: _RoundStats,
+        figures: dict[str, float] | None = None,
     ) -> None:
         """Seal a board's update and schedule its publication: due ``seconds`` after ``start``
         (the board's compute time, as if every board ran on its own device) plus its profile's
-        delay."""
+        delay. The status carrying the round's ``figures`` goes out just before it."""
         from edge_client.client import UpdateTooLargeError
 
         index = int(update.client_id)
@@ -475,18 +515,25 @@ class FleetWorker:
             stats.seal_seconds += time.perf_counter() - t0
         rng = np.random.default_rng([self.config.seed, message.round, index, 77])
         due = start + seconds + self.profiles[index].publish_delay(seconds, rng)
+        if figures:
+            link = self.links[index]
+            link.figures = (message.round, dict(figures))
+            self._enqueue(index, link.status_message(online=True), due, status=True)
         self._enqueue(index, sealed, due)
         stats.boards += 1
         stats.update_bytes += len(sealed)
 
-    def _enqueue(self, index: int, payload: bytes, due: float) -> None:
+    def _enqueue(self, index: int, payload: bytes, due: float, *, status: bool = False) -> None:
         self._seq += 1
-        heapq.heappush(self._schedule, (due, self._seq, index, payload))
+        heapq.heappush(self._schedule, (due, self._seq, index, status, payload))
 
     def _publish_due(self, force: bool = False) -> None:
         now = time.monotonic()
         while self._schedule and (force or self._schedule[0][0] <= now):
-            _, _, index, payload = heapq.heappop(self._schedule)
+            _, _, index, status, payload = heapq.heappop(self._schedule)
+            if status:
+                self.links[index].publish_status(payload)
+                continue
             self.links[index].publish_update(payload)
             stats = self._stats.get(self._latest_round)
             if stats is not None:
@@ -524,6 +571,8 @@ class FleetOptions:
     api_port : int, optional
         Serve the coordinator's HTTP API and dashboard on this loopback port (``None``: no
         API). The admin token comes from ``$SIREN_API_TOKEN``, inherited by the coordinator.
+    telemetry : bool
+        Boards publish their rounds' telemetry figures (:class:`FleetWorker`).
     """
 
     workers: int = 1
@@ -538,6 +587,7 @@ class FleetOptions:
     persist_boards: bool = False
     run_id: str | None = None
     api_port: int | None = None
+    telemetry: bool = True
 
 
 def resolve_dataset(name: str) -> str:
@@ -715,6 +765,7 @@ def prepare_fleet(
             state_dir=str(workdir / "boards") if options.persist_boards else "",
             worker=w,
             broker_auth=broker_auth,
+            telemetry=options.telemetry,
         )
         path = workdir / f"worker-{w}.json"
         path.write_text(spec.to_json())
@@ -1144,6 +1195,13 @@ def add_fleet_options(p: argparse.ArgumentParser) -> None:
         help="fraction of boards needed to close at the deadline (default: 0.5)",
     )
     g.add_argument("--persist-boards", action="store_true", help="keep each board's state on disk")
+    g.add_argument(
+        "--no-telemetry",
+        dest="telemetry",
+        action="store_false",
+        help="boards send no telemetry figures in their status (default: each round's CPU and "
+        "wall times, the worker's shared peak RSS and this machine's sensors, if any)",
+    )
     g.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
     g.add_argument(
         "--api-port",
@@ -1203,6 +1261,7 @@ def fleet_command(args: argparse.Namespace) -> int:
         quorum=args.quorum,
         persist_boards=args.persist_boards,
         api_port=_api_port(args.api_port),
+        telemetry=args.telemetry,
     )
     out = Path(args.out)
     if options.api_port is not None:

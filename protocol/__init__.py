@@ -9,6 +9,7 @@ float32 payload; ``docs/protocol.md`` specifies it byte by byte. The public API:
 - :class:`Admission` applies the coordinator's admission rules to received updates.
 - :class:`TensorLayout` describes how the flat vector splits into named tensors.
 - :mod:`protocol.keys` manages key files and the allow-list; :mod:`protocol.topics` names topics.
+- :mod:`protocol.telemetry` is the table of telemetry figures a status message may carry.
 """
 
 from protocol.admission import Admission, AdmissionDecision, AdmissionPolicy

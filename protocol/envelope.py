@@ -54,6 +54,7 @@ from protocol.errors import (
     brief,
 )
 from protocol.layout import TensorLayout, payload_to_vector, vector_to_payload
+from protocol.telemetry import check_status_layout, check_values, pack, unpack
 from protocol.topics import is_valid_id
 
 #: First four bytes of every message.
@@ -160,7 +161,8 @@ class Header:
     status : str
         ``"online"`` / ``"offline"`` for status messages, ``""`` otherwise.
     layout : TensorLayout
-        Layout of the payload; empty for status messages.
+        Layout of the payload. Status: empty, or the board's telemetry figures (scalars named
+        from the table of :mod:`protocol.telemetry`; then ``round >= 1``).
     version : int
         Schema version, :data:`SCHEMA_VERSION`.
 
@@ -239,8 +241,11 @@ class Header:
                 raise InvalidHeaderError(
                     f"a status message needs status 'online' or 'offline', got {brief(self.status)}"
                 )
-            if len(self.layout) != 0:
-                raise InvalidHeaderError("a status message carries no tensors: layout must be []")
+            check_status_layout(self.layout)
+            if self.layout.size and self.round == 0:
+                raise InvalidHeaderError(
+                    "a status message with telemetry figures describes a round: round must be >= 1"
+                )
             if self.alarm or self.samples != 0:
                 raise InvalidHeaderError("a status message must have alarm false and samples 0")
             return
@@ -347,7 +352,8 @@ class Message:
         The 64-byte Ed25519 signature.
     weights : ndarray of float32 or None
         The payload as a flat writable vector (``None`` for messages without tensors). For an
-        update it is the delta ``local - global``; for a global message, the model weights.
+        update it is the delta ``local - global``; for a global message, the model weights; for
+        a status, its telemetry figures (see :attr:`telemetry`).
     """
 
     header: Header
@@ -387,6 +393,14 @@ class Message:
     def layout(self) -> TensorLayout:
         """Payload layout."""
         return self.header.layout
+
+    @property
+    def telemetry(self) -> dict[str, float]:
+        """A status message's telemetry figures, ``{name: value}``; empty for other kinds and
+        for statuses without figures."""
+        if self.header.kind is not Kind.STATUS:
+            return {}
+        return unpack(self.header.layout, self.weights)
 
     @property
     def message_id(self) -> str:
@@ -436,7 +450,8 @@ def encode_message(
     signing_key : nacl.signing.SigningKey
         The signer's Ed25519 private key.
     weights : array_like of float, shape (layout.size,), optional
-        Flat payload vector; required with ``layout`` for updates and globals, absent for status.
+        Flat payload vector; required with ``layout`` for updates and globals; for a status,
+        its telemetry figures (or absent).
     layout : TensorLayout, optional
         Layout of ``weights``.
     base_sha256, samples, alarm, status : str, int, bool, str
@@ -582,19 +597,35 @@ def encode_status(
     online: bool,
     round: int = 0,
     model_sha256: str = ZERO_SHA256,
+    telemetry: Mapping[str, float] | None = None,
     nonce: bytes | None = None,
     timestamp_ms: int | None = None,
 ) -> bytes:
-    """Encode a board's ``online``/``offline`` status (no payload; see :func:`encode_message`).
+    """Encode a board's ``online``/``offline`` status (see :func:`encode_message`).
 
     ``round`` and ``model_sha256`` describe the global model the board currently holds.
+    ``telemetry`` maps figure names of :mod:`protocol.telemetry` to values (the figures of
+    round ``round``, which must then be at least 1); they travel as float32 scalars sorted by
+    name. Without figures (``None`` or empty) the message has no payload.
+
+    Raises
+    ------
+    InvalidHeaderError
+        For a name that is not a telemetry figure, or figures with ``round`` 0.
+    TelemetryValueError
+        For a value outside its figure's domain (after rounding to float32).
     """
+    weights = layout = None
+    if telemetry:
+        layout, weights = pack(telemetry)
     return encode_message(
         Kind.STATUS,
         run=run,
         round=round,
         client=client,
         signing_key=signing_key,
+        weights=weights,
+        layout=layout,
         base_sha256=model_sha256,
         status=STATUS_ONLINE if online else STATUS_OFFLINE,
         nonce=nonce,
@@ -650,7 +681,8 @@ def decode_message(
     """Parse, verify and decode a message.
 
     Checks, in order: total size, framing, header canonical form and fields, signer key, the
-    signature over bytes ``[0, 8+H)``, payload length, payload SHA-256, finite values.
+    signature over bytes ``[0, 8+H)``, payload length, payload SHA-256, finite values (and, for
+    a status, every telemetry figure within its domain).
 
     Parameters
     ----------
@@ -674,8 +706,9 @@ def decode_message(
         A subclass naming the first failed check: :class:`PayloadTooLargeError`,
         :class:`MalformedMessageError`, :class:`UnsupportedVersionError`,
         :class:`InvalidHeaderError`, :class:`UnknownClientError`, :class:`BadSignatureError`,
-        :class:`PayloadLengthError`, :class:`PayloadHashMismatchError` or
-        :class:`NonFiniteValuesError`. Nothing else is raised for any input.
+        :class:`PayloadLengthError`, :class:`PayloadHashMismatchError`,
+        :class:`NonFiniteValuesError` or :class:`TelemetryValueError`. Nothing else is raised
+        for any input.
     """
     if isinstance(data, (bytearray, memoryview)):
         data = bytes(data)
@@ -726,6 +759,8 @@ def decode_message(
                 "payload SHA-256 differs from the signed payload_sha256: the payload was altered"
             )
         weights = payload_to_vector(payload, header.layout) if header.layout.size > 0 else None
+        if weights is not None and header.kind is Kind.STATUS:
+            check_values(header.layout, weights)
     except InvalidMessageError as exc:
         exc.client_id = header.client
         raise

@@ -26,6 +26,8 @@ class Reason(str, Enum):
     PAYLOAD_LENGTH = "payload_length"
     PAYLOAD_HASH_MISMATCH = "payload_hash_mismatch"
     NON_FINITE = "non_finite"
+    #: A status message's telemetry figure outside its documented domain (docs/protocol.md 4.2).
+    BAD_TELEMETRY = "bad_telemetry"
     WRONG_KIND = "wrong_kind"
     TOPIC_MISMATCH = "topic_mismatch"
     WRONG_RUN = "wrong_run"
@@ -135,6 +137,12 @@ class NonFiniteValuesError(InvalidMessageError):
     """The payload contains NaN or infinite values."""
 
     reason = Reason.NON_FINITE
+
+
+class TelemetryValueError(InvalidMessageError):
+    """A status message's telemetry figure is outside its documented domain."""
+
+    reason = Reason.BAD_TELEMETRY
 
 
 class WrongKindError(InvalidMessageError):

@@ -104,6 +104,7 @@
       state.drawnBoards = boardsKey;
     }
     renderBoards();
+    renderTelemetry();
     renderAdmission();
   }
 
@@ -330,6 +331,97 @@
         banned.appendChild(document.createTextNode(" "));
       }
       td(row, String(c.rejections), "num");
+      body.appendChild(row);
+    }
+  }
+
+  // -- board telemetry ----------------------------------------------------------------------
+
+  const ABSENT = "absent";
+
+  function seconds(s) {
+    if (s < 1) return (1000 * s).toFixed(s < 0.01 ? 2 : 1) + " ms";
+    return s.toFixed(s < 10 ? 2 : 1) + " s";
+  }
+
+  function family(figures, prefix) {
+    const out = [];
+    for (const [name, value] of Object.entries(figures)) {
+      if (name.startsWith(prefix)) out.push([name.slice(prefix.length), value]);
+    }
+    return out;
+  }
+
+  // A cell for a figure the board may not have: its text, or "absent" (never a made-up value).
+  function figureCell(row, kind, text, help) {
+    const cell = td(row, text === null ? ABSENT : text, text === null ? "absent" : "num");
+    cell.setAttribute("data-figure", kind);
+    cell.title = text === null ? help : cell.title;
+    return cell;
+  }
+
+  function timePair(f, wall, cpu) {
+    if (!(wall in f)) return null;
+    return seconds(f[wall]) + " / " + (cpu in f ? seconds(f[cpu]) : "–");
+  }
+
+  function renderTelemetry() {
+    const body = $("telemetry").querySelector("tbody");
+    clear(body);
+    for (const c of state.clients) {
+      const row = document.createElement("tr");
+      row.setAttribute("data-board", c.client);
+      td(row, c.client, "mono");
+      const t = c.telemetry;
+      if (!t) {
+        row.setAttribute("data-round", "");
+        const none = td(row, "no figures reported", "absent");
+        none.colSpan = 7;
+        body.appendChild(row);
+        continue;
+      }
+      row.setAttribute("data-round", String(t.round));
+      const f = t.figures;
+      td(row, String(t.round), "num").title = "received " + clock(t.at);
+
+      let rss = null;
+      if ("rss_peak_mib" in f) {
+        rss = f.rss_peak_mib.toFixed(0) + " MiB";
+        if (t.process_boards > 1) rss += ", process shared by " + t.process_boards + " boards";
+      }
+      figureCell(row, "rss", rss, "the board reports no memory figure");
+      figureCell(row, "alarm", timePair(f, "alarm_s", "alarm_cpu_s"), "the alarm did not run");
+      figureCell(row, "train", timePair(f, "train_s", "train_cpu_s"), "not reported");
+
+      const zones = family(f, "temp_c.");
+      const temp = figureCell(
+        row,
+        "temperature",
+        "soc_temp_c" in f ? f.soc_temp_c.toFixed(1) + " °C" : null,
+        zones.length ? "no SoC zone among the board's thermal zones" : "the board has no thermal zone",
+      );
+      if (zones.length) {
+        temp.title = zones.map(([z, v]) => z + ": " + v.toFixed(1) + " °C").join("\n");
+      }
+
+      let throttled = null;
+      if (t.throttled !== null) {
+        throttled = t.throttled.length ? t.throttled.join(", ") : "none";
+      }
+      const thr = figureCell(row, "throttling", throttled, "not a Raspberry Pi (no vcgencmd)");
+      if (t.throttled !== null && t.throttled.length) {
+        thr.className = "warn";
+        thr.title = "get_throttled = 0x" + f.throttled_flags.toString(16);
+      }
+
+      const rails = family(f, "power_mw.");
+      let power = null;
+      if ("power_mw" in f) power = (f.power_mw / 1000).toFixed(2) + " W";
+      else if (rails.length) power = "rails only (no input rail)";
+      const pw = figureCell(row, "power", power, "the board has no power monitor");
+      if (rails.length) {
+        pw.title = rails.map(([r, v]) => r + ": " + (v / 1000).toFixed(2) + " W").join("\n");
+      }
       body.appendChild(row);
     }
   }

@@ -195,6 +195,38 @@ def test_dashboard_shows_the_rounds_of_a_running_fleet(
             time.sleep(2)
             assert api.get("/api/run").json()["rounds_closed"] == closed
 
+            # Board telemetry: each board sent its open round's figures just before its
+            # update; the page shows them, says the worker's memory is shared, and marks what
+            # this machine does not expose as absent.
+            for board in [f"board-{i:03d}" for i in range(BOARDS)]:
+                page.wait_for_selector(
+                    f'#telemetry tr[data-board="{board}"][data-round="{closed + 1}"]',
+                    timeout=20_000,
+                )
+            for summary in api.get("/api/clients").json():
+                telemetry = summary["telemetry"]
+                assert telemetry is not None and telemetry["round"] == closed + 1
+                figures = telemetry["figures"]
+                assert telemetry["process_boards"] == BOARDS  # one worker hosts them all
+                row = f'#telemetry tr[data-board="{summary["client"]}"]'
+
+                def cell(kind: str, row: str = row) -> str:
+                    return page.inner_text(f'{row} td[data-figure="{kind}"]')
+
+                assert cell("rss").endswith(f"MiB, process shared by {BOARDS} boards")
+                assert " / " in cell("alarm") and " / " in cell("train")
+                for kind, name in (
+                    ("temperature", "soc_temp_c"),
+                    ("throttling", "throttled_flags"),
+                    ("power", "power_mw"),
+                ):
+                    if name in figures:
+                        assert cell(kind) != "absent", (kind, figures)
+                    else:
+                        assert name in telemetry["absent"]
+                        assert cell(kind) in ("absent", "rails only (no input rail)"), kind
+            page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+
             # Operator ban and key registration through the running service.
             banned = api.post("/api/admin/clients/board-002/ban", headers=admin)
             assert banned.json() == {"client": "board-002", "banned": True, "changed": True}
@@ -208,7 +240,13 @@ def test_dashboard_shows_the_rounds_of_a_running_fleet(
             assert registered.status_code == 200 and registered.json()["changed"] is False
             resumed = api.post("/api/admin/resume", headers=admin)
             assert resumed.json() == {"paused": False, "changed": True}
-            page.wait_for_selector(f'#accuracy-chart[data-rounds="{closed + 1}"]', timeout=180_000)
+            # Rounds now close every ~1.5 s and the page polls every 2 s, so it may show the
+            # next two at once: wait for more rounds than before, not for exactly one more.
+            _wait(
+                "the page to show the next round",
+                lambda: int(page.get_attribute("#accuracy-chart", "data-rounds") or 0) > closed,
+                timeout=180,
+            )
             page.wait_for_selector("#run-state.running", timeout=20_000)
             assert errors == []
             assert external == []

@@ -246,6 +246,21 @@ def test_a_deployed_fleet_completes_its_run_over_tls(deployed: Running) -> None:
     assert "run demo finished: 2 round(s)" in logs["coordinator.log"]
     db = root / "coordinator" / "coordinator.sqlite"
     assert query(db, "SELECT round, COUNT(*) FROM updates GROUP BY round") == [(1, 3), (2, 3)]
+    # Each board's status carried its round's figures (sent before the update, so the last
+    # round's too): its own process's memory and CPU times, no sensor this machine lacks.
+    import json
+
+    from edge_client.telemetry import read_thermal_zones, soc_zones
+
+    rows = query(db, "SELECT client, round, figures FROM telemetry ORDER BY client, round")
+    assert [(c, r) for c, r, _ in rows] == [
+        (b, t) for b in ("board-000", "board-001", "board-002") for t in (1, 2)
+    ]
+    for _, _, text in rows:
+        figures = json.loads(text)
+        assert figures["train_s"] > 0 and figures["train_cpu_s"] > 0
+        assert figures["rss_peak_mib"] > 100 and "process_boards" not in figures
+        assert ("soc_temp_c" in figures) == bool(soc_zones(read_thermal_zones() or {}))
     # A finished board started again exits at once with status 0 (no crash loop).
     again = subprocess.run(
         [*siren, "client", "run", "--config", str(root / "boards" / "board-000" / "board.toml")],

@@ -47,6 +47,30 @@ def test_fleet_of_three_boards_matches_the_in_process_engine(tmp_path: Path) -> 
         assert mqtt_round["timing"]["pipelined"] is True
     np.testing.assert_allclose(history["final_global"], reference["final_global"], atol=1e-4)
 
+    # Every board reported each round's figures in its status, before its update: measured
+    # times, the worker's shared peak RSS said to be shared, and only the sensors this machine
+    # really has.
+    from coordinator.store import CoordinatorStore
+    from edge_client.telemetry import read_ina3221_hwmon, read_thermal_zones, soc_zones
+
+    store = CoordinatorStore(tmp_path / "fleet" / "coordinator" / "coordinator.sqlite")
+    try:
+        rows = store.telemetry()
+    finally:
+        store.close()
+    assert sorted((r.client, r.round) for r in rows) == [
+        (f"board-{i:03d}", t) for i in range(3) for t in (1, 2, 3)
+    ]
+    zones = read_thermal_zones() or {}
+    for row in rows:
+        f = row.figures
+        assert f["process_boards"] == 3  # one worker hosts the three boards
+        assert f["train_s"] > 0 and f["train_cpu_s"] > 0 and f["rss_peak_mib"] > 100
+        assert ("alarm_s" in f) == config.alarm_enabled
+        assert ("soc_temp_c" in f) == bool(soc_zones(zones))
+        assert {k for k in f if k.startswith("temp_c.")} == {f"temp_c.{z}" for z in zones}
+        assert ("power_mw" in f) == ("VDD_IN" in (read_ina3221_hwmon() or {}))
+
 
 def test_the_simulators_broker_has_a_deployments_accounts_and_acls(tmp_path) -> None:
     """Before, anyone on the machine could replace the retained global model of a simulated

@@ -75,3 +75,87 @@ def test_board_data_measures_without_a_dataset(tmp_path):
     row = worker("digits-mlp", False, 1, 1, 32, tmp_path / "data.npz")
     assert row["train_samples"] == 64 and row["test_samples"] == 16
     assert row["alarm_litert_s"] > 0 and "board's data" in row["dataset"]
+    # This machine's own figures: what it has, and "absent" (None) for what it has not.
+    from edge_client.telemetry import read_peak_rss_mib, read_thermal_zones, soc_zones
+
+    assert row["peak_rss_mib"] is not None and row["peak_rss_mib"] <= read_peak_rss_mib()
+    assert (row["train_soc_temp_c"] is None) == (not soc_zones(read_thermal_zones() or {}))
+    assert row["train_cpu_s"] > 0 and row["alarm_keras_cpu_s"] > 0
+
+
+def test_telemetry_table_writes_absent_for_what_the_machine_does_not_expose():
+    from benchmarks.alarm import format_telemetry
+
+    base = {
+        "model": "m",
+        "pinned": False,
+        "threads": 4,
+        "train_cpu_s": 80.25,
+        "alarm_litert_cpu_s": 0.0301,
+        "alarm_keras_cpu_s": 0.25,
+    }
+    bare = {
+        **base,
+        "peak_rss_mib": None,
+        "train_soc_temp_c": None,
+        "alarm_litert_soc_temp_c": None,
+        "train_power_mw": None,
+        "alarm_litert_power_mw": None,
+        "throttled_before": None,
+        "throttled_after": None,
+    }
+    pi = {
+        **bare,
+        "peak_rss_mib": 675.4,
+        "train_soc_temp_c": 71.5,
+        "alarm_litert_soc_temp_c": 60.25,
+        "throttled_before": 0,
+        "throttled_after": 0x50005,
+    }
+    older = {"model": "m", "pinned": True, "threads": 1}  # written before telemetry existed
+    lines = format_telemetry([bare, pi, older]).splitlines()
+    assert len(lines) == 4
+    assert lines[2] == (
+        "| m | 4 cores | 80.25 s / 30.1 ms / 250.0 ms | absent | absent / absent | "
+        "absent / absent | absent |"
+    )
+    assert lines[3] == (
+        "| m | 4 cores | 80.25 s / 30.1 ms / 250.0 ms | 675 MiB | 71.5 °C / 60.2 °C | "
+        "absent / absent | 0x0 -> 0x50005 (under-voltage detected, currently throttled, "
+        "under-voltage has occurred, throttling has occurred) |"
+    )
+
+
+def test_the_worker_records_what_a_jetson_exposes(tmp_path):
+    # The worker on fixture sysfs trees of a Jetson Orin Nano: its zones and rails are read,
+    # there is no vcgencmd, and this process's CPU time is measured per phase.
+    from pathlib import Path
+
+    import numpy as np
+
+    from benchmarks.alarm import worker
+    from edge_client.telemetry import Sensors
+
+    orin = Path(__file__).resolve().parents[1] / "edge_client" / "sysfs" / "jetson-orin-nano"
+    sensors = Sensors(
+        thermal_root=orin / "sys/class/thermal",
+        hwmon_root=orin / "sys/bus/i2c/drivers/ina3221",
+        iio_root=tmp_path / "none",
+        proc_status=orin / "proc/self/status",
+        vcgencmd=(str(tmp_path / "no-vcgencmd"),),
+        tegrastats=(str(tmp_path / "no-tegrastats"),),
+    )
+    rng = np.random.default_rng(1)
+    np.savez(
+        tmp_path / "data.npz",
+        x_train=rng.random((64, 8, 8, 1), dtype=np.float32), y_train=rng.integers(0, 10, 64),
+        x_test=rng.random((16, 8, 8, 1), dtype=np.float32), y_test=rng.integers(0, 10, 16),
+    )  # fmt: skip
+    row = worker("digits-mlp", False, 1, 1, 32, tmp_path / "data.npz", sensors=sensors)
+    assert row["peak_rss_mib"] == 874512 / 1024
+    assert row["train_soc_temp_c"] == row["alarm_litert_soc_temp_c"] == 47.5
+    assert row["train_power_mw"] == row["alarm_keras_power_mw"] == 5072 * 1184 / 1000
+    assert row["throttled_before"] is None and row["throttled_after"] is None
+    assert row["train_cpu_s"] > 0 and row["alarm_litert_cpu_s"] > 0
+    assert row["sensors"]["power rails"] == "VDD_IN, VDD_CPU_GPU_CV, VDD_SOC"
+    assert row["sensors"]["throttling (vcgencmd)"] == "absent"

@@ -3,6 +3,10 @@
 Four boards: round 1 is a clean case-1 round, round 2 a case-4 round with a rollback in which
 ``board-002`` is judged malicious and banned and ``board-003`` is missing (its update failed the
 signature check), and round 3 is open with one admitted update.
+
+Telemetry: ``board-000`` is a Raspberry Pi (rounds 2 and 3; no power monitor; its alarm did not
+run in round 2), ``board-001`` a Jetson with power rails (round 2), ``board-002`` a simulated board
+sharing its process with three others and reading no sensor (round 2), ``board-003`` sent none.
 """
 
 from __future__ import annotations
@@ -214,6 +218,47 @@ ROUND_2 = {
 }
 
 
+PI_ROUND_2 = {
+    "rss_peak_mib": 640.0,
+    "train_s": 40.0,
+    "train_cpu_s": 79.0,
+    "soc_temp_c": 65.0,
+    "temp_c.cpu-thermal": 65.0,
+    "throttled_flags": 0.0,
+}
+PI_ROUND_3 = {
+    "rss_peak_mib": 675.0,
+    "alarm_s": 0.031,
+    "alarm_cpu_s": 0.03,
+    "train_s": 41.5,
+    "train_cpu_s": 80.25,
+    "soc_temp_c": 71.5,
+    "temp_c.cpu-thermal": 71.5,
+    "throttled_flags": float(0x50005),
+}
+JETSON_ROUND_2 = {
+    "rss_peak_mib": 870.5,
+    "alarm_s": 0.012,
+    "alarm_cpu_s": 0.02,
+    "train_s": 9.5,
+    "train_cpu_s": 30.0,
+    "soc_temp_c": 47.5,
+    "temp_c.cpu-thermal": 47.5,
+    "temp_c.tj-thermal": 47.5,
+    "power_mw": 6005.0,
+    "power_mw.VDD_IN": 6005.0,
+    "power_mw.VDD_SOC": 1499.0,
+}
+FLEET_ROUND_2 = {
+    "rss_peak_mib": 1200.0,
+    "process_boards": 4.0,
+    "alarm_s": 0.002,
+    "alarm_cpu_s": 0.002,
+    "train_s": 0.05,
+    "train_cpu_s": 0.08,
+}
+
+
 def populate(store: CoordinatorStore) -> list[GlobalVersion]:
     """Two closed rounds and an open third one (see the module docstring)."""
     g1 = _global(1, 0.0, ZERO_SHA256)
@@ -256,9 +301,11 @@ def populate(store: CoordinatorStore) -> list[GlobalVersion]:
         at=1019.0,
     )
     store.count(3, "duplicate")
-    store.set_status("board-000", "online", 3, 1020.0)
+    store.set_status("board-001", "online", 2, 1007.5, telemetry=JETSON_ROUND_2)
+    store.set_status("board-000", "online", 2, 1012.0, telemetry=PI_ROUND_2)
+    store.set_status("board-000", "online", 3, 1020.0, telemetry=PI_ROUND_3)
     store.set_status("board-001", "online", 3, 1015.0)
-    store.set_status("board-002", "offline", 2, 1016.0)
+    store.set_status("board-002", "offline", 2, 1016.0, telemetry=FLEET_ROUND_2)
     return [g1, g2, g3]
 
 

@@ -31,8 +31,12 @@ from tests.unit.coordinator.api_builders import (
     BASE,
     BOARDS,
     COORD,
+    FLEET_ROUND_2,
+    JETSON_ROUND_2,
     LAYOUT,
     NOW,
+    PI_ROUND_2,
+    PI_ROUND_3,
     RUN,
     TOKEN,
     Controls,
@@ -302,6 +306,77 @@ def test_client_detail_has_alarm_history_penalties_and_rejections(client: TestCl
         }
     ]
     assert client.get("/api/clients/board-001").json()["rejections_by_reason"] == {"stale_round": 1}
+
+
+def test_clients_show_their_latest_figures_and_what_they_did_not_report(
+    client: TestClient,
+) -> None:
+    rows = {c["client"]: c for c in client.get("/api/clients").json()}
+    pi = rows["board-000"]["telemetry"]
+    assert (pi["round"], pi["at"], pi["figures"]) == (3, 1020.0, PI_ROUND_3)
+    assert pi["absent"] == ["power_mw"]  # a Raspberry Pi has no power monitor
+    assert pi["throttled"] == [
+        "under-voltage detected",
+        "currently throttled",
+        "under-voltage has occurred",
+        "throttling has occurred",
+    ]
+    assert pi["process_boards"] == 1
+    jetson = rows["board-001"]["telemetry"]
+    assert jetson["round"] == 2  # its round-3 status carried no figures: round 2's stay
+    assert jetson["figures"]["power_mw.VDD_SOC"] == 1499.0
+    assert jetson["absent"] == ["throttled_flags"] and jetson["throttled"] is None
+    sim = rows["board-002"]["telemetry"]
+    assert sim["process_boards"] == 4
+    assert sim["absent"] == ["soc_temp_c", "throttled_flags", "power_mw"]
+    assert "soc_temp_c" not in sim["figures"]  # nothing is filled in for an absent sensor
+    assert rows["board-003"]["telemetry"] is None
+
+
+def test_client_detail_has_every_round_of_figures(client: TestClient) -> None:
+    history = client.get("/api/clients/board-000").json()["telemetry_history"]
+    assert [(h["round"], h["figures"]) for h in history] == [(2, PI_ROUND_2), (3, PI_ROUND_3)]
+    assert history[0]["throttled"] == []  # a word of 0: reported, nothing set
+    assert history[0]["absent"] == ["alarm_s", "alarm_cpu_s", "power_mw"]
+    assert client.get("/api/clients/board-003").json()["telemetry_history"] == []
+    assert [h["figures"] for h in client.get("/api/clients/board-001").json()[
+        "telemetry_history"]] == [JETSON_ROUND_2]  # fmt: skip
+
+
+def test_metrics_have_per_board_figures_and_no_sample_for_an_absent_sensor(
+    client: TestClient,
+) -> None:
+    m = _metric_lines(client.get("/metrics").text)
+    assert m['siren_board_telemetry_round{client="board-000"}'] == 3
+    assert m['siren_board_telemetry_round{client="board-001"}'] == 2
+    assert 'siren_board_telemetry_round{client="board-003"}' not in m
+    assert m['siren_board_peak_rss_bytes{client="board-000"}'] == 675 * 2**20
+    assert m['siren_board_train_cpu_seconds{client="board-000"}'] == 80.25
+    assert m['siren_board_alarm_cpu_seconds{client="board-001"}'] == 0.02
+    assert m['siren_board_soc_temperature_celsius{client="board-000"}'] == 71.5
+    assert m['siren_board_throttled_flags{client="board-000"}'] == 0x50005
+    assert m['siren_board_power_watts{client="board-001"}'] == pytest.approx(6.005)
+    assert m['siren_board_rail_power_watts{client="board-001",rail="VDD_SOC"}'] == 1.499
+    assert m['siren_board_zone_temperature_celsius{client="board-001",zone="tj-thermal"}'] == 47.5
+    assert m['siren_board_process_boards{client="board-002"}'] == FLEET_ROUND_2["process_boards"]
+    # Absent sensors have no sample at all (not a zero).
+    assert 'siren_board_power_watts{client="board-000"}' not in m
+    assert 'siren_board_soc_temperature_celsius{client="board-002"}' not in m
+    assert 'siren_board_throttled_flags{client="board-001"}' not in m
+
+
+def test_a_database_without_the_telemetry_table_answers_without_figures(
+    config: CoordinatorConfig, store: CoordinatorStore, controls: Controls
+) -> None:
+    store._db.execute("DROP TABLE telemetry")  # as a coordinator before telemetry left it
+    app = create_app(config, store, controls, token=TOKEN, clock=lambda: NOW)
+    with TestClient(app, base_url=BASE) as fresh:
+        rows = fresh.get("/api/clients").json()
+        assert [r["telemetry"] for r in rows] == [None] * 4
+        assert fresh.get("/api/clients/board-000").json()["telemetry_history"] == []
+        text = fresh.get("/metrics").text
+    assert "siren_board_telemetry_round{" not in text
+    assert "# TYPE siren_board_telemetry_round gauge" in text
 
 
 def test_unknown_or_invalid_client_ids_are_4xx(client: TestClient) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -58,6 +60,11 @@ def test_first_round_never_alarms_and_keeps_the_new_local_model(setup):
     assert state.previous_local is not None
     np.testing.assert_allclose(g + update.delta, state.previous_local, atol=1e-6)
     assert update.alarm_seconds > 0 and update.train_seconds > 0
+    # CPU time of the process during each phase: positive, and no more than every core busy
+    # for the phase's wall time.
+    cores = len(os.sched_getaffinity(0))
+    assert 0 < update.alarm_cpu_seconds <= cores * update.alarm_seconds + 0.01
+    assert 0 < update.train_cpu_seconds <= cores * update.train_seconds + 0.01
 
 
 def test_poisoned_global_alarms_and_training_starts_from_the_local_model(setup):
@@ -115,7 +122,8 @@ def test_without_alarm_config_the_board_is_plain_fedavg(setup):
         np.random.default_rng(0),
     )
     assert update.alarm is False and update.global_accuracy is None
-    assert update.alarm_seconds == 0.0
+    assert update.alarm_seconds == 0.0 and update.alarm_cpu_seconds == 0.0
+    assert update.train_cpu_seconds > 0
 
 
 def test_alarm_needs_an_evaluator(setup):

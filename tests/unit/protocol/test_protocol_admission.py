@@ -124,6 +124,27 @@ def _status(env: Env) -> bytes:
     return encode_status(run=RUN, client="board-1", signing_key=env.keys["board-1"], online=True)
 
 
+def _bad_telemetry(env: Env) -> bytes:
+    """A signed status whose temperature is below absolute zero (docs/protocol.md 4.2)."""
+    payload = np.array([-300.0], dtype="<f4").tobytes()
+    header: dict[str, Any] = {
+        "alarm": False,
+        "base_sha256": env.base,
+        "client": "board-1",
+        "kind": "status",
+        "layout": [["soc_temp_c", []]],
+        "nonce": "ef" * 16,
+        "payload_sha256": sha256_hex(payload),
+        "round": ROUND,
+        "run": RUN,
+        "samples": 0,
+        "status": "online",
+        "timestamp_ms": NOW,
+        "v": 1,
+    }
+    return frame(header, env.keys["board-1"], payload)
+
+
 def _conflicting(env: Env, admission: Admission) -> bytes:
     assert admission.admit(env.update()).accepted
     return env.update()  # same client and round, other content
@@ -149,6 +170,7 @@ CASES: dict[Reason, tuple[dict[str, Any], Builder]] = {
     Reason.PAYLOAD_LENGTH: ({}, lambda e, a: (e.update()[:-4], None)),
     Reason.PAYLOAD_HASH_MISMATCH: ({}, lambda e, a: (_flip_last_byte(e.update()), None)),
     Reason.NON_FINITE: ({}, lambda e, a: (_nan_update(e), None)),
+    Reason.BAD_TELEMETRY: ({}, lambda e, a: (_bad_telemetry(e), None)),
     Reason.WRONG_KIND: ({}, lambda e, a: (_status(e), None)),
     Reason.TOPIC_MISMATCH: ({}, lambda e, a: (e.update(), update_topic(RUN, "board-2"))),
     Reason.WRONG_RUN: ({}, lambda e, a: (e.update(run="run-b"), None)),

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from protocol.admission import Admission, AdmissionPolicy
 from protocol.envelope import (
     HEADER_FIELDS,
+    Kind,
     Message,
     decode_message,
     encode_global,
@@ -29,6 +30,7 @@ from protocol.envelope import (
 from protocol.errors import InvalidMessageError, Reason
 from protocol.keys import AllowList
 from protocol.layout import TensorLayout, weights_sha256
+from protocol.telemetry import FIGURES, MAX_TELEMETRY_ENTRIES, figure_of
 from tests.unit.protocol.conftest import fixed_key, frame, split_frame
 
 pytestmark = pytest.mark.timeout(120)
@@ -70,7 +72,17 @@ STATUS = encode_status(
     nonce=b"\x03" * 16,
     timestamp_ms=1_700_000_000_000,
 )
-VALID = (UPDATE, GLOBAL, STATUS)
+STATUS_FIGURES = encode_status(
+    run="run-a",
+    client="board-1",
+    signing_key=BOARD,
+    online=True,
+    round=5,
+    telemetry={"alarm_s": 0.02, "soc_temp_c": 61.5, "throttled_flags": float(0x50005)},
+    nonce=b"\x04" * 16,
+    timestamp_ms=1_700_000_000_000,
+)
+VALID = (UPDATE, GLOBAL, STATUS, STATUS_FIGURES)
 
 FAST = settings(
     deadline=None,
@@ -102,6 +114,14 @@ def decode_or_reject(data: bytes) -> Message | None:
     if message.weights is not None:
         assert message.weights.shape == (message.layout.size,)
         assert bool(np.isfinite(message.weights).all())
+    if message.kind is Kind.STATUS:
+        # A status carries nothing but telemetry scalars, each within its figure's domain.
+        assert len(message.layout) <= MAX_TELEMETRY_ENTRIES
+        assert message.layout.size == 0 or message.round >= 1
+        for name, value in message.telemetry.items():
+            figure = figure_of(name)
+            assert figure is not None
+            figure.check(name, value)
     return message
 
 
@@ -237,6 +257,73 @@ def test_resigned_arbitrary_payload(payload: bytes) -> None:
         np.testing.assert_array_equal(message.weights, values)
     else:
         assert message is None
+
+
+figure_names = st.one_of(
+    st.sampled_from(sorted(FIGURES)),
+    st.tuples(
+        st.sampled_from(["temp_c", "power_mw"]),
+        st.text(alphabet="AZaz09_-", min_size=1, max_size=8),
+    ).map(lambda pair: f"{pair[0]}.{pair[1]}"),
+    st.sampled_from(["temp_c.", "power_mw.", "w", "temp_c.a.b", "Alarm_s", "alarm_s "]),
+    st.tuples(
+        st.sampled_from(["temp_c", "power_mw", "train_s", "volt"]),
+        st.text(alphabet="AZaz09_-.", min_size=0, max_size=50),
+    ).map(lambda pair: f"{pair[0]}.{pair[1]}"),
+)
+figure_values = st.one_of(
+    st.floats(width=32),
+    st.floats(min_value=-500, max_value=500, width=32),
+    st.sampled_from([0.0, -0.0, 0.5, 1.0, -1.0, -273.15, -274.0, float(2**24), 2.0**24 - 1]),
+)
+
+
+def _expected_valid(entries: list[tuple[str, list[int]]], values: list[float], rnd: int) -> bool:
+    names = [n for n, _ in entries]
+    if len(set(names)) != len(names) or len(entries) > MAX_TELEMETRY_ENTRIES:
+        return False
+    if entries and rnd == 0:
+        return False
+    for (name, shape), value in zip(entries, values):
+        figure = figure_of(name)
+        if figure is None or shape != [] or " " in name:
+            return False
+        value32 = float(np.float32(value))
+        if not np.isfinite(value32):
+            return False
+        try:
+            figure.check(name, value32)
+        except InvalidMessageError:
+            return False
+    return True
+
+
+@settings(FAST, max_examples=600)
+@given(
+    entries=st.lists(
+        st.tuples(figure_names, st.sampled_from([[]] * 8 + [[1], [0]])), min_size=0, max_size=4
+    ),
+    values=st.lists(figure_values, min_size=4, max_size=4),
+    rnd=st.sampled_from([0, 1, 5]),
+)
+def test_resigned_status_figures_match_the_specification(
+    entries: list[tuple[str, list[int]]], values: list[float], rnd: int
+) -> None:
+    """A status re-signed with any layout and values decodes exactly when the layout is a list
+    of distinct allowed scalar names (with a round >= 1) and every value is in its domain."""
+    header, _, _ = split_frame(STATUS)
+    header["layout"] = [[name, shape] for name, shape in entries]
+    header["round"] = rnd
+    count = sum(1 for _, shape in entries if shape == []) + sum(
+        int(np.prod(shape)) for _, shape in entries if shape != []
+    )
+    payload = np.asarray(values[:count] + [0.0] * (count - len(values)), dtype="<f4").tobytes()
+    header["payload_sha256"] = hashlib.sha256(payload).hexdigest()
+    header_bytes = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("ascii")
+    message = decode_or_reject(frame(header_bytes, BOARD, payload))
+    assert (message is not None) == _expected_valid(entries, values, rnd)
+    if message is not None:
+        assert list(message.telemetry) == [name for name, _ in entries]
 
 
 @settings(FAST, max_examples=500)
