@@ -438,18 +438,35 @@ def _ban_columns(bans: dict[str, Any] | None) -> tuple[str, str]:
     return honest_s, missed_s
 
 
+#: Rounds at the end of a run whose accuracy range the tables show.
+TAIL_ROUNDS = 10
+
+
+def tail_range(hist: dict[str, Any], rounds: int = TAIL_ROUNDS) -> str:
+    """``"min–max"`` of the test accuracy over a run's last ``rounds`` evaluated rounds, in
+    percent; empty when no round was evaluated."""
+    accs = [r["test_accuracy"] for r in hist["rounds"] if r.get("test_accuracy") is not None]
+    tail = accs[-rounds:]
+    if not tail:
+        return ""
+    return f"{100 * min(tail):.1f}–{100 * max(tail):.1f}%"
+
+
 def summarize(cells: list[Cell], root: Path, clients: int) -> str:
     """Markdown table of every cell's outcome.
 
     A defense given fewer Byzantine boards than there are (its bound caps ``f``) reads
     ``krum (f=3)``. For rules that ban boards (SIREN), ``honest banned`` counts the honest boards
     banned after the last round (their ids in brackets) and ``attackers missed`` the malicious
-    boards still admitted then, of all malicious boards.
+    boards still admitted then, of all malicious boards. ``last rounds`` is the range of the
+    test accuracy over the last :data:`TAIL_ROUNDS` rounds: a wide range marks a run that
+    oscillates, whose final accuracy depends on the round it stops at.
     """
     lines = [
-        "| distribution | attack | malicious | defense | final acc. | best acc. | ASR | "
-        "miscl. conf. | honest banned | attackers missed | paper | difference | wall time |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| distribution | attack | malicious | defense | final acc. | best acc. | "
+        f"last {TAIL_ROUNDS} rounds | ASR | miscl. conf. | honest banned | attackers missed | "
+        "paper | difference | wall time |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for cell in cells:
         d = root / cell.key
@@ -464,7 +481,7 @@ def summarize(cells: list[Cell], root: Path, clients: int) -> str:
             state = "n/a" if (d / "not_applicable").exists() else "not run"
             lines.append(
                 f"| {cell.distribution} | {cell.attack} | {int(100 * cell.fraction)}% | "
-                f"{defense} | {state} | | | | | | {paper_s} | | |"
+                f"{defense} | {state} | | | | | | | {paper_s} | | |"
             )
             continue
         last = hist["rounds"][-1]
@@ -477,7 +494,7 @@ def summarize(cells: list[Cell], root: Path, clients: int) -> str:
         lines.append(
             f"| {cell.distribution} | {cell.attack} | {int(100 * cell.fraction)}% | "
             f"{defense} | {100 * hist['summary']['final_test_accuracy']:.2f}% | "
-            f"{100 * hist['summary']['best_test_accuracy']:.2f}% | "
+            f"{100 * hist['summary']['best_test_accuracy']:.2f}% | {tail_range(hist)} | "
             f"{'' if asr is None else f'{100 * asr:.1f}%'} | "
             f"{'' if conf is None else f'{conf:.3f}'} | {honest} | {missed} | {paper_s} | "
             f"{diff} | {wall / 60:.1f} min |"

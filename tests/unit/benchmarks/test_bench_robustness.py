@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from benchmarks.robustness import (
+    TAIL_ROUNDS,
     Cell,
     aggregator_params,
     cell_command,
@@ -14,6 +15,7 @@ from benchmarks.robustness import (
     main,
     overview,
     summarize,
+    tail_range,
 )
 
 
@@ -173,7 +175,22 @@ def test_summary_counts_honest_boards_banned_and_attackers_missed(tmp_path):
     siren_row = next(line for line in lines if "| siren |" in line)
     assert "| 1 (3) | 1 of 3 (7) |" in siren_row
     krum_row = next(line for line in lines if "| krum (f=3) |" in line)
-    assert "| 80.00% | 80.00% |  |  |  |  |" in krum_row
+    assert "| 80.00% | 80.00% |  |  |  |  |  |" in krum_row
+
+
+def test_summary_shows_the_range_of_the_last_rounds(tmp_path):
+    cell = Cell("median", "label_flip", 0.4, "iid")
+    out = tmp_path / cell.key
+    out.mkdir()
+    # A run that alternates between two accuracies from round 3 on, and ends on a low round.
+    accs = [0.70, 0.80] + [0.85 if t % 2 else 0.45 for t in range(3, 15)]
+    rounds = [{"test_accuracy": a} for a in accs]
+    summary = {"final_test_accuracy": accs[-1], "best_test_accuracy": max(accs)}
+    (out / "history.json").write_text(json.dumps({"rounds": rounds, "summary": summary}))
+    lines = summarize([cell], tmp_path, 10).splitlines()
+    assert f"| last {TAIL_ROUNDS} rounds |" in lines[0]
+    assert "| 45.00% | 85.00% | 45.0–85.0% |" in lines[2]
+    assert tail_range({"rounds": [{"test_accuracy": None}]}) == ""
 
 
 def test_pdrr_fallback_defenses_pass_the_safeguard_and_keep_the_krum_attackers_f():
