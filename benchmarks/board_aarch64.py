@@ -311,6 +311,12 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
         facts["updates_per_round"] = _query(
             db, "SELECT round, client FROM updates ORDER BY round, client"
         )
+        facts["telemetry"] = {
+            client: (rnd, json.loads(figures))
+            for client, rnd, figures in _query(
+                db, "SELECT client, round, figures FROM telemetry ORDER BY client, round"
+            )
+        }  # the latest round each board reported figures for
         verify = subprocess.run(
             [*_siren_host(), "audit", "verify", str(db)], capture_output=True, text=True,
             cwd=REPO, check=False,
@@ -491,7 +497,23 @@ def _check(facts: dict[str, Any], rounds: int) -> None:
         problems.append(f"ACL probe {probe}")
     if not facts.get("audit_verify", "").startswith("ok"):
         problems.append(f"audit: {facts.get('audit_verify')}")
+    for board in (*ARM_BOARDS, HOST_BOARD):
+        _, figures = facts.get("telemetry", {}).get(board, (None, {}))
+        lacking = [n for n in ("rss_peak_mib", "alarm_s", "train_s") if n not in figures]
+        if lacking:
+            problems.append(f"{board}: no telemetry figure {', '.join(lacking)}")
     facts["problems"] = problems
+
+
+def _telemetry_row(board: str, telemetry: dict[str, Any]) -> str:
+    from protocol.telemetry import FIGURES
+
+    if board not in telemetry:
+        return f"| {board} | - | none reported | |"
+    rnd, figures = telemetry[board]
+    shown = ", ".join(f"{name} {value:.4g}" for name, value in sorted(figures.items()))
+    absent = ", ".join(n for n in FIGURES if n not in figures and n != "process_boards")
+    return f"| {board} | {rnd} | {shown} | {absent} |"
 
 
 def write_results(facts: dict[str, Any], out: Path, argv: Sequence[str]) -> str:
@@ -532,8 +554,8 @@ def write_results(facts: dict[str, Any], out: Path, argv: Sequence[str]) -> str:
         rss = r["peak_rss_kib"]
         lines.append(
             f"| {r['round']} | {100 * (r['accuracy'] or 0):.2f}% | {r.get('case')} | "
-            f"{r['seconds']:.0f} s | "
-            + " | ".join(f"{bs[b]:.0f} s" if b in bs else "-" for b in (*ARM_BOARDS, HOST_BOARD))
+            f"{r['seconds']:.1f} s | "
+            + " | ".join(f"{bs[b]:.1f} s" if b in bs else "-" for b in (*ARM_BOARDS, HOST_BOARD))
             + " | "
             + " / ".join(f"{rss.get(b, 0) / 1024:.0f} MiB" for b in (*ARM_BOARDS, HOST_BOARD))
             + " |"
@@ -553,6 +575,16 @@ def write_results(facts: dict[str, Any], out: Path, argv: Sequence[str]) -> str:
         f"Coordinator: `{facts['coordinator_summary']}` (exit {facts['coordinator_exit']}); "
         f"boards exited {facts['board_exits']}.",
         f"Alarm backend logged by each board: {facts['alarm_backend']}.",
+        "",
+        "## Telemetry the boards reported (emulated)",
+        "",
+        "Each board's figures of the latest round it reported (its status message; "
+        "`protocol/telemetry.py`). Inside the root the sensors are the host's as QEMU passes "
+        "them through, and memory and times are the emulator's: not board figures.",
+        "",
+        "| board | round | figures | absent |",
+        "|---|---|---|---|",
+        *(_telemetry_row(b, facts.get("telemetry", {})) for b in (*ARM_BOARDS, HOST_BOARD)),
         "",
         "## kill -9 of an arm64 board mid-round",
         "",
