@@ -12,7 +12,10 @@ Presets (SIREN Table 2 settings):
 * ``paper`` — Fashion-MNIST, SIREN CNN, K=10, T=40, E=5, B=64, IID and non-IID p=0.5;
 * ``quick`` — the same grid with E=1, T=10 and a quarter of the training data;
 * ``k50``   — 50 boards (SIREN's scalability setting), otherwise ``paper``;
-* ``smoke`` — digits, 5 boards, 2 rounds: checks the runner in seconds.
+* ``smoke`` — digits, 5 boards, 2 rounds: checks the runner in seconds;
+* ``dspo``  — DSPO's own Table 2 setting: Fashion-MNIST, its 256-unit MLP, k=20, 100 rounds,
+  E=2, B=64, SGD at 0.2, untargeted random label flipping by 8 of 20 boards, data split with
+  p=0.1 and p=0.9 (distributions ``noniid-p0.1`` / ``noniid-p0.9``), beside DSPO's numbers.
 
 ``siren`` and ``siren_no_wa`` run SIREN's default profile, ``authors``
 (:mod:`protocol.siren_profiles`), named explicitly on every cell's command line. Besides the
@@ -68,6 +71,29 @@ PRESETS: dict[str, dict[str, Any]] = {
         "rounds": 40,
         "local_epochs": 5,
         "batch_size": 64,
+    },
+    # DSPO's Table 2 (Fashion-MNIST): k=20, MLP with 256 hidden units, e=2, b=64, plain SGD at
+    # 0.2, 100 rounds, untargeted random label flipping, data split by Fang's grouping with
+    # p=0.1 (which the paper calls closest to IID) and p=0.9.
+    "dspo": {
+        "dataset": "fashion-mnist",
+        "model": "dspo-mlp",
+        "clients": 20,
+        "rounds": 100,
+        "local_epochs": 2,
+        "batch_size": 64,
+        "optimizer": "sgd",
+        "learning_rate": 0.2,
+    },
+}
+#: The cells a preset runs when ``--defenses``, ``--attacks``, ``--fractions`` or
+#: ``--distributions`` is not given (every other preset: the default grid).
+PRESET_GRIDS: dict[str, dict[str, tuple[Any, ...]]] = {
+    "dspo": {
+        "defenses": ("fedavg", "krum", "median", "trimmed_mean", "dspo_score", "dspo_vote"),
+        "attacks": ("random_label_flip",),
+        "fractions": (0.4,),
+        "distributions": ("noniid-p0.1", "noniid-p0.9"),
     },
 }
 
@@ -139,20 +165,47 @@ CELL_THREAD_ENV = {
 }
 DISTRIBUTIONS = ("iid", "noniid")
 
-#: SIREN paper §5 (K=10, 40% malicious): (defense, attack, distribution) -> accuracy in %.
-PAPER_NUMBERS: dict[tuple[str, str, str], float] = {
-    ("fedavg", "none", "iid"): 91.46,
-    ("siren", "sign_flip", "iid"): 90.94,
-    ("siren", "label_flip", "iid"): 90.64,
-    ("krum", "sign_flip", "iid"): 88.18,
-    ("krum", "label_flip", "iid"): 87.81,
-    ("median", "sign_flip", "iid"): 68.8,
-    ("median", "label_flip", "iid"): 79.09,
-    ("fedavg", "none", "noniid"): 90.53,
-    ("siren", "sign_flip", "noniid"): 88.88,
-    ("siren", "label_flip", "noniid"): 89.89,
-    ("krum", "sign_flip", "noniid"): 84.66,
-    ("krum", "label_flip", "noniid"): 85.14,
+#: SIREN paper §5 (K=10): (defense, attack, malicious %, distribution) -> accuracy in %.
+SIREN_NUMBERS: dict[tuple[str, str, int, str], float] = {
+    ("fedavg", "none", 0, "iid"): 91.46,
+    ("siren", "sign_flip", 40, "iid"): 90.94,
+    ("siren", "label_flip", 40, "iid"): 90.64,
+    ("krum", "sign_flip", 40, "iid"): 88.18,
+    ("krum", "label_flip", 40, "iid"): 87.81,
+    ("median", "sign_flip", 40, "iid"): 68.8,
+    ("median", "label_flip", 40, "iid"): 79.09,
+    ("fedavg", "none", 0, "noniid"): 90.53,
+    ("siren", "sign_flip", 40, "noniid"): 88.88,
+    ("siren", "label_flip", 40, "noniid"): 89.89,
+    ("krum", "sign_flip", 40, "noniid"): 84.66,
+    ("krum", "label_flip", 40, "noniid"): 85.14,
+}
+#: DSPO Table 2 (Fashion-MNIST, k=20; m = 2, 4, 8 adversaries are 10%, 20%, 40%; the mean of
+#: three runs), untargeted label flipping.
+_DSPO_ROWS = {
+    # defense: (p=0.1: m=0, 2, 4, 8), (p=0.9: m=0, 2, 4, 8)
+    "fedavg": ((89.43, 88.92, 87.73, 81.73), (86.00, 84.94, 84.70, 81.00)),
+    "krum": ((83.40, 84.56, 84.77, 16.48), (74.98, 75.59, 12.66, 16.52)),
+    "median": ((89.33, 89.09, 88.44, 85.49), (86.35, 85.34, 85.25, 82.48)),
+    "trimmed_mean": ((89.33, 89.22, 88.21, 83.03), (85.57, 85.60, 85.04, 83.12)),
+    "dspo_score": ((88.86, 88.69, 88.60, 87.18), (85.54, 84.94, 84.52, 83.63)),
+    "dspo_vote": ((88.71, 88.76, 88.57, 87.98), (85.43, 83.65, 83.96, 82.69)),
+}
+DSPO_NUMBERS: dict[tuple[str, str, int, str], float] = {
+    (defense, "none" if pct == 0 else "random_label_flip", pct, dist): value
+    for defense, rows in _DSPO_ROWS.items()
+    for dist, row in zip(("noniid-p0.1", "noniid-p0.9"), rows, strict=True)
+    for pct, value in zip((0, 10, 20, 40), row, strict=True)
+}
+#: Each preset's paper numbers and what the table's 'paper' column means.
+PAPER_TABLES: dict[str, tuple[dict[tuple[str, str, int, str], float], str]] = {
+    "paper": (SIREN_NUMBERS, "the SIREN paper's reported accuracy for that cell (K=10, T=40)"),
+    "quick": (
+        SIREN_NUMBERS,
+        "the SIREN paper's accuracy at T=40, E=5 (this preset trains far less: compare the "
+        "defenses with each other)",
+    ),
+    "dspo": (DSPO_NUMBERS, "DSPO's Table 2 (Fashion-MNIST, k=20, mean of three runs)"),
 }
 
 
@@ -269,6 +322,7 @@ def cell_command(cell: Cell, preset: dict[str, Any], out: Path, seed: int) -> li
     if params is None:
         return None
     name, _ = ALL_DEFENSES[cell.defense]
+    partition, noniid_p = parse_distribution(cell.distribution)
     cmd = [
         sys.executable,
         "-m",
@@ -278,12 +332,14 @@ def cell_command(cell: Cell, preset: dict[str, Any], out: Path, seed: int) -> li
         "--aggregator",
         name,
         "--partition",
-        cell.distribution,
+        partition,
         "--seed",
         str(seed),
         "--out",
         str(out),
     ]
+    if noniid_p is not None:
+        cmd += ["--noniid-p", str(noniid_p)]
     for key in (
         "dataset",
         "model",
@@ -292,6 +348,8 @@ def cell_command(cell: Cell, preset: dict[str, Any], out: Path, seed: int) -> li
         "local_epochs",
         "batch_size",
         "train_samples",
+        "optimizer",
+        "learning_rate",
     ):
         if key in preset:
             cmd += [f"--{key.replace('_', '-')}", str(preset[key])]
@@ -303,6 +361,29 @@ def cell_command(cell: Cell, preset: dict[str, Any], out: Path, seed: int) -> li
         for key, value in attack_knowledge(cell, params).items():
             cmd += ["--attack-param", f"{key}={value}"]
     return cmd
+
+
+def parse_distribution(name: str) -> tuple[str, float | None]:
+    """``(partition, p)`` of a distribution name: ``iid``, ``noniid`` (SIREN's p = 0.5, the
+    simulator's default) or ``noniid-pP`` (the same grouping with p = P, e.g. ``noniid-p0.9``).
+
+    Raises
+    ------
+    ValueError
+        For any other name, or a p outside [0, 1].
+    """
+    if name in ("iid", "noniid"):
+        return name, None
+    if name.startswith("noniid-p"):
+        try:
+            p = float(name.removeprefix("noniid-p"))
+        except ValueError:
+            p = -1.0
+        if 0.0 <= p <= 1.0:
+            return "noniid", p
+    raise ValueError(
+        f"unknown distribution {name!r}: use iid, noniid or noniid-pP with P in [0, 1]"
+    )
 
 
 def attack_knowledge(cell: Cell, params: dict[str, Any]) -> dict[str, Any]:
@@ -452,7 +533,12 @@ def tail_range(hist: dict[str, Any], rounds: int = TAIL_ROUNDS) -> str:
     return f"{100 * min(tail):.1f}–{100 * max(tail):.1f}%"
 
 
-def summarize(cells: list[Cell], root: Path, clients: int) -> str:
+def summarize(
+    cells: list[Cell],
+    root: Path,
+    clients: int,
+    paper_numbers: dict[tuple[str, str, int, str], float] | None = None,
+) -> str:
     """Markdown table of every cell's outcome.
 
     A defense given fewer Byzantine boards than there are (its bound caps ``f``) reads
@@ -473,10 +559,15 @@ def summarize(cells: list[Cell], root: Path, clients: int) -> str:
         hist = load_history(d)
         budget = defender_budget(cell, clients)
         defense = cell.defense if budget is None else f"{cell.defense} (f={budget})"
-        paper = PAPER_NUMBERS.get(
-            (PAPER_ALIASES.get(cell.defense, cell.defense), cell.attack, cell.distribution)
+        paper = (paper_numbers or {}).get(
+            (
+                PAPER_ALIASES.get(cell.defense, cell.defense),
+                cell.attack,
+                round(100 * cell.fraction),
+                cell.distribution,
+            )
         )
-        paper_s = f"{paper:.2f}%" if paper is not None and cell.fraction in (0.0, 0.4) else ""
+        paper_s = f"{paper:.2f}%" if paper is not None else ""
         if hist is None:
             state = "n/a" if (d / "not_applicable").exists() else "not run"
             lines.append(
@@ -593,16 +684,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--preset", default="quick", choices=sorted(PRESETS))
     p.add_argument(
         "--defenses",
-        default=",".join(DEFENSES),
-        help=f"comma-separated defenses (default: all but {', '.join(OPTIONAL_DEFENSES)})",
+        help="comma-separated defenses (default: the preset's, else all but "
+        f"{', '.join(OPTIONAL_DEFENSES)})",
     )
-    p.add_argument("--attacks", default=",".join(ATTACKS), help="comma-separated attacks")
+    p.add_argument(
+        "--attacks", help=f"comma-separated attacks (default: the preset's, else {ATTACKS})"
+    )
     p.add_argument(
         "--fractions",
-        default=",".join(str(f) for f in FRACTIONS),
-        help="comma-separated malicious fractions (the no-attack baseline is always in)",
+        help="comma-separated malicious fractions; the no-attack baseline is always in "
+        f"(default: the preset's, else {FRACTIONS})",
     )
-    p.add_argument("--distributions", default=",".join(DISTRIBUTIONS))
+    p.add_argument(
+        "--distributions",
+        help="comma-separated: iid, noniid (p=0.5) or noniid-pP (default: the preset's, else "
+        "iid,noniid)",
+    )
     p.add_argument("--no-baselines", action="store_true", help="skip the no-attack cells")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -616,13 +713,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv_list = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(argv_list)
 
-    defenses = [d for d in args.defenses.split(",") if d]
+    own = PRESET_GRIDS.get(args.preset, {})
+
+    def listed(value: str | None, key: str, fallback: Sequence[Any]) -> list[str]:
+        if value is None:
+            return [str(v) for v in own.get(key, fallback)]
+        return [v for v in value.split(",") if v]
+
+    defenses = listed(args.defenses, "defenses", tuple(DEFENSES))
     bad = [d for d in defenses if d not in ALL_DEFENSES]
     if bad:
         p.error(f"unknown defense(s) {bad}; valid: {', '.join(ALL_DEFENSES)}")
-    attacks = [a for a in args.attacks.split(",") if a]
-    fractions = [float(f) for f in args.fractions.split(",") if f]
-    dists = [d for d in args.distributions.split(",") if d]
+    attacks = listed(args.attacks, "attacks", ATTACKS)
+    try:
+        fractions = [float(f) for f in listed(args.fractions, "fractions", FRACTIONS)]
+    except ValueError as exc:
+        p.error(f"--fractions: {exc}")
+    dists = listed(args.distributions, "distributions", DISTRIBUTIONS)
+    for dist in dists:
+        try:
+            parse_distribution(dist)
+        except ValueError as exc:
+            p.error(str(exc))
     if args.jobs < 1:
         p.error(f"--jobs must be at least 1, got {args.jobs}")
     cells = grid(defenses, attacks, fractions, dists)
@@ -633,7 +745,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     root.mkdir(parents=True, exist_ok=True)
     if not args.summary_only:
         run_cells(cells, preset, root, args.seed, args.jobs)
-    table = summarize(cells, root, preset["clients"])
+    paper_numbers, paper_meaning = PAPER_TABLES.get(args.preset, ({}, "no published number"))
+    table = summarize(cells, root, preset["clients"], paper_numbers)
     worst = overview(cells, root)
     plots = plot_groups(cells, root, args.preset)
     index_plots = malicious_index_links(cells, root)
@@ -643,11 +756,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"# Robustness grid, preset `{args.preset}`\n\n"
         f"Command: `siren bench robustness {command}` "
         "(resumable).  \n"
-        f"Settings: {settings}; SIREN thresholds C_c=4%, C_s=10%, C_a=0.5, with the "
-        "`authors` profile (relative C_c and C_s, C_p=int(0.45T)) for `siren` and `siren_no_wa` "
-        "and the `paper-text` profile (absolute, C_p=0.45K) for `siren_paper_text*` "
-        "(docs/reproducing.md); "
-        f"seed {args.seed}. 'paper' = the SIREN paper's reported accuracy for that cell. "
+        f"Settings: {settings}"
+        + (
+            "; SIREN thresholds C_c=4%, C_s=10%, C_a=0.5, with the "
+            "`authors` profile (relative C_c and C_s, C_p=int(0.45T)) for `siren` and "
+            "`siren_no_wa` and the `paper-text` profile (absolute, C_p=0.45K) for "
+            "`siren_paper_text*` (docs/reproducing.md)"
+            if any(d.startswith("siren") for d in defenses)
+            else ""
+        )
+        + f"; seed {args.seed}. 'paper' = {paper_meaning}. "
         "'honest banned' and 'attackers missed' count SIREN's bans after the last round.\n\n"
         + (
             "## Overview\n\nFinal test accuracy without attack, and the lowest final accuracy "

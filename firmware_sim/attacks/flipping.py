@@ -3,6 +3,8 @@
 * ``sign_flip`` (SIREN §3, after Li et al.): the board trains honestly and sends ``boost · Δ``
   with a negative ``boost`` (SIREN §5.3 uses -4).
 * ``label_flip`` (SIREN §3): trains on labels ``l -> L - 1 - l``.
+* ``random_label_flip`` (DSPO §4.1, its untargeted attack): every training label is changed to
+  another label drawn uniformly at random (drawn once per board).
 * ``targeted_label_flip`` (DSPO §4.1): only the source class is relabelled as the target class
   (``A_4^6`` on Fashion-MNIST: coat -> shirt).
 * ``targeted_poison`` (Bhagoji et al. as used in SIREN §3/§5.5): the source class is relabelled
@@ -33,6 +35,14 @@ from firmware_sim.attacks.params import Param
 def flip_all_labels(y: np.ndarray, num_classes: int) -> np.ndarray:
     """SIREN's label flip: every label ``l`` becomes ``L - 1 - l`` (an involution)."""
     return (num_classes - 1 - np.asarray(y, dtype=np.int64)).astype(np.int64)
+
+
+def relabel_randomly(y: np.ndarray, num_classes: int, rng: np.random.Generator) -> np.ndarray:
+    """DSPO's untargeted flip: each label ``l`` becomes a label drawn uniformly from the other
+    ``L - 1`` classes (``l + k mod L`` with ``k`` uniform in ``1..L-1``)."""
+    y64 = np.asarray(y, dtype=np.int64)
+    shift = rng.integers(1, num_classes, size=y64.shape, dtype=np.int64)
+    return (y64 + shift) % num_classes
 
 
 def flip_class(y: np.ndarray, source: int, target: int) -> np.ndarray:
@@ -104,6 +114,21 @@ class LabelFlip(Attack):
     ) -> BoardData | None:
         """The board's data with every training label flipped (the local test split is kept)."""
         return replace(data, y_train=flip_all_labels(data.y_train, self.setting.num_classes))
+
+
+@register_attack
+class RandomLabelFlip(Attack):
+    """Train on labels each changed to a random other label."""
+
+    name = "random_label_flip"
+    summary = "train on labels each changed to a random other label (drawn once)"
+    source = "DSPO §4.1 (its untargeted label-flipping attack)"
+
+    def poison_data(
+        self, client_id: int, data: BoardData, rng: np.random.Generator
+    ) -> BoardData | None:
+        """The board's data with every training label replaced by a random other label."""
+        return replace(data, y_train=relabel_randomly(data.y_train, self.setting.num_classes, rng))
 
 
 @register_attack

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from benchmarks.robustness import (
+    PAPER_TABLES,
+    PRESETS,
     TAIL_ROUNDS,
     Cell,
     aggregator_params,
@@ -14,6 +18,7 @@ from benchmarks.robustness import (
     grid,
     main,
     overview,
+    parse_distribution,
     summarize,
     tail_range,
 )
@@ -201,3 +206,61 @@ def test_pdrr_fallback_defenses_pass_the_safeguard_and_keep_the_krum_attackers_f
     assert "fallback=True" in cmd and "f=3" in cmd and "krum_f=3" in cmd
     plain = cell_command(Cell("pdrr_krum", "fang_krum", 0.4, "noniid"), {"clients": 10}, "o", 0)
     assert plain is not None and not any(a.startswith("fallback") for a in plain)
+
+
+def test_distributions_name_the_non_iid_degree():
+    assert parse_distribution("iid") == ("iid", None)
+    assert parse_distribution("noniid") == ("noniid", None)
+    assert parse_distribution("noniid-p0.9") == ("noniid", 0.9)
+    for bad in ("noniid-p", "noniid-p1.5", "noniid-pX", "dirichlet"):
+        with pytest.raises(ValueError, match="unknown distribution"):
+            parse_distribution(bad)
+
+
+def test_the_dspo_preset_runs_dspos_table_2_setting():
+    preset = PRESETS["dspo"]
+    cell = Cell("dspo_score", "random_label_flip", 0.4, "noniid-p0.9")
+    cmd = cell_command(cell, preset, "o", 0)
+    assert cmd is not None
+
+    def opt(name: str) -> str:
+        return cmd[cmd.index(name) + 1]
+
+    assert (opt("--partition"), opt("--noniid-p")) == ("noniid", "0.9")
+    assert (opt("--clients"), opt("--rounds"), opt("--local-epochs")) == ("20", "100", "2")
+    assert (opt("--optimizer"), opt("--learning-rate"), opt("--model")) == (
+        "sgd",
+        "0.2",
+        "dspo-mlp",
+    )
+    assert (opt("--attack"), opt("--malicious")) == ("random_label_flip", "0.4")
+    # m = 8 of k = 20: Krum's bound (k >= 2f + 3) holds, so it is told the true count.
+    assert aggregator_params(Cell("krum", "random_label_flip", 0.4, "noniid-p0.1"), 20) == {"f": 8}
+    numbers, meaning = PAPER_TABLES["dspo"]
+    assert numbers[("dspo_vote", "random_label_flip", 40, "noniid-p0.1")] == 87.98
+    assert numbers[("fedavg", "none", 0, "noniid-p0.9")] == 86.00
+    assert "DSPO" in meaning
+
+
+def test_a_preset_brings_its_own_grid_and_paper_column(tmp_path, capsys):
+    root = tmp_path / "dspo"
+    cell = Cell("dspo_vote", "random_label_flip", 0.4, "noniid-p0.1")
+    (root / cell.key).mkdir(parents=True)
+    rounds = [{"round": 1, "test_accuracy": 0.88}]
+    summary = {"final_test_accuracy": 0.88, "best_test_accuracy": 0.88}
+    (root / cell.key / "history.json").write_text(
+        json.dumps({"rounds": rounds, "summary": summary})
+    )
+    assert main(["--preset", "dspo", "--results", str(tmp_path), "--summary-only"]) == 0
+    readme = (root / "README.md").read_text()
+    row = next(
+        line
+        for line in readme.splitlines()
+        if "| dspo_vote |" in line and "40%" in line and "noniid-p0.1" in line
+    )
+    assert "| 88.00% |" in row and "| 87.98% | +0.02 |" in row
+    assert "| noniid-p0.9 | none | 0% | krum | not run |" in readme
+    assert "DSPO's Table 2" in readme and "C_c=4%" not in readme
+    with pytest.raises(SystemExit):
+        main(["--preset", "dspo", "--distributions", "noniid-p2", "--summary-only"])
+    assert "unknown distribution" in capsys.readouterr().err

@@ -25,6 +25,25 @@ def test_label_flip_trains_on_l_to_l_minus_1_minus_l_in_attacking_rounds_only():
     assert adv.round_data(1, 3, clean) is clean  # an unknown (benign) board keeps its data
 
 
+def test_random_label_flip_gives_every_label_another_class_uniformly():
+    from firmware_sim.attacks.flipping import relabel_randomly
+
+    y = np.repeat(np.arange(4), 3000)
+    flipped = relabel_randomly(y, 4, np.random.default_rng(0))
+    assert not np.any(flipped == y) and set(flipped.tolist()) == {0, 1, 2, 3}
+    for label in range(4):  # each other class about equally often (1000 of 3000 expected)
+        counts = np.bincount(flipped[y == label], minlength=4)
+        assert counts[label] == 0
+        assert all(900 < c < 1100 for i, c in enumerate(counts) if i != label)
+    ds = tiny_dataset(num_classes=4)
+    clean = board_data(ds)
+    adv = adversary("random_label_flip", (0,), dataset=ds)
+    adv.board_data(0, clean, rng())
+    once = adv.round_data(0, 1, clean).y_train
+    assert not np.any(once == clean.y_train)
+    assert adv.round_data(0, 2, clean).y_train.tolist() == once.tolist()  # drawn once per board
+
+
 def test_targeted_label_flip_changes_only_the_source_class():
     ds = tiny_dataset(num_classes=4)
     clean = board_data(ds)

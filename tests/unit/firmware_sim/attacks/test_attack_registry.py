@@ -24,6 +24,7 @@ from .builders import adversary, tiny_dataset
 EXPECTED_ATTACKS = {
     "sign_flip",
     "label_flip",
+    "random_label_flip",
     "targeted_label_flip",
     "targeted_poison",
     "gaussian_noise",
