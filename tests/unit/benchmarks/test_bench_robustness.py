@@ -15,6 +15,7 @@ from benchmarks.robustness import (
     cell_command,
     core_groups,
     defender_budget,
+    detection_rates,
     grid,
     main,
     overview,
@@ -264,3 +265,32 @@ def test_a_preset_brings_its_own_grid_and_paper_column(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--preset", "dspo", "--distributions", "noniid-p2", "--summary-only"])
     assert "unknown distribution" in capsys.readouterr().err
+
+
+def test_the_pdrr_preset_runs_each_rule_against_its_own_partial_knowledge_attack(tmp_path):
+    preset = PRESETS["pdrr"]
+    krum = cell_command(Cell("pdrr_krum", "fang_krum", 0.4, "noniid"), preset, "o", 0)
+    assert krum is not None
+    attack_params = [krum[i + 1] for i, a in enumerate(krum) if a == "--attack-param"]
+    assert attack_params == ["knowledge=partial", "epsilon=1e-07", "lambda_min=1e-09", "krum_f=20"]
+    trim = cell_command(Cell("trimmed_mean", "fang_trim", 0.4, "noniid"), preset, "o", 0)
+    assert trim is not None and "beta=10" in trim  # PDRR's 2*beta = 20, not beta = c
+    assert "knowledge=partial" in trim
+    assert main(["--preset", "pdrr", "--results", str(tmp_path), "--summary-only"]) == 0
+    readme = (tmp_path / "pdrr" / "README.md").read_text()
+    attacked = [line for line in readme.splitlines() if "| fang_" in line]
+    assert len(attacked) == 6  # the three PDRR rules and their base rules, each with its attack
+    assert not any("| fang_trim |" in line and "krum" in line for line in attacked)
+    assert "FAR / MAR at rounds 1, 20, 50, 100" in readme
+
+
+def test_detection_rates_count_honest_boards_flagged_and_attackers_missed():
+    verdicts = {str(i): {} for i in range(10)}
+    rounds = [
+        {"round": 1, "decision": {"flagged": [2, 4, 6, 7]}, "verdicts": verdicts},
+        {"round": 2, "decision": {"flagged": [0, 2, 4]}, "verdicts": verdicts},
+        {"round": 3, "decision": {"rule": "krum"}, "verdicts": verdicts},
+    ]
+    hist = {"rounds": rounds, "summary": {"malicious_ids": [2, 4, 6, 7]}}
+    assert detection_rates(hist, (1, 2, 3, 4)) == "r1 0.00/0.00, r2 0.17/0.50, r3 -, r4 -"
+    assert detection_rates({"rounds": rounds, "summary": {}}, (1,)) == ""
