@@ -107,7 +107,7 @@ from typing import Any
 import numpy as np
 
 from coordinator.errors import UnknownAggregatorError
-from coordinator.rounds import RootOracle, StepResult, Submission
+from coordinator.strategy import RootOracle, StepResult, Submission
 from protocol.siren_profiles import (
     DEFAULT_PROFILE,
     PENALTY_BASES,
