@@ -416,7 +416,7 @@ def run_soak(settings: SoakSettings, workdir: Path, progress: Any = print) -> So
         If the fleet cannot be started.
     """
     from coordinator.config import CoordinatorConfig, ModelSettings
-    from coordinator.service import save_initial_model
+    from coordinator.runtime import save_initial_model
     from firmware_sim.broker import start_mosquitto
     from firmware_sim.engine import SimConfig
     from firmware_sim.fleet import FleetOptions, WorkerSpec, client_name, prepare_fleet

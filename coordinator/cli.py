@@ -13,15 +13,12 @@ from siren_cli.signals import stop_on_signals
 def _run(args: argparse.Namespace) -> int:
     import logging
 
+    from coordinator.boards import expected_clients, revoked_keys
     from coordinator.config import ConfigError, CoordinatorConfig
+    from coordinator.engine import RoundEngine
     from coordinator.errors import CoordinatorError
-    from coordinator.service import (
-        CoordinatorService,
-        RoundEngine,
-        build_runtime,
-        expected_clients,
-        revoked_keys,
-    )
+    from coordinator.runtime import build_runtime
+    from coordinator.service import CoordinatorService
     from coordinator.store import CoordinatorStore
     from protocol.errors import AllowListError, KeyFileError
     from protocol.keys import AllowList, load_signing_key
@@ -95,7 +92,7 @@ def _start_api(config: Any, service: Any) -> Any:
 
     from coordinator.api import create_app, start_api_server
     from coordinator.config import ConfigError
-    from coordinator.service import ServiceControls
+    from coordinator.controls import ServiceControls
 
     try:
         app = create_app(config, config.db, ServiceControls(service), token=config.api.token())

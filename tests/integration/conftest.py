@@ -195,7 +195,7 @@ def digits_config(**overrides: Any) -> Any:
 def prepared_run(tmp_path: Path, broker: BrokerHandle) -> PreparedRun:
     """A prepared 3-board run on the test broker with a TensorFlow-free coordinator."""
     from coordinator.config import CoordinatorConfig, DataSettings, ModelSettings
-    from coordinator.service import save_initial_model
+    from coordinator.runtime import save_initial_model
     from firmware_sim.fleet import FleetOptions, WorkerSpec, prepare_fleet
     from models.training import TrainConfig, Trainer
     from models.zoo import DEFAULT_MODEL

@@ -739,8 +739,9 @@ def test_openapi_schema_documents_every_endpoint_with_typed_models(client: TestC
 
 
 def test_api_reflects_a_run_driven_by_the_round_engine(tmp_path: Path) -> None:
+    from coordinator.engine import RoundEngine
     from coordinator.rounds import RuleStrategy
-    from coordinator.service import CoordinatorRuntime, RoundEngine
+    from coordinator.runtime import CoordinatorRuntime
     from protocol.envelope import encode_update
 
     boards = {f"b{i}": SigningKey(bytes([70 + i]) * 32) for i in range(3)}
@@ -848,13 +849,11 @@ def test_admin_token_comes_from_the_environment_before_the_token_file(
 
 
 def test_with_the_real_service_controls(tmp_path: Path) -> None:
+    from coordinator.controls import ServiceControls
+    from coordinator.engine import RoundEngine
     from coordinator.rounds import RuleStrategy
-    from coordinator.service import (
-        CoordinatorRuntime,
-        CoordinatorService,
-        RoundEngine,
-        ServiceControls,
-    )
+    from coordinator.runtime import CoordinatorRuntime
+    from coordinator.service import CoordinatorService
 
     boards = {f"b{i}": SigningKey(bytes([80 + i]) * 32) for i in range(3)}
     config = make_config(tmp_path, clients=tuple(boards), aggregator=AggregatorSettings())
