@@ -11,7 +11,6 @@ from typing import Any
 from fastapi import HTTPException, Response
 
 from coordinator.api.controls import CoordinatorControls
-from coordinator.api.metrics import metrics_text
 from coordinator.api.records import (
     RunContext,
     as_dict,
@@ -395,11 +394,6 @@ class Answers:
         if etag in [tag.strip() for tag in if_none_match.split(",")]:
             return Response(status_code=304, headers=headers)
         return Response(message, media_type="application/octet-stream", headers=headers)
-
-    def metrics(self) -> str:
-        """``GET /metrics`` text."""
-        with self.read(started=False) as (v, ctx):
-            return metrics_text(v, self.config, ctx, self.clock)
 
     def require_board(self, client_id: str) -> None:
         """404 unless ``client_id`` is one of the run's boards."""

@@ -20,6 +20,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from coordinator.api.answers import Answers
 from coordinator.api.controls import CoordinatorControls
 from coordinator.api.deps import token_digest
+from coordinator.api.metrics import metrics_registry
 from coordinator.api.routes import admin, boards, dashboard, metrics, model, runs
 from coordinator.api.routes.dashboard import DASHBOARD_DIR
 from coordinator.api.store_view import StoreView
@@ -130,7 +131,9 @@ def create_app(
     async def store_error(request: Request, exc: StoreError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "2"})
 
-    app.state.answers = Answers(config, view, controls, admin=expected is not None, clock=clock)
+    answers = Answers(config, view, controls, admin=expected is not None, clock=clock)
+    app.state.answers = answers
+    app.state.metrics = metrics_registry(answers)
     for routes in (runs, boards, model, metrics, admin, dashboard):
         app.include_router(routes.router)
     app.mount("/static", StaticFiles(directory=DASHBOARD_DIR), name="static")

@@ -1,12 +1,12 @@
-"""``GET /metrics``: the Prometheus series of the run (``docs/api.md`` section 4)."""
+"""``GET /metrics``: the Prometheus series of the run (``docs/api.md`` section 4), written by
+``prometheus_client`` from the app's :class:`~coordinator.api.metrics.StoreCollector`."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
 
-from coordinator.api.deps import AnswersDep
-from coordinator.api.metrics import PROMETHEUS_TYPE
+from coordinator.api.metrics import PROMETHEUS_TYPE, exposition
 
 router = APIRouter(tags=["read"])
 
@@ -17,5 +17,5 @@ router = APIRouter(tags=["read"])
     response_class=PlainTextResponse,
     responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
 )
-def metrics(answers: AnswersDep) -> PlainTextResponse:
-    return PlainTextResponse(answers.metrics(), media_type=PROMETHEUS_TYPE)
+def metrics(request: Request) -> PlainTextResponse:
+    return PlainTextResponse(exposition(request.app.state.metrics), media_type=PROMETHEUS_TYPE)
