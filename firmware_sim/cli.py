@@ -3,32 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import ast
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from firmware_sim.options import config_from_args, format_round, validate_names
 from protocol.siren_profiles import ALARM_RULES, DEFAULT_PROFILE, profile_names
 from siren_cli.errors import CommandError
-
-
-def parse_key_values(items: list[str] | None, option: str) -> dict[str, Any]:
-    """Parse repeated ``KEY=VALUE`` options; values are Python literals when they parse as one.
-
-    ``f=2`` gives ``{"f": 2}``, ``beta=0.1`` a float, ``mode=full`` the string ``"full"``.
-    """
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise CommandError(f"{option} expects KEY=VALUE, got {item!r}")
-        try:
-            value: Any = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw
-        out[key.strip().replace("-", "_")] = value
-    return out
 
 
 def add_run_options(p: argparse.ArgumentParser) -> None:
@@ -205,92 +187,58 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def config_from_args(args: argparse.Namespace) -> Any:
-    """Build a :class:`firmware_sim.engine.SimConfig` from parsed options (user errors raise)."""
-    from firmware_sim.engine import SimConfig
-
-    ids = None
-    if args.malicious_ids:
-        try:
-            ids = tuple(int(x) for x in args.malicious_ids.split(",") if x.strip())
-        except ValueError as exc:
-            raise CommandError(f"--malicious-ids must be comma-separated integers: {exc}") from exc
-        bad = [i for i in ids if not 0 <= i < args.clients]
-        if bad:
-            raise CommandError(f"--malicious-ids {bad} outside 0..{args.clients - 1}")
-    try:
-        return SimConfig(
-            dataset=args.dataset,
-            model=args.model,
-            clients=args.clients,
-            rounds=args.rounds,
-            local_epochs=args.local_epochs,
-            batch_size=args.batch_size,
-            learning_rate=args.learning_rate,
-            optimizer=args.optimizer,
-            client_fraction=args.client_fraction,
-            partition=args.partition,
-            noniid_p=args.noniid_p,
-            dirichlet_alpha=args.dirichlet_alpha,
-            root_size=args.root_size,
-            local_test_fraction=args.local_test_fraction,
-            train_samples=args.train_samples,
-            test_samples=args.test_samples,
-            aggregator=args.aggregator,
-            aggregator_params=parse_key_values(args.agg_param, "--agg-param"),
-            alarm=args.alarm,
-            siren_profile=args.siren_profile,
-            alarm_rule=args.alarm_rule,
-            alarm_threshold=args.alarm_threshold,
-            alarm_backend=args.alarm_backend,
-            attack=args.attack,
-            malicious=args.malicious,
-            malicious_ids=ids,
-            attack_params=parse_key_values(args.attack_param, "--attack-param"),
-            seed=args.seed,
-            defense_start_round=args.defense_start_round,
-            guard_factor=args.guard_factor,
-            guard_max_abs=args.guard_max_abs,
-        )
-    except ValueError as exc:
-        raise CommandError(str(exc)) from exc
-
-
-def validate_names(config: Any) -> None:
-    """Fail early, with the valid choices, on an unknown aggregator or parameter."""
-    from coordinator.rounds import strategy_names
-
-    names = strategy_names()
-    if config.aggregator not in names:
-        raise CommandError(f"unknown aggregator {config.aggregator!r}; valid: {', '.join(names)}")
-    if config.attack not in (None, "", "none"):
-        from firmware_sim.attacks import attack_names
-
-        attacks = attack_names()
-        if config.attack not in attacks:
-            raise CommandError(f"unknown attack {config.attack!r}; valid: {', '.join(attacks)}")
-
-
-def format_round(record: dict[str, Any], total: int) -> str:
-    """One progress line per round."""
-    alarms = sum(bool(v) for v in record.get("alarms", {}).values())
-    line = (
-        f"round {record['round']:>3}/{total}  acc {100 * record['test_accuracy']:6.2f}%  "
-        f"loss {record['test_loss']:.4f}  {record['seconds']:6.1f}s"
+def add_fleet_options(p: argparse.ArgumentParser) -> None:
+    """Options of ``siren sim fleet`` beyond the run options of ``siren sim run``."""
+    g = p.add_argument_group("fleet transport")
+    g.add_argument(
+        "--workers", type=int, default=1, help="worker processes hosting the boards (default: 1)"
     )
-    if alarms:
-        line += f"  alarms {alarms}"
-    decision = record.get("decision", {})
-    case = decision.get("case")
-    if case is not None:
-        line += f"  case {case}"
-    if decision.get("rollback"):
-        line += " rollback"
-    if decision.get("banned"):
-        line += f"  banned {decision['banned']}"
-    if "attack_success_rate" in record:
-        line += f"  ASR {100 * record['attack_success_rate']:.1f}%"
-    return line
+    g.add_argument(
+        "--broker",
+        default="auto",
+        help="auto (private Mosquitto, else amqtt), mosquitto, amqtt, or HOST:PORT of a "
+        "running anonymous broker (default: auto)",
+    )
+    g.add_argument(
+        "--profile",
+        default="ideal",
+        help="device profile mix, e.g. pi4 or pi4:0.5,pi5:0.3,jetson:0.2; profiles: ideal, "
+        "desktop, jetson, pi5, pi4, flaky (default: ideal)",
+    )
+    g.add_argument("--compute-factor", type=float, default=None, help="override compute factor")
+    g.add_argument("--latency-ms", type=float, default=None, help="override network latency")
+    g.add_argument(
+        "--dropout", type=float, default=None, help="override per-round dropout probability"
+    )
+    g.add_argument(
+        "--round-timeout",
+        type=float,
+        default=None,
+        help="close a round after this many seconds with a quorum (default: 0 = wait for "
+        "every board; 30 when boards can drop out)",
+    )
+    g.add_argument(
+        "--quorum",
+        type=float,
+        default=0.5,
+        help="fraction of boards needed to close at the deadline (default: 0.5)",
+    )
+    g.add_argument("--persist-boards", action="store_true", help="keep each board's state on disk")
+    g.add_argument(
+        "--no-telemetry",
+        dest="telemetry",
+        action="store_false",
+        help="boards send no telemetry figures in their status (default: each round's CPU and "
+        "wall times, the worker's shared peak RSS and this machine's sensors, if any)",
+    )
+    g.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
+    g.add_argument(
+        "--api-port",
+        type=int,
+        default=None,
+        help="serve the coordinator's HTTP API and live dashboard on this loopback port "
+        "(0 = a free port; admin token from $SIREN_API_TOKEN; default: no API)",
+    )
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -344,7 +292,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _fleet(args: argparse.Namespace) -> int:
-    from firmware_sim.fleet import fleet_command
+    from firmware_sim.fleet_command import fleet_command
 
     return fleet_command(args)
 
@@ -397,8 +345,6 @@ def register(sub: Any) -> None:
     )
     add_run_options(fleet)
     fleet.set_defaults(aggregator="siren", attack="sign_flip", malicious=0.4)
-    from firmware_sim.fleet import add_fleet_options
-
     add_fleet_options(fleet)
     fleet.add_argument(
         "--out", default="runs/fleet", help="output directory (default: %(default)s)"
