@@ -302,7 +302,7 @@ def _aggregators(args: argparse.Namespace) -> int:
 
     for name in sorted(REGISTRY):
         print(REGISTRY[name].describe())
-    from coordinator.siren import describe_parameters
+    from coordinator.siren_params import describe_parameters
 
     print(
         f"siren({describe_parameters()}): SIREN decision process (alarms, root-set accuracy, "
