@@ -177,6 +177,22 @@ class CoordinatorStore:
                 (first.round, at, first.sha256, "open"),
             )
 
+    def check_run(self, run: str) -> None:
+        """Refuse a database of another run (a new database belongs to no run yet).
+
+        Raises
+        ------
+        StoreError
+            Naming the stored and the configured run, and what to do.
+        """
+        stored_run = self.get_meta("run")
+        if self.initialized and stored_run != run:
+            raise StoreError(
+                f"{self.path} belongs to run {stored_run!r}, not {run!r}: point the "
+                "configuration's db at a new file for a new run, or set its run back to "
+                f"{stored_run!r} to resume that one"
+            )
+
     def check_identity(self, run: str, layout_fingerprint: str) -> None:
         """Refuse a database of another run or model layout.
 
@@ -185,10 +201,8 @@ class CoordinatorStore:
         StoreError
             Naming the stored and the configured values.
         """
-        stored_run, stored_layout = self.get_meta("run"), self.get_meta("layout")
-        if stored_run != run:
-            raise StoreError(f"{self.path} belongs to run {stored_run!r}, not {run!r}")
-        if stored_layout != layout_fingerprint:
+        self.check_run(run)
+        if self.get_meta("layout") != layout_fingerprint:
             raise StoreError(f"{self.path} was created for a model with another layout")
 
     def _insert_model(self, db: sqlite3.Connection, version: GlobalVersion, at: float) -> None:

@@ -39,7 +39,8 @@ def _act(action: str, call: Any, *args: Any) -> bool:
     try:
         changed = bool(call(*args))
     except LookupError as exc:
-        raise HTTPException(404, str(exc).strip("'\"")) from None
+        # str() of a KeyError quotes its message; the message itself may end in a quote.
+        raise HTTPException(404, str(exc.args[0]) if len(exc.args) == 1 else str(exc)) from None
     except TimeoutError as exc:
         raise HTTPException(
             503, f"the coordinator did not carry out {action} in time: {exc}", {"Retry-After": "5"}
