@@ -8,13 +8,29 @@ import time
 from pathlib import Path
 from typing import Any
 
-from firmware_sim.options import config_from_args, format_round, validate_names
+from firmware_sim.options import (
+    check_config,
+    config_from_args,
+    describe_attack,
+    format_round,
+    warn_about_data_dir,
+)
 from protocol.siren_profiles import ALARM_RULES, DEFAULT_PROFILE, profile_names
-from siren_cli.errors import CommandError
+from siren_cli.errors import CommandError, message_of
 
 
-def add_run_options(p: argparse.ArgumentParser) -> None:
-    """Options shared by ``siren sim run`` and ``siren sim fleet`` (what defines an FL run)."""
+def add_run_options(
+    p: argparse.ArgumentParser,
+    *,
+    aggregator: str = "fedavg",
+    attack: str | None = None,
+    malicious: float = 0.0,
+) -> None:
+    """Options shared by ``siren sim run`` and ``siren sim fleet`` (what defines an FL run).
+
+    ``aggregator``, ``attack`` and ``malicious`` are the command's defaults (``siren sim fleet``
+    runs the demo: SIREN against 40% sign flippers); the help shows them as they are.
+    """
     g = p.add_argument_group("data and model")
     g.add_argument(
         "--dataset",
@@ -101,9 +117,9 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     d = p.add_argument_group("defense")
     d.add_argument(
         "--aggregator",
-        default="fedavg",
+        default=aggregator,
         help="server rule: fedavg, krum, median, ..., or siren (see `siren sim "
-        "aggregators`; default: fedavg)",
+        "aggregators`; default: %(default)s)",
     )
     d.add_argument(
         "--agg-param",
@@ -169,10 +185,16 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     )
     a = p.add_argument_group("attack")
     a.add_argument(
-        "--attack", default=None, help="attack of the malicious boards (see `siren sim attacks`)"
+        "--attack",
+        default=attack,
+        help="attack of the malicious boards (see `siren sim attacks`; none for an honest "
+        f"fleet; default: {attack or 'none'})",
     )
     a.add_argument(
-        "--malicious", type=float, default=0.0, help="fraction of malicious boards (default: 0)"
+        "--malicious",
+        type=float,
+        default=malicious,
+        help="fraction of malicious boards (default: %(default)g)",
     )
     a.add_argument(
         "--malicious-ids",
@@ -239,13 +261,34 @@ def add_fleet_options(p: argparse.ArgumentParser) -> None:
         help="serve the coordinator's HTTP API and live dashboard on this loopback port "
         "(0 = a free port; admin token from $SIREN_API_TOKEN; default: no API)",
     )
+    g.add_argument(
+        "--linger",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="keep serving the dashboard (read-only) this long after the run; inf = until "
+        "Ctrl-C (default: until Ctrl-C when the output is a terminal and --api-port is given, "
+        "else 0: exit when the run ends)",
+    )
+    o = p.add_argument_group("output")
+    o.add_argument(
+        "--out",
+        default=None,
+        help="output folder: keys, coordinator database, logs, history.json, accuracy.png "
+        "(default: runs/fleet, or runs/fleet-2, -3, ... when it holds an earlier run)",
+    )
+    o.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the earlier run in --out (without it, a folder holding a run is refused)",
+    )
 
 
 def _run(args: argparse.Namespace) -> int:
     from models.errors import ModelsError
 
     config = config_from_args(args)
-    validate_names(config)
+    check_config(config)
     out = Path(args.out)
     from firmware_sim.engine import run_simulation
     from firmware_sim.report import (
@@ -254,11 +297,13 @@ def _run(args: argparse.Namespace) -> int:
         plot_malicious_index,
         write_history,
     )
+    from models.datasets import describe_dataset
 
+    warn_about_data_dir(config)
     print(
         f"siren sim run: {config.clients} boards, {config.rounds} rounds, "
-        f"aggregator {config.aggregator}, attack {config.attack or 'none'}, "
-        f"dataset {config.dataset}",
+        f"aggregator {config.aggregator}, {describe_attack(config)}, "
+        f"dataset {describe_dataset(config.dataset)}",
         flush=True,
     )
     started = time.perf_counter()
@@ -270,7 +315,7 @@ def _run(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from exc
     except (ValueError, KeyError) as exc:
         # Bad aggregator/attack parameters surface here with the rule's own message.
-        raise CommandError(str(exc).strip("'\"")) from exc
+        raise CommandError(message_of(exc)) from exc
     path = write_history(history, out)
     label = f"{config.aggregator}" + (f" / {config.attack}" if config.attack else "")
     plot_accuracy({label: history}, out / "accuracy.png", title=f"{history['fleet']['dataset']}")
@@ -343,12 +388,8 @@ def register(sub: Any) -> None:
         "10 boards, 4 of them sign-flipping (--attack sign_flip --malicious 0.4), SIREN on the "
         "server and the alarm on the boards (--aggregator siren).",
     )
-    add_run_options(fleet)
-    fleet.set_defaults(aggregator="siren", attack="sign_flip", malicious=0.4)
+    add_run_options(fleet, aggregator="siren", attack="sign_flip", malicious=0.4)
     add_fleet_options(fleet)
-    fleet.add_argument(
-        "--out", default="runs/fleet", help="output directory (default: %(default)s)"
-    )
     fleet.set_defaults(func=_fleet)
     agg = s.add_parser("aggregators", help="list the server rules and their parameters")
     agg.set_defaults(func=_aggregators)

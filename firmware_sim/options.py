@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import argparse
 import ast
+import logging
+import sys
 from typing import Any
 
-from siren_cli.errors import CommandError
+from siren_cli.errors import CommandError, message_of
+
+logger = logging.getLogger(__name__)
 
 
 def parse_key_values(items: list[str] | None, option: str) -> dict[str, Any]:
@@ -79,19 +83,146 @@ def config_from_args(args: argparse.Namespace) -> Any:
         raise CommandError(str(exc)) from exc
 
 
-def validate_names(config: Any) -> None:
-    """Fail early, with the valid choices, on an unknown aggregator or parameter."""
+def check_config(config: Any) -> None:
+    """Check everything about a run that can be checked without loading anything.
+
+    Run before TensorFlow, the dataset or any process starts, so a mistake costs a second, not
+    the 10-30 s of loading: the aggregator and its parameters (the strategy is built as the run
+    would build it, and a rule is tried once on a few random updates of the round's size, which
+    checks Byzantine bounds such as Krum's K >= 2f+3), the attack, its parameters and its boards,
+    the model against the dataset's image size, and the local training settings.
+
+    Raises
+    ------
+    CommandError
+        Saying what is wrong and what is expected.
+    """
     from coordinator.rounds import strategy_names
 
     names = strategy_names()
     if config.aggregator not in names:
         raise CommandError(f"unknown aggregator {config.aggregator!r}; valid: {', '.join(names)}")
-    if config.attack not in (None, "", "none"):
-        from firmware_sim.attacks import attack_names
+    _check_model(config)
+    _check_training(config)
+    _check_strategy(config)
+    _check_attack(config)
 
-        attacks = attack_names()
-        if config.attack not in attacks:
-            raise CommandError(f"unknown attack {config.attack!r}; valid: {', '.join(attacks)}")
+
+def _check_model(config: Any) -> None:
+    from models.datasets import INPUT_SHAPES, resolve_dataset_name
+    from models.errors import ModelsError
+    from models.zoo import DEFAULT_MODEL, check_model_input
+
+    dataset = resolve_dataset_name(config.dataset)
+    model = config.model or DEFAULT_MODEL[dataset]
+    try:
+        check_model_input(model, INPUT_SHAPES[dataset], dataset=dataset)
+    except ModelsError as exc:
+        raise CommandError(str(exc)) from exc
+
+
+def _check_training(config: Any) -> None:
+    from models.training import TrainConfig
+
+    try:
+        TrainConfig(
+            epochs=config.local_epochs,
+            batch_size=config.batch_size,
+            learning_rate=config.resolved_lr(),
+            optimizer=config.optimizer,
+        )
+    except ValueError as exc:
+        raise CommandError(f"local training: {exc}") from exc
+
+
+class _NoRootSet:
+    """Stands in for the server's root set while a strategy is only being checked."""
+
+    def accuracy(self, weights: Any) -> float:
+        return 0.0
+
+    def server_update(self, global_weights: Any, round_index: int) -> Any:
+        import numpy as np
+
+        return np.zeros_like(global_weights)
+
+
+def _check_strategy(config: Any) -> None:
+    """Build the run's strategy and try a rule once on random updates of the round's size."""
+    import numpy as np
+
+    from coordinator.errors import CoordinatorError
+    from coordinator.rounds import REFUSALS, make_strategy
+    from coordinator.strategy import Submission
+
+    participants = max(1, round(config.client_fraction * config.clients))
+    try:
+        strategy = make_strategy(
+            config.aggregator,
+            dict(config.aggregator_params),
+            oracle=_NoRootSet(),
+            num_clients=config.clients,
+            num_rounds=config.rounds,
+            profile=config.siren_profile,
+            seed=config.seed,
+        )
+    except (CoordinatorError, ValueError, KeyError, TypeError) as exc:
+        raise CommandError(message_of(exc)) from exc
+    if config.aggregator == "siren":
+        return  # its parameters are checked when it is built; it has no Byzantine bound
+    rng = np.random.default_rng(config.seed)
+    dim = 8
+    submissions = [
+        Submission(i, rng.standard_normal(dim).astype(np.float32), 10) for i in range(participants)
+    ]
+    refusals: tuple[type[Exception], ...] = (*REFUSALS, TypeError)
+    try:
+        strategy.step(1, np.zeros(dim, dtype=np.float32), submissions)
+    except refusals as exc:
+        message = message_of(exc)
+        where = "" if participants == config.clients else f" ({participants} boards per round)"
+        if where or not message.startswith(config.aggregator):
+            message = f"--aggregator {config.aggregator}{where}: {message}"
+        raise CommandError(message) from exc
+    except Exception as exc:
+        # Anything else (a rule that fails on random numbers) is for the real run to report.
+        logger.debug("checking %s on random updates: %s", config.aggregator, exc)
+
+
+def _check_attack(config: Any) -> None:
+    if config.attack in (None, "", "none"):
+        return
+    from firmware_sim.attacks import AttackError, get_attack, resolve_params
+    from firmware_sim.attacks.adversary import select_malicious_ids
+
+    try:
+        cls = get_attack(str(config.attack))
+        resolve_params(cls.name, cls.PARAMS, dict(config.attack_params or {}))
+        select_malicious_ids(config.clients, config.malicious, config.malicious_ids, config.seed)
+    except AttackError as exc:
+        raise CommandError(str(exc)) from exc
+
+
+def describe_attack(config: Any) -> str:
+    """``attack sign_flip by 4 of 10 boards`` (or ``attack none``), for a run's header."""
+    if config.attack in (None, "", "none"):
+        return "attack none"
+    from firmware_sim.attacks.adversary import select_malicious_ids
+
+    ids, _ = select_malicious_ids(
+        config.clients, config.malicious, config.malicious_ids, config.seed
+    )
+    return f"attack {config.attack} by {len(ids)} of {config.clients} boards"
+
+
+def warn_about_data_dir(config: Any) -> None:
+    """Print a warning when ``$SIREN_DATA_DIR`` is set but cannot be used and the run may need
+    Fashion-MNIST (the search then goes on without it)."""
+    from models.datasets import data_dir_problem
+
+    problem = data_dir_problem() if config.dataset != "digits" else None
+    if problem is not None:
+        print(f"warning: {problem}", file=sys.stderr, flush=True)
 
 
 def format_round(record: dict[str, Any], total: int) -> str:
