@@ -144,7 +144,7 @@ class _NoRootSet:
     def server_update(self, global_weights: Any, round_index: int) -> Any:
         import numpy as np
 
-        return np.zeros_like(global_weights)
+        return np.ones_like(global_weights)
 
 
 def _check_strategy(config: Any) -> None:
