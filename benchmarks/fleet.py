@@ -280,11 +280,12 @@ def measure(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
     Raises
     ------
-    firmware_sim.fleet.FleetError
+    firmware_sim.errors.FleetError
         If the fleet fails or exceeds ``args.timeout``.
     """
     from firmware_sim.engine import run_simulation
-    from firmware_sim.fleet import FleetOptions, run_fleet
+    from firmware_sim.fleet import run_fleet
+    from firmware_sim.fleet_spec import FleetOptions
 
     config = make_config(n, args)
     options = FleetOptions(workers=args.workers, broker=args.broker)
@@ -403,7 +404,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(f"--rounds must be >= 1, got {args.rounds}")
 
     from firmware_sim.broker import BrokerError
-    from firmware_sim.fleet import FleetError
+    from firmware_sim.errors import FleetError
 
     command = "siren bench fleet " + " ".join(argv if argv is not None else sys.argv[1:])
     load_start = _load()

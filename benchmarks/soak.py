@@ -8,7 +8,7 @@ The benchmark starts, on loopback only,
    integration tests' coordinator: the digits MLP's initial model from an npz file, the chosen
    rule (FedAvg by default, the rule a single huge update hurts most) behind the global-model
    guard, optionally test-set evaluation;
-3. ``--boards`` honest simulated boards (:class:`firmware_sim.fleet.FleetWorker` on a thread of
+3. ``--boards`` honest simulated boards (:class:`firmware_sim.worker.FleetWorker` on a thread of
    this process). One more board is expected by the coordinator: the *compromised* board, whose
    key the attacker holds and which it plays itself;
 4. the attacker: one MQTT client that watches the global topic and the boards' traffic and,
@@ -64,7 +64,7 @@ from benchmarks.soak_messages import (
     Sent,
     round_batch,
 )
-from firmware_sim.cli import parse_key_values
+from firmware_sim.options import parse_key_values
 from protocol.errors import Reason
 from siren_cli.errors import CommandError
 
@@ -337,9 +337,9 @@ class CoordinatorDb:
 
 
 def _gated_worker(spec: Any) -> Any:
-    """A :class:`~firmware_sim.fleet.FleetWorker` whose updates of round t are held back until
+    """A :class:`~firmware_sim.worker.FleetWorker` whose updates of round t are held back until
     :meth:`release` (t) is called (updates of released rounds leave at once)."""
-    from firmware_sim.fleet import FleetWorker
+    from firmware_sim.worker import FleetWorker
 
     class GatedWorker(FleetWorker):
         released = 0
@@ -416,10 +416,10 @@ def run_soak(settings: SoakSettings, workdir: Path, progress: Any = print) -> So
         If the fleet cannot be started.
     """
     from coordinator.config import CoordinatorConfig, ModelSettings
-    from coordinator.service import save_initial_model
+    from coordinator.runtime import save_initial_model
     from firmware_sim.broker import start_mosquitto
     from firmware_sim.engine import SimConfig
-    from firmware_sim.fleet import FleetOptions, WorkerSpec, client_name, prepare_fleet
+    from firmware_sim.fleet_spec import FleetOptions, WorkerSpec, client_name, prepare_fleet
     from protocol.admission import AdmissionPolicy
     from protocol.keys import AllowList, load_signing_key, load_verify_key
     from protocol.layout import TensorLayout

@@ -54,7 +54,7 @@ from protocol.errors import Reason
 from protocol.layout import TensorLayout
 from protocol.topics import KIND_STATUS, TOPIC_PREFIX, parse_topic, status_topic, update_topic
 
-#: Size limit of a status message on the coordinator (``coordinator.service.STATUS_MAX_BYTES``).
+#: Size limit of a status message on the coordinator (``coordinator.status.STATUS_MAX_BYTES``).
 STATUS_MAX_BYTES = 64 * 1024
 
 #: Family names.

@@ -38,7 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coordinator.errors import CoordinatorError
-from protocol.topics import TOPIC_PREFIX, is_valid_id
+from protocol.errors import TopicError
+from protocol.topics import TOPIC_PREFIX, validate_id
 
 #: PBKDF2 iterations of Mosquitto 2's ``$7$`` hashes (mosquitto_passwd's default).
 PBKDF2_ITERATIONS = 101
@@ -50,6 +51,15 @@ COORDINATOR_USER = "coordinator"
 
 class BrokerConfigError(CoordinatorError):
     """The broker configuration cannot be written (bad names, missing files or tools)."""
+
+
+def _check_id(value: str, what: str) -> None:
+    """Refuse a run id or MQTT user name that is not a protocol identifier, saying which one
+    and what is allowed."""
+    try:
+        validate_id(value, what)
+    except TopicError as exc:
+        raise BrokerConfigError(str(exc)) from None
 
 
 def hash_password(password: str, *, salt: bytes | None = None) -> str:
@@ -88,8 +98,7 @@ def new_password() -> str:
 def passwd_text(credentials: Mapping[str, str]) -> str:
     """The password file for ``{user: clear-text password}``, users sorted."""
     for user in credentials:
-        if not is_valid_id(user):
-            raise BrokerConfigError(f"invalid MQTT user name {user!r}")
+        _check_id(user, "MQTT user name")
     return "".join(f"{user}:{hash_password(credentials[user])}\n" for user in sorted(credentials))
 
 
@@ -102,8 +111,8 @@ def acl_text(
     and status topics) and every other user may do nothing; without, one ``pattern`` block gives
     every user those rights for its own name (``%u``).
     """
-    if not is_valid_id(run) or not is_valid_id(coordinator_user):
-        raise BrokerConfigError(f"invalid run id {run!r} or user {coordinator_user!r}")
+    _check_id(run, "run id")
+    _check_id(coordinator_user, "coordinator user")
     base = f"{TOPIC_PREFIX}/{run}"
     lines = ["# siren-edge topic ACLs (Mosquitto acl_file)", ""]
     if boards is None:
@@ -123,8 +132,11 @@ def acl_text(
         "",
     ]
     for board in sorted(boards or ()):
-        if not is_valid_id(board) or board == coordinator_user:
-            raise BrokerConfigError(f"invalid board user {board!r}")
+        _check_id(board, "board user")
+        if board == coordinator_user:
+            raise BrokerConfigError(
+                f"board user {board!r} is the coordinator's user name; give the board another"
+            )
         lines += [
             f"user {board}",
             f"topic read {base}/global",
@@ -492,8 +504,7 @@ def write_broker_config(
     same = bool(kept) and verify_password(coordinator_password, kept)
     lines = {coordinator_user: kept if same else hash_password(coordinator_password)}
     for board in every:
-        if not is_valid_id(board):
-            raise BrokerConfigError(f"invalid MQTT user name {board!r}")
+        _check_id(board, "MQTT user name")
         if board in new:
             lines[board] = hash_password(new[board])
         elif board in old:

@@ -6,23 +6,21 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from siren_cli.errors import CommandError
+from siren_cli.errors import CommandError, message_of
 from siren_cli.signals import stop_on_signals
 
 
 def _run(args: argparse.Namespace) -> int:
     import logging
 
+    from coordinator.boards import expected_clients, revoked_keys
     from coordinator.config import ConfigError, CoordinatorConfig
+    from coordinator.engine import RoundEngine
     from coordinator.errors import CoordinatorError
-    from coordinator.service import (
-        CoordinatorService,
-        RoundEngine,
-        build_runtime,
-        expected_clients,
-        revoked_keys,
-    )
+    from coordinator.runtime import build_runtime
+    from coordinator.service import CoordinatorService
     from coordinator.store import CoordinatorStore
+    from models.errors import ModelsError
     from protocol.errors import AllowListError, KeyFileError
     from protocol.keys import AllowList, load_signing_key
 
@@ -30,16 +28,17 @@ def _run(args: argparse.Namespace) -> int:
         config = CoordinatorConfig.load(args.config)
         signing_key = load_signing_key(config.key_dir)
         store = CoordinatorStore(config.db)
+        store.check_run(config.run)  # before TensorFlow loads: a mistake costs a second
         keys = expected_clients(config, AllowList.load(config.allow_list), revoked_keys(store))
         logging.getLogger("coordinator").info(
             "run %s: loading the model and the root set (TensorFlow; a few seconds)", config.run
         )
         runtime = build_runtime(config, len(keys))
         engine = RoundEngine(config, runtime, store, signing_key, keys)
-    except (ConfigError, KeyFileError, AllowListError, CoordinatorError) as exc:
+    except (ConfigError, KeyFileError, AllowListError, CoordinatorError, ModelsError) as exc:
         raise CommandError(str(exc)) from exc
     except (ValueError, KeyError) as exc:
-        raise CommandError(str(exc).strip("'\"")) from exc
+        raise CommandError(message_of(exc)) from exc
     service = CoordinatorService(config, engine)
     api_server = None
     try:
@@ -95,7 +94,7 @@ def _start_api(config: Any, service: Any) -> Any:
 
     from coordinator.api import create_app, start_api_server
     from coordinator.config import ConfigError
-    from coordinator.service import ServiceControls
+    from coordinator.controls import ServiceControls
 
     try:
         app = create_app(config, config.db, ServiceControls(service), token=config.api.token())

@@ -4,7 +4,9 @@ Plain computation with no I/O, shared by the in-process simulator and the MQTT c
 service. A *strategy* turns ``(g_t, submissions)`` into ``g_{t+1}`` plus a record of what it
 decided. :class:`RuleStrategy` wraps any rule of :mod:`coordinator.aggregators`
 (``g_{t+1} = g_t + aggregate(Δ)``); the SIREN decision process is another strategy
-(:mod:`coordinator.siren`), selected with the name ``"siren"``.
+(:mod:`coordinator.siren`), selected with the name ``"siren"``. The types both speak
+(:class:`Submission`, :class:`StepResult`, :class:`Strategy`, :class:`RootOracle`) live in
+:mod:`coordinator.strategy`.
 """
 
 from __future__ import annotations
@@ -13,95 +15,19 @@ import base64
 import importlib
 import inspect
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from coordinator.aggregators import aggregate, get_rule
 from coordinator.errors import ByzantineBoundError, InvalidParameterError, UnknownAggregatorError
-
-
-@dataclass(frozen=True)
-class Submission:
-    """One admitted client update of a round.
-
-    Attributes
-    ----------
-    client_id : int
-        The board's index.
-    delta : np.ndarray
-        Its update Δ (float32, d).
-    num_samples : int
-        Its reported sample count.
-    alarm : bool
-        Its SIREN alarm bit.
-    """
-
-    client_id: int
-    delta: np.ndarray
-    num_samples: int
-    alarm: bool = False
-
-
-@dataclass(frozen=True)
-class StepResult:
-    """What a strategy produced for one round.
-
-    Attributes
-    ----------
-    new_global : np.ndarray
-        ``g_{t+1}`` (float32, d).
-    verdicts : dict[int, dict]
-        Per client id: ``kept``, ``weight``, ``score``, ``reason``.
-    record : dict
-        Strategy-specific, JSON-serializable details (e.g. the SIREN decision record).
-    """
-
-    new_global: np.ndarray
-    verdicts: dict[int, dict[str, Any]]
-    record: dict[str, Any] = field(default_factory=dict)
-
-
-class RootOracle(Protocol):
-    """The server's view of its root test set (SIREN §5.1, FLTrust's root data)."""
-
-    def accuracy(self, weights: np.ndarray) -> float:
-        """Accuracy of flat weights on the root set."""
-        ...
-
-    def server_update(self, global_weights: np.ndarray, round_index: int) -> np.ndarray:
-        """The server's own update trained on the root set from ``global_weights``."""
-        ...
-
-
-class Strategy(Protocol):
-    """A server-side decision rule for one round."""
-
-    name: str
-
-    def step(
-        self, round_index: int, global_weights: np.ndarray, submissions: Sequence[Submission]
-    ) -> StepResult:
-        """Aggregate one round."""
-        ...
-
-    def state_dict(self) -> dict[str, Any]:
-        """JSON-serializable state (for coordinator restarts)."""
-        ...
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
-        ...
-
-
-def stack_submissions(submissions: Sequence[Submission]) -> tuple[np.ndarray, np.ndarray]:
-    """The ``(K, d)`` float32 update matrix and the ``(K,)`` sample counts, in submission order."""
-    if not submissions:
-        raise ValueError("a round needs at least one submission")
-    matrix = np.stack([np.asarray(s.delta, dtype=np.float32) for s in submissions])
-    counts = np.array([s.num_samples for s in submissions], dtype=np.float64)
-    return matrix, counts
+from coordinator.strategy import (
+    RootOracle,
+    StepResult,
+    Strategy,
+    Submission,
+    stack_submissions,
+)
 
 
 class RuleStrategy:

@@ -13,245 +13,49 @@ included) restarts from the last committed change:
 The admission state is not stored separately: which client sent which message, and the nonces
 seen, are the rows of the current round's updates; the counters are the ``decisions`` table.
 
-Tables
-------
-``meta(key, value)``
-    run id, layout fingerprint, config, current round, finished flag.
-``models(round, sha256, previous_sha256, samples, weights, message, created_at)``
-    every global model version; ``round`` is the round it starts (``rounds + 1`` is final).
-``rounds(round, opened_at, closed_at, base_sha256, status, record, strategy_state)``
-    ``status`` is ``open`` or ``closed``; ``record`` the JSON round record.
-``updates(round, client, client_index, message_id, digest, nonce, samples, alarm, nbytes,
-received_at, delta)``
-    admitted updates; ``delta`` (float32 bytes) is kept until the round closes.
-``decisions(round, reason, count)``
-    admission outcome counts per round (accepted, duplicate and every rejection reason).
-``rejections(id, round, client, reason, detail, at)``
-    the first :data:`MAX_LOGGED_PER_REASON` rejections per round and reason, with details.
-``statuses(client, status, round, at)``
-    last announced board status.
-``status_decisions(round, reason, count)``
-    outcome counts of messages on the status topics per round (``accepted`` and every refusal
-    reason; docs/protocol.md section 8.8), apart from the updates' ``decisions``.
-``telemetry(client, round, figures, at)``
-    the telemetry figures a board's status carried for a round (``figures``: JSON object of
-    name to value, docs/protocol.md section 4.2); one row per board and round, the latest
-    status with figures for that round wins. Added after the first release: like every table
-    it is created when missing, so older databases gain it when a coordinator opens them, and
-    the readers treat a database without it as one without figures.
+The tables and the rows read from them are described in :mod:`coordinator.store_schema`.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import sqlite3
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from coordinator.errors import CoordinatorError
+from coordinator.store_schema import (
+    MAX_LOGGED_PER_REASON,
+    SCHEMA_SQL,
+    SCHEMA_VERSION,
+    GlobalVersion,
+    RoundRow,
+    StoredUpdate,
+    TelemetryRow,
+    json_default,
+    parse_figures,
+    to_json,
+)
 
-#: Version of the database schema (``meta.schema``).
-SCHEMA_VERSION = 1
-#: Rejections logged with their detail per (round, reason); later ones are only counted.
-MAX_LOGGED_PER_REASON = 200
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS models (
-    round INTEGER PRIMARY KEY,
-    sha256 TEXT NOT NULL,
-    previous_sha256 TEXT NOT NULL,
-    samples INTEGER NOT NULL,
-    weights BLOB NOT NULL,
-    message BLOB NOT NULL,
-    created_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS rounds (
-    round INTEGER PRIMARY KEY,
-    opened_at REAL NOT NULL,
-    closed_at REAL,
-    base_sha256 TEXT NOT NULL,
-    status TEXT NOT NULL,
-    record TEXT,
-    strategy_state TEXT
-);
-CREATE TABLE IF NOT EXISTS updates (
-    round INTEGER NOT NULL,
-    client TEXT NOT NULL,
-    client_index INTEGER NOT NULL,
-    message_id TEXT NOT NULL,
-    digest TEXT NOT NULL,
-    nonce TEXT NOT NULL,
-    samples INTEGER NOT NULL,
-    alarm INTEGER NOT NULL,
-    nbytes INTEGER NOT NULL,
-    received_at REAL NOT NULL,
-    delta BLOB,
-    PRIMARY KEY (round, client)
-);
-CREATE INDEX IF NOT EXISTS updates_digest ON updates (digest);
-CREATE TABLE IF NOT EXISTS decisions (
-    round INTEGER NOT NULL,
-    reason TEXT NOT NULL,
-    count INTEGER NOT NULL,
-    PRIMARY KEY (round, reason)
-);
-CREATE TABLE IF NOT EXISTS rejections (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    round INTEGER NOT NULL,
-    client TEXT,
-    reason TEXT NOT NULL,
-    detail TEXT NOT NULL,
-    at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS audit (
-    seq INTEGER PRIMARY KEY,
-    record BLOB NOT NULL,
-    hash TEXT NOT NULL,
-    signature TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS statuses (
-    client TEXT PRIMARY KEY,
-    status TEXT NOT NULL,
-    round INTEGER NOT NULL,
-    at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS status_decisions (
-    round INTEGER NOT NULL,
-    reason TEXT NOT NULL,
-    count INTEGER NOT NULL,
-    PRIMARY KEY (round, reason)
-);
-CREATE TABLE IF NOT EXISTS telemetry (
-    client TEXT NOT NULL,
-    round INTEGER NOT NULL,
-    figures TEXT NOT NULL,
-    at REAL NOT NULL,
-    PRIMARY KEY (client, round)
-);
-"""
+__all__ = [
+    "SCHEMA_VERSION",
+    "CoordinatorStore",
+    "GlobalVersion",
+    "RoundRow",
+    "StoreError",
+    "StoredUpdate",
+    "TelemetryRow",
+    "json_default",
+]
 
 
 class StoreError(CoordinatorError):
     """The database belongs to another run or model, or is inconsistent."""
-
-
-@dataclass(frozen=True)
-class GlobalVersion:
-    """One global model version.
-
-    Attributes
-    ----------
-    round : int
-        The round this model starts.
-    weights : ndarray of float32
-        The flat model.
-    sha256 : str
-        Model hash (``payload_sha256`` of its message).
-    previous_sha256 : str
-        Hash of the version before it.
-    message : bytes
-        The signed global message, published retained as is.
-    samples : int
-        Samples aggregated into it.
-    """
-
-    round: int
-    weights: np.ndarray
-    sha256: str
-    previous_sha256: str
-    message: bytes
-    samples: int = 0
-
-
-@dataclass(frozen=True)
-class StoredUpdate:
-    """An admitted update as stored (``delta`` is ``None`` once its round closed)."""
-
-    round: int
-    client: str
-    client_index: int
-    message_id: str
-    digest: str
-    nonce: str
-    samples: int
-    alarm: bool
-    nbytes: int
-    received_at: float
-    delta: np.ndarray | None
-
-
-@dataclass(frozen=True)
-class TelemetryRow:
-    """The telemetry figures one board reported for one round (docs/protocol.md 4.2).
-
-    Attributes
-    ----------
-    client : str
-        The board.
-    round : int
-        The round the figures describe.
-    figures : dict of str to float
-        What the board measured; a sensor it does not have is a name it did not send.
-    at : float
-        When the status carrying them was received (Unix seconds).
-    """
-
-    client: str
-    round: int
-    figures: dict[str, float]
-    at: float
-
-
-def _figures(text: str) -> dict[str, float]:
-    """Stored figures back as ``{name: float}`` (anything not a finite number left out)."""
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return {}
-    if not isinstance(value, dict):
-        return {}
-    out: dict[str, float] = {}
-    for name, number in value.items():
-        numeric = isinstance(number, (int, float)) and not isinstance(number, bool)
-        if numeric and math.isfinite(number):
-            out[str(name)] = float(number)
-    return out
-
-
-@dataclass(frozen=True)
-class RoundRow:
-    """One row of the ``rounds`` table."""
-
-    round: int
-    opened_at: float
-    closed_at: float | None
-    base_sha256: str
-    status: str
-    record: dict[str, Any] | None
-    strategy_state: dict[str, Any] | None
-
-
-def _json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, default=json_default, allow_nan=True)
-
-
-def json_default(value: Any) -> Any:
-    """``json.dumps`` fallback for numpy scalars and arrays, sets and tuples."""
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, (set, frozenset, tuple)):
-        return list(value)
-    raise TypeError(f"not JSON-serializable: {type(value).__name__}")
 
 
 class CoordinatorStore:
@@ -272,7 +76,7 @@ class CoordinatorStore:
         self._db = sqlite3.connect(str(self.path), isolation_level=None, timeout=30.0)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        self._db.executescript(SCHEMA_SQL)
         with self.transaction():
             self._db.execute(
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)",
@@ -363,14 +167,30 @@ class CoordinatorStore:
         with self.transaction() as db:
             self._set_meta(db, "run", run)
             self._set_meta(db, "layout", layout_fingerprint)
-            self._set_meta(db, "config", _json(config))
+            self._set_meta(db, "config", to_json(config))
             self._set_meta(db, "current_round", str(first.round))
             self._set_meta(db, "finished", "0")
-            self._set_meta(db, "initial_strategy_state", _json(strategy_state))
+            self._set_meta(db, "initial_strategy_state", to_json(strategy_state))
             self._insert_model(db, first, at)
             db.execute(
                 "INSERT INTO rounds (round, opened_at, base_sha256, status) VALUES (?, ?, ?, ?)",
                 (first.round, at, first.sha256, "open"),
+            )
+
+    def check_run(self, run: str) -> None:
+        """Refuse a database of another run (a new database belongs to no run yet).
+
+        Raises
+        ------
+        StoreError
+            Naming the stored and the configured run, and what to do.
+        """
+        stored_run = self.get_meta("run")
+        if self.initialized and stored_run != run:
+            raise StoreError(
+                f"{self.path} belongs to run {stored_run!r}, not {run!r}: point the "
+                "configuration's db at a new file for a new run, or set its run back to "
+                f"{stored_run!r} to resume that one"
             )
 
     def check_identity(self, run: str, layout_fingerprint: str) -> None:
@@ -381,10 +201,8 @@ class CoordinatorStore:
         StoreError
             Naming the stored and the configured values.
         """
-        stored_run, stored_layout = self.get_meta("run"), self.get_meta("layout")
-        if stored_run != run:
-            raise StoreError(f"{self.path} belongs to run {stored_run!r}, not {run!r}")
-        if stored_layout != layout_fingerprint:
+        self.check_run(run)
+        if self.get_meta("layout") != layout_fingerprint:
             raise StoreError(f"{self.path} was created for a model with another layout")
 
     def _insert_model(self, db: sqlite3.Connection, version: GlobalVersion, at: float) -> None:
@@ -564,7 +382,7 @@ class CoordinatorStore:
             query += " WHERE client = ?"
             args = (client,)
         return [
-            TelemetryRow(str(r[0]), int(r[1]), _figures(r[2]), float(r[3]))
+            TelemetryRow(str(r[0]), int(r[1]), parse_figures(r[2]), float(r[3]))
             for r in self._db.execute(query + " ORDER BY client, round", args)
         ]
 
@@ -578,7 +396,8 @@ class CoordinatorStore:
             "ON t.client = last.client AND t.round = last.round"
         )
         return {
-            str(r[0]): TelemetryRow(str(r[0]), int(r[1]), _figures(r[2]), float(r[3])) for r in rows
+            str(r[0]): TelemetryRow(str(r[0]), int(r[1]), parse_figures(r[2]), float(r[3]))
+            for r in rows
         }
 
     # -- writing -----------------------------------------------------------------------------
@@ -693,7 +512,7 @@ class CoordinatorStore:
                     "INSERT INTO telemetry (client, round, figures, at) VALUES (?, ?, ?, ?) "
                     "ON CONFLICT(client, round) DO UPDATE SET figures = excluded.figures, "
                     "at = excluded.at",
-                    (client, round_index, _json(dict(telemetry)), at),
+                    (client, round_index, to_json(dict(telemetry)), at),
                 )
 
     # -- the audit log (coordinator.audit) ---------------------------------------------------
@@ -763,7 +582,7 @@ class CoordinatorStore:
             db.execute(
                 "UPDATE rounds SET status = 'closed', closed_at = ?, record = ?, "
                 "strategy_state = ? WHERE round = ?",
-                (at, _json(record), _json(strategy_state), round_index),
+                (at, to_json(record), to_json(strategy_state), round_index),
             )
             self._insert_model(db, next_global, at)
             if audit is not None:

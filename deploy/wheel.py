@@ -4,8 +4,8 @@ A board runs ``siren client run``: the ``protocol``, ``models``, ``edge_client``
 ``siren_cli`` packages, TensorFlow (training), LiteRT (the alarm), PyNaCl, paho-mqtt and NumPy.
 It also carries ``siren bench alarm`` (the on-device measurement), and nothing else of the
 benchmarks. The desktop install (``pip install .``) also brings the coordinator, the
-simulator, numba, scikit-learn, SciPy, matplotlib, FastAPI and amqtt, none of which a board
-imports. This module
+simulator, numba, scikit-learn, SciPy, matplotlib, FastAPI, prometheus_client and amqtt, none
+of which a board imports. This module
 writes a wheel of the board's packages straight from the installed sources (a wheel is a zip
 with a ``.dist-info`` folder, PEP 427), so no build tool and no network is needed to make it.
 """
@@ -28,7 +28,16 @@ BOARD_PACKAGES = ("protocol", "models", "edge_client", "siren_cli")
 #: Single modules of other packages a board runs: the on-device alarm benchmark.
 BOARD_MODULES = ("benchmarks/__init__.py", "benchmarks/cli.py", "benchmarks/alarm.py")
 #: Packages of the desktop install a board never needs (checked by the tests).
-NOT_ON_BOARDS = ("sklearn", "scipy", "numba", "matplotlib", "fastapi", "uvicorn", "amqtt")
+NOT_ON_BOARDS = (
+    "sklearn",
+    "scipy",
+    "numba",
+    "matplotlib",
+    "fastapi",
+    "uvicorn",
+    "prometheus_client",
+    "amqtt",
+)
 
 _SOURCE_ROOT = Path(__file__).resolve().parent.parent
 

@@ -3,36 +3,34 @@
 from __future__ import annotations
 
 import argparse
-import ast
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from firmware_sim.options import (
+    check_config,
+    config_from_args,
+    describe_attack,
+    format_round,
+    warn_about_data_dir,
+)
 from protocol.siren_profiles import ALARM_RULES, DEFAULT_PROFILE, profile_names
-from siren_cli.errors import CommandError
+from siren_cli.errors import CommandError, message_of
 
 
-def parse_key_values(items: list[str] | None, option: str) -> dict[str, Any]:
-    """Parse repeated ``KEY=VALUE`` options; values are Python literals when they parse as one.
+def add_run_options(
+    p: argparse.ArgumentParser,
+    *,
+    aggregator: str = "fedavg",
+    attack: str | None = None,
+    malicious: float = 0.0,
+) -> None:
+    """Options shared by ``siren sim run`` and ``siren sim fleet`` (what defines an FL run).
 
-    ``f=2`` gives ``{"f": 2}``, ``beta=0.1`` a float, ``mode=full`` the string ``"full"``.
+    ``aggregator``, ``attack`` and ``malicious`` are the command's defaults (``siren sim fleet``
+    runs the demo: SIREN against 40% sign flippers); the help shows them as they are.
     """
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise CommandError(f"{option} expects KEY=VALUE, got {item!r}")
-        try:
-            value: Any = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw
-        out[key.strip().replace("-", "_")] = value
-    return out
-
-
-def add_run_options(p: argparse.ArgumentParser) -> None:
-    """Options shared by ``siren sim run`` and ``siren sim fleet`` (what defines an FL run)."""
     g = p.add_argument_group("data and model")
     g.add_argument(
         "--dataset",
@@ -119,9 +117,9 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     d = p.add_argument_group("defense")
     d.add_argument(
         "--aggregator",
-        default="fedavg",
+        default=aggregator,
         help="server rule: fedavg, krum, median, ..., or siren (see `siren sim "
-        "aggregators`; default: fedavg)",
+        "aggregators`; default: %(default)s)",
     )
     d.add_argument(
         "--agg-param",
@@ -187,10 +185,16 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     )
     a = p.add_argument_group("attack")
     a.add_argument(
-        "--attack", default=None, help="attack of the malicious boards (see `siren sim attacks`)"
+        "--attack",
+        default=attack,
+        help="attack of the malicious boards (see `siren sim attacks`; none for an honest "
+        f"fleet; default: {attack or 'none'})",
     )
     a.add_argument(
-        "--malicious", type=float, default=0.0, help="fraction of malicious boards (default: 0)"
+        "--malicious",
+        type=float,
+        default=malicious,
+        help="fraction of malicious boards (default: %(default)g)",
     )
     a.add_argument(
         "--malicious-ids",
@@ -205,99 +209,86 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def config_from_args(args: argparse.Namespace) -> Any:
-    """Build a :class:`firmware_sim.engine.SimConfig` from parsed options (user errors raise)."""
-    from firmware_sim.engine import SimConfig
-
-    ids = None
-    if args.malicious_ids:
-        try:
-            ids = tuple(int(x) for x in args.malicious_ids.split(",") if x.strip())
-        except ValueError as exc:
-            raise CommandError(f"--malicious-ids must be comma-separated integers: {exc}") from exc
-        bad = [i for i in ids if not 0 <= i < args.clients]
-        if bad:
-            raise CommandError(f"--malicious-ids {bad} outside 0..{args.clients - 1}")
-    try:
-        return SimConfig(
-            dataset=args.dataset,
-            model=args.model,
-            clients=args.clients,
-            rounds=args.rounds,
-            local_epochs=args.local_epochs,
-            batch_size=args.batch_size,
-            learning_rate=args.learning_rate,
-            optimizer=args.optimizer,
-            client_fraction=args.client_fraction,
-            partition=args.partition,
-            noniid_p=args.noniid_p,
-            dirichlet_alpha=args.dirichlet_alpha,
-            root_size=args.root_size,
-            local_test_fraction=args.local_test_fraction,
-            train_samples=args.train_samples,
-            test_samples=args.test_samples,
-            aggregator=args.aggregator,
-            aggregator_params=parse_key_values(args.agg_param, "--agg-param"),
-            alarm=args.alarm,
-            siren_profile=args.siren_profile,
-            alarm_rule=args.alarm_rule,
-            alarm_threshold=args.alarm_threshold,
-            alarm_backend=args.alarm_backend,
-            attack=args.attack,
-            malicious=args.malicious,
-            malicious_ids=ids,
-            attack_params=parse_key_values(args.attack_param, "--attack-param"),
-            seed=args.seed,
-            defense_start_round=args.defense_start_round,
-            guard_factor=args.guard_factor,
-            guard_max_abs=args.guard_max_abs,
-        )
-    except ValueError as exc:
-        raise CommandError(str(exc)) from exc
-
-
-def validate_names(config: Any) -> None:
-    """Fail early, with the valid choices, on an unknown aggregator or parameter."""
-    from coordinator.rounds import strategy_names
-
-    names = strategy_names()
-    if config.aggregator not in names:
-        raise CommandError(f"unknown aggregator {config.aggregator!r}; valid: {', '.join(names)}")
-    if config.attack not in (None, "", "none"):
-        from firmware_sim.attacks import attack_names
-
-        attacks = attack_names()
-        if config.attack not in attacks:
-            raise CommandError(f"unknown attack {config.attack!r}; valid: {', '.join(attacks)}")
-
-
-def format_round(record: dict[str, Any], total: int) -> str:
-    """One progress line per round."""
-    alarms = sum(bool(v) for v in record.get("alarms", {}).values())
-    line = (
-        f"round {record['round']:>3}/{total}  acc {100 * record['test_accuracy']:6.2f}%  "
-        f"loss {record['test_loss']:.4f}  {record['seconds']:6.1f}s"
+def add_fleet_options(p: argparse.ArgumentParser) -> None:
+    """Options of ``siren sim fleet`` beyond the run options of ``siren sim run``."""
+    g = p.add_argument_group("fleet transport")
+    g.add_argument(
+        "--workers", type=int, default=1, help="worker processes hosting the boards (default: 1)"
     )
-    if alarms:
-        line += f"  alarms {alarms}"
-    decision = record.get("decision", {})
-    case = decision.get("case")
-    if case is not None:
-        line += f"  case {case}"
-    if decision.get("rollback"):
-        line += " rollback"
-    if decision.get("banned"):
-        line += f"  banned {decision['banned']}"
-    if "attack_success_rate" in record:
-        line += f"  ASR {100 * record['attack_success_rate']:.1f}%"
-    return line
+    g.add_argument(
+        "--broker",
+        default="auto",
+        help="auto (private Mosquitto, else amqtt), mosquitto, amqtt, or HOST:PORT of a "
+        "running anonymous broker (default: auto)",
+    )
+    g.add_argument(
+        "--profile",
+        default="ideal",
+        help="device profile mix, e.g. pi4 or pi4:0.5,pi5:0.3,jetson:0.2; profiles: ideal, "
+        "desktop, jetson, pi5, pi4, flaky (default: ideal)",
+    )
+    g.add_argument("--compute-factor", type=float, default=None, help="override compute factor")
+    g.add_argument("--latency-ms", type=float, default=None, help="override network latency")
+    g.add_argument(
+        "--dropout", type=float, default=None, help="override per-round dropout probability"
+    )
+    g.add_argument(
+        "--round-timeout",
+        type=float,
+        default=None,
+        help="close a round after this many seconds with a quorum (default: 0 = wait for "
+        "every board; 30 when boards can drop out)",
+    )
+    g.add_argument(
+        "--quorum",
+        type=float,
+        default=0.5,
+        help="fraction of boards needed to close at the deadline (default: 0.5)",
+    )
+    g.add_argument("--persist-boards", action="store_true", help="keep each board's state on disk")
+    g.add_argument(
+        "--no-telemetry",
+        dest="telemetry",
+        action="store_false",
+        help="boards send no telemetry figures in their status (default: each round's CPU and "
+        "wall times, the worker's shared peak RSS and this machine's sensors, if any)",
+    )
+    g.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
+    g.add_argument(
+        "--api-port",
+        type=int,
+        default=None,
+        help="serve the coordinator's HTTP API and live dashboard on this loopback port "
+        "(0 = a free port; admin token from $SIREN_API_TOKEN; default: no API)",
+    )
+    g.add_argument(
+        "--linger",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="keep serving the dashboard (read-only) this long after the run; inf = until "
+        "Ctrl-C (default: until Ctrl-C when the output is a terminal and --api-port is given, "
+        "else 0: exit when the run ends)",
+    )
+    o = p.add_argument_group("output")
+    o.add_argument(
+        "--out",
+        default=None,
+        help="output folder: keys, coordinator database, logs, history.json, accuracy.png "
+        "(default: runs/fleet, or runs/fleet-2, -3, ... when it holds an earlier run)",
+    )
+    o.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the earlier run in --out (without it, a folder holding a run is refused)",
+    )
 
 
 def _run(args: argparse.Namespace) -> int:
     from models.errors import ModelsError
 
     config = config_from_args(args)
-    validate_names(config)
+    check_config(config)
     out = Path(args.out)
     from firmware_sim.engine import run_simulation
     from firmware_sim.report import (
@@ -306,11 +297,13 @@ def _run(args: argparse.Namespace) -> int:
         plot_malicious_index,
         write_history,
     )
+    from models.datasets import describe_dataset
 
+    warn_about_data_dir(config)
     print(
         f"siren sim run: {config.clients} boards, {config.rounds} rounds, "
-        f"aggregator {config.aggregator}, attack {config.attack or 'none'}, "
-        f"dataset {config.dataset}",
+        f"aggregator {config.aggregator}, {describe_attack(config)}, "
+        f"dataset {describe_dataset(config.dataset)}",
         flush=True,
     )
     started = time.perf_counter()
@@ -322,7 +315,7 @@ def _run(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from exc
     except (ValueError, KeyError) as exc:
         # Bad aggregator/attack parameters surface here with the rule's own message.
-        raise CommandError(str(exc).strip("'\"")) from exc
+        raise CommandError(message_of(exc)) from exc
     path = write_history(history, out)
     label = f"{config.aggregator}" + (f" / {config.attack}" if config.attack else "")
     plot_accuracy({label: history}, out / "accuracy.png", title=f"{history['fleet']['dataset']}")
@@ -344,7 +337,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _fleet(args: argparse.Namespace) -> int:
-    from firmware_sim.fleet import fleet_command
+    from firmware_sim.fleet_command import fleet_command
 
     return fleet_command(args)
 
@@ -354,7 +347,7 @@ def _aggregators(args: argparse.Namespace) -> int:
 
     for name in sorted(REGISTRY):
         print(REGISTRY[name].describe())
-    from coordinator.siren import describe_parameters
+    from coordinator.siren_params import describe_parameters
 
     print(
         f"siren({describe_parameters()}): SIREN decision process (alarms, root-set accuracy, "
@@ -395,14 +388,8 @@ def register(sub: Any) -> None:
         "10 boards, 4 of them sign-flipping (--attack sign_flip --malicious 0.4), SIREN on the "
         "server and the alarm on the boards (--aggregator siren).",
     )
-    add_run_options(fleet)
-    fleet.set_defaults(aggregator="siren", attack="sign_flip", malicious=0.4)
-    from firmware_sim.fleet import add_fleet_options
-
+    add_run_options(fleet, aggregator="siren", attack="sign_flip", malicious=0.4)
     add_fleet_options(fleet)
-    fleet.add_argument(
-        "--out", default="runs/fleet", help="output directory (default: %(default)s)"
-    )
     fleet.set_defaults(func=_fleet)
     agg = s.add_parser("aggregators", help="list the server rules and their parameters")
     agg.set_defaults(func=_aggregators)

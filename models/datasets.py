@@ -9,6 +9,7 @@ channel axis (N, H, W, 1); labels as int64.
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import struct
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from models.errors import CorruptDatasetError, DatasetNotFoundError
+
+logger = logging.getLogger(__name__)
 
 FASHION_MNIST_FILES = {
     "train_images": "train-images-idx3-ubyte.gz",
@@ -40,6 +43,8 @@ _IDX_UBYTE = 0x08
 _EXPECTED_COUNTS = {"train": 60_000, "test": 10_000}
 
 DATASET_NAMES = ("fashion-mnist", "digits")
+#: Shape of one image of each dataset (known without loading it).
+INPUT_SHAPES: dict[str, tuple[int, ...]] = {"fashion-mnist": (28, 28, 1), "digits": (8, 8, 1)}
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,50 @@ def fashion_mnist_search_paths() -> list[Path]:
     paths.append(Path("/usr/share/datasets/fashion-mnist"))
     paths.append(Path.home() / ".keras" / "datasets" / "fashion-mnist")
     return paths
+
+
+def data_dir_problem() -> str | None:
+    """Why ``$SIREN_DATA_DIR`` is set but cannot be used, or ``None`` (unset, or usable).
+
+    It is usable when it, or its ``fashion-mnist`` subfolder, holds all four Fashion-MNIST
+    files; otherwise the search goes on to the other places without it, which is worth a
+    warning: the user meant it to be used.
+    """
+    env = os.environ.get("SIREN_DATA_DIR")
+    if not env:
+        return None
+    root = Path(env).expanduser()
+    if not root.is_dir():
+        return f"SIREN_DATA_DIR={env} is not a directory; it is ignored"
+    for directory in (root / "fashion-mnist", root):
+        if all((directory / f).is_file() for f in FASHION_MNIST_FILES.values()):
+            return None
+    found = [
+        f
+        for f in FASHION_MNIST_FILES.values()
+        if (root / f).is_file() or (root / "fashion-mnist" / f).is_file()
+    ]
+    missing = [f for f in FASHION_MNIST_FILES.values() if f not in found]
+    held = f"holds only {', '.join(found)}" if found else "holds none of the Fashion-MNIST files"
+    return (
+        f"SIREN_DATA_DIR={env} {held} (missing: {', '.join(missing)}, in it or in its "
+        "fashion-mnist folder); it is ignored"
+    )
+
+
+def describe_dataset(name: str) -> str:
+    """What ``name`` (``auto`` included) will load, and from where, without loading it:
+    ``"fashion-mnist from /usr/share/datasets/fashion-mnist"``, ``"digits (auto: Fashion-MNIST
+    is not installed; the bundled 8x8 digits)"``."""
+    if name == "digits":
+        return "digits (scikit-learn's bundled 8x8 digits)"
+    try:
+        directory = find_fashion_mnist()
+    except DatasetNotFoundError:
+        if name == "auto":
+            return "digits (auto: Fashion-MNIST is not installed; the bundled 8x8 digits)"
+        return "fashion-mnist (not found)"
+    return f"fashion-mnist{' (auto)' if name == 'auto' else ''} from {directory}"
 
 
 def find_fashion_mnist(search_paths: list[Path] | None = None) -> Path:
@@ -195,6 +244,12 @@ def load_fashion_mnist(directory: Path | None = None) -> Dataset:
             )
         if labels.max(initial=0) >= len(FASHION_MNIST_CLASSES):
             raise CorruptDatasetError(f"{split} labels contain {labels.max()}, expected 0..9")
+    logger.info(
+        "Fashion-MNIST: %d training and %d test images from %s",
+        len(parts["train_labels"]),
+        len(parts["test_labels"]),
+        root,
+    )
     return Dataset(
         name="fashion-mnist",
         x_train=(parts["train_images"].astype(np.float32) / 255.0)[..., None],

@@ -23,6 +23,10 @@ class UnknownModelError(ModelsError):
     """A model name that is not in the zoo."""
 
 
+class ModelInputError(ModelsError):
+    """A zoo model that cannot take the dataset's images (too small for its layers)."""
+
+
 class LayoutMismatchError(ModelsError):
     """A flat weight vector does not fit the model's layout."""
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from models.errors import UnknownModelError
+from models.errors import ModelInputError, UnknownModelError
 from models.tf_setup import quiet_tensorflow
 
 
@@ -94,6 +94,45 @@ MODEL_BUILDERS: dict[str, Callable[[tuple[int, ...], int], Any]] = {
 #: The model used when the user does not choose one, per dataset.
 DEFAULT_MODEL = {"fashion-mnist": "siren-cnn", "digits": "digits-mlp"}
 
+#: Smallest image side each model can take (its unpadded convolutions and poolings shrink the
+#: image to nothing below it); the models were built for the sizes of :data:`MODEL_INPUT`.
+MIN_SIDE = {"siren-cnn": 10, "dspo-mlp": 1, "digits-mlp": 1, "digits-cnn": 2}
+#: The images each model was made for.
+MODEL_INPUT = {
+    "siren-cnn": "28x28 (Fashion-MNIST)",
+    "dspo-mlp": "28x28 (Fashion-MNIST)",
+    "digits-mlp": "8x8 (digits)",
+    "digits-cnn": "8x8 (digits)",
+}
+
+
+def check_model_input(name: str, input_shape: tuple[int, ...], dataset: str = "") -> None:
+    """Check, without TensorFlow, that zoo model ``name`` can take images of ``input_shape``.
+
+    Raises
+    ------
+    UnknownModelError
+        ``name`` is not in the zoo (the message lists the valid names).
+    ModelInputError
+        The images are too small for the model (the message says what it needs and which
+        models fit).
+    """
+    if name not in MODEL_BUILDERS:
+        raise UnknownModelError(
+            f"unknown model {name!r}; valid: {', '.join(sorted(MODEL_BUILDERS))}"
+        )
+    side = min(input_shape[:2])
+    if side >= MIN_SIDE[name]:
+        return
+    size = "x".join(str(n) for n in input_shape[:2])
+    fits = sorted(m for m, smallest in MIN_SIDE.items() if side >= smallest)
+    what = f"{dataset} images are {size}" if dataset else f"the images are {size}"
+    raise ModelInputError(
+        f"model {name!r} needs images of at least {MIN_SIDE[name]}x{MIN_SIDE[name]} (it was made "
+        f"for {MODEL_INPUT[name]}); {what}: use --model {' or '.join(fits)}"
+        + (", or --dataset fashion-mnist" if dataset == "digits" else "")
+    )
+
 
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, seed: int = 0) -> Any:
     """Build an uncompiled Keras model from the zoo with seeded initial weights.
@@ -102,11 +141,10 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, seed:
     ------
     UnknownModelError
         ``name`` is not in :data:`MODEL_BUILDERS` (the message lists the valid names).
+    ModelInputError
+        The images are too small for the model (:func:`check_model_input`).
     """
-    if name not in MODEL_BUILDERS:
-        raise UnknownModelError(
-            f"unknown model {name!r}; valid: {', '.join(sorted(MODEL_BUILDERS))}"
-        )
+    check_model_input(name, tuple(input_shape))
     quiet_tensorflow()
     import keras
 

@@ -86,6 +86,12 @@ def register(subparsers: Any) -> None:
 
 def _generate(args: argparse.Namespace) -> int:
     key = generate_signing_key()
+    existing = Path(args.out) / PRIVATE_KEY_FILE
+    if existing.exists() and not args.force:
+        raise CommandError(
+            f"{existing} already exists; pass --force to replace the key pair (irreversible: "
+            "whoever trusts the old public key must get the new one)"
+        )
     try:
         paths = save_key_pair(args.out, key, client_id=args.client_id, overwrite=args.force)
     except KeyFileError as exc:

@@ -26,6 +26,23 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
+#: Distributions that install the ``siren`` command: the desktop install and the board wheel.
+DISTRIBUTIONS = ("siren-edge", "siren-edge-board")
+
+
+def installed_version() -> str:
+    """The version of the installed distribution providing ``siren`` (``unknown`` when the
+    sources run without being installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for name in DISTRIBUTIONS:
+        try:
+            return f"{version(name)} ({name})"
+        except PackageNotFoundError:
+            continue
+    return "unknown (not installed; run from the sources)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the top-level parser with every available subcommand group."""
     parser = argparse.ArgumentParser(
@@ -36,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages to stderr")
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"siren {installed_version()}",
+        help="print the version of the installed siren-edge (or of the board wheel) and exit",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:

@@ -2,7 +2,7 @@
 
 Every test spawns its own Mosquitto on a free loopback port and stops it afterwards. A
 *prepared run* is a 3-board, 3-round digits run written by the fleet's own preparation
-(:func:`firmware_sim.fleet.prepare_fleet`): keys, allow-list, coordinator config and a worker
+(:func:`firmware_sim.fleet_spec.prepare_fleet`): keys, allow-list, coordinator config and a worker
 spec. The coordinator is configured without TensorFlow (initial model from an npz file, FedAvg,
 no test evaluation) so that it starts, and restarts, in about a second.
 """
@@ -98,7 +98,7 @@ class PreparedRun:
 
     def start_board(self, index: int) -> subprocess.Popen[bytes]:
         """``siren client run`` for board ``index`` as a subprocess (state on disk)."""
-        from firmware_sim.fleet import board_config_for
+        from firmware_sim.fleet_spec import board_config_for
 
         board_dir = self.workdir / f"standalone-{index}"
         board_dir.mkdir(exist_ok=True)
@@ -117,7 +117,7 @@ class PreparedRun:
         ``profile`` keys (``latency_ms``, ...) override the device profile of those boards;
         ``slow={index: latency_ms}`` sets one board's latency.
         """
-        from firmware_sim.fleet import FleetWorker
+        from firmware_sim.worker import FleetWorker
 
         slow = profile.pop("slow", {})
         profiles = []
@@ -195,8 +195,8 @@ def digits_config(**overrides: Any) -> Any:
 def prepared_run(tmp_path: Path, broker: BrokerHandle) -> PreparedRun:
     """A prepared 3-board run on the test broker with a TensorFlow-free coordinator."""
     from coordinator.config import CoordinatorConfig, DataSettings, ModelSettings
-    from coordinator.service import save_initial_model
-    from firmware_sim.fleet import FleetOptions, WorkerSpec, prepare_fleet
+    from coordinator.runtime import save_initial_model
+    from firmware_sim.fleet_spec import FleetOptions, WorkerSpec, prepare_fleet
     from models.training import TrainConfig, Trainer
     from models.zoo import DEFAULT_MODEL
     from protocol.layout import TensorLayout

@@ -14,7 +14,8 @@ pytestmark = pytest.mark.integration
 
 def test_fleet_of_three_boards_matches_the_in_process_engine(tmp_path: Path) -> None:
     from firmware_sim.engine import run_simulation
-    from firmware_sim.fleet import FleetOptions, run_fleet
+    from firmware_sim.fleet import run_fleet
+    from firmware_sim.fleet_spec import FleetOptions
 
     config = digits_config()
     seen: list[int] = []
@@ -81,7 +82,7 @@ def test_the_simulators_broker_has_a_deployments_accounts_and_acls(tmp_path) -> 
     import paho.mqtt.client as mqtt
 
     from firmware_sim.broker import free_port, start_mosquitto
-    from firmware_sim.fleet import (
+    from firmware_sim.fleet_spec import (
         FleetOptions,
         WorkerSpec,
         board_broker,
@@ -137,7 +138,8 @@ def test_the_simulators_broker_has_a_deployments_accounts_and_acls(tmp_path) -> 
 
 def test_fleet_summary_counts_bans_like_the_in_process_engine(tmp_path: Path) -> None:
     from firmware_sim.engine import run_simulation
-    from firmware_sim.fleet import FleetOptions, run_fleet
+    from firmware_sim.fleet import run_fleet
+    from firmware_sim.fleet_spec import FleetOptions
 
     config = digits_config(
         clients=5, aggregator="siren", attack="sign_flip", malicious_ids=(1, 3), learning_rate=0.01

@@ -222,7 +222,7 @@ def test_provisioned_boards_complete_a_run_over_tls(secure_broker: tuple[Path, i
     import numpy as np
 
     from coordinator.config import BrokerSettings, CoordinatorConfig, DataSettings, ModelSettings
-    from coordinator.service import save_initial_model
+    from coordinator.runtime import save_initial_model
     from models.datasets import load_digits
     from models.partition import make_federated_split
     from models.training import TrainConfig, Trainer

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from benchmarks import fleet as bench
-from firmware_sim.fleet import merge_round
+from firmware_sim.fleet_history import merge_round
 
 
 def _record(round_index: int = 2) -> dict:

@@ -34,8 +34,10 @@ from benchmarks.soak_messages import (
     stolen_key_messages,
 )
 from coordinator.config import CoordinatorConfig
+from coordinator.engine import RoundEngine
 from coordinator.rounds import RuleStrategy
-from coordinator.service import STATUS_MAX_BYTES, CoordinatorRuntime, RoundEngine
+from coordinator.runtime import CoordinatorRuntime
+from coordinator.status import STATUS_MAX_BYTES
 from coordinator.store import CoordinatorStore
 from protocol.admission import Admission, AdmissionPolicy
 from protocol.envelope import check_global, encode_status, encode_update

@@ -472,7 +472,8 @@ def test_metrics_count_rounds_updates_durations_and_alarms(client: TestClient) -
     assert m['siren_boards{status="unknown"}'] == 1
     assert m['siren_boards_banned{by="siren"}'] == 1
     assert m['siren_boards_banned{by="admin"}'] == 0
-    assert m['siren_info{run="demo",aggregator="siren"}'] == 1
+    # prometheus_client writes a sample's labels sorted by name.
+    assert m['siren_info{aggregator="siren",run="demo"}'] == 1
 
 
 def test_metrics_follow_the_exposition_format(client: TestClient, store: CoordinatorStore) -> None:
@@ -739,8 +740,9 @@ def test_openapi_schema_documents_every_endpoint_with_typed_models(client: TestC
 
 
 def test_api_reflects_a_run_driven_by_the_round_engine(tmp_path: Path) -> None:
+    from coordinator.engine import RoundEngine
     from coordinator.rounds import RuleStrategy
-    from coordinator.service import CoordinatorRuntime, RoundEngine
+    from coordinator.runtime import CoordinatorRuntime
     from protocol.envelope import encode_update
 
     boards = {f"b{i}": SigningKey(bytes([70 + i]) * 32) for i in range(3)}
@@ -848,13 +850,11 @@ def test_admin_token_comes_from_the_environment_before_the_token_file(
 
 
 def test_with_the_real_service_controls(tmp_path: Path) -> None:
+    from coordinator.controls import ServiceControls
+    from coordinator.engine import RoundEngine
     from coordinator.rounds import RuleStrategy
-    from coordinator.service import (
-        CoordinatorRuntime,
-        CoordinatorService,
-        RoundEngine,
-        ServiceControls,
-    )
+    from coordinator.runtime import CoordinatorRuntime
+    from coordinator.service import CoordinatorService
 
     boards = {f"b{i}": SigningKey(bytes([80 + i]) * 32) for i in range(3)}
     config = make_config(tmp_path, clients=tuple(boards), aggregator=AggregatorSettings())

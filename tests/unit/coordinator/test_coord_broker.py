@@ -59,6 +59,21 @@ def _tls(tmp_path: Path) -> TlsFiles:
     return TlsFiles(tmp_path / "ca.crt", tmp_path / "server.crt", tmp_path / "server.key")
 
 
+def test_a_bad_name_says_which_one_and_what_is_allowed() -> None:
+    allowed = "expected 1-64 characters from [A-Za-z0-9_.-] starting with a letter or digit"
+    with pytest.raises(BrokerConfigError) as bad_user:
+        acl_text("demo", "bad user!")
+    assert str(bad_user.value) == f"invalid coordinator user 'bad user!': {allowed}"
+    with pytest.raises(BrokerConfigError) as bad_run:
+        acl_text("-demo", "coordinator")
+    assert str(bad_run.value) == f"invalid run id '-demo': {allowed}"
+    with pytest.raises(BrokerConfigError) as bad_board:
+        acl_text("demo", boards=["board 1"])
+    assert str(bad_board.value) == f"invalid board user 'board 1': {allowed}"
+    with pytest.raises(BrokerConfigError, match="is the coordinator's user name"):
+        acl_text("demo", boards=["coordinator"])
+
+
 def test_written_files_and_kept_coordinator_password(tmp_path: Path) -> None:
     out = tmp_path / "broker"
     files = write_broker_config(

@@ -14,8 +14,9 @@ import pytest
 from nacl.signing import SigningKey
 
 from coordinator.config import CoordinatorConfig
+from coordinator.engine import RoundEngine
 from coordinator.rounds import RuleStrategy
-from coordinator.service import CoordinatorRuntime, RoundEngine
+from coordinator.runtime import CoordinatorRuntime
 from coordinator.store import CoordinatorStore
 from protocol.envelope import check_global, encode_update
 from protocol.errors import Reason
@@ -270,7 +271,8 @@ def test_operator_ban_pause_and_key_rotation(tmp_path: Path) -> None:
 
 
 def test_service_calls_need_a_running_service(tmp_path: Path) -> None:
-    from coordinator.service import CoordinatorService, ServiceControls
+    from coordinator.controls import ServiceControls
+    from coordinator.service import CoordinatorService
 
     engine = _engine(tmp_path)
     service = CoordinatorService(engine.config, engine)

@@ -12,7 +12,7 @@ import pytest
 from nacl.signing import SigningKey
 
 from coordinator.audit import verify_chain
-from coordinator.service import expected_clients, revoked_keys
+from coordinator.boards import expected_clients, revoked_keys
 from protocol.envelope import encode_update
 from protocol.errors import Reason
 from protocol.keys import AllowList

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from nacl.signing import SigningKey
 
-from coordinator.service import STATUS_MAX_BYTES
+from coordinator.status import STATUS_MAX_BYTES
 from protocol.envelope import encode_status
 from protocol.errors import Reason
 from protocol.topics import status_topic

@@ -17,13 +17,8 @@ import pytest
 
 from coordinator.errors import UnknownAggregatorError
 from coordinator.rounds import Submission, make_strategy
-from coordinator.siren import (
-    SirenStrategy,
-    cosine,
-    decode_vector,
-    describe_parameters,
-    encode_vector,
-)
+from coordinator.siren import SirenStrategy, cosine, decode_vector, encode_vector
+from coordinator.siren_params import describe_parameters
 
 N_ROOT = 20
 D = N_ROOT + 1

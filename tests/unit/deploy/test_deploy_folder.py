@@ -163,8 +163,9 @@ def test_board_wheel_holds_only_the_board_packages_and_imports_without_the_rest(
          "--target", str(target), str(wheel)], check=True,
     )  # fmt: skip
     # The board program from the wheel alone: no coordinator, simulator or desktop library.
-    # `python -S` skips site-packages' .pth files (this project's editable install), so only the
-    # wheel's packages and the third-party libraries are importable.
+    # `python -S` skips site-packages' .pth files (this project's editable install) and `-E` a
+    # PYTHONPATH naming a source tree, so only the wheel's packages and the third-party libraries
+    # are importable.
     import sysconfig
 
     site = sysconfig.get_paths()["purelib"]
@@ -180,7 +181,7 @@ def test_board_wheel_holds_only_the_board_packages_and_imports_without_the_rest(
         "assert not bad, bad; print('ok')"
     )
     out = subprocess.run(
-        [sys.executable, "-S", "-c", code], capture_output=True, text=True, cwd=tmp_path
+        [sys.executable, "-S", "-E", "-c", code], capture_output=True, text=True, cwd=tmp_path
     )
     assert out.stdout.strip() == "ok", out.stderr
 

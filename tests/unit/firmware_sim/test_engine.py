@@ -93,7 +93,8 @@ def test_sim_run_rejects_bad_options_cleanly(tmp_path, capsys, argv, message):
 def test_siren_profile_option_sets_the_alarm_rule_and_the_server_profile():
     import argparse
 
-    from firmware_sim.cli import add_run_options, config_from_args
+    from firmware_sim.cli import add_run_options
+    from firmware_sim.options import config_from_args
 
     parser = argparse.ArgumentParser()
     add_run_options(parser)

@@ -12,8 +12,9 @@ import numpy as np
 
 from edge_client.board import BoardUpdate
 from firmware_sim.adversary import Adversary
-from firmware_sim.cli import add_run_options, config_from_args
+from firmware_sim.cli import add_run_options
 from firmware_sim.engine import SimConfig, build_fleet, play_round, run_simulation
+from firmware_sim.options import config_from_args
 from firmware_sim.report import malicious_index, plot_malicious_index, write_history
 
 FAST: dict[str, Any] = dict(

@@ -9,14 +9,8 @@ from pathlib import Path
 import pytest
 
 from firmware_sim.engine import SimConfig
-from firmware_sim.fleet import (
-    FleetOptions,
-    client_name,
-    merge_round,
-    prepare_fleet,
-    read_worker_stats,
-    sim_config_from_dict,
-)
+from firmware_sim.fleet_history import merge_round, read_worker_stats
+from firmware_sim.fleet_spec import FleetOptions, client_name, prepare_fleet, sim_config_from_dict
 
 
 def _worker_round(boards: int, update_bytes: int, global_bytes: int, **extra) -> dict:
@@ -67,7 +61,7 @@ def test_worker_stats_lines_are_grouped_by_round(tmp_path: Path) -> None:
 
 def test_prepared_fleet_splits_boards_over_workers(tmp_path: Path) -> None:
     from coordinator.config import CoordinatorConfig
-    from firmware_sim.fleet import WorkerSpec
+    from firmware_sim.fleet_spec import WorkerSpec
     from protocol.keys import AllowList
 
     config = SimConfig(dataset="digits", clients=5, rounds=2, aggregator="krum",
@@ -92,7 +86,7 @@ def test_prepared_fleet_splits_boards_over_workers(tmp_path: Path) -> None:
 
 def test_prepared_fleet_passes_the_siren_profile_to_coordinator_and_boards(tmp_path: Path) -> None:
     from coordinator.config import CoordinatorConfig
-    from firmware_sim.fleet import WorkerSpec, board_config_for
+    from firmware_sim.fleet_spec import WorkerSpec, board_config_for
 
     config = SimConfig(dataset="digits", clients=3, rounds=4, aggregator="siren",
                        siren_profile="paper-text", alarm_rule="relative")  # fmt: skip

@@ -34,6 +34,17 @@ def test_generate_refuses_to_overwrite(tmp_path: Path, capsys: pytest.CaptureFix
     assert (tmp_path / "private.key").read_text() != before
 
 
+def test_generate_over_a_key_pair_names_the_option_that_replaces_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["keys", "generate", "--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+    assert main(["keys", "generate", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert f"{tmp_path / 'private.key'} already exists; pass --force to replace" in err
+
+
 def test_register_list_revoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     allow = tmp_path / "allow.txt"
     board = tmp_path / "b1"

@@ -1,0 +1,247 @@
+"""From ``siren sim`` options to a run: parse them, build the run's configuration, check it,
+and the one line printed per round. Shared by ``siren sim run`` and ``siren sim fleet``."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import logging
+import sys
+from typing import Any
+
+from siren_cli.errors import CommandError, message_of
+
+logger = logging.getLogger(__name__)
+
+
+def parse_key_values(items: list[str] | None, option: str) -> dict[str, Any]:
+    """Parse repeated ``KEY=VALUE`` options; values are Python literals when they parse as one.
+
+    ``f=2`` gives ``{"f": 2}``, ``beta=0.1`` a float, ``mode=full`` the string ``"full"``.
+    """
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise CommandError(f"{option} expects KEY=VALUE, got {item!r}")
+        try:
+            value: Any = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        out[key.strip().replace("-", "_")] = value
+    return out
+
+
+def config_from_args(args: argparse.Namespace) -> Any:
+    """Build a :class:`firmware_sim.engine.SimConfig` from parsed options (user errors raise)."""
+    from firmware_sim.engine import SimConfig
+
+    ids = None
+    if args.malicious_ids:
+        try:
+            ids = tuple(int(x) for x in args.malicious_ids.split(",") if x.strip())
+        except ValueError as exc:
+            raise CommandError(f"--malicious-ids must be comma-separated integers: {exc}") from exc
+        bad = [i for i in ids if not 0 <= i < args.clients]
+        if bad:
+            raise CommandError(f"--malicious-ids {bad} outside 0..{args.clients - 1}")
+    try:
+        return SimConfig(
+            dataset=args.dataset,
+            model=args.model,
+            clients=args.clients,
+            rounds=args.rounds,
+            local_epochs=args.local_epochs,
+            batch_size=args.batch_size,
+            learning_rate=args.learning_rate,
+            optimizer=args.optimizer,
+            client_fraction=args.client_fraction,
+            partition=args.partition,
+            noniid_p=args.noniid_p,
+            dirichlet_alpha=args.dirichlet_alpha,
+            root_size=args.root_size,
+            local_test_fraction=args.local_test_fraction,
+            train_samples=args.train_samples,
+            test_samples=args.test_samples,
+            aggregator=args.aggregator,
+            aggregator_params=parse_key_values(args.agg_param, "--agg-param"),
+            alarm=args.alarm,
+            siren_profile=args.siren_profile,
+            alarm_rule=args.alarm_rule,
+            alarm_threshold=args.alarm_threshold,
+            alarm_backend=args.alarm_backend,
+            attack=args.attack,
+            malicious=args.malicious,
+            malicious_ids=ids,
+            attack_params=parse_key_values(args.attack_param, "--attack-param"),
+            seed=args.seed,
+            defense_start_round=args.defense_start_round,
+            guard_factor=args.guard_factor,
+            guard_max_abs=args.guard_max_abs,
+        )
+    except ValueError as exc:
+        raise CommandError(str(exc)) from exc
+
+
+def check_config(config: Any) -> None:
+    """Check everything about a run that can be checked without loading anything.
+
+    Run before TensorFlow, the dataset or any process starts, so a mistake costs a second, not
+    the 10-30 s of loading: the aggregator and its parameters (the strategy is built as the run
+    would build it, and a rule is tried once on a few random updates of the round's size, which
+    checks Byzantine bounds such as Krum's K >= 2f+3), the attack, its parameters and its boards,
+    the model against the dataset's image size, and the local training settings.
+
+    Raises
+    ------
+    CommandError
+        Saying what is wrong and what is expected.
+    """
+    from coordinator.rounds import strategy_names
+
+    names = strategy_names()
+    if config.aggregator not in names:
+        raise CommandError(f"unknown aggregator {config.aggregator!r}; valid: {', '.join(names)}")
+    _check_model(config)
+    _check_training(config)
+    _check_strategy(config)
+    _check_attack(config)
+
+
+def _check_model(config: Any) -> None:
+    from models.datasets import INPUT_SHAPES, resolve_dataset_name
+    from models.errors import ModelsError
+    from models.zoo import DEFAULT_MODEL, check_model_input
+
+    dataset = resolve_dataset_name(config.dataset)
+    model = config.model or DEFAULT_MODEL[dataset]
+    try:
+        check_model_input(model, INPUT_SHAPES[dataset], dataset=dataset)
+    except ModelsError as exc:
+        raise CommandError(str(exc)) from exc
+
+
+def _check_training(config: Any) -> None:
+    from models.training import TrainConfig
+
+    try:
+        TrainConfig(
+            epochs=config.local_epochs,
+            batch_size=config.batch_size,
+            learning_rate=config.resolved_lr(),
+            optimizer=config.optimizer,
+        )
+    except ValueError as exc:
+        raise CommandError(f"local training: {exc}") from exc
+
+
+class _NoRootSet:
+    """Stands in for the server's root set while a strategy is only being checked."""
+
+    def accuracy(self, weights: Any) -> float:
+        return 0.0
+
+    def server_update(self, global_weights: Any, round_index: int) -> Any:
+        import numpy as np
+
+        return np.ones_like(global_weights)
+
+
+def _check_strategy(config: Any) -> None:
+    """Build the run's strategy and try a rule once on random updates of the round's size."""
+    import numpy as np
+
+    from coordinator.errors import CoordinatorError
+    from coordinator.rounds import REFUSALS, make_strategy
+    from coordinator.strategy import Submission
+
+    participants = max(1, round(config.client_fraction * config.clients))
+    try:
+        strategy = make_strategy(
+            config.aggregator,
+            dict(config.aggregator_params),
+            oracle=_NoRootSet(),
+            num_clients=config.clients,
+            num_rounds=config.rounds,
+            profile=config.siren_profile,
+            seed=config.seed,
+        )
+    except (CoordinatorError, ValueError, KeyError, TypeError) as exc:
+        raise CommandError(message_of(exc)) from exc
+    if config.aggregator == "siren":
+        return  # its parameters are checked when it is built; it has no Byzantine bound
+    rng = np.random.default_rng(config.seed)
+    dim = 8
+    submissions = [
+        Submission(i, rng.standard_normal(dim).astype(np.float32), 10) for i in range(participants)
+    ]
+    refusals: tuple[type[Exception], ...] = (*REFUSALS, TypeError)
+    try:
+        strategy.step(1, np.zeros(dim, dtype=np.float32), submissions)
+    except refusals as exc:
+        message = message_of(exc)
+        where = "" if participants == config.clients else f" ({participants} boards per round)"
+        if where or not message.startswith(config.aggregator):
+            message = f"--aggregator {config.aggregator}{where}: {message}"
+        raise CommandError(message) from exc
+    except Exception as exc:
+        # Anything else (a rule that fails on random numbers) is for the real run to report.
+        logger.debug("checking %s on random updates: %s", config.aggregator, exc)
+
+
+def _check_attack(config: Any) -> None:
+    if config.attack in (None, "", "none"):
+        return
+    from firmware_sim.attacks import AttackError, get_attack, resolve_params
+    from firmware_sim.attacks.adversary import select_malicious_ids
+
+    try:
+        cls = get_attack(str(config.attack))
+        resolve_params(cls.name, cls.PARAMS, dict(config.attack_params or {}))
+        select_malicious_ids(config.clients, config.malicious, config.malicious_ids, config.seed)
+    except AttackError as exc:
+        raise CommandError(str(exc)) from exc
+
+
+def describe_attack(config: Any) -> str:
+    """``attack sign_flip by 4 of 10 boards`` (or ``attack none``), for a run's header."""
+    if config.attack in (None, "", "none"):
+        return "attack none"
+    from firmware_sim.attacks.adversary import select_malicious_ids
+
+    ids, _ = select_malicious_ids(
+        config.clients, config.malicious, config.malicious_ids, config.seed
+    )
+    return f"attack {config.attack} by {len(ids)} of {config.clients} boards"
+
+
+def warn_about_data_dir(config: Any) -> None:
+    """Print a warning when ``$SIREN_DATA_DIR`` is set but cannot be used and the run may need
+    Fashion-MNIST (the search then goes on without it)."""
+    from models.datasets import data_dir_problem
+
+    problem = data_dir_problem() if config.dataset != "digits" else None
+    if problem is not None:
+        print(f"warning: {problem}", file=sys.stderr, flush=True)
+
+
+def format_round(record: dict[str, Any], total: int) -> str:
+    """One progress line per round."""
+    alarms = sum(bool(v) for v in record.get("alarms", {}).values())
+    line = (
+        f"round {record['round']:>3}/{total}  acc {100 * record['test_accuracy']:6.2f}%  "
+        f"loss {record['test_loss']:.4f}  {record['seconds']:6.1f}s"
+    )
+    if alarms:
+        line += f"  alarms {alarms}"
+    decision = record.get("decision", {})
+    case = decision.get("case")
+    if case is not None:
+        line += f"  case {case}"
+    if decision.get("rollback"):
+        line += " rollback"
+    if decision.get("banned"):
+        line += f"  banned {decision['banned']}"
+    if "attack_success_rate" in record:
+        line += f"  ASR {100 * record['attack_success_rate']:.1f}%"
+    return line

@@ -1,0 +1,290 @@
+"""``siren sim run`` / ``siren sim fleet`` as a new user meets them: run folders that are never
+shared, help that shows the real defaults, every option checked before anything loads, one-line
+errors, a header that says what ``auto`` picked, and a dashboard that outlives the run when asked.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from firmware_sim.fleet_command import RUN_FILES, fleet_out_dir, holds_run, linger_seconds
+from siren_cli.errors import CommandError
+from siren_cli.main import main
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def _fake_run(folder: Path) -> Path:
+    """A folder as a finished fleet run leaves it; returns one of its key files."""
+    key = folder / "fleet" / "keys" / "board-000" / "public.key"
+    key.parent.mkdir(parents=True)
+    key.write_text("ab" * 32 + "\n")
+    (folder / "fleet" / "coordinator").mkdir()
+    (folder / "fleet" / "coordinator" / "coordinator.sqlite").write_bytes(b"not empty")
+    (folder / "history.json").write_text("{}")
+    (folder / "accuracy.png").write_bytes(b"png")
+    return key
+
+
+# -- 1. a run folder is never shared ------------------------------------------------------------
+
+
+def test_without_out_each_fleet_run_gets_a_folder_of_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert fleet_out_dir(None) == (Path("runs/fleet"), None)
+    _fake_run(tmp_path / "runs" / "fleet")
+    out, note = fleet_out_dir(None)
+    assert out == Path("runs/fleet-2") and note == "runs/fleet holds an earlier run"
+    # An interrupted run (keys and database, no history yet) is a run too.
+    (tmp_path / "runs" / "fleet-2" / "fleet" / "keys").mkdir(parents=True)
+    (tmp_path / "runs" / "fleet-2" / "fleet" / "keys" / "x").write_text("x")
+    assert fleet_out_dir(None)[0] == Path("runs/fleet-3")
+    # An empty folder, or one holding other things, holds no run.
+    (tmp_path / "runs" / "fleet-3" / "fleet").mkdir(parents=True)
+    assert not holds_run(tmp_path / "runs" / "fleet-3")
+    assert fleet_out_dir(None)[0] == Path("runs/fleet-3")
+
+
+def test_an_out_folder_holding_a_run_is_refused_unless_overwrite(tmp_path: Path) -> None:
+    out = tmp_path / "mine"
+    key = _fake_run(out)
+    (out / "notes.txt").write_text("mine, not the run's")
+    with pytest.raises(CommandError, match="pass --overwrite to replace it, or give another --out"):
+        fleet_out_dir(str(out))
+    assert key.exists()
+    assert fleet_out_dir(str(out), overwrite=True) == (
+        out,
+        f"removed the earlier run in {out} (--overwrite)",
+    )
+    assert not any((out / name).exists() for name in RUN_FILES)
+    assert (out / "notes.txt").read_text() == "mine, not the run's"  # only the run's files go
+    assert fleet_out_dir(str(out)) == (out, None)
+
+
+def test_a_second_fleet_into_the_same_out_stops_before_touching_the_first(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    key = _fake_run(out)
+    before = key.read_text()
+    code = main(["sim", "fleet", "--dataset", "digits", "--clients", "3", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and "--overwrite" in err, err
+    assert key.read_text() == before  # the first run's keys are untouched
+    assert sorted(p.name for p in (out / "fleet").iterdir()) == ["coordinator", "keys"]
+
+
+# -- 2. the help says what the fleet really runs -------------------------------------------------
+
+
+def _help(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    with pytest.raises(SystemExit) as stop:
+        main([*argv, "--help"])
+    assert stop.value.code == 0
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_fleet_help_shows_the_demo_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    fleet = _help(capsys, "sim", "fleet")
+    assert "siren (see `siren sim aggregators`; default: siren)" in fleet
+    assert "default: sign_flip)" in fleet
+    assert "fraction of malicious boards (default: 0.4)" in fleet
+    assert "default: fedavg" not in fleet
+    run = _help(capsys, "sim", "run")
+    assert "default: fedavg)" in run
+    assert "fleet; default: none)" in run
+    assert "fraction of malicious boards (default: 0)" in run
+
+
+def test_the_header_counts_the_attackers() -> None:
+    from firmware_sim.engine import SimConfig
+    from firmware_sim.options import describe_attack
+
+    demo = SimConfig(clients=10, aggregator="fedavg", attack="sign_flip", malicious=0.4)
+    assert describe_attack(demo) == "attack sign_flip by 4 of 10 boards"
+    assert describe_attack(SimConfig(attack="none")) == "attack none"
+
+
+# -- 3. and 4. every option is checked before anything loads, in one line -----------------------
+
+
+def _run_cli(argv: list[str], cwd: Path, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """Run ``siren ARGV`` in a fresh interpreter; report its exit code, stderr and which heavy
+    libraries it had imported by the end."""
+    code = (
+        "import sys\n"
+        "from siren_cli.main import main\n"
+        f"rc = main({argv!r})\n"
+        "heavy = [m for m in ('tensorflow', 'keras', 'sklearn') if m in sys.modules]\n"
+        "print('HEAVY', ','.join(heavy), file=sys.stderr)\n"
+        "sys.exit(rc)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+    )
+    *lines, heavy = proc.stderr.strip().splitlines()
+    assert heavy.startswith("HEAVY"), proc.stderr
+    return proc.returncode, "\n".join(lines), heavy[len("HEAVY") :].strip()
+
+
+BAD_OPTIONS = [
+    (["--aggregator", "krum", "--agg-param", "f=9"], "krum needs K >= 2f+3 = 21 clients"),
+    (["--aggregator", "krum", "--agg-param", "f=abc"], "f must be an integer, got 'abc'"),
+    (["--aggregator", "krum"], "aggregator 'krum' needs parameter(s) f"),
+    (["--aggregator", "siren", "--agg-param", "c_z=1"], "unknown siren parameter(s) c_z"),
+    (["--aggregator", "bulyan", "--agg-param", "f=2"], "bulyan needs K >= 4f+3 = 11"),
+    (
+        ["--attack", "sign_flip", "--malicious", "0.3", "--attack-param", "boost=abc"],
+        "parameter 'boost' must be a number, got 'abc'",
+    ),
+    (["--model", "siren-cnn"], "model 'siren-cnn' needs images of at least 10x10"),
+    (["--batch-size", "0"], "batch size must be >= 1"),
+]
+
+
+@pytest.mark.parametrize(("options", "message"), BAD_OPTIONS)
+def test_sim_run_refuses_bad_options_before_loading_anything(
+    tmp_path: Path, options: list[str], message: str
+) -> None:
+    argv = ["sim", "run", "--dataset", "digits", *options, "--out", str(tmp_path / "out")]
+    code, err, heavy = _run_cli(argv, tmp_path)
+    assert code == 2
+    assert err.startswith("siren: error: ") and "\n" not in err, err  # one line
+    assert message in err
+    assert heavy == ""  # neither TensorFlow nor the data was loaded
+    assert not (tmp_path / "out").exists()
+
+
+def test_sim_fleet_refuses_bad_options_before_starting_anything(tmp_path: Path) -> None:
+    for options, message in [
+        (["--agg-param", "c_s=2"], "c_s must be in [0, 1], got 2.0"),
+        (["--broker", "mosquito"], "--broker 'mosquito': expected auto, mosquitto, amqtt"),
+        (["--broker", "nohost:99999"], "HOST:PORT of a running broker with a port in 1..65535"),
+        (["--linger", "30"], "--linger keeps the dashboard up after the run: give --api-port"),
+    ]:
+        argv = ["sim", "fleet", "--dataset", "digits", *options, "--out", str(tmp_path / "out")]
+        code, err, heavy = _run_cli(argv, tmp_path)
+        assert (code, heavy) == (2, ""), (options, err)
+        assert err.startswith("siren: error: ") and "\n" not in err and message in err, err
+        assert not (tmp_path / "out").exists()  # no key, no broker, no process
+
+
+def test_a_model_too_big_for_the_images_is_one_line_without_terminal_codes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(
+        ["sim", "run", "--dataset", "digits", "--model", "siren-cnn", "--out", str(tmp_path)]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "\x1b" not in err
+    assert "it was made for 28x28 (Fashion-MNIST)); digits images are 8x8" in err
+    assert "use --model digits-cnn or digits-mlp or dspo-mlp, or --dataset fashion-mnist" in err
+
+
+# -- 6. the header says what auto picked; an unusable SIREN_DATA_DIR is reported ----------------
+
+
+def test_sim_run_header_says_which_data(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    monkeypatch.setenv("SIREN_DATA_DIR", str(empty))
+    code = main(
+        ["sim", "run", "--dataset", "digits", "--clients", "2", "--rounds", "1",
+         "--out", str(tmp_path / "run")]
+    )  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0
+    assert "dataset digits (scikit-learn's bundled 8x8 digits)" in captured.out
+    assert "SIREN_DATA_DIR" not in captured.err  # digits never look for Fashion-MNIST
+    assert json.loads((tmp_path / "run" / "history.json").read_text())["fleet"]["dataset"] == (
+        "digits"
+    )
+
+
+def test_an_unusable_siren_data_dir_is_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from models.datasets import FASHION_MNIST_FILES, data_dir_problem, describe_dataset
+
+    monkeypatch.delenv("SIREN_DATA_DIR", raising=False)
+    assert data_dir_problem() is None
+    monkeypatch.setenv("SIREN_DATA_DIR", str(tmp_path / "missing"))
+    missing = tmp_path / "missing"
+    assert data_dir_problem() == f"SIREN_DATA_DIR={missing} is not a directory; it is ignored"
+    monkeypatch.setenv("SIREN_DATA_DIR", str(tmp_path))
+    assert "holds none of the Fashion-MNIST files" in (data_dir_problem() or "")
+    names = list(FASHION_MNIST_FILES.values())
+    for name in names[:2]:
+        (tmp_path / name).write_bytes(b"")
+    problem = data_dir_problem() or ""
+    assert f"holds only {names[0]}, {names[1]} (missing: {names[2]}, {names[3]}" in problem
+    for name in names[2:]:
+        (tmp_path / name).write_bytes(b"")
+    assert data_dir_problem() is None
+    assert describe_dataset("auto") == f"fashion-mnist (auto) from {tmp_path}"
+    assert describe_dataset("digits") == "digits (scikit-learn's bundled 8x8 digits)"
+    monkeypatch.setattr("models.datasets.fashion_mnist_search_paths", lambda: [tmp_path / "x"])
+    assert describe_dataset("auto").startswith("digits (auto: Fashion-MNIST is not installed")
+
+
+def test_sim_run_warns_about_an_unusable_siren_data_dir_before_the_run(tmp_path: Path) -> None:
+    argv = ["sim", "run", "--clients", "3", "--rounds", "1", "--train-samples", "300",
+            "--test-samples", "100", "--out", str(tmp_path / "run")]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "siren_cli.main", *argv],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(REPO), "SIREN_DATA_DIR": str(tmp_path / "nothing")},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.startswith(
+        f"warning: SIREN_DATA_DIR={tmp_path / 'nothing'} is not a directory; it is ignored\n"
+    )
+    header = proc.stdout.splitlines()[0]
+    assert "attack none, dataset " in header
+    assert "dataset fashion-mnist (auto) from " in header or "dataset digits (auto: " in header
+
+
+def test_siren_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("siren ") and out.count("\n") == 1
+
+
+# -- 7. the dashboard may outlive the run ----------------------------------------------------------
+
+
+def test_the_dashboard_lingers_only_when_asked_or_watched() -> None:
+    # By default: until Ctrl-C for a terminal, not at all for a script or a pipe.
+    assert linger_seconds(None, 8080, interactive=True) == math.inf
+    assert linger_seconds(None, 8080, interactive=False) == 0.0
+    assert linger_seconds(None, None, interactive=True) == 0.0  # no dashboard, nothing to serve
+    # --linger says it explicitly, terminal or not.
+    assert linger_seconds(30.0, 8080, interactive=False) == 30.0
+    assert linger_seconds(0.0, 8080, interactive=True) == 0.0
+    assert linger_seconds(math.inf, 8080, interactive=False) == math.inf
+    with pytest.raises(CommandError, match="give --api-port"):
+        linger_seconds(30.0, None, interactive=True)
+    with pytest.raises(CommandError, match="--linger must be >= 0"):
+        linger_seconds(-1.0, 8080, interactive=True)
