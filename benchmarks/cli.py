@@ -22,6 +22,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "benchmarks.board_aarch64",
         "deployment end to end with boards in an arm64 userland (QEMU; root, ~30 min)",
     ),
+    "litert-builtins": (
+        "benchmarks.litert_builtins",
+        "which zoo models train in LiteRT with builtin ops only (Keras step vs artifact)",
+    ),
     "soak": ("benchmarks.soak", "hostile messages against a live fleet: crashes, counts, models"),
 }
 

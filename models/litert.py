@@ -101,6 +101,17 @@ def _interpreter_class() -> Any:
         ) from exc
 
 
+def interpreter_class() -> Any:
+    """The LiteRT ``Interpreter`` class: ``ai-edge-litert``'s, else ``tflite-runtime``'s.
+
+    Raises
+    ------
+    LiteRTUnavailableError
+        Neither runtime is installed.
+    """
+    return _interpreter_class()
+
+
 def litert_available() -> bool:
     """Whether a LiteRT interpreter can be imported."""
     try:
@@ -415,6 +426,7 @@ __all__ = [
     "export_litert",
     "export_litert_frozen",
     "get_flat_weights",
+    "interpreter_class",
     "litert_available",
     "litert_evaluator",
     "make_evaluator",
