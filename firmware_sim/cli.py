@@ -161,6 +161,13 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
         help="runtime of the alarm's evaluations (default: litert)",
     )
     d.add_argument(
+        "--train-backend",
+        default="keras",
+        choices=["keras", "litert"],
+        help="boards' local training: keras (TensorFlow) or litert (the model's builtin-only "
+        "LiteRT training artifact, as a board without TensorFlow; default: keras)",
+    )
+    d.add_argument(
         "--defense-start-round",
         type=int,
         default=1,
@@ -243,6 +250,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
             alarm_rule=args.alarm_rule,
             alarm_threshold=args.alarm_threshold,
             alarm_backend=args.alarm_backend,
+            train_backend=args.train_backend,
             attack=args.attack,
             malicious=args.malicious,
             malicious_ids=ids,
