@@ -285,7 +285,9 @@ def _locate_weights(flatbuffer: bytes, d: int) -> tuple[tuple[int, np.ndarray], 
             values = np.asarray(interpreter.get_tensor(detail["index"]), dtype=np.float32)
         except ValueError:
             continue
-        if values.size == 0 or values.min() < 1 or values.max() > d:
+        if values.size == 0 or not np.all(np.isfinite(values)):
+            continue
+        if values.min() < 1 or values.max() > d:
             continue
         if not np.array_equal(values, np.round(values)):
             continue

@@ -131,8 +131,9 @@ class TrainingArtifact:
         return buf.getvalue()
 
     def save(self, path: Path) -> Path:
-        """Write the artifact to ``path`` (atomically) and return it."""
+        """Write the artifact to ``path`` (atomically; folders created) and return it."""
         target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(target.name + ".tmp")
         tmp.write_bytes(self.to_bytes())
         tmp.replace(target)
