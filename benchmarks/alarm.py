@@ -456,6 +456,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         "else ./alarm.md)",
     )
     p.add_argument("--note", default="", help="a line written above the table (e.g. 'emulated')")
+    p.add_argument(
+        "--backends",
+        default=None,
+        help="board mode: compare the board's training backends (comma-separated: keras, "
+        "litert): installed size, import time, peak RSS, training per epoch and alarm time on "
+        "one core (writes board-backends.md)",
+    )
+    p.add_argument(
+        "--artifact",
+        type=Path,
+        default=None,
+        help="board mode: the model's LiteRT training artifact (default: converted here, which "
+        "needs TensorFlow; pass it on a board without TensorFlow)",
+    )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--pinned", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -476,6 +490,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [m for m in models if m not in MODELS]
     if unknown:
         p.error(f"unknown model(s) {unknown}; valid: {', '.join(MODELS)}")
+    if args.backends is not None:
+        from benchmarks.board_backends import BACKENDS, run
+
+        backends = [b for b in args.backends.split(",") if b]
+        if not backends or any(b not in BACKENDS for b in backends):
+            p.error(f"--backends takes {', '.join(BACKENDS)}, got {args.backends!r}")
+        if args.artifact is not None and not args.artifact.exists():
+            p.error(f"--artifact {args.artifact} does not exist")
+        out = args.out or default_output().with_name("board-backends.md")
+        problem = unwritable(out)
+        if problem:
+            p.error(f"cannot write {out}: {problem}; pass --out")
+        return run(models, backends, args, out)
     if args.worker:
         measured = worker(
             models[0], args.pinned, args.rounds, args.epochs, args.batch_size, args.data
