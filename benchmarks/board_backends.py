@@ -254,7 +254,6 @@ def run(
 ) -> int:
     """Measure every model with every backend and write ``out`` (the parent's side)."""
     results = []
-    note = args.note or ""
     with tempfile.TemporaryDirectory(prefix="siren-board-backends-") as tmp:
         for model in models:
             data = args.data or board_data(model, Path(tmp))
@@ -265,14 +264,28 @@ def run(
             for backend in backends:
                 print(f"measuring {model} with the {backend} backend, one core ...", flush=True)
                 results.append(_run_worker(backend, model, args, data, artifact))
+    write_results(results, models, backends, args, out)
+    return 0
+
+
+def write_results(
+    results: list[dict[str, Any]],
+    models: Sequence[str],
+    backends: Sequence[str],
+    args: Any,
+    out: Path,
+) -> None:
+    """Print the table and write ``out`` (Markdown with the raw results as JSON)."""
+    note = args.note or ""
     table = format_table(results, note)
     print(table)
     largest = "; ".join(
-        f"{r['backend']} ({r['model']}): "
+        f"{r['backend']}: "
         + ", ".join(f"{n} {b / 2**20:.0f} MiB" for n, b in r["installed_largest"])
         for r in results
         if r["model"] == results[0]["model"]
     )
+    shared = [r for r in results if r["train_epoch_s"] > 1.3 * r["train_epoch_cpu_s"]]
     out.parent.mkdir(parents=True, exist_ok=True)
     data_arg = f" --data {args.data.name}" if args.data else ""
     out.write_text(
@@ -286,17 +299,24 @@ def run(
         f"{', '.join(f'{v:.2f}' for v in os.getloadavg())}.\n\n"
         "Each row is a fresh worker process that loads only a board's data (a shard of the "
         "dataset, 10% of it the local test split, from an npz file as on a board): import time "
-        "is the board program with its "
-        "backend's libraries; start-up builds the trainer and the alarm's evaluator; training "
-        "and alarm times are medians over the rounds (after a warm-up epoch); peak RSS is the "
-        "worker's `VmHWM`. Installed size is the closure of the backend's "
-        "`requirements-board.txt` over the wheels installed on this machine. The litert rows "
-        "run the model's builtin-only LiteRT training artifact and never import TensorFlow.\n\n"
-        f"{table}\n\nLargest installed distributions: {largest}.\n\n"
+        "is the board program with its backend's libraries; start-up builds the trainer and the "
+        "alarm's evaluator; training and alarm times are medians over the rounds (after a "
+        "warm-up epoch); peak RSS is the worker's `VmHWM`. Installed size is the closure of the "
+        "backend's `requirements-board.txt` over the wheels installed on this machine. The "
+        "litert rows run the model's builtin-only LiteRT training artifact and never import "
+        "TensorFlow.\n\n"
+        f"{table}\n\n"
+        + (
+            "Training wall time well above its CPU time means the pinned core also ran other "
+            "processes during the measurement (this machine was shared): compare the backends' "
+            "CPU times.\n\n"
+            if shared
+            else ""
+        )
+        + f"Largest installed distributions: {largest}.\n\n"
         f"```json\n{json.dumps(results, indent=1)}\n```\n"
     )
     print(f"wrote {out}")
-    return 0
 
 
 if __name__ == "__main__":
