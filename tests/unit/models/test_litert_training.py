@@ -60,14 +60,21 @@ def _relative_errors(got, expected):
 
 
 def test_plain_keras_step_needs_flex_ops_today():
-    """What the converter refuses without a Flex delegate (recorded in litert-builtins.md)."""
+    """What the converter refuses without a Flex delegate (recorded in litert-builtins.md).
+
+    The cross-entropy's ``SparseSoftmaxCrossEntropyWithLogits`` is among them only while
+    TensorFlow's op determinism is off (with it on, as after ``seed_everything``, TensorFlow
+    builds the loss from other ops); the three gradient ops are needed either way.
+    """
     model = build_model("digits-cnn", (8, 8, 1), 10)
-    assert flex_ops_of_keras_step(model) == [
+    ops = flex_ops_of_keras_step(model)
+    assert {"Conv2DBackpropFilter", "MaxPoolGrad", "ReluGrad"} <= set(ops)
+    assert set(ops) <= {
         "Conv2DBackpropFilter",
         "MaxPoolGrad",
         "ReluGrad",
         "SparseSoftmaxCrossEntropyWithLogits",
-    ]
+    }
 
 
 def test_flex_ops_are_read_from_the_converter_message():
