@@ -104,7 +104,7 @@ class LiteRTTrainer:
         self._infer = runners["infer"]
         self._set = runners["set_weights"]
         self.initial_weights = weights
-        self._lr = np.asarray(config.learning_rate, dtype=np.float32)
+        self._lr = np.array([config.learning_rate], dtype=np.float32)
 
     def load(self, weights: np.ndarray) -> None:
         """Load a flat weight vector into the interpreter's variables."""

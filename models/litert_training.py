@@ -28,7 +28,7 @@ run it with :class:`~models.litert_trainer.LiteRTTrainer`, without TensorFlow.
 
 Signatures of the training flatbuffer (``B`` is the batch size, ``d`` the flat weight size)::
 
-    train(x: f32[B, *input], y: i32[B], weight: f32[B], learning_rate: f32[])
+    train(x: f32[B, *input], y: i32[B], weight: f32[B], learning_rate: f32[1])
         -> {"loss": f32[]}          # one optimizer step on the weighted mean loss
     gradient(x, y, weight) -> {"gradient": f32[d], "loss": f32[]}   # no update
     infer(x: f32[B, *input]) -> {"logits": f32[B, C]}
@@ -390,7 +390,9 @@ def _training_module(model: Any, optimizer: str, momentum: float) -> Any:
     x_spec = tf.TensorSpec(input_shape, tf.float32, name="x")
     y_spec = tf.TensorSpec([None], tf.int32, name="y")
     w_spec = tf.TensorSpec([None], tf.float32, name="weight")
-    lr_spec = tf.TensorSpec([], tf.float32, name="learning_rate")
+    # A one-element vector, not a scalar: LiteRT's aarch64 build crashed on a 0-d float input
+    # (ai-edge-litert 2.3 under QEMU; the same graph with a [1] input runs).
+    lr_spec = tf.TensorSpec([1], tf.float32, name="learning_rate")
     use_momentum = optimizer == "sgd" and momentum != 0.0
 
     class TrainingModule(tf.Module):  # type: ignore[misc]
