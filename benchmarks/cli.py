@@ -23,6 +23,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "deployment end to end with boards in an arm64 userland (QEMU; root, ~30 min)",
     ),
     "soak": ("benchmarks.soak", "hostile messages against a live fleet: crashes, counts, models"),
+    "image-boot": (
+        "benchmarks.image_boot",
+        "the Raspberry Pi image booted under QEMU joins a fleet (root; builds the image first)",
+    ),
 }
 
 

@@ -306,6 +306,8 @@ def scrub(rootfs: Path, host_cas: Sequence[Path] = ()) -> None:
     for folder in ("tmp", "var/tmp"):
         for p in (rootfs / folder).iterdir() if (rootfs / folder).is_dir() else []:
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    for junk in [*(rootfs / "boot").glob("*.dpkg-bak"), *(rootfs / "boot").glob("*.new")]:
+        junk.unlink()
     for log in ("var/log/apt", "var/log/bootstrap.log", "var/log/alternatives.log"):
         p = rootfs / log
         if p.is_dir():
@@ -324,7 +326,9 @@ def write_image_files(rootfs: Path, options: BuildOptions) -> list[str]:
     (rootfs / "etc/fstab").write_text(fstab_text(ROOT_LABEL, BOOT_LABEL))
     (rootfs / "boot/firmware").mkdir(parents=True, exist_ok=True)
     enabled = list(firstboot.ENABLED_UNITS)
-    for unit in ("ssh.service", "ssh.socket", "sshd.service"):
+    # SSH only with a key; Wi-Fi through wpa_supplicant@wlan0 (not the D-Bus-driven daemon
+    # the package enables, which nothing here talks to).
+    for unit in ("ssh.service", "ssh.socket", "sshd.service", "wpa_supplicant.service"):
         disable_unit(rootfs, unit)
     if options.ssh_keys:
         ssh = rootfs / "root/.ssh"
@@ -479,6 +483,11 @@ def build_image(options: BuildOptions, log: Callable[[str], None] = _say) -> Ima
         steps["copy the cached root"] = time.monotonic() - t
 
         t = time.monotonic()
+        # The host's CAs go before the bundle is rebuilt from what is left (scrub removes them
+        # too, and find_leftovers checks the bundle).
+        local_cas = staging / "usr/local/share/ca-certificates"
+        for crt in sorted(local_cas.rglob("*.crt")) if local_cas.is_dir() else []:
+            crt.unlink()
         wheel = _install_board_program(staging, spec.venv, options.source_root, log)
         steps["install the board wheel, rebuild the CA bundle (emulated)"] = time.monotonic() - t
 
