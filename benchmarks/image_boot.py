@@ -23,8 +23,9 @@ What a board owner does with ``siren image``, on this machine:
 
 Machines: ``-M virt`` by default (``--machine raspi3b`` tries the Raspberry Pi 3 model with the
 image's own device tree): QEMU 7.2 has no Raspberry Pi 4 model, and its ``raspi3b`` has a fixed
-1 GiB of memory (a board's TensorFlow process needs about 600-750 MiB next to the system: the
-project's docs ask for 2 GB boards), USB networking only, and no real-time clock. ``virt`` runs
+1 GiB of memory (the board's TensorFlow process peaked at 546 MiB there with the digits MLP;
+the project's docs ask for 2 GB boards), USB networking only, no real-time clock, and it is
+slower (``benchmarks/results/image-raspi3b.md``). ``virt`` runs
 the same kernel, initrd and root filesystem with a Cortex-A72 (the Pi 4's core), 2 GiB and
 virtio disk and network.
 
