@@ -141,7 +141,7 @@ def register(sub: Any) -> None:
     s = p.add_subparsers(dest="image_command", metavar="ACTION")
     b = s.add_parser(
         "build",
-        help="build an SD-card image for Raspberry Pi 4 (as root; the first build takes ~30 min)",
+        help="build an SD-card image for Raspberry Pi 4 (as root; first build ~1 h, then minutes)",
     )
     b.add_argument("--out", type=Path, default=Path("siren-board.img"),
                    help="image file (default siren-board.img; also writes .img.xz and "
