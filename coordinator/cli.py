@@ -20,6 +20,7 @@ def _run(args: argparse.Namespace) -> int:
     from coordinator.runtime import build_runtime
     from coordinator.service import CoordinatorService
     from coordinator.store import CoordinatorStore
+    from coordinator.streaming_engine import StreamingRoundEngine
     from models.errors import ModelsError
     from protocol.errors import AllowListError, KeyFileError
     from protocol.keys import AllowList, load_signing_key
@@ -34,7 +35,8 @@ def _run(args: argparse.Namespace) -> int:
             "run %s: loading the model and the root set (TensorFlow; a few seconds)", config.run
         )
         runtime = build_runtime(config, len(keys))
-        engine = RoundEngine(config, runtime, store, signing_key, keys)
+        engine_class = StreamingRoundEngine if config.admission.streaming else RoundEngine
+        engine = engine_class(config, runtime, store, signing_key, keys)
     except (ConfigError, KeyFileError, AllowListError, CoordinatorError, ModelsError) as exc:
         raise CommandError(str(exc)) from exc
     except (ValueError, KeyError) as exc:

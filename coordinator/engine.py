@@ -519,6 +519,21 @@ class RoundEngine(OperatorActions):
             return "deadline"
         return None
 
+    def _aggregate(
+        self, strategy: Any, t: int, weights: np.ndarray, entries: list[_Admitted]
+    ) -> StepResult:
+        """The round's step: the strategy behind the global-model guard, in board order."""
+        submissions = [Submission(e.index, e.delta, e.samples, e.alarm) for e in entries]
+        guard = self.config.aggregator
+        return guarded_step(
+            strategy,
+            t,
+            weights,
+            submissions,
+            factor=guard.guard_factor,
+            max_abs=guard.guard_max_abs,
+        )
+
     def close_round(self, now: float | None = None, reason: str = "all") -> bytes | None:
         """Aggregate the open round, commit it with ``g_{t+1}``, and return ``g_{t+1}``'s message.
 
@@ -534,21 +549,13 @@ class RoundEngine(OperatorActions):
         t = state.round
         started = self.clock() if now is None else now
         entries = sorted(state.admitted.values(), key=lambda e: e.index)
-        submissions = [Submission(e.index, e.delta, e.samples, e.alarm) for e in entries]
         defended = t >= self.config.defense_start_round or self.runtime.undefended is None
         strategy = self.runtime.strategy if defended else self.runtime.undefended
         assert strategy is not None
         t0 = time.perf_counter()
         failure: str | None = None
         try:
-            result = guarded_step(
-                strategy,
-                t,
-                state.glob.weights,
-                submissions,
-                factor=self.config.aggregator.guard_factor,
-                max_abs=self.config.aggregator.guard_max_abs,
-            )
+            result = self._aggregate(strategy, t, state.glob.weights, entries)
         except Exception as exc:
             saved = self.store.latest_strategy_state()
             if saved is not None:
