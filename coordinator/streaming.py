@@ -56,6 +56,9 @@ CHUNKS = 8
 #: New rows whose dot products share one pass over the old rows.
 GROUP = 16
 _UNIT = 2.0**-53
+#: Products below which pair_dots runs its chunks on the calling thread (waking the pool would
+#: cost more than the work).
+_PARALLEL_WORK = 1 << 24
 
 
 @njit(nogil=True, fastmath={"reassoc", "contract"}, cache=True)
@@ -129,11 +132,21 @@ def pair_dots(x: np.ndarray, new: Sequence[int], old: Sequence[int]) -> np.ndarr
         _chunk_dots(mat, a, b, span[0], span[1], BLOCK, part)
         return part
 
-    parts = parallel_map(chunk, _chunks(mat.shape[1]))
+    spans = _chunks(mat.shape[1])
+    if a.size * b.size * mat.shape[1] < _PARALLEL_WORK:
+        parts = [chunk(span) for span in spans]  # the same chunks: the same sums
+    else:
+        parts = parallel_map(chunk, spans)
     total = parts[0]
     for part in parts[1:]:
         total += part
     return total
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's cache) the kernels now, so no admission pays for it."""
+    x = np.ones((2, BLOCK + 3), dtype=np.float32)
+    pair_dots(x, [0], [0, 1])
 
 
 def chain_length(d: int) -> int:

@@ -133,6 +133,17 @@ class StreamingRoundEngine(RoundEngine):
             stream.reset(state.round)
         return stream
 
+    def start(self) -> bytes:
+        """:meth:`RoundEngine.start`, with the streaming kernels compiled (or loaded from
+        numba's cache) before the first update arrives."""
+        from coordinator import streaming, streaming_select
+
+        streaming.warm_up()
+        strategy = self.runtime.strategy
+        if isinstance(strategy, RuleStrategy) and strategy.name in ("median", "trimmed_mean"):
+            streaming_select.warm_up()
+        return super().start()
+
     def _load(self) -> bytes:
         message = super()._load()
         self.stream = None

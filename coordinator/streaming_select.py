@@ -478,6 +478,16 @@ def _coordinatewise(x: np.ndarray, trim: int) -> tuple[np.ndarray, np.ndarray]:
     return out, np.asarray(np.sum(parts, axis=0), dtype=np.int64)
 
 
+def warm_up() -> None:
+    """Compile (or load from numba's cache) the kernels now, so no close pays for it."""
+    x = np.arange(4 * 200, dtype=np.float32).reshape(200, 4)
+    frozen = x.view()
+    frozen.flags.writeable = False  # buffer views are read-only: a second compiled variant
+    for m in (x, frozen):
+        median_of_columns(m)
+        trimmed_mean_of_columns(m, 3)
+
+
 def median_of_columns(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Coordinate-wise median and per-row usage counts of a finite ``(K, d)`` matrix, equal to
     :func:`coordinator.aggregators.coordinatewise.coordinate_median`'s (up to the sign of a
