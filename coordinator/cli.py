@@ -15,12 +15,10 @@ def _run(args: argparse.Namespace) -> int:
 
     from coordinator.boards import expected_clients, revoked_keys
     from coordinator.config import ConfigError, CoordinatorConfig
-    from coordinator.engine import RoundEngine
     from coordinator.errors import CoordinatorError
     from coordinator.runtime import build_runtime
-    from coordinator.service import CoordinatorService
+    from coordinator.shard_service import engine_class, service_class
     from coordinator.store import CoordinatorStore
-    from coordinator.streaming_engine import StreamingRoundEngine
     from models.errors import ModelsError
     from protocol.errors import AllowListError, KeyFileError
     from protocol.keys import AllowList, load_signing_key
@@ -35,13 +33,15 @@ def _run(args: argparse.Namespace) -> int:
             "run %s: loading the model and the root set (TensorFlow; a few seconds)", config.run
         )
         runtime = build_runtime(config, len(keys))
-        engine_class = StreamingRoundEngine if config.admission.streaming else RoundEngine
-        engine = engine_class(config, runtime, store, signing_key, keys)
+        admission = config.admission
+        engine = engine_class(admission.streaming, admission.shards)(
+            config, runtime, store, signing_key, keys
+        )
     except (ConfigError, KeyFileError, AllowListError, CoordinatorError, ModelsError) as exc:
         raise CommandError(str(exc)) from exc
     except (ValueError, KeyError) as exc:
         raise CommandError(message_of(exc)) from exc
-    service = CoordinatorService(config, engine)
+    service = service_class(config.admission.shards)(config, engine)
     api_server = None
     try:
         if config.api.enabled:

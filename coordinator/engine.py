@@ -365,7 +365,7 @@ class RoundEngine(OperatorActions):
         """
         at = self.clock() if received_at is None else received_at
         current = self.round
-        digest = hashlib.sha256(payload).hexdigest()
+        digest = self._digest(payload)
         if self.store.digest_round(digest) is not None:
             self.store.count(current, Reason.DUPLICATE.value)
             return AdmissionDecision(
@@ -436,6 +436,10 @@ class RoundEngine(OperatorActions):
                 at=at,
             )
         return decision
+
+    def _digest(self, payload: bytes) -> str:
+        """SHA-256 of a whole message: what a resent copy is recognised by."""
+        return hashlib.sha256(payload).hexdigest()
 
     def _signed_by_banned(self, payload: bytes, client: str | None) -> bool:
         """Whether ``payload`` is a valid message signed by ``client``, an operator-banned board.
@@ -525,14 +529,8 @@ class RoundEngine(OperatorActions):
         """The round's step: the strategy behind the global-model guard, in board order."""
         submissions = [Submission(e.index, e.delta, e.samples, e.alarm) for e in entries]
         guard = self.config.aggregator
-        return guarded_step(
-            strategy,
-            t,
-            weights,
-            submissions,
-            factor=guard.guard_factor,
-            max_abs=guard.guard_max_abs,
-        )
+        factor, max_abs = guard.guard_factor, guard.guard_max_abs
+        return guarded_step(strategy, t, weights, submissions, factor=factor, max_abs=max_abs)
 
     def close_round(self, now: float | None = None, reason: str = "all") -> bytes | None:
         """Aggregate the open round, commit it with ``g_{t+1}``, and return ``g_{t+1}``'s message.

@@ -46,6 +46,7 @@ class _Inbound:
     mid: int = 0
     qos: int = 0
     received_at: float = 0.0
+    origin: int = -1  # the admission process that received it (-1: this process)
 
 
 class CoordinatorService:
@@ -289,7 +290,7 @@ class CoordinatorService:
                 self._handle(event, ack=False)
         # Acknowledge only after the outcome is committed: an uncommitted update is redelivered.
         for event in burst:
-            self._client.ack(event.mid, event.qos)
+            self._ack(event)
         if following is not None:
             self._handle(following)
 
@@ -316,4 +317,8 @@ class CoordinatorService:
                 self._last_progress = time.monotonic()
                 self._resend_after = self.config.resend_interval
         if ack:
-            self._client.ack(event.mid, event.qos)
+            self._ack(event)
+
+    def _ack(self, event: _Inbound) -> None:
+        """Acknowledge a message to the broker (through whichever client received it)."""
+        self._client.ack(event.mid, event.qos)
