@@ -7,7 +7,8 @@ the same updates, computed from what admission already prepared:
   streamed float64 Gram matrix (``O(K²)``), then the batch rule's own scoring code;
 * **FLTrust**: cosines from the dot products with the server update taken on admission and the
   rows' squared norms (``O(K)``), then the batch rule's combination (one pass over the rows);
-* **median, trimmed mean**: :mod:`coordinator.streaming_select` (one read of the rows);
+* **median, trimmed mean**: :mod:`coordinator.streaming_select` (one read of the rows) from
+  :data:`COUNTING_FROM` updates on, the batch functions below (equal results either way);
 * **SIREN's weight analysis**: :class:`StreamingCosines` (``O(1)`` per pair from the Gram
   matrix, or ``O(d)`` from the rows).
 
@@ -43,7 +44,12 @@ from coordinator.aggregators.base import (
     require_clients,
     validate_weights,
 )
-from coordinator.aggregators.coordinatewise import trim_count, usage_verdicts
+from coordinator.aggregators.coordinatewise import (
+    coordinate_median,
+    coordinate_trimmed_mean,
+    trim_count,
+    usage_verdicts,
+)
 from coordinator.aggregators.fltrust import fltrust_result, validate_server_update
 from coordinator.aggregators.krum import (
     bulyan_result,
@@ -60,6 +66,9 @@ from coordinator.streaming_select import median_of_columns, trimmed_mean_of_colu
 _UNIT = 2.0**-53
 #: Rules closed from the streaming state; every other rule runs as a batch rule on the buffer.
 STREAMED = frozenset({"krum", "multi_krum", "bulyan", "fltrust", "median", "trimmed_mean"})
+#: From this many updates the coordinate-wise rules count (coordinator.streaming_select)
+#: instead of sorting every coordinate (equal results; which is faster depends on K).
+COUNTING_FROM = 512
 #: Rules that need the Gram matrix.
 PAIRWISE = frozenset({"krum", "multi_krum", "bulyan"})
 
@@ -362,13 +371,19 @@ class StreamedClose:
             fv = check_count("f", f)
             require_clients("median", self.k, 2 * fv + 1, "2f+1", f=fv)
             info["f"] = fv
-        vector, used = median_of_columns(self.matrix)
+        if self.k >= COUNTING_FROM:
+            vector, used = median_of_columns(self.matrix)
+        else:  # a vectorised sort of a few hundred values per coordinate is faster
+            vector, used = coordinate_median(self.matrix)
         return AggregationResult(vector, usage_verdicts("median", used, self.stream.d), info=info)
 
     def _trimmed_mean(self, weights: np.ndarray, *, beta: int | float = 0.1) -> AggregationResult:
         trim = trim_count(beta, self.k)
         require_clients("trimmed_mean", self.k, 2 * trim + 1, "2*beta+1", beta=trim)
-        vector, used = trimmed_mean_of_columns(self.matrix, trim)
+        if self.k >= COUNTING_FROM and trim >= 8:
+            vector, used = trimmed_mean_of_columns(self.matrix, trim)
+        else:  # the batch function's insertion network (trim < 8) or short sorts are faster
+            vector, used = coordinate_trimmed_mean(self.matrix, trim)
         verdicts = usage_verdicts("trimmed_mean", used, self.stream.d)
         return AggregationResult(vector, verdicts, info={"trim": trim})
 
