@@ -7,8 +7,10 @@ the same updates, computed from what admission already prepared:
   streamed float64 Gram matrix (``O(K²)``), then the batch rule's own scoring code;
 * **FLTrust**: cosines from the dot products with the server update taken on admission and the
   rows' squared norms (``O(K)``), then the batch rule's combination (one pass over the rows);
-* **median, trimmed mean**: :mod:`coordinator.streaming_select` (one read of the rows) from
-  :data:`COUNTING_FROM` updates on, the batch functions below (equal results either way);
+* **median**: :mod:`coordinator.streaming_select` (one read of the rows) from
+  :data:`COUNTING_FROM` updates on, the batch function below (equal results either way);
+  **trimmed mean**: the batch function on the buffer (faster than counting two order
+  statistics; :func:`coordinator.streaming_select.trimmed_mean_of_columns` gives equal results);
 * **SIREN's weight analysis**: :class:`StreamingCosines` (``O(1)`` per pair from the Gram
   matrix, or ``O(d)`` from the rows).
 
@@ -61,12 +63,12 @@ from coordinator.aggregators.krum import (
     rank_by_score,
 )
 from coordinator.streaming import StreamingRound, dot_error_factor, pair_dots
-from coordinator.streaming_select import median_of_columns, trimmed_mean_of_columns
+from coordinator.streaming_select import median_of_columns
 
 _UNIT = 2.0**-53
 #: Rules closed from the streaming state; every other rule runs as a batch rule on the buffer.
 STREAMED = frozenset({"krum", "multi_krum", "bulyan", "fltrust", "median", "trimmed_mean"})
-#: From this many updates the coordinate-wise rules count (coordinator.streaming_select)
+#: From this many updates the median is found by counting (coordinator.streaming_select)
 #: instead of sorting every coordinate (equal results; which is faster depends on K).
 COUNTING_FROM = 512
 #: Rules that need the Gram matrix.
@@ -380,10 +382,10 @@ class StreamedClose:
     def _trimmed_mean(self, weights: np.ndarray, *, beta: int | float = 0.1) -> AggregationResult:
         trim = trim_count(beta, self.k)
         require_clients("trimmed_mean", self.k, 2 * trim + 1, "2*beta+1", beta=trim)
-        if self.k >= COUNTING_FROM and trim >= 8:
-            vector, used = trimmed_mean_of_columns(self.matrix, trim)
-        else:  # the batch function's insertion network (trim < 8) or short sorts are faster
-            vector, used = coordinate_trimmed_mean(self.matrix, trim)
+        # The batch function (insertion network for small trims, a vectorised sort per
+        # coordinate otherwise) measured faster than counting for both order statistics
+        # (benchmarks/results/round-close.md); the results are equal.
+        vector, used = coordinate_trimmed_mean(self.matrix, trim)
         verdicts = usage_verdicts("trimmed_mean", used, self.stream.d)
         return AggregationResult(vector, verdicts, info={"trim": trim})
 
