@@ -13,6 +13,8 @@ Example (relative paths are relative to the file's directory)::
     seed = 0
     round_timeout = 300.0             # s; then close with a quorum (0 = wait for every board)
     quorum = 0.5                      # fraction of expected boards needed at the deadline
+    client_fraction = 1.0             # fraction of the boards drawn for each round (1: all)
+    clients_per_round = 0             # or this many boards per round (0: client_fraction)
     resend_interval = 30.0            # s without progress before re-announcing the global
                                       # model of a round (then doubling, up to 8x)
     max_message_bytes = 0             # 0: the protocol's default limit for the model
@@ -94,6 +96,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from coordinator.errors import CoordinatorError
+from coordinator.selection import Sampling
 from models.settings import SPLIT_COMMENTS, SplitSettings
 from models.training import DEFAULT_LR, default_learning_rate
 from protocol import mqtt
@@ -142,6 +145,9 @@ COMMENTS: dict[str, dict[str, str]] = {
         "seed": "seed of the initial model and of every random choice",
         "round_timeout": "seconds before a round closes with a quorum (0 = wait for every board)",
         "quorum": "fraction of expected boards needed to close at the deadline",
+        "client_fraction": "fraction of the boards drawn (seeded) to take part in each round; "
+        "1: every board, every round",
+        "clients_per_round": "draw this many boards per round instead (0: client_fraction)",
         "resend_interval": "seconds without progress before the global model is announced "
         "again (then doubling, up to 8x)",
         "max_message_bytes": "largest update message (0: 4x the model plus header room)",
@@ -338,6 +344,8 @@ class CoordinatorConfig:
     seed: int = 0
     round_timeout: float = 300.0
     quorum: float = 0.5
+    client_fraction: float = 1.0
+    clients_per_round: int | None = None
     resend_interval: float = 30.0
     max_message_bytes: int | None = None
     max_samples: int | None = None
@@ -367,6 +375,20 @@ class CoordinatorConfig:
             raise ConfigError(f"coordinator.rounds must be >= 1, got {self.rounds}")
         if not 0.0 < self.quorum <= 1.0:
             raise ConfigError(f"coordinator.quorum must be in (0, 1], got {self.quorum}")
+        if not 0.0 < self.client_fraction <= 1.0:
+            raise ConfigError(
+                f"coordinator.client_fraction must be in (0, 1], got {self.client_fraction}"
+            )
+        if self.clients_per_round is not None:
+            if self.clients_per_round < 1:
+                raise ConfigError(
+                    f"coordinator.clients_per_round must be >= 1 (0: use client_fraction), "
+                    f"got {self.clients_per_round}"
+                )
+            if self.client_fraction != 1.0:
+                raise ConfigError(
+                    "set coordinator.client_fraction or coordinator.clients_per_round, not both"
+                )
         if self.defense_start_round < 1:
             raise ConfigError(
                 f"coordinator.defense_start_round must be >= 1, got {self.defense_start_round}"
@@ -378,6 +400,11 @@ class CoordinatorConfig:
                 f"coordinator.max_samples must be in [1, 2^53 - 1] (0: the default), "
                 f"got {self.max_samples}"
             )
+
+    @property
+    def sampling(self) -> Sampling:
+        """The run's client sampling (:class:`coordinator.selection.Sampling`)."""
+        return Sampling(self.client_fraction, self.clients_per_round)
 
     def quorum_count(self, expected: int) -> int:
         """Admitted updates needed to close a round at its deadline: ``ceil(quorum · K)``."""
@@ -433,6 +460,8 @@ class CoordinatorConfig:
                 "seed": int(main.pop("seed", 0)),
                 "round_timeout": float(main.pop("round_timeout", 300.0)),
                 "quorum": float(main.pop("quorum", 0.5)),
+                "client_fraction": float(main.pop("client_fraction", 1.0)),
+                "clients_per_round": int(main.pop("clients_per_round", 0)) or None,
                 "resend_interval": float(main.pop("resend_interval", 30.0)),
                 "max_message_bytes": int(main.pop("max_message_bytes", 0)) or None,
                 "max_samples": int(main.pop("max_samples", 0)) or None,
@@ -483,6 +512,8 @@ class CoordinatorConfig:
             "seed": self.seed,
             "round_timeout": float(self.round_timeout),
             "quorum": float(self.quorum),
+            "client_fraction": float(self.client_fraction),
+            "clients_per_round": self.clients_per_round or 0,
             "resend_interval": float(self.resend_interval),
             "max_message_bytes": self.max_message_bytes or 0,
             "max_samples": self.max_samples or 0,

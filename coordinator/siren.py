@@ -94,6 +94,21 @@ sign-flipped updates, so ``weight_analysis=False`` removes those false rejection
 relative alarm rule removes the false alarms instead, but then attackers that stay silent poison
 every round in which no board alarms (Fig. 3 case 2), which the printed rule prevents.
 
+**Client sampling** (:mod:`coordinator.selection`; SIREN §2.1 selects ``|K|`` clients per
+round). Only the boards drawn for a round send an update, and everything above is over them:
+``S_a``, ``S_s`` and ``S_b`` are subsets of the round's participants, and penalties and awards
+change only the counts of boards that took part (a board that was not drawn is neither judged,
+nor probed, nor awarded; its count and its ban carry over to the next round it is drawn for).
+A participant's alarm compares ``g_t`` with *its own latest local model*, from the last round
+it took part in, possibly several rounds old (:func:`edge_client.board.board_step`); a board
+taking part for the first time has none and never alarms. ``C_p`` is not rescaled: it stays
+``0.45·K`` (all boards of the run) or ``int(0.45·T)`` (all rounds), so a board drawn for a
+fraction ``f`` of the rounds needs as many malicious judgements as with full participation, in
+about ``f·T`` rounds, to be banned. Measured in the README's demo with half of the boards drawn:
+no honest board is banned, and attackers are often not banned either -- SIREN then rejects their
+updates round by round (rollback, case 3/4) instead (``docs/participation.md``); set ``c_p`` to
+ban them sooner.
+
 Complexity per round: at most ``K + probes`` root-set evaluations (none in cases 1-2 without
 probes), ``O(K d)`` for the weight analysis and the weighted sum.
 """

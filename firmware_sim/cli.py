@@ -12,6 +12,7 @@ from firmware_sim.options import (
     check_config,
     config_from_args,
     describe_attack,
+    describe_sampling,
     format_round,
     warn_about_data_dir,
 )
@@ -111,7 +112,15 @@ def add_run_options(
         "--client-fraction",
         type=float,
         default=1.0,
-        help="fraction of boards taking part in each round (default: 1.0)",
+        help="fraction of boards drawn to take part in each round, a seeded draw per round "
+        "(the same in siren sim run and siren sim fleet; default: 1.0, every board)",
+    )
+    t.add_argument(
+        "--clients-per-round",
+        type=int,
+        default=None,
+        metavar="M",
+        help="draw M boards per round instead of a fraction (default: --client-fraction)",
     )
     t.add_argument("--seed", type=int, default=0, help="seed of every random choice (default: 0)")
     d = p.add_argument_group("defense")
@@ -301,7 +310,8 @@ def _run(args: argparse.Namespace) -> int:
 
     warn_about_data_dir(config)
     print(
-        f"siren sim run: {config.clients} boards, {config.rounds} rounds, "
+        f"siren sim run: {config.clients} boards, {config.rounds} rounds"
+        f"{describe_sampling(config)}, "
         f"aggregator {config.aggregator}, {describe_attack(config)}, "
         f"dataset {describe_dataset(config.dataset)}",
         flush=True,

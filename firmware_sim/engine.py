@@ -17,6 +17,7 @@ import numpy as np
 
 from coordinator.oracle import RootSetOracle
 from coordinator.rounds import RuleStrategy, Submission, guarded_step, make_strategy
+from coordinator.selection import Sampling
 from edge_client.alarm import AlarmConfig
 from edge_client.board import BoardData, BoardState, BoardUpdate, board_step
 from firmware_sim.adversary import Adversary
@@ -48,6 +49,7 @@ class SimConfig:
     learning_rate: float | None = None
     optimizer: str = "adam"
     client_fraction: float = 1.0
+    clients_per_round: int | None = None
     partition: str = "iid"
     noniid_p: float = 0.5
     dirichlet_alpha: float = 0.5
@@ -78,6 +80,14 @@ class SimConfig:
             raise ValueError(f"--rounds must be >= 1, got {self.rounds}")
         if not 0.0 < self.client_fraction <= 1.0:
             raise ValueError(f"--client-fraction must be in (0, 1], got {self.client_fraction}")
+        if self.clients_per_round is not None:
+            if not 1 <= self.clients_per_round <= self.clients:
+                raise ValueError(
+                    f"--clients-per-round must be in 1..{self.clients} (--clients), got "
+                    f"{self.clients_per_round}"
+                )
+            if self.client_fraction != 1.0:
+                raise ValueError("give --client-fraction or --clients-per-round, not both")
         if not 0.0 <= self.malicious <= 1.0:
             raise ValueError(f"--malicious must be a fraction in [0, 1], got {self.malicious}")
         if self.alarm_backend not in ("litert", "keras"):
@@ -92,6 +102,11 @@ class SimConfig:
         profile = get_profile(self.siren_profile)  # raises with the valid names
         if self.alarm_rule is None:
             object.__setattr__(self, "alarm_rule", profile.alarm_rule)
+
+    @property
+    def sampling(self) -> Sampling:
+        """The run's client sampling (:mod:`coordinator.selection`)."""
+        return Sampling(self.client_fraction, self.clients_per_round)
 
     @property
     def alarm_enabled(self) -> bool:
@@ -215,13 +230,10 @@ def build_fleet(config: SimConfig, dataset: Dataset | None = None) -> Fleet:
 
 
 def select_clients(config: SimConfig, round_index: int) -> list[int]:
-    """Boards taking part in ``round_index``: a seeded uniform sample of ``fraction · K``."""
-    k = config.clients
-    m = max(1, round(config.client_fraction * k))
-    if m >= k:
-        return list(range(k))
-    rng = np.random.default_rng([config.seed, round_index, 31337])
-    return sorted(int(i) for i in rng.choice(k, size=m, replace=False))
+    """Boards taking part in ``round_index``: a seeded uniform sample of ``fraction · K`` (or
+    ``clients_per_round``) boards, drawn by the coordinator's own function
+    (:func:`coordinator.selection.select_participants`), so ``siren sim fleet`` draws the same."""
+    return config.sampling.select(config.clients, round_index, config.seed)
 
 
 def play_round(fleet: Fleet, round_index: int, global_weights: np.ndarray) -> dict[str, Any]:
@@ -277,6 +289,7 @@ def play_round(fleet: Fleet, round_index: int, global_weights: np.ndarray) -> di
         "board_seconds": board_seconds,
         "server_seconds": server_seconds,
         "selected": selected,
+        **({"sampled": selected} if cfg.sampling.active else {}),
         "sample_counts": {str(u.client_id): u.num_samples for u in updates},
         "alarms": {str(u.client_id): bool(u.alarm) for u in updates},
         "alarm_ms_mean": 1000 * float(np.mean([u.alarm_seconds for u in updates])),

@@ -28,6 +28,7 @@ from firmware_sim.options import (
     check_config,
     config_from_args,
     describe_attack,
+    describe_sampling,
     format_round,
     warn_about_data_dir,
 )
@@ -186,7 +187,8 @@ def fleet_command(args: argparse.Namespace) -> int:
         print(f"coordinator dashboard: http://127.0.0.1:{options.api_port}/", flush=True)
     print(
         f"siren sim fleet: {config.clients} boards on {options.workers} worker(s), "
-        f"{config.rounds} rounds, aggregator {config.aggregator}, {describe_attack(config)}, "
+        f"{config.rounds} rounds{describe_sampling(config)}, aggregator {config.aggregator}, "
+        f"{describe_attack(config)}, "
         f"dataset {describe_dataset(config.dataset)}, broker {_describe_broker(options.broker)}",
         flush=True,
     )
@@ -201,6 +203,8 @@ def fleet_command(args: argparse.Namespace) -> int:
             line += f"  rejected {rejected}"
         if record.get("dropped"):
             line += f"  dropped {len(record['dropped'])}"
+        if record.get("sat_out"):
+            line += f"  sat out {len(record['sat_out'])}"
         print(line, flush=True)
 
     def terminate(signum: int, frame: Any) -> None:

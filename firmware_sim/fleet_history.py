@@ -52,6 +52,7 @@ def merge_round(
     out["alarm_ms_mean"] = float(sum(w["alarm_ms_sum"] for w in worker_rounds) / n)
     out["train_ms_mean"] = float(sum(w["train_ms_sum"] for w in worker_rounds) / n)
     out["dropped"] = sorted(i for w in worker_rounds for i in w.get("dropped", []))
+    out["sat_out"] = sorted(i for w in worker_rounds for i in w.get("sat_out", []))
     for w in worker_rounds:
         out.update(w.get("metrics", {}))
     net = dict(out.get("network", {}))

@@ -215,6 +215,8 @@ def prepare_fleet(
         seed=config.seed,
         round_timeout=options.round_timeout,
         quorum=options.quorum,
+        client_fraction=config.client_fraction,
+        clients_per_round=getattr(config, "clients_per_round", None),
         resend_interval=options.resend_interval,
         defense_start_round=getattr(config, "defense_start_round", 1),
         broker=CoordinatorBroker(

@@ -56,6 +56,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
             learning_rate=args.learning_rate,
             optimizer=args.optimizer,
             client_fraction=args.client_fraction,
+            clients_per_round=args.clients_per_round,
             partition=args.partition,
             noniid_p=args.noniid_p,
             dirichlet_alpha=args.dirichlet_alpha,
@@ -155,7 +156,7 @@ def _check_strategy(config: Any) -> None:
     from coordinator.rounds import REFUSALS, make_strategy
     from coordinator.strategy import Submission
 
-    participants = max(1, round(config.client_fraction * config.clients))
+    participants = config.sampling.per_round(config.clients)
     try:
         strategy = make_strategy(
             config.aggregator,
@@ -213,6 +214,14 @@ def describe_attack(config: Any) -> str:
         config.clients, config.malicious, config.malicious_ids, config.seed
     )
     return f"attack {config.attack} by {len(ids)} of {config.clients} boards"
+
+
+def describe_sampling(config: Any) -> str:
+    """``", 5 of 10 boards drawn per round"`` with client sampling, else ``""``."""
+    sampling = config.sampling
+    if not sampling.active:
+        return ""
+    return f", {sampling.per_round(config.clients)} of {config.clients} boards drawn per round"
 
 
 def warn_about_data_dir(config: Any) -> None:

@@ -48,6 +48,7 @@ class _RoundStats:
     received_at: float
     boards: int = 0
     dropped: list[int] = field(default_factory=list)
+    sat_out: list[int] = field(default_factory=list)
     board_seconds: float = 0.0
     alarm_ms: list[float] = field(default_factory=list)
     train_ms: list[float] = field(default_factory=list)
@@ -69,6 +70,7 @@ class _RoundStats:
             "received_at": self.received_at,
             "boards": self.boards,
             "dropped": self.dropped,
+            "sat_out": self.sat_out,
             "board_seconds": self.board_seconds,
             "alarm_ms_mean": float(np.mean(self.alarm_ms)) if self.alarm_ms else 0.0,
             "train_ms_mean": float(np.mean(self.train_ms)) if self.train_ms else 0.0,
@@ -324,6 +326,10 @@ class FleetWorker:
             if plan.action == "resend" and agent.record.pending is not None:
                 self._enqueue(index, agent.record.pending, start)
                 stats.resends += 1
+                continue
+            if plan.action == "sit_out":
+                agent.skip(message)
+                stats.sat_out.append(index)
                 continue
             if plan.action != "train":
                 continue

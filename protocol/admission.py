@@ -20,6 +20,7 @@ Rules, checked in this order (the first failure is the reason):
 8. current round                                                       ``stale_round``,
    ``future_round``
 9. base model = current global model                                   ``wrong_base_model``
+9a. the round's selection, when it has one, names the client            ``not_selected``
 10. layout = the model's layout                                        ``layout_mismatch``
 11. sample count within [min_samples, max_samples]                     ``bad_sample_count``
 12. optional: timestamp within max_clock_skew_ms of the local clock    ``clock_skew``
@@ -35,7 +36,7 @@ import logging
 import os
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,7 @@ from protocol.errors import (
     FutureRoundError,
     InvalidMessageError,
     LayoutMismatchError,
+    NotSelectedError,
     PayloadTooLargeError,
     Reason,
     ReplayedNonceError,
@@ -204,6 +206,9 @@ class Admission:
     base_sha256 : str
         Model hash of the current global model (``weights_sha256`` of it, equivalently the
         ``payload_sha256`` of the published global message).
+    selected : collection of str, optional
+        The boards drawn for the current round (client sampling: the ``selected`` of the
+        global message); ``None``: every board may send an update.
     clock : callable, optional
         Returns the current Unix time in ms; used only for the optional skew check.
 
@@ -221,6 +226,7 @@ class Admission:
         policy: AdmissionPolicy,
         round: int = 0,
         base_sha256: str = ZERO_SHA256,
+        selected: Collection[str] | None = None,
         clock: Callable[[], int] = now_ms,
     ) -> None:
         if not is_valid_id(run):
@@ -232,6 +238,7 @@ class Admission:
         self.clock = clock
         self._round = round
         self._base = base_sha256
+        self._selected = None if selected is None else frozenset(selected)
         self._seen: dict[str, str] = {}
         self._nonces: set[str] = set()
         self._counters: Counter[Reason] = Counter()
@@ -254,6 +261,11 @@ class Admission:
         return self._base
 
     @property
+    def selected(self) -> frozenset[str] | None:
+        """The boards drawn for the current round (``None``: every board)."""
+        return self._selected
+
+    @property
     def accepted_clients(self) -> frozenset[str]:
         """Clients with an admitted update in the current round."""
         return frozenset(self._seen)
@@ -263,10 +275,13 @@ class Admission:
         """Number of decisions per reason since creation (persisted with the state)."""
         return dict(self._counters)
 
-    def start_round(self, round: int, base_sha256: str) -> None:
+    def start_round(
+        self, round: int, base_sha256: str, selected: Collection[str] | None = None
+    ) -> None:
         """Move to a new round whose updates must be based on ``base_sha256``.
 
         Forgets which clients sent updates (each may send one again) and the nonces.
+        ``selected``: the boards drawn for the new round (``None``: every board).
 
         Raises
         ------
@@ -278,6 +293,7 @@ class Admission:
             raise ValueError(f"new round {round} must be greater than the current {self._round}")
         self._round = round
         self._base = base_sha256
+        self._selected = None if selected is None else frozenset(selected)
         self._seen.clear()
         self._nonces.clear()
 
@@ -369,6 +385,12 @@ class Admission:
                 f"update is based on model {header.base_sha256[:16]}, the current global "
                 f"model is {self._base[:16]}",
             )
+        if self._selected is not None and client not in self._selected:
+            raise fail(
+                NotSelectedError,
+                f"client {client!r} was not drawn for round {self._round} "
+                f"({len(self._selected)} board(s) were)",
+            )
         expected = self.policy.layout
         if header.layout != expected:
             raise fail(
@@ -430,6 +452,7 @@ class Admission:
             "round": self._round,
             "base_sha256": self._base,
             "layout_sha256": self.policy.layout.fingerprint,
+            "selected": None if self._selected is None else sorted(self._selected),
             "seen": dict(sorted(self._seen.items())),
             "nonces": sorted(self._nonces),
             "counters": {r.value: n for r, n in sorted(self._counters.items())},
@@ -468,6 +491,7 @@ class Admission:
                 policy=policy,
                 round=state["round"],
                 base_sha256=state["base_sha256"],
+                selected=_selection(state.get("selected")),
                 clock=clock,
             )
             seen = state["seen"]
@@ -515,3 +539,12 @@ class Admission:
         except (OSError, ValueError) as exc:
             raise AdmissionStateError(f"cannot read admission state {path}: {exc}") from None
         return cls.from_state_dict(state, keys=keys, policy=policy, clock=clock)
+
+
+def _selection(value: Any) -> list[str] | None:
+    """The ``selected`` entry of a saved state (absent in states saved before sampling)."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(c, str) and is_valid_id(c) for c in value):
+        raise AdmissionStateError(f"admission state: bad selection {brief(value)}")
+    return value

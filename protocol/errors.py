@@ -38,6 +38,8 @@ class Reason(str, Enum):
     BAD_SAMPLE_COUNT = "bad_sample_count"
     CLOCK_SKEW = "clock_skew"
     CONFLICTING_UPDATE = "conflicting_update"
+    #: The round has a selection (client sampling) that does not name the board.
+    NOT_SELECTED = "not_selected"
     REPLAYED_NONCE = "replayed_nonce"
     #: Counted by the coordinator, not by :class:`protocol.admission.Admission`: a correctly
     #: signed update from a board an operator has banned (admission sees no key for it).
@@ -203,6 +205,12 @@ class ConflictingUpdateError(InvalidMessageError):
     """The client already has a different update admitted in this round."""
 
     reason = Reason.CONFLICTING_UPDATE
+
+
+class NotSelectedError(InvalidMessageError):
+    """The round's global model named the boards drawn to take part, and not this one."""
+
+    reason = Reason.NOT_SELECTED
 
 
 class ReplayedNonceError(InvalidMessageError):

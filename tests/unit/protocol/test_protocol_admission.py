@@ -157,6 +157,13 @@ def _replayed_nonce(env: Env, admission: Admission) -> bytes:
 
 # reason -> (policy overrides, builder(env, admission) -> (data, topic))
 Builder = Callable[[Env, Admission], tuple[bytes, str | None]]
+
+
+def _not_selected(env: Env, admission: Admission) -> bytes:
+    admission.start_round(ROUND + 1, env.base, ["board-2"])  # client sampling drew board-2
+    return env.update(round=ROUND + 1)
+
+
 CASES: dict[Reason, tuple[dict[str, Any], Builder]] = {
     Reason.PAYLOAD_TOO_LARGE: ({"max_message_bytes": 200}, lambda e, a: (e.update(), None)),
     Reason.MALFORMED: ({}, lambda e, a: (b"SIRN\x05\x00\x00\x00{}" + b"\x00" * 80, None)),
@@ -190,6 +197,7 @@ CASES: dict[Reason, tuple[dict[str, Any], Builder]] = {
         lambda e, a: (e.update(timestamp_ms=NOW - 60_001), None),
     ),
     Reason.CONFLICTING_UPDATE: ({}, lambda e, a: (_conflicting(e, a), None)),
+    Reason.NOT_SELECTED: ({}, lambda e, a: (_not_selected(e, a), None)),
     Reason.REPLAYED_NONCE: ({}, lambda e, a: (_replayed_nonce(e, a), None)),
 }
 
