@@ -23,6 +23,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "deployment end to end with boards in an arm64 userland (QEMU; root, ~30 min)",
     ),
     "soak": ("benchmarks.soak", "hostile messages against a live fleet: crashes, counts, models"),
+    "participation": (
+        "benchmarks.participation",
+        "partial participation: client sampling with SIREN in the demo",
+    ),
 }
 
 
