@@ -149,32 +149,28 @@ def _describe_broker(broker: str) -> str:
 def fleet_command(args: argparse.Namespace) -> int:
     """Handler of ``siren sim fleet``."""
     from firmware_sim.broker import BrokerError
-    from firmware_sim.profiles import parse_mix
     from firmware_sim.report import format_ban_outcome, plot_accuracy, write_history
     from models.datasets import describe_dataset
 
     config = config_from_args(args)
     check_config(config)
-    try:
-        parse_mix(args.profile)
-    except ValueError as exc:
-        raise CommandError(str(exc)) from exc
+    if config.mode != "sync":
+        raise CommandError(
+            "siren sim fleet plays synchronous rounds: --mode async runs in process only "
+            "(siren sim run --mode async)"
+        )
     if args.workers < 1:
         raise CommandError(f"--workers must be >= 1, got {args.workers}")
     _check_broker(args.broker)
     api_port = _api_port(args.api_port)
     linger = linger_seconds(args.linger, api_port, sys.stdout.isatty())
-    dropout_possible = (args.dropout or 0) > 0 or "flaky" in args.profile
+    dropout_possible = any(p.dropout > 0 for p in config.device_profiles())
     timeout = args.round_timeout
     if timeout is None:
         timeout = 30.0 if dropout_possible else 0.0
     options = FleetOptions(
         workers=args.workers,
         broker=args.broker,
-        profiles=args.profile,
-        compute_factor=args.compute_factor,
-        latency_ms=args.latency_ms,
-        dropout=args.dropout,
         round_timeout=timeout,
         quorum=args.quorum,
         persist_boards=args.persist_boards,

@@ -121,7 +121,7 @@ def fleet_history(
                 "protocol": "5" if protocol == 5 else "3.1.1",
                 "workers": workers,
                 "connections": config.clients + 1,
-                "profiles": options.profiles,
+                "profiles": config.profile,
             },
         },
         "rounds": rounds,
