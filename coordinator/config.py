@@ -15,6 +15,10 @@ Example (relative paths are relative to the file's directory)::
     quorum = 0.5                      # fraction of expected boards needed at the deadline
     client_fraction = 1.0             # fraction of the boards drawn for each round (1: all)
     clients_per_round = 0             # or this many boards per round (0: client_fraction)
+    mode = "sync"                     # "async": buffered asynchronous (rounds = versions)
+    staleness_bound = 4               # async: admit updates trained on the last S versions
+    buffer_size = 10                  # async: a new version every B buffered updates
+    staleness_weight = "poly:0.5"     # async: (1+t)^-0.5 per update of staleness t
     resend_interval = 30.0            # s without progress before re-announcing the global
                                       # model of a round (then doubling, up to 8x)
     max_message_bytes = 0             # 0: the protocol's default limit for the model
@@ -95,6 +99,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from coordinator.async_rounds import AsyncSettings
 from coordinator.errors import CoordinatorError
 from coordinator.selection import Sampling
 from models.settings import SPLIT_COMMENTS, SplitSettings
@@ -148,6 +153,12 @@ COMMENTS: dict[str, dict[str, str]] = {
         "client_fraction": "fraction of the boards drawn (seeded) to take part in each round; "
         "1: every board, every round",
         "clients_per_round": "draw this many boards per round instead (0: client_fraction)",
+        "mode": "sync (rounds wait for their boards) or async (buffered asynchronous: boards "
+        "train continuously, a new global version every buffer_size updates; rounds counts "
+        "versions)",
+        "staleness_bound": "async: admit an update trained on any of the last S versions",
+        "buffer_size": "async: a new global version whenever this many updates are buffered",
+        "staleness_weight": "async: poly:a = (1+t)^-a for an update t versions stale, or constant",
         "resend_interval": "seconds without progress before the global model is announced "
         "again (then doubling, up to 8x)",
         "max_message_bytes": "largest update message (0: 4x the model plus header room)",
@@ -346,6 +357,10 @@ class CoordinatorConfig:
     quorum: float = 0.5
     client_fraction: float = 1.0
     clients_per_round: int | None = None
+    mode: str = "sync"
+    staleness_bound: int = 4
+    buffer_size: int = 10
+    staleness_weight: str = "poly:0.5"
     resend_interval: float = 30.0
     max_message_bytes: int | None = None
     max_samples: int | None = None
@@ -389,6 +404,23 @@ class CoordinatorConfig:
                 raise ConfigError(
                     "set coordinator.client_fraction or coordinator.clients_per_round, not both"
                 )
+        if self.mode not in ("sync", "async"):
+            raise ConfigError(f"coordinator.mode must be sync or async, got {self.mode!r}")
+        if self.mode == "async":
+            if self.sampling.active:
+                raise ConfigError(
+                    "coordinator.mode = async trains every board continuously: leave "
+                    "client_fraction at 1 and clients_per_round at 0"
+                )
+            try:
+                settings = self.asynchronous
+            except ValueError as exc:
+                raise ConfigError(f"coordinator: {exc}") from None
+            if self.clients and settings.buffer_size > len(self.clients):
+                raise ConfigError(
+                    f"coordinator.buffer_size {settings.buffer_size} is more than the "
+                    f"{len(self.clients)} boards (one update per board in a buffer)"
+                )
         if self.defense_start_round < 1:
             raise ConfigError(
                 f"coordinator.defense_start_round must be >= 1, got {self.defense_start_round}"
@@ -400,6 +432,12 @@ class CoordinatorConfig:
                 f"coordinator.max_samples must be in [1, 2^53 - 1] (0: the default), "
                 f"got {self.max_samples}"
             )
+
+    @property
+    def asynchronous(self) -> AsyncSettings:
+        """The buffered asynchronous settings (:mod:`coordinator.async_rounds`); used only
+        with ``mode = "async"``."""
+        return AsyncSettings(self.staleness_bound, self.buffer_size, self.staleness_weight)
 
     @property
     def sampling(self) -> Sampling:
@@ -462,6 +500,10 @@ class CoordinatorConfig:
                 "quorum": float(main.pop("quorum", 0.5)),
                 "client_fraction": float(main.pop("client_fraction", 1.0)),
                 "clients_per_round": int(main.pop("clients_per_round", 0)) or None,
+                "mode": str(main.pop("mode", "sync")),
+                "staleness_bound": int(main.pop("staleness_bound", 4)),
+                "buffer_size": int(main.pop("buffer_size", 10)),
+                "staleness_weight": str(main.pop("staleness_weight", "poly:0.5")),
                 "resend_interval": float(main.pop("resend_interval", 30.0)),
                 "max_message_bytes": int(main.pop("max_message_bytes", 0)) or None,
                 "max_samples": int(main.pop("max_samples", 0)) or None,
@@ -514,6 +556,10 @@ class CoordinatorConfig:
             "quorum": float(self.quorum),
             "client_fraction": float(self.client_fraction),
             "clients_per_round": self.clients_per_round or 0,
+            "mode": self.mode,
+            "staleness_bound": self.staleness_bound,
+            "buffer_size": self.buffer_size,
+            "staleness_weight": self.staleness_weight,
             "resend_interval": float(self.resend_interval),
             "max_message_bytes": self.max_message_bytes or 0,
             "max_samples": self.max_samples or 0,

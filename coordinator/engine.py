@@ -119,6 +119,7 @@ class RoundEngine(OperatorActions):
             runtime.layout,
             max_message_bytes=config.max_message_bytes,
             max_samples=config.max_samples,
+            max_staleness=config.staleness_bound if config.mode == "async" else None,
         )
         self.state: RoundState | None = None
         self.admission: Admission | None = None
@@ -247,6 +248,7 @@ class RoundEngine(OperatorActions):
                 upd.alarm,
                 upd.nbytes,
                 upd.received_at,
+                upd.trained_on,
             )
             state.update_bytes += upd.nbytes
             seen[upd.client] = upd.message_id
@@ -264,6 +266,7 @@ class RoundEngine(OperatorActions):
                 "seen": seen,
                 "nonces": nonces,
                 "counters": store.decision_counts(),
+                **self._admission_window(current, glob.sha256),
             },
             keys=self.key_view,
             policy=self.policy,
@@ -383,6 +386,7 @@ class RoundEngine(OperatorActions):
                 message.header.alarm,
                 len(payload),
                 at,
+                message.round,
             )
             self.store.admit(
                 StoredUpdate(
@@ -397,7 +401,9 @@ class RoundEngine(OperatorActions):
                     nbytes=entry.nbytes,
                     received_at=at,
                     delta=entry.delta,
-                )
+                    base_round=message.round,
+                ),
+                decision.reason.value,
             )
             self.state.admitted[client] = entry
             self.state.update_bytes += len(payload)
@@ -513,6 +519,26 @@ class RoundEngine(OperatorActions):
             return "deadline"
         return None
 
+    def _aggregate(
+        self, strategy: Any, t: int, weights: np.ndarray, entries: list[Admitted]
+    ) -> StepResult:
+        """The round's step: the strategy behind the global-model guard, in board order."""
+        submissions = [Submission(e.index, e.delta, e.samples, e.alarm) for e in entries]
+        guard = self.config.aggregator
+        return guarded_step(
+            strategy,
+            t,
+            weights,
+            submissions,
+            factor=guard.guard_factor,
+            max_abs=guard.guard_max_abs,
+        )
+
+    def _admission_window(self, current: int, base: str) -> dict[str, Any]:
+        """Extra admission state to restore (buffered asynchronous mode: the window of recent
+        versions; :class:`coordinator.async_engine.AsyncRoundEngine`)."""
+        return {}
+
     def close_round(self, now: float | None = None, reason: str = "all") -> bytes | None:
         """Aggregate the open round, commit it with ``g_{t+1}``, and return ``g_{t+1}``'s message.
 
@@ -528,21 +554,13 @@ class RoundEngine(OperatorActions):
         t = state.round
         started = self.clock() if now is None else now
         entries = sorted(state.admitted.values(), key=lambda e: e.index)
-        submissions = [Submission(e.index, e.delta, e.samples, e.alarm) for e in entries]
         defended = t >= self.config.defense_start_round or self.runtime.undefended is None
         strategy = self.runtime.strategy if defended else self.runtime.undefended
         assert strategy is not None
         t0 = time.perf_counter()
         failure: str | None = None
         try:
-            result = guarded_step(
-                strategy,
-                t,
-                state.glob.weights,
-                submissions,
-                factor=self.config.aggregator.guard_factor,
-                max_abs=self.config.aggregator.guard_max_abs,
-            )
+            result = self._aggregate(strategy, t, state.glob.weights, entries)
         except Exception as exc:
             saved = self.store.latest_strategy_state()
             if saved is not None:

@@ -21,7 +21,8 @@ from protocol.errors import Reason
 
 @dataclass
 class Admitted:
-    """One admitted update of the open round."""
+    """One admitted update of the open round (``base_round``: the global version it was
+    trained on; older than the round only in buffered asynchronous mode)."""
 
     client: str
     index: int
@@ -30,6 +31,7 @@ class Admitted:
     alarm: bool
     nbytes: int
     received_at: float
+    base_round: int = 0
 
 
 @dataclass
@@ -99,10 +101,11 @@ def closed_round_record(
             "update_bytes": state.update_bytes,
             "global_bytes": global_bytes,
             "duplicates": counts.get(Reason.DUPLICATE.value, 0),
+            "stale": counts.get(Reason.STALE.value, 0),
             "rejected": {
                 k: v
                 for k, v in counts.items()
-                if k not in (Reason.ACCEPTED.value, Reason.DUPLICATE.value)
+                if k not in (Reason.ACCEPTED.value, Reason.STALE.value, Reason.DUPLICATE.value)
             },
         },
         "timing": {

@@ -152,11 +152,6 @@ def run_fleet(
     from coordinator.store import CoordinatorStore
     from firmware_sim.broker import MQTT_V5, start_broker
 
-    if getattr(config, "mode", "sync") != "sync":
-        raise FleetError(
-            "siren sim fleet plays synchronous rounds: --mode async runs in process only "
-            "(siren sim run --mode async)"
-        )
     started = time.perf_counter()
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)

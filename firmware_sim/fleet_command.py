@@ -154,17 +154,13 @@ def fleet_command(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     check_config(config)
-    if config.mode != "sync":
-        raise CommandError(
-            "siren sim fleet plays synchronous rounds: --mode async runs in process only "
-            "(siren sim run --mode async)"
-        )
     if args.workers < 1:
         raise CommandError(f"--workers must be >= 1, got {args.workers}")
     _check_broker(args.broker)
     api_port = _api_port(args.api_port)
     linger = linger_seconds(args.linger, api_port, sys.stdout.isatty())
     dropout_possible = any(p.dropout > 0 for p in config.device_profiles())
+    dropout_possible = dropout_possible and config.mode == "sync"  # async waits for no one
     timeout = args.round_timeout
     if timeout is None:
         timeout = 30.0 if dropout_possible else 0.0

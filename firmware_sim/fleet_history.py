@@ -134,7 +134,7 @@ def fleet_history(
             "rejections": {
                 k: v
                 for k, v in store.decision_counts().items()
-                if k not in ("accepted", "duplicate")
+                if k not in ("accepted", "stale", "duplicate")
             },
             "malicious_ids": malicious if isinstance(malicious, list) else None,
             "bans": bans,

@@ -209,6 +209,10 @@ def prepare_fleet(
         quorum=options.quorum,
         client_fraction=config.client_fraction,
         clients_per_round=getattr(config, "clients_per_round", None),
+        mode=getattr(config, "mode", "sync"),
+        staleness_bound=getattr(config, "staleness_bound", 4),
+        buffer_size=getattr(config, "buffer_size", 10),
+        staleness_weight=getattr(config, "staleness_weight", "poly:0.5"),
         resend_interval=options.resend_interval,
         defense_start_round=getattr(config, "defense_start_round", 1),
         broker=CoordinatorBroker(

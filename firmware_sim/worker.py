@@ -176,6 +176,11 @@ class FleetWorker:
         self._seq = 0
         self._stats: dict[int, _RoundStats] = {}
         self._latest_round = 0
+        # Buffered asynchronous mode: the newest global model, and when each busy board's
+        # update is due (a board trains on the newest model as soon as it is free).
+        self.asynchronous = self.config.mode == "async"
+        self._newest: Any = None
+        self._busy: dict[int, float] = {}
         self.done = False
         self.sensors = Sensors() if spec.telemetry else None
         self._throttled: int | None = None
@@ -278,6 +283,8 @@ class FleetWorker:
 
     def _redelivered(self, index: int, payload: bytes) -> None:
         """A board received the same global model again (reconnect or re-announcement)."""
+        if index in self._busy:
+            return  # its update for that model is still on its (simulated) way
         agent = self.agents[index]
         message = agent.verify_global(payload)
         if message is None:
@@ -310,6 +317,14 @@ class FleetWorker:
         self._latest_round = t
         stats = _RoundStats(t, received_at, global_bytes=nbytes, global_deliveries=1)
         self._stats[t] = stats
+        if self.asynchronous:
+            self._newest = message
+            stats.pipelined = True
+            for index in self.agents:
+                if index not in self._busy:
+                    self._train_async(index)
+            stats.trained_at = time.time()
+            return
         start = time.monotonic()
         updates = []
         states = {}
@@ -374,6 +389,55 @@ class FleetWorker:
                 )
         else:
             stats.trained_at = time.time()
+
+    def _train_async(self, index: int) -> None:
+        """Buffered asynchronous mode: board ``index`` is free; it trains on the newest global
+        model unless it already did (then it waits for the next one). Its update is published
+        ``compute + profile delay`` after it started, as on its own device, and it stays busy
+        until then. An attack tampers with this update alone."""
+        from edge_client.board import board_step
+
+        message = self._newest
+        if message is None:
+            return
+        agent, cfg, fleet = self.agents[index], self.config, self.fleet
+        t = message.round
+        plan = agent.plan(message)
+        if plan.action != "train":
+            return
+        stats = self._stats[t]
+        if self.profiles[index].drops(cfg.seed, t, index):
+            agent.skip(message)
+            stats.dropped.append(index)
+            return
+        data = fleet.boards[index]
+        if fleet.adversary.is_malicious(index):
+            data = fleet.adversary.round_data(index, t, data)
+        start = time.monotonic()
+        t0 = time.perf_counter()
+        update, state = board_step(
+            agent.state,
+            message.weights,
+            t,
+            data,
+            fleet.trainer,
+            agent.rng(t),
+            evaluator=fleet.evaluator,
+            alarm=self.alarm,
+        )
+        seconds = time.perf_counter() - t0
+        rng = np.random.default_rng([cfg.seed, t, index, 65537])
+        update = fleet.adversary.tamper_round(t, message.weights, [update], rng)[0]
+        stats.board_seconds += seconds
+        stats.alarm_ms.append(1000 * update.alarm_seconds)
+        stats.train_ms.append(1000 * update.train_seconds)
+        stats.alarms += int(bool(update.alarm))
+        self._seal(update, state, message, start, seconds, stats, self._figures(update))
+        if agent.record.last_round == t:  # sealed and scheduled (not refused as too large)
+            delay = self.profiles[index].publish_delay(
+                seconds, np.random.default_rng([cfg.seed, t, index, 77])
+            )
+            self._busy[index] = start + seconds + delay
 
     def _figures(self, update: Any) -> dict[str, float]:
         """The telemetry figures of a board's round (see the class docstring); empty when
@@ -441,6 +505,9 @@ class FleetWorker:
             stats = self._stats.get(self._latest_round)
             if stats is not None:
                 stats.published_at = time.time()
+            if self.asynchronous and index in self._busy and not force:
+                del self._busy[index]
+                self._train_async(index)  # free again: on to the newest model
 
 
 def worker_main(argv: list[str] | None = None) -> int:

@@ -166,3 +166,42 @@ def test_admission_refuses_boards_the_round_did_not_draw(
     assert admission.admit(_update(board1, "board-1", layout, base, 5)).accepted
     admission.start_round(6, base)
     assert admission.admit(_update(board2, "board-2", layout, base, 6)).accepted
+
+
+def test_buffered_async_admission_takes_stale_updates_within_the_bound(
+    board1: SigningKey, board2: SigningKey, allow_list: AllowList, layout: TensorLayout
+) -> None:
+    """docs/protocol.md 8.9: with S = 2 an update trained on any of versions v-2..v is admitted
+    (``stale`` below v) against that version's model hash; one update per board per buffer and
+    per base version."""
+    hashes = {r: weights_sha256(np.full(9, r, np.float32)) for r in range(1, 6)}
+    policy = AdmissionPolicy(layout, max_staleness=2)
+    admission = Admission(run=RUN, keys=allow_list, policy=policy, round=1, base_sha256=hashes[1])
+    for r in (2, 3, 4):
+        admission.start_round(r, hashes[r])
+    fresh = admission.admit(_update(board1, "board-1", layout, hashes[4], 4))
+    assert fresh.reason is Reason.ACCEPTED
+    stale = admission.admit(_update(board2, "board-2", layout, hashes[2], 2))
+    assert stale.reason is Reason.STALE and stale.accepted and not stale.rejected
+    again = admission.admit(_update(board2, "board-2", layout, hashes[3], 3))
+    assert again.reason is Reason.BUFFERED
+    admission.start_round(5, hashes[5])
+    assert admission.admit(_update(board2, "board-2", layout, hashes[2], 2)).reason is (
+        Reason.TOO_STALE
+    )
+    # The same board may not have two updates trained on one version admitted.
+    twice = admission.admit(_update(board1, "board-1", layout, hashes[4], 4))
+    assert twice.reason is Reason.CONFLICTING_UPDATE
+    wrong = admission.admit(_update(board2, "board-2", layout, hashes[4], 3))
+    assert wrong.reason is Reason.WRONG_BASE_MODEL
+    assert admission.admit(_update(board2, "board-2", layout, hashes[3], 3)).reason is (
+        Reason.STALE
+    )
+    # The window and the per-version record survive a save.
+    state = admission.state_dict()
+    assert sorted(state["bases"]) == ["3", "4", "5"]
+    loaded = Admission.from_state_dict(state, keys=allow_list, policy=policy)
+    assert loaded.counters == admission.counters
+    assert loaded.admit(_update(board1, "board-1", layout, hashes[4], 4)).reason is (
+        Reason.CONFLICTING_UPDATE
+    )
