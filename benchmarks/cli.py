@@ -25,7 +25,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "soak": ("benchmarks.soak", "hostile messages against a live fleet: crashes, counts, models"),
     "participation": (
         "benchmarks.participation",
-        "partial participation: client sampling with SIREN in the demo",
+        "partial participation: sampling with SIREN in the demo; sync vs sampled vs async",
     ),
 }
 

@@ -1,5 +1,7 @@
 """Partial participation with SIREN: client sampling in the README's demo
-(``siren bench participation sampling``).
+(``siren bench participation sampling``); synchronous, sampled and buffered asynchronous rounds
+on an uneven fleet are ``siren bench participation compare`` (:mod:`benchmarks.
+participation_compare`).
 
 The demo is what ``siren sim fleet`` runs without options: 10 boards of Fashion-MNIST, 4 of them
 flipping signs (boost −4), SIREN's default profile on the server and the alarm on the boards,
@@ -272,8 +274,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=str(RESULTS / "participation-sampling.md"),
         help="Markdown output file (default: benchmarks/results/participation-sampling.md)",
     )
+    c = sub.add_parser(
+        "compare", help="sync, sampled and buffered async rounds on a mixed 50-board fleet"
+    )
+    from benchmarks.participation_compare import (
+        add_arguments,
+        add_transport_arguments,
+        run_compare,
+        run_transports,
+    )
+
+    add_arguments(c)
+    t = sub.add_parser(
+        "transports", help="buffered async in process and over MQTT, same seeds, side by side"
+    )
+    add_transport_arguments(t)
     args = p.parse_args(argv)
     args.argv = argv[1:]
+    if args.part == "compare":
+        return run_compare(args)
+    if args.part == "transports":
+        return run_transports(args)
     if args.part == "sampling":
         if args.seeds < 1:
             p.error(f"--seeds must be >= 1, got {args.seeds}")

@@ -320,9 +320,11 @@ class FleetWorker:
         if self.asynchronous:
             self._newest = message
             stats.pipelined = True
+            # Every free board received the model when it arrived: its device starts then.
+            arrived = time.monotonic() - max(0.0, time.time() - received_at)
             for index in self.agents:
                 if index not in self._busy:
-                    self._train_async(index)
+                    self._train_async(index, arrived)
             stats.trained_at = time.time()
             return
         start = time.monotonic()
@@ -390,11 +392,12 @@ class FleetWorker:
         else:
             stats.trained_at = time.time()
 
-    def _train_async(self, index: int) -> None:
-        """Buffered asynchronous mode: board ``index`` is free; it trains on the newest global
-        model unless it already did (then it waits for the next one). Its update is published
-        ``compute + profile delay`` after it started, as on its own device, and it stays busy
-        until then. An attack tampers with this update alone."""
+    def _train_async(self, index: int, start: float) -> None:
+        """Buffered asynchronous mode: board ``index`` is free since ``start`` (monotonic);
+        it trains on the newest global model unless it already did (then it waits for the next
+        one). Its update is published ``compute + profile delay`` after ``start``, as on its own
+        device (the worker computing its boards one after the other delays nothing as long as
+        it keeps up), and it stays busy until then. An attack tampers with this update alone."""
         from edge_client.board import board_step
 
         message = self._newest
@@ -413,7 +416,6 @@ class FleetWorker:
         data = fleet.boards[index]
         if fleet.adversary.is_malicious(index):
             data = fleet.adversary.round_data(index, t, data)
-        start = time.monotonic()
         t0 = time.perf_counter()
         update, state = board_step(
             agent.state,
@@ -497,7 +499,7 @@ class FleetWorker:
     def _publish_due(self, force: bool = False) -> None:
         now = time.monotonic()
         while self._schedule and (force or self._schedule[0][0] <= now):
-            _, _, index, status, payload = heapq.heappop(self._schedule)
+            due, _, index, status, payload = heapq.heappop(self._schedule)
             if status:
                 self.links[index].publish_status(payload)
                 continue
@@ -507,7 +509,7 @@ class FleetWorker:
                 stats.published_at = time.time()
             if self.asynchronous and index in self._busy and not force:
                 del self._busy[index]
-                self._train_async(index)  # free again: on to the newest model
+                self._train_async(index, due)  # free again since due: on to the newest model
 
 
 def worker_main(argv: list[str] | None = None) -> int:
