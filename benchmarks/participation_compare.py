@@ -195,6 +195,9 @@ def checks(cells: list[dict[str, Any]]) -> list[str]:
                 f"({_pct(runs['sync']['final'])}) at {ratio} the synchronous simulated time "
                 f"(criterion: at most 0.5) — {'met' if ok else 'not met'}."
             )
+        elif cell["cell"].endswith("FedAvg"):
+            finals = ", ".join(f"{mode} {_pct(runs[mode]['final'])}" for mode in MODES)
+            out.append(f"- {cell['cell']}: FedAvg collapses in every mode ({finals}).")
         else:
             gap = 100 * (runs["async"]["final"] - runs["sync"]["final"])
             ok = abs(gap) <= 3.0 or gap > 0
@@ -257,6 +260,7 @@ def run_compare(args: argparse.Namespace) -> int:
         args.calibrated = args.nominal_compute or calibrate(dataset, args)
         print(f"{dataset.name}: {1e6 * args.calibrated:.1f} µs per training sample", flush=True)
         cells = [run_cell(dataset, cell, args) for cell in CELLS]
+        per_board = int(0.9 * len(dataset.y_train) / args.clients)
         raw[dataset.name] = cells
         png = out.with_name(f"{out.stem}-{dataset.name}.png")
         plot(cells, png, f"{dataset.name}, {args.clients} boards, mixed fleet (seed {args.seed})")
@@ -265,8 +269,8 @@ def run_compare(args: argparse.Namespace) -> int:
             "",
             f"Compute measured on this machine: {1e6 * args.calibrated:.1f} µs per training "
             "sample and epoch (a Pi 4-class board with its factor 6 then needs "
-            f"{6 * args.calibrated * 60000 / args.clients:.1f} s for a local epoch of "
-            f"{60000 // args.clients} samples).",
+            f"{6 * args.calibrated * per_board:.2f} s for a local epoch of its {per_board} "
+            "samples).",
             "",
             format_table(cells),
             "",
