@@ -10,7 +10,9 @@
 * the buffer closes as soon as it holds ``B`` updates (close reason ``buffer``), never at a
   deadline and without waiting for any board;
 * the step is :func:`coordinator.async_rounds.buffered_step`: the rule (or SIREN) on the
-  staleness-weighted updates, behind the global-model guard.
+  staleness-weighted updates, behind the global-model guard -- the buffer's, or with
+  ``async_pool = "latest"`` every board's latest admissible one (their vectors are kept in the
+  database for ``S`` versions).
 
 Everything else -- persistence and resumption, duplicates, the audit log, operator actions,
 re-announcing a version that makes no progress -- is the synchronous engine's. A restarted
@@ -27,7 +29,7 @@ from typing import Any
 import numpy as np
 from nacl.signing import SigningKey, VerifyKey
 
-from coordinator.async_rounds import Buffered, buffered_step
+from coordinator.async_rounds import Buffered, buffered_step, latest_pool
 from coordinator.config import CoordinatorConfig
 from coordinator.engine import RoundEngine
 from coordinator.round_state import Admitted
@@ -57,6 +59,11 @@ class AsyncRoundEngine(RoundEngine):
             return None
         return "buffer"
 
+    def _kept_rounds(self) -> int:
+        """With ``pool = "latest"`` the vectors of the last ``S`` versions' updates are kept:
+        an update stays in the pool while its staleness is at most ``S``."""
+        return self.settings.staleness_bound if self.settings.pool == "latest" else 0
+
     def _aggregate(
         self, strategy: Any, t: int, weights: np.ndarray, entries: list[Admitted]
     ) -> StepResult:
@@ -64,6 +71,14 @@ class AsyncRoundEngine(RoundEngine):
             Buffered(e.index, e.delta, e.samples, e.alarm, e.base_round, t - e.base_round)
             for e in entries
         ]
+        if self.settings.pool == "latest":
+            earlier = [
+                Buffered(u.client_index, u.delta, u.samples, u.alarm, u.trained_on, 0)
+                for r in range(max(1, t - self.settings.staleness_bound), t)
+                for u in self.store.updates(r)
+                if u.delta is not None
+            ]
+            buffer = latest_pool(earlier + buffer, t, self.settings)
         guard = self.config.aggregator
         return buffered_step(
             strategy,

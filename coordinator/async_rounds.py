@@ -26,6 +26,17 @@ rollback goes to the last version SIREN trusted. Silence, however, says nothing 
 the board never saw: a silent stale update (``τ ≥ 1``) is left out where SIREN would judge a
 silent board malicious for its silence (:mod:`coordinator.siren`, choice 9).
 
+**The pool.** By default (``pool = "buffer"``) the rule sees the ``B`` buffered updates, as in
+FedBuff. A buffer is not a fair sample of the fleet: it fills with the fastest boards, and
+attackers among them can hold half of it even when they are 40% of the boards (measured:
+``benchmarks/results/participation.md``), which a coordinate-wise median or trimmed mean does
+not survive. With ``pool = "latest"`` the rule sees instead the *latest admissible update of
+every board* -- each board's newest update whose staleness is still at most ``S``, the ``B``
+new ones included -- so attackers hold their share of the boards, not of the fast ones; a new
+version is still made every ``B`` arrivals, and an update keeps being used, with its staleness
+growing, until its board sends a newer one or it is more than ``S`` versions old (as the memory
+of MIFA, Gu et al. 2021, reuses each client's latest update).
+
 The staleness weight is ``poly:a`` -- ``(1 + τ)^(−a)``, default ``a = 1/2`` -- or ``constant``
 (every update weighs 1). :class:`AsyncSettings` holds ``S``, ``B`` and the weight;
 :func:`buffered_step` is the step. The in-process engine (:mod:`firmware_sim.async_engine`)
@@ -42,6 +53,10 @@ import numpy as np
 
 from coordinator.rounds import DEFAULT_GUARD_FACTOR, DEFAULT_GUARD_MAX_ABS, guarded_step
 from coordinator.strategy import StepResult, Strategy, Submission
+
+#: What a new version aggregates: the buffer's ``B`` updates, or the latest admissible update
+#: of every board (module docstring).
+POOLS = ("buffer", "latest")
 
 #: Names of the staleness weights (``poly:a`` takes its exponent after the colon).
 STALENESS_WEIGHTS = ("poly", "constant")
@@ -87,13 +102,19 @@ class AsyncSettings:
         ``B``: a new global version is made whenever this many updates are buffered.
     staleness_weight : str
         ``poly:a`` (``(1+τ)^-a``) or ``constant``.
+    pool : str
+        ``buffer``: the rule runs on the ``B`` buffered updates; ``latest``: on the latest
+        admissible update of every board (module docstring).
     """
 
     staleness_bound: int = 4
     buffer_size: int = 10
     staleness_weight: str = "poly:0.5"
+    pool: str = "buffer"
 
     def __post_init__(self) -> None:
+        if self.pool not in POOLS:
+            raise ValueError(f"async pool must be one of {', '.join(POOLS)}, got {self.pool!r}")
         if self.staleness_bound < 0:
             raise ValueError(f"staleness bound S must be >= 0, got {self.staleness_bound}")
         if self.buffer_size < 1:
@@ -140,6 +161,22 @@ class Buffered:
     alarm: bool
     base_round: int
     staleness: int
+
+
+def latest_pool(
+    entries: Sequence[Buffered], version: int, settings: AsyncSettings
+) -> list[Buffered]:
+    """Each board's latest admissible update at ``version``: of ``entries`` (in arrival order,
+    any number per board), the last one of each board whose staleness ``version − base_round``
+    is at most ``S``, with that staleness."""
+    latest: dict[int, Buffered] = {}
+    for entry in entries:
+        latest[entry.client_id] = entry
+    return [
+        Buffered(b.client_id, b.delta, b.num_samples, b.alarm, b.base_round, version - b.base_round)
+        for b in latest.values()
+        if settings.admits(version - b.base_round)
+    ]
 
 
 def buffered_step(

@@ -19,6 +19,8 @@ Example (relative paths are relative to the file's directory)::
     staleness_bound = 4               # async: admit updates trained on the last S versions
     buffer_size = 10                  # async: a new version every B buffered updates
     staleness_weight = "poly:0.5"     # async: (1+t)^-0.5 per update of staleness t
+    async_pool = "buffer"             # async: the rule on the buffer, or "latest": on every
+                                      # board's latest update of staleness <= S
     resend_interval = 30.0            # s without progress before re-announcing the global
                                       # model of a round (then doubling, up to 8x)
     max_message_bytes = 0             # 0: the protocol's default limit for the model
@@ -159,6 +161,8 @@ COMMENTS: dict[str, dict[str, str]] = {
         "staleness_bound": "async: admit an update trained on any of the last S versions",
         "buffer_size": "async: a new global version whenever this many updates are buffered",
         "staleness_weight": "async: poly:a = (1+t)^-a for an update t versions stale, or constant",
+        "async_pool": "async: the rule runs on the buffer's updates (buffer) or on every "
+        "board's latest update at most staleness_bound versions old (latest)",
         "resend_interval": "seconds without progress before the global model is announced "
         "again (then doubling, up to 8x)",
         "max_message_bytes": "largest update message (0: 4x the model plus header room)",
@@ -361,6 +365,7 @@ class CoordinatorConfig:
     staleness_bound: int = 4
     buffer_size: int = 10
     staleness_weight: str = "poly:0.5"
+    async_pool: str = "buffer"
     resend_interval: float = 30.0
     max_message_bytes: int | None = None
     max_samples: int | None = None
@@ -437,7 +442,9 @@ class CoordinatorConfig:
     def asynchronous(self) -> AsyncSettings:
         """The buffered asynchronous settings (:mod:`coordinator.async_rounds`); used only
         with ``mode = "async"``."""
-        return AsyncSettings(self.staleness_bound, self.buffer_size, self.staleness_weight)
+        return AsyncSettings(
+            self.staleness_bound, self.buffer_size, self.staleness_weight, self.async_pool
+        )
 
     @property
     def sampling(self) -> Sampling:
@@ -504,6 +511,7 @@ class CoordinatorConfig:
                 "staleness_bound": int(main.pop("staleness_bound", 4)),
                 "buffer_size": int(main.pop("buffer_size", 10)),
                 "staleness_weight": str(main.pop("staleness_weight", "poly:0.5")),
+                "async_pool": str(main.pop("async_pool", "buffer")),
                 "resend_interval": float(main.pop("resend_interval", 30.0)),
                 "max_message_bytes": int(main.pop("max_message_bytes", 0)) or None,
                 "max_samples": int(main.pop("max_samples", 0)) or None,
@@ -560,6 +568,7 @@ class CoordinatorConfig:
             "staleness_bound": self.staleness_bound,
             "buffer_size": self.buffer_size,
             "staleness_weight": self.staleness_weight,
+            "async_pool": self.async_pool,
             "resend_interval": float(self.resend_interval),
             "max_message_bytes": self.max_message_bytes or 0,
             "max_samples": self.max_samples or 0,

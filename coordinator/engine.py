@@ -534,6 +534,10 @@ class RoundEngine(OperatorActions):
             max_abs=guard.guard_max_abs,
         )
 
+    def _kept_rounds(self) -> int:
+        """Closed rounds whose update vectors stay stored (0: none)."""
+        return 0
+
     def _admission_window(self, current: int, base: str) -> dict[str, Any]:
         """Extra admission state to restore (buffered asynchronous mode: the window of recent
         versions; :class:`coordinator.async_engine.AsyncRoundEngine`)."""
@@ -671,6 +675,7 @@ class RoundEngine(OperatorActions):
             audit=self._audit_entry(
                 "round", round_body(record, self.store.update_digests(t), state.selected), closed_at
             ),
+            keep_vectors=self._kept_rounds(),
         )
         if final:
             self.finished = True

@@ -574,12 +574,15 @@ class CoordinatorStore:
         finished: bool,
         now: float | None = None,
         audit: Any = None,
+        keep_vectors: int = 0,
     ) -> None:
         """Close ``round_index`` and open the next one, atomically.
 
-        Writes the round record and strategy state, stores ``next_global``, drops the round's
-        update vectors, appends the round's ``audit`` entry (when given), and either opens
-        round ``next_global.round`` or marks the run finished.
+        Writes the round record and strategy state, stores ``next_global``, drops the update
+        vectors of the round (with ``keep_vectors = k``, of the rounds before the last ``k``
+        closed ones: buffered asynchronous mode reuses them), appends the round's ``audit``
+        entry (when given), and either opens round ``next_global.round`` or marks the run
+        finished.
 
         Raises
         ------
@@ -600,7 +603,10 @@ class CoordinatorStore:
             self._insert_model(db, next_global, at)
             if audit is not None:
                 self._insert_audit(db, audit)
-            db.execute("UPDATE updates SET delta = NULL WHERE round = ?", (round_index,))
+            db.execute(
+                "UPDATE updates SET delta = NULL WHERE round <= ? AND delta IS NOT NULL",
+                (round_index - keep_vectors,),
+            )
             self._set_meta(db, "current_round", str(next_global.round))
             if finished:
                 self._set_meta(db, "finished", "1")

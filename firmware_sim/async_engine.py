@@ -19,12 +19,15 @@ simulated time:
    (``too_stale``), and refuses a second update of a board already in the buffer
    (``buffered``);
 3. when the buffer holds ``B`` updates the coordinator runs :func:`~coordinator.async_rounds.
-   buffered_step` and publishes version ``v + 1`` after its (measured) aggregation time;
+   buffered_step` -- on the buffer, or with ``async_pool = "latest"`` on every board's latest
+   admissible update -- and publishes version ``v + 1`` after its (measured) aggregation time;
 4. a board that finished starts again at once on the newest version; a board that already
    trained on the newest version waits for the next one.
 
 Each new version is one record of the history (``round`` = the version the buffer was applied
-to), with ``sim_time`` (when it was published), the buffer's staleness and admission counts.
+to), with ``sim_time`` (when it was published), ``selected`` (the boards whose updates filled the
+buffer), ``staleness`` (of every update the rule ran on: the buffer's, or the latest pool's) and
+the admission counts.
 
 Attacks tamper with one update at a time, as its board finishes (:meth:`firmware_sim.adversary.
 Adversary.tamper_round` with that update alone): colluding attacks see no buffer.
@@ -40,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from coordinator.async_rounds import AsyncSettings, Buffered, buffered_step
+from coordinator.async_rounds import AsyncSettings, Buffered, buffered_step, latest_pool
 from edge_client.alarm import AlarmConfig
 from edge_client.board import BoardUpdate, board_step
 from firmware_sim.profiles import compute_seconds
@@ -59,7 +62,9 @@ def check_async(config: Any) -> None:
             "--mode async trains every board continuously and draws no boards: drop "
             "--client-fraction / --clients-per-round"
         )
-    AsyncSettings(config.staleness_bound, config.buffer_size, config.staleness_weight)
+    AsyncSettings(
+        config.staleness_bound, config.buffer_size, config.staleness_weight, config.async_pool
+    )
     if config.buffer_size > config.clients:
         raise ValueError(
             f"--buffer-size {config.buffer_size} is more than the {config.clients} boards "
@@ -102,7 +107,10 @@ class _Simulation:
         cfg = fleet.config
         self.fleet = fleet
         self.cfg = cfg
-        self.settings = AsyncSettings(cfg.staleness_bound, cfg.buffer_size, cfg.staleness_weight)
+        self.settings = AsyncSettings(
+            cfg.staleness_bound, cfg.buffer_size, cfg.staleness_weight, cfg.async_pool
+        )
+        self.admitted: list[Buffered] = []  # every admitted update, for pool = "latest"
         self.alarm = (
             AlarmConfig.for_profile(cfg.siren_profile, cfg.alarm_threshold, cfg.alarm_rule)
             if cfg.alarm_enabled
@@ -184,9 +192,10 @@ class _Simulation:
             self.counts["buffered"] += 1
             return
         self.counts["stale" if staleness else "accepted"] += 1
-        self.buffer.append(
-            Buffered(index, update.delta, update.num_samples, update.alarm, base, staleness)
-        )
+        entry = Buffered(index, update.delta, update.num_samples, update.alarm, base, staleness)
+        self.buffer.append(entry)
+        if self.settings.pool == "latest":
+            self.admitted.append(entry)
         self.board_info[index] = {
             "global_accuracy": update.global_accuracy,
             "local_accuracy": update.local_accuracy,
@@ -205,12 +214,17 @@ class _Simulation:
         g_v = self.versions[v]
         defended = v >= cfg.defense_start_round or fleet.undefended is None
         strategy = fleet.strategy if defended else fleet.undefended
+        pool = self.buffer
+        if self.settings.pool == "latest":
+            pool = latest_pool(self.admitted, v, self.settings)
+            oldest = v + 1 - self.settings.staleness_bound
+            self.admitted = [b for b in self.admitted if b.base_round >= oldest]
         t0 = time.perf_counter()
         result = buffered_step(
             strategy,
             v,
             g_v,
-            self.buffer,
+            pool,
             self.settings,
             factor=cfg.guard_factor,
             max_abs=cfg.guard_max_abs,
@@ -219,7 +233,7 @@ class _Simulation:
         new_global = np.asarray(result.new_global, dtype=np.float32)
         test_loss, test_acc = fleet.trainer.evaluate(new_global, fleet.x_test, fleet.y_test)
         self.clock += server_seconds
-        buffer = sorted(self.buffer, key=lambda b: b.client_id)
+        buffer = sorted(self.buffer, key=lambda b: b.client_id)  # this version's arrivals
         now = time.perf_counter()
         record: dict[str, Any] = {
             "round": v,
@@ -233,7 +247,7 @@ class _Simulation:
             "selected": [b.client_id for b in buffer],
             "sample_counts": {str(b.client_id): b.num_samples for b in buffer},
             "alarms": {str(b.client_id): bool(b.alarm) for b in buffer},
-            "staleness": {str(b.client_id): b.staleness for b in buffer},
+            "staleness": {str(b.client_id): b.staleness for b in sorted(pool, key=_board)},
             "admission": dict(sorted(self.counts.items())),
             "boards": {str(b.client_id): self.board_info[b.client_id] for b in buffer},
             "defense_active": defended,
@@ -253,3 +267,7 @@ class _Simulation:
         self.rounds.append(record)
         if self.progress is not None:
             self.progress(record)
+
+
+def _board(entry: Buffered) -> int:
+    return entry.client_id

@@ -171,6 +171,14 @@ def add_run_options(
         help="async: weight of an update of staleness t: poly:a = (1+t)^-a, or constant "
         "(default: poly:0.5)",
     )
+    e.add_argument(
+        "--async-pool",
+        default="buffer",
+        choices=["buffer", "latest"],
+        help="async: the rule runs on the B buffered updates (buffer) or on every board's "
+        "latest update of staleness <= S (latest: attackers hold their share of the boards, "
+        "not of the fast ones) (default: buffer)",
+    )
     d = p.add_argument_group("defense")
     d.add_argument(
         "--aggregator",

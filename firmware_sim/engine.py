@@ -83,6 +83,7 @@ class SimConfig:
     staleness_bound: int = 4
     buffer_size: int = 10
     staleness_weight: str = "poly:0.5"
+    async_pool: str = "buffer"
 
     def __post_init__(self) -> None:
         if self.clients < 1:

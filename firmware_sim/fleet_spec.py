@@ -213,6 +213,7 @@ def prepare_fleet(
         staleness_bound=getattr(config, "staleness_bound", 4),
         buffer_size=getattr(config, "buffer_size", 10),
         staleness_weight=getattr(config, "staleness_weight", "poly:0.5"),
+        async_pool=getattr(config, "async_pool", "buffer"),
         resend_interval=options.resend_interval,
         defense_start_round=getattr(config, "defense_start_round", 1),
         broker=CoordinatorBroker(

@@ -88,6 +88,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
             staleness_bound=args.staleness_bound,
             buffer_size=args.buffer_size,
             staleness_weight=args.staleness_weight,
+            async_pool=args.async_pool,
         )
     except ValueError as exc:
         raise CommandError(str(exc)) from exc
@@ -234,7 +235,8 @@ def describe_sampling(config: Any) -> str:
     if getattr(config, "mode", "sync") == "async":
         return (
             f", buffered async (a version every B={config.buffer_size} updates, staleness "
-            f"S<={config.staleness_bound}, weight {config.staleness_weight})"
+            f"S<={config.staleness_bound}, weight {config.staleness_weight}, rule on the "
+            f"{'buffer' if config.async_pool == 'buffer' else 'latest update of every board'})"
         )
     sampling = config.sampling
     if not sampling.active:

@@ -40,8 +40,8 @@ def _config(tmp_path: Path, **values) -> CoordinatorConfig:
     )
 
 
-def _engine(tmp_path: Path) -> RoundEngine:
-    config = _config(tmp_path)
+def _engine(tmp_path: Path, **values) -> RoundEngine:
+    config = _config(tmp_path, **values)
     runtime = CoordinatorRuntime(LAYOUT, INITIAL.copy(), RuleStrategy("fedavg"))
     keys = {c: k.verify_key for c, k in BOARDS.items()}
     return make_engine(config, runtime, CoordinatorStore(config.db), COORD, keys, lambda: 1.0)
@@ -136,3 +136,27 @@ def test_async_settings_in_coord_toml(tmp_path: Path) -> None:
         _config(tmp_path, staleness_weight="cubic")
     with pytest.raises(ConfigError, match="sync or async"):
         _config(tmp_path, mode="both")
+
+
+def test_the_latest_pool_aggregates_every_boards_newest_admissible_update(tmp_path: Path) -> None:
+    """async_pool = "latest": version 3 is made from b0's update on version 2 (which replaces
+    its update on version 1), and b1's and b2's updates on version 1, one version stale; the
+    vectors of version 1's updates stay stored for that."""
+    engine = _engine(tmp_path, staleness_bound=2, async_pool="latest")
+    versions = Versions()
+    versions.add(engine.start())
+    engine.handle_update(versions.update("b0", 1, 1.0))
+    engine.handle_update(versions.update("b1", 1, 3.0))
+    versions.add(engine.close_round(reason="buffer"))
+    np.testing.assert_allclose(versions.by_round[2].weights, np.full(4, 2.0))  # type: ignore[attr-defined]
+    assert engine.handle_update(versions.update("b2", 1, 4.0)).reason is Reason.STALE
+    assert engine.handle_update(versions.update("b0", 2, 2.0)).reason is Reason.ACCEPTED
+    versions.add(engine.close_round(reason="buffer"))
+    expected = 2.0 + (2.0 + 3.0 / np.sqrt(2.0) + 4.0 / np.sqrt(2.0)) / 3
+    np.testing.assert_allclose(versions.by_round[3].weights, np.full(4, expected), rtol=1e-6)  # type: ignore[attr-defined]
+    row = engine.store.round_row(2)
+    assert row is not None and row.record is not None
+    assert row.record["decision"]["staleness"] == {"0": 0, "1": 1, "2": 1}
+    assert row.record["selected"] == [0, 2]  # the buffer: who sent this version's updates
+    # Version 1's vectors are still stored (S = 2); with the buffer pool they would be gone.
+    assert all(u.delta is not None for u in engine.store.updates(1))

@@ -90,3 +90,18 @@ def test_async_settings_are_checked_with_the_run() -> None:
         SimConfig(mode="semi")
     with pytest.raises(ValueError, match="unknown device profile"):
         SimConfig(profile="pi3")
+
+
+def test_the_latest_pool_runs_the_rule_on_every_boards_newest_admissible_update(
+    digits: Any,
+) -> None:
+    config = SimConfig(
+        mode="async", rounds=6, buffer_size=3, staleness_bound=3, async_pool="latest", **FLEET
+    )
+    rounds = run_simulation(config, dataset=digits)["rounds"]
+    for r in rounds:
+        pool = {int(c) for c in r["staleness"]}
+        assert set(r["selected"]) <= pool and len(r["selected"]) == 3
+        assert max(r["staleness"].values()) <= 3
+        assert set(r["decision"]["staleness"]) == {str(c) for c in pool}
+    assert max(len(r["staleness"]) for r in rounds) > 3, "boards outside the buffer take part"
