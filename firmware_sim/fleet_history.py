@@ -74,6 +74,7 @@ def merge_round(
         timing["trained_at"] = trained
         timing["first_received_at"] = first
         timing["pipelined"] = all(bool(w.get("pipelined")) for w in worker_rounds)
+        timing["async_start_lag_max"] = max(w.get("start_lag_max", 0.0) for w in worker_rounds)
     timing["wall_seconds"] = out.get("seconds", 0.0)
     out["timing"] = timing
     out["boards_reporting"] = boards

@@ -61,6 +61,7 @@ class _RoundStats:
     published_at: float = 0.0
     pipelined: bool = False
     resends: int = 0
+    start_lag: list[float] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -85,6 +86,7 @@ class _RoundStats:
             "published_at": self.published_at,
             "pipelined": self.pipelined,
             "resends": self.resends,
+            "start_lag_max": max(self.start_lag, default=0.0),
             "metrics": self.metrics,
         }
 
@@ -416,6 +418,9 @@ class FleetWorker:
         data = fleet.boards[index]
         if fleet.adversary.is_malicious(index):
             data = fleet.adversary.round_data(index, t, data)
+        # How late the worker starts the board's training (its other boards were computing):
+        # a simulated device is only as fast as its profile while this stays small.
+        stats.start_lag.append(max(0.0, time.monotonic() - start))
         t0 = time.perf_counter()
         update, state = board_step(
             agent.state,
