@@ -36,10 +36,9 @@ from typing import Any
 
 import numpy as np
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks.board_data import MODELS, load_npz
 
-#: model -> (dataset, shard size). SIREN's Fashion-MNIST shard is 60,000 / 10 boards = 6,000.
-MODELS = {"siren-cnn": ("fashion-mnist", 6000), "digits-mlp": ("digits", 180)}
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _rss_bytes() -> int:
@@ -149,16 +148,6 @@ def available_models() -> list[str]:
     return out
 
 
-def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    with np.load(path, allow_pickle=False) as arrays:
-        return (
-            np.asarray(arrays["x_train"], dtype=np.float32),
-            np.asarray(arrays["y_train"], dtype=np.int64),
-            np.asarray(arrays["x_test"], dtype=np.float32),
-            np.asarray(arrays["y_test"], dtype=np.int64),
-        )
-
-
 def worker(
     model_name: str,
     pinned: bool,
@@ -200,7 +189,7 @@ def worker(
     dataset_name, shard = MODELS[model_name]
     rng = np.random.default_rng(0)
     if data is not None:
-        x_train, y_train, x_test, y_test = _load_npz(data)
+        x_train, y_train, x_test, y_test = load_npz(data)
         dataset_name = f"{data.name} (the board's data)"
         input_shape, num_classes = tuple(x_train.shape[1:]), 10
     else:
@@ -456,6 +445,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         "else ./alarm.md)",
     )
     p.add_argument("--note", default="", help="a line written above the table (e.g. 'emulated')")
+    p.add_argument(
+        "--backends",
+        default=None,
+        help="board mode: compare the board's training backends (comma-separated: keras, "
+        "litert): installed size, import time, peak RSS, training per epoch and alarm time on "
+        "one core (writes board-backends.md)",
+    )
+    p.add_argument(
+        "--artifact",
+        type=Path,
+        default=None,
+        help="board mode: the model's LiteRT training artifact (default: converted here, which "
+        "needs TensorFlow; pass it on a board without TensorFlow)",
+    )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--pinned", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -464,7 +467,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.models:
         models = [m for m in args.models.split(",") if m]
     elif args.data is not None:
-        models = [model_for_input(tuple(_load_npz(args.data)[0].shape[1:]))]
+        models = [model_for_input(tuple(load_npz(args.data)[0].shape[1:]))]
     else:
         models = available_models()
         if not models:
@@ -476,6 +479,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [m for m in models if m not in MODELS]
     if unknown:
         p.error(f"unknown model(s) {unknown}; valid: {', '.join(MODELS)}")
+    if args.backends is not None:
+        from benchmarks.board_backends import BACKENDS, run
+
+        backends = [b for b in args.backends.split(",") if b]
+        if not backends or any(b not in BACKENDS for b in backends):
+            p.error(f"--backends takes {', '.join(BACKENDS)}, got {args.backends!r}")
+        if args.artifact is not None and not args.artifact.exists():
+            p.error(f"--artifact {args.artifact} does not exist")
+        out = args.out or default_output().with_name("board-backends.md")
+        problem = unwritable(out)
+        if problem:
+            p.error(f"cannot write {out}: {problem}; pass --out")
+        return run(models, backends, args, out)
     if args.worker:
         measured = worker(
             models[0], args.pinned, args.rounds, args.epochs, args.batch_size, args.data

@@ -22,10 +22,22 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "benchmarks.board_aarch64",
         "deployment end to end with boards in an arm64 userland (QEMU; root, ~30 min)",
     ),
+    "litert-builtins": (
+        "benchmarks.litert_builtins",
+        "which zoo models train in LiteRT with builtin ops only (Keras step vs artifact)",
+    ),
+    "litert-runs": (
+        "benchmarks.litert_runs",
+        "whole federated runs with boards training in LiteRT vs Keras (accuracy, time)",
+    ),
     "soak": ("benchmarks.soak", "hostile messages against a live fleet: crashes, counts, models"),
     "participation": (
         "benchmarks.participation",
         "partial participation: sampling with SIREN in the demo; sync vs sampled vs async",
+    ),
+    "image-boot": (
+        "benchmarks.image_boot",
+        "the Raspberry Pi image booted under QEMU joins a fleet (root; builds the image first)",
     ),
 }
 

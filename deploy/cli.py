@@ -47,6 +47,7 @@ def _init(args: argparse.Namespace) -> int:
             alarm=args.alarm,
             api_port=args.api_port,
             round_timeout=args.round_timeout,
+            train_backend=args.train_backend,
         )
         paths = init_deployment(
             args.dir, deployment, force=args.force, progress=lambda m: print(f"  {m}", flush=True)
@@ -234,6 +235,14 @@ def register(sub: Any) -> None:
         default=8080,
         help="loopback port of the coordinator's HTTP API and dashboard, which revoke-board "
         "and rotate-board use (default: 8080)",
+    )
+    init.add_argument(
+        "--train-backend",
+        default="keras",
+        choices=["keras", "litert"],
+        help="boards' training runtime: keras (TensorFlow on every board) or litert (the "
+        "model's LiteRT training artifact, built here once and carried by every bundle; no "
+        "TensorFlow on boards; default: keras)",
     )
     init.add_argument("--install-dir", default="/opt/siren", help="bundle location on boards")
     init.add_argument("--user", default="siren", help="service account on boards")

@@ -10,7 +10,8 @@ Layout of ``siren deploy init DIR``::
     DIR/coordinator/           coord.toml (every key commented), keys/, allow-list.txt,
                                mqtt.password or client.crt/.key, ca.crt, siren-coordinator.service
     DIR/boards/<id>/           one self-installing bundle per board (edge_client.provision)
-    DIR/dist/                  the lean board wheel the bundles carry
+    DIR/dist/                  the lean board wheel the bundles carry, and with
+                               ``--train-backend litert`` the model's LiteRT training artifact
 
 Order: coordinator key pair, CA and server certificate, the boards' keys, credentials and
 bundles (each with the CA and the pinned coordinator key), then the broker's password file and
@@ -93,6 +94,9 @@ class Deployment:
         Where bundles go on boards, the account they run as, their virtual environment.
     alarm : bool
         Boards run the SIREN alarm.
+    train_backend : str
+        ``keras`` (boards install TensorFlow) or ``litert`` (boards train with the model's
+        LiteRT training artifact, built once into ``dist/`` and carried by every bundle).
     """
 
     run: str
@@ -118,6 +122,7 @@ class Deployment:
     api_port: int = 8080
     round_timeout: float = 300.0
     revoked: tuple[str, ...] = ()
+    train_backend: str = "keras"
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -144,6 +149,10 @@ class Deployment:
             raise DeployError("a board id is listed twice")
         if self.rounds < 1:
             raise DeployError(f"--rounds must be >= 1, got {self.rounds}")
+        if self.train_backend not in ("keras", "litert"):
+            raise DeployError(
+                f"--train-backend must be keras or litert, got {self.train_backend!r}"
+            )
         if self.demo_data and self.dataset not in DEMO_DATASETS:
             raise DeployError(
                 f"demo data comes from {', '.join(DEMO_DATASETS)}, not {self.dataset!r}"
@@ -285,6 +294,40 @@ def _board_data(deployment: Deployment) -> list[Any]:
     return split_shards(split)
 
 
+#: Images of each dataset a deployment trains on (shape of one sample).
+_INPUT_SHAPES = {"digits": (8, 8, 1), "fashion-mnist": (28, 28, 1)}
+
+
+def board_artifact(deployment: Deployment, paths: Paths, progress: Any = print) -> Path | None:
+    """The LiteRT training artifact of a ``litert`` deployment's model (``dist/``), built once
+    (TensorFlow, here) and reused by later bundles; None for a ``keras`` deployment."""
+    if deployment.train_backend != "litert":
+        return None
+    from models.litert_artifact import ARTIFACT_FILE
+
+    path = paths.dist / ARTIFACT_FILE
+    if path.exists():
+        return path
+    if deployment.dataset not in _INPUT_SHAPES:
+        raise DeployError(f"no LiteRT training artifact for dataset {deployment.dataset!r}")
+    from edge_client.config import TrainingSettings
+    from models.errors import ModelsError
+    from models.litert_training import export_litert_training
+    from models.zoo import DEFAULT_MODEL, build_model
+
+    training = TrainingSettings()
+    model_name = DEFAULT_MODEL[deployment.dataset]
+    progress(f"LiteRT training artifact of {model_name} ({training.optimizer} in the graph)")
+    model = build_model(model_name, _INPUT_SHAPES[deployment.dataset], 10, seed=deployment.seed)
+    try:
+        artifact = export_litert_training(
+            model, model_name=model_name, optimizer=training.optimizer
+        )
+    except ModelsError as exc:
+        raise DeployError(str(exc)) from exc
+    return artifact.save(path)
+
+
 def _write_bundles(
     deployment: Deployment,
     paths: Paths,
@@ -307,6 +350,7 @@ def _write_bundles(
 
     passwords: dict[str, str] = {}
     place = Placement(deployment.install_dir, deployment.service_user, deployment.venv)
+    artifact = board_artifact(deployment, paths)
     for board in ids:
         index = deployment.boards.index(board)
         out = (boards_dir or paths.boards) / board
@@ -333,7 +377,7 @@ def _write_bundles(
                 allow_list=paths.allow_list if register else None,
                 rounds=deployment.rounds,
                 seed=deployment.seed,
-                training=TrainingSettings(),
+                training=TrainingSettings(backend=deployment.train_backend),
                 alarm=AlarmSettings(enabled=deployment.alarm),
                 data=DataSettings(
                     source="npz",
@@ -345,6 +389,7 @@ def _write_bundles(
                 password=passwords.get(board),
                 client_cert=client_cert,
                 wheel=wheel,
+                artifact=artifact,
                 force=force,
             )
         except EdgeClientError as exc:

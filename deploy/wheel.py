@@ -26,7 +26,12 @@ BOARD_DIST = "siren-edge-board"
 #: Packages a board imports (with their subpackages).
 BOARD_PACKAGES = ("protocol", "models", "edge_client", "siren_cli")
 #: Single modules of other packages a board runs: the on-device alarm benchmark.
-BOARD_MODULES = ("benchmarks/__init__.py", "benchmarks/cli.py", "benchmarks/alarm.py")
+BOARD_MODULES = (
+    "benchmarks/__init__.py",
+    "benchmarks/cli.py",
+    "benchmarks/alarm.py",
+    "benchmarks/board_backends.py",
+)
 #: Packages of the desktop install a board never needs (checked by the tests).
 NOT_ON_BOARDS = (
     "sklearn",

@@ -28,8 +28,11 @@ def _run(args: argparse.Namespace) -> int:
             print(done, flush=True)
             return 0
         logging.getLogger("edge_client").info(
-            "%s: loading its data and model (TensorFlow: tens of seconds on a small board)",
+            "%s: loading its data and model (%s)",
             config.client_id,
+            "LiteRT training artifact"
+            if config.training.backend == "litert"
+            else "TensorFlow: tens of seconds on a small board",
         )
         client = BoardClient(config)
     except (EdgeClientError, KeyFileError, ModelsError) as exc:
@@ -80,10 +83,15 @@ def _provision(args: argparse.Namespace) -> int:
             allow_list=args.allow_list,
             rounds=args.rounds,
             seed=args.seed,
-            training=TrainingSettings(model=args.model),
+            training=TrainingSettings(
+                model=args.model,
+                backend=args.train_backend,
+                artifact=args.artifact.resolve() if args.artifact else None,
+            ),
             alarm=AlarmSettings(enabled=args.alarm, profile=args.siren_profile),
             data=data,
             place=Placement(args.install_dir, args.user, args.venv),
+            artifact=args.artifact,
             force=args.force,
         )
     except EdgeClientError as exc:
@@ -98,6 +106,35 @@ def _provision(args: argparse.Namespace) -> int:
         f"next: add its password to the broker (siren coordinator broker-config --bundles "
         f"{out.parent} --cafile ... with the same CA, then reload Mosquitto), copy the bundle "
         f"to the board and run its install.sh as root ({bundle.setup.name} has the steps)"
+    )
+    return 0
+
+
+def _export_litert(args: argparse.Namespace) -> int:
+    from models.errors import ModelsError
+    from models.litert_training import export_litert_training
+    from models.training import OPTIMIZERS
+    from models.zoo import DEFAULT_MODEL, MODEL_BUILDERS, build_model
+
+    shapes = {"digits": (8, 8, 1), "fashion-mnist": (28, 28, 1)}
+    model_name = args.model or DEFAULT_MODEL[args.dataset]
+    if model_name not in MODEL_BUILDERS:
+        raise CommandError(
+            f"unknown model {model_name!r}; valid: {', '.join(sorted(MODEL_BUILDERS))}"
+        )
+    if args.optimizer not in OPTIMIZERS:
+        raise CommandError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}")
+    model = build_model(model_name, shapes[args.dataset], args.num_classes, seed=args.seed)
+    try:
+        artifact = export_litert_training(model, model_name=model_name, optimizer=args.optimizer)
+    except ModelsError as exc:
+        raise CommandError(str(exc)) from exc
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    artifact.save(args.out)
+    print(
+        f"wrote {args.out}: {model_name} ({artifact.layout.size:,} parameters, "
+        f"{args.dataset} images {artifact.input_shape}), {args.optimizer} in the graph, "
+        f"{args.out.stat().st_size / 1024:.0f} KiB; builtin LiteRT ops only"
     )
     return 0
 
@@ -181,8 +218,50 @@ def register(sub: Any) -> None:
     prov.add_argument("--install-dir", default="/opt/siren", help="bundle location on boards")
     prov.add_argument("--user", default="siren", help="service user on boards")
     prov.add_argument("--venv", default="/opt/siren/venv", help="virtual environment on boards")
+    prov.add_argument(
+        "--train-backend",
+        default="keras",
+        choices=["keras", "litert"],
+        help="the board's training runtime: keras (TensorFlow) or litert (the model's LiteRT "
+        "training artifact, no TensorFlow installed; needs --artifact; default: keras)",
+    )
+    prov.add_argument(
+        "--artifact",
+        type=Path,
+        default=None,
+        help="the model's LiteRT training artifact (siren client export-litert), copied into "
+        "the bundle (--train-backend litert)",
+    )
     prov.add_argument("--force", action="store_true", help="replace an existing bundle's key")
     prov.set_defaults(func=_provision)
+    export = s.add_parser(
+        "export-litert",
+        help="write a model's LiteRT training artifact for boards without TensorFlow",
+        description="Convert a zoo model's training step (train, infer, get/set weights, the "
+        "optimizer) to LiteRT with builtin operators only, so a board with the stock "
+        "ai-edge-litert (or tflite-runtime) wheel trains it without TensorFlow. Needs "
+        "TensorFlow here (the coordinator or a build machine); boards get the file once, in "
+        "their bundle, and only weights travel per round.",
+    )
+    export.add_argument(
+        "--dataset",
+        default="digits",
+        choices=["digits", "fashion-mnist"],
+        help="the images the model takes (digits: 8x8, fashion-mnist: 28x28; default: digits)",
+    )
+    export.add_argument("--model", default=None, help="zoo model (default: the dataset's)")
+    export.add_argument(
+        "--optimizer", default="adam", help="the boards' optimizer: adam or sgd (default: adam)"
+    )
+    export.add_argument("--num-classes", type=int, default=10, help="classes (default: 10)")
+    export.add_argument("--seed", type=int, default=0, help="seed of the initial weights")
+    export.add_argument(
+        "--out",
+        type=Path,
+        default=Path("model-litert.zip"),
+        help="artifact file (default: %(default)s)",
+    )
+    export.set_defaults(func=_export_litert)
     reset = s.add_parser(
         "reset",
         help="archive the board's state so that it starts afresh (to join a new run)",

@@ -621,13 +621,14 @@ def split_shards(split: SplitSettings, *, only: int | None = None) -> list[Board
 
 
 def build_runtime(config: BoardConfig, data: BoardData | None = None) -> BoardRuntime:
-    """Load data, build the trainer (TensorFlow) and, with the alarm on, the LiteRT evaluator."""
-    from edge_client.alarm import AlarmConfig
-    from models.tf_setup import seed_everything
-    from models.training import TrainConfig, Trainer
+    """Load data, build the trainer and, with the alarm on, the LiteRT evaluator.
+
+    ``[training] backend = "keras"`` builds a TensorFlow trainer; ``"litert"`` loads the
+    model's LiteRT training artifact and never imports TensorFlow (the alarm then runs in
+    LiteRT too, from the same artifact).
+    """
     from models.zoo import DEFAULT_MODEL
 
-    seed_everything(config.seed)
     board_data = data if data is not None else load_board_data(config)
     model = config.training.model or DEFAULT_MODEL.get(config.data.dataset)
     if model is None:
@@ -635,12 +636,14 @@ def build_runtime(config: BoardConfig, data: BoardData | None = None) -> BoardRu
             f"training.model is needed for data {config.data.source!r} / "
             f"{config.data.dataset!r} (e.g. siren-cnn, digits-mlp)"
         )
-    train_cfg = TrainConfig(
-        epochs=config.training.epochs,
-        batch_size=config.training.batch_size,
-        learning_rate=config.training.resolved_lr(model),
-        optimizer=config.training.optimizer,
-    )
+    if config.training.backend == "litert":
+        return _litert_runtime(config, board_data, model)
+    from edge_client.alarm import AlarmConfig
+    from models.tf_setup import seed_everything
+    from models.training import Trainer
+
+    seed_everything(config.seed)
+    train_cfg = _train_config(config, model)
     trainer = Trainer(
         model,
         tuple(board_data.x_train.shape[1:]),
@@ -648,6 +651,7 @@ def build_runtime(config: BoardConfig, data: BoardData | None = None) -> BoardRu
         train_cfg,
         seed=config.seed,
     )
+    logger.info("%s: local training runs in keras (TensorFlow)", config.client_id)
     evaluator = None
     alarm = None
     if config.alarm.enabled:
@@ -678,6 +682,66 @@ def build_runtime(config: BoardConfig, data: BoardData | None = None) -> BoardRu
     return BoardRuntime(board_data, trainer, layout, evaluator, alarm)
 
 
+def _train_config(config: BoardConfig, model: str) -> Any:
+    from models.training import TrainConfig
+
+    return TrainConfig(
+        epochs=config.training.epochs,
+        batch_size=config.training.batch_size,
+        learning_rate=config.training.resolved_lr(model),
+        optimizer=config.training.optimizer,
+    )
+
+
+def _litert_runtime(config: BoardConfig, board_data: BoardData, model: str) -> BoardRuntime:
+    """The ``litert`` backend: trainer and alarm from the training artifact, no TensorFlow."""
+    from edge_client.alarm import AlarmConfig
+    from models.errors import ModelsError
+    from models.litert_artifact import TrainingArtifact
+    from models.litert_trainer import LiteRTTrainer, artifact_evaluator
+
+    assert config.training.artifact is not None  # TrainingSettings checks it
+    try:
+        artifact = TrainingArtifact.load(config.training.artifact)
+        trainer = LiteRTTrainer(artifact, _train_config(config, model), model_name=model)
+    except ModelsError as exc:  # unreadable artifact, another model, no LiteRT runtime
+        raise ConfigError(str(exc)) from None
+    shape = tuple(board_data.x_train.shape[1:])
+    if shape != artifact.input_shape or config.training.num_classes != artifact.num_classes:
+        raise ConfigError(
+            f"the LiteRT training artifact takes {artifact.input_shape} images and "
+            f"{artifact.num_classes} classes; the board's data has {shape} images and "
+            f"training.num_classes is {config.training.num_classes}"
+        )
+    logger.info(
+        "%s: local training runs in litert (%s, %s; no TensorFlow)",
+        config.client_id,
+        config.training.artifact,
+        artifact.built_with or "unknown converter",
+    )
+    evaluator = None
+    alarm = None
+    if config.alarm.enabled:
+        evaluator = artifact_evaluator(artifact)
+        alarm = AlarmConfig.for_profile(
+            config.alarm.profile, config.alarm.threshold, config.alarm.rule
+        )
+        if config.alarm.backend != "litert":
+            logger.warning(
+                "%s: alarm backend %s asked for, but a litert board has no TensorFlow: the "
+                "alarm runs in litert",
+                config.client_id,
+                config.alarm.backend,
+            )
+        logger.info(
+            "%s: SIREN alarm runs in litert (%s)", config.client_id, type(evaluator).__name__
+        )
+    else:
+        logger.info("%s: SIREN alarm off ([alarm] enabled = false)", config.client_id)
+    layout = TensorLayout(artifact.layout.as_list())
+    return BoardRuntime(board_data, trainer, layout, evaluator, alarm)
+
+
 class BoardClient:
     """The standalone board program (``siren client run``): one agent, one link, one loop.
 
@@ -686,7 +750,8 @@ class BoardClient:
     config : BoardConfig
         The board's settings.
     runtime : BoardRuntime, optional
-        Data, trainer and evaluator; built from ``config`` by default (imports TensorFlow).
+        Data, trainer and evaluator; built from ``config`` by default (imports TensorFlow
+        with the keras training backend, never with litert).
     sensors : Sensors, optional
         Where the round's telemetry comes from (default: this machine's sysfs, ``vcgencmd``,
         ``tegrastats``; :mod:`edge_client.telemetry`).

@@ -32,6 +32,8 @@ Example (every key shown; relative paths are relative to the file's directory)::
     learning_rate = 0.0            # 0: default (adam 0.001, sgd 0.05; adam 0.01 for digits)
     optimizer = "adam"
     num_classes = 10
+    backend = "keras"              # "keras" (TensorFlow) or "litert" (no TensorFlow needed)
+    artifact = ""                  # the model's LiteRT training artifact (backend = litert)
 
     [alarm]
     enabled = true
@@ -80,6 +82,7 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 
 __all__ = [
     "DEFAULT_LR",
+    "TRAIN_BACKENDS",
     "AlarmSettings",
     "BoardConfig",
     "BrokerSettings",
@@ -118,6 +121,10 @@ COMMENTS: dict[str, dict[str, str]] = {
         "learning_rate": "0: default (adam 0.001, sgd 0.05; adam 0.01 for the digits models)",
         "optimizer": "adam or sgd",
         "num_classes": "number of classes",
+        "backend": "keras (TensorFlow trains) or litert (the model's LiteRT training artifact "
+        "trains: no TensorFlow on the board)",
+        "artifact": "the LiteRT training artifact (backend = litert; model-litert.zip in "
+        "bundles made for litert boards)",
     },
     "alarm": {
         "": "SIREN's local-test alarm (Algorithm 1).",
@@ -149,9 +156,18 @@ class BrokerSettings(mqtt.BrokerSettings):
     error: ClassVar[type[Exception]] = ConfigError
 
 
+#: Training runtimes of a board.
+TRAIN_BACKENDS = ("keras", "litert")
+
+
 @dataclass(frozen=True)
 class TrainingSettings:
-    """Local training hyper-parameters (the run's, identical on every board)."""
+    """Local training hyper-parameters (the run's, identical on every board) and its runtime.
+
+    ``backend = "litert"`` trains with the model's LiteRT training artifact
+    (:mod:`models.litert_trainer`) and never imports TensorFlow; ``artifact`` is its file
+    (required by :class:`BoardConfig` with that backend).
+    """
 
     model: str | None = None
     epochs: int = 1
@@ -159,6 +175,14 @@ class TrainingSettings:
     learning_rate: float | None = None
     optimizer: str = "adam"
     num_classes: int = 10
+    backend: str = "keras"
+    artifact: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.backend not in TRAIN_BACKENDS:
+            raise ConfigError(
+                f"training.backend must be one of {', '.join(TRAIN_BACKENDS)}, got {self.backend!r}"
+            )
 
     def resolved_lr(self, model: str | None = None) -> float:
         """The learning rate, defaulting per optimizer and model (``model`` or ``self.model``)."""
@@ -245,6 +269,12 @@ class BoardConfig:
                 )
         if self.index < 0 or self.rounds < 0:
             raise ConfigError("board.index and board.rounds must be >= 0")
+        if self.training.backend == "litert" and self.training.artifact is None:
+            raise ConfigError(
+                "training.backend = 'litert' needs training.artifact: the model's LiteRT "
+                "training artifact (`siren client export-litert` writes one; bundles for litert "
+                "boards carry model-litert.zip)"
+            )
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> BoardConfig:
@@ -292,7 +322,9 @@ class BoardConfig:
             return cls(
                 **values,
                 broker=_build(BrokerSettings, broker, "broker", base_dir),
-                training=_build(TrainingSettings, dict(raw.get("training", {})), "training"),
+                training=_build(
+                    TrainingSettings, dict(raw.get("training", {})), "training", base_dir
+                ),
                 alarm=_build(AlarmSettings, dict(raw.get("alarm", {})), "alarm"),
                 data=_build(DataSettings, dict(raw.get("data", {})), "data", base_dir),
             )

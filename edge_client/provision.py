@@ -16,6 +16,7 @@ A bundle is one directory (copy it to the board, e.g. with ``scp -r``, and run i
     siren-board-<id>.service   systemd unit (restarted on failure, down once the run is over)
     install.sh                 installs all of this (idempotent; what SETUP.md describes)
     requirements-board.txt     the libraries a board installs
+    model-litert.zip           the model's LiteRT training artifact (litert boards: no TensorFlow)
     siren_edge_board-*.whl     the board program (when the bundle was made by ``siren deploy``)
     SETUP.md                   the same steps by hand, for Raspberry Pi OS 64-bit and JetPack 6
 
@@ -27,7 +28,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from edge_client.config import (
@@ -63,6 +64,9 @@ BOARD_REQUIREMENTS = (
     "paho-mqtt>=2.0",
     "tomli>=2.0; python_version < '3.11'",
 )
+
+#: What a board with the ``litert`` training backend installs: the same without TensorFlow.
+LITERT_BOARD_REQUIREMENTS = tuple(r for r in BOARD_REQUIREMENTS if not r.startswith("tensorflow"))
 
 
 class ProvisionError(EdgeClientError):
@@ -142,10 +146,12 @@ def systemd_unit(client_id: str, place: Placement) -> str:
     )
 
 
-def requirements_text() -> str:
-    """``requirements-board.txt``: the board's libraries, one PEP 508 line each."""
+def requirements_text(backend: str = "keras") -> str:
+    """``requirements-board.txt``: the board's libraries, one PEP 508 line each (no TensorFlow
+    for a board with the ``litert`` training backend)."""
+    reqs = LITERT_BOARD_REQUIREMENTS if backend == "litert" else BOARD_REQUIREMENTS
     return "# what a siren-edge board installs besides the board program\n" + "".join(
-        f"{req}\n" for req in BOARD_REQUIREMENTS
+        f"{req}\n" for req in reqs
     )
 
 
@@ -153,7 +159,7 @@ def requirements_text() -> str:
 SECRET_FILES = ("keys/private.key", "mqtt.password", "client.key")
 
 
-def install_script(client_id: str, place: Placement, service: str) -> str:
+def install_script(client_id: str, place: Placement, service: str, backend: str = "keras") -> str:
     """``install.sh`` of a bundle: exactly the steps of SETUP.md, idempotent.
 
     Run as root on the board from the unpacked bundle. ``--no-systemd`` skips installing and
@@ -163,6 +169,11 @@ def install_script(client_id: str, place: Placement, service: str) -> str:
     """
     home = place.home(client_id)
     secrets_list = " ".join(SECRET_FILES)
+    libraries = (
+        "(LiteRT, NumPy, ...: about 100 MB the first"
+        if backend == "litert"
+        else "(TensorFlow, LiteRT, ...: about 1.6 GB the first"
+    )
     return f"""#!/bin/sh
 # Install siren-edge board {client_id}: service account, files, virtual environment, systemd unit.
 # Idempotent: running it again repairs permissions and upgrades nothing that is installed.
@@ -224,7 +235,7 @@ if [ "$VENV_STEP" = 1 ]; then
     echo "  and run install.sh again with --python /usr/bin/python3" >&2
     exit 1
   fi
-  echo "    installing the board's libraries (TensorFlow, LiteRT, ...: about 1.6 GB the first"
+  echo "    installing the board's libraries {libraries}"
   echo "    time, from PyPI; nothing again when they are there)"
   "$VENV/bin/python" -m pip install --disable-pip-version-check --progress-bar on \\
     -r "$HOME_DIR/requirements-board.txt"
@@ -256,11 +267,37 @@ fi
 """
 
 
-def setup_notes(client_id: str, place: Placement, service: str) -> str:
+#: SETUP.md's "Which boards" for a board with the ``litert`` training backend.
+_LITERT_BOARDS = """## Which boards
+
+This board trains with LiteRT alone (`backend = "litert"` in `[training]`): its model's
+training step is in `model-litert.zip`, and TensorFlow is not installed. 64-bit Linux on
+aarch64 (or x86-64) with Python 3.10 or newer and an `ai-edge-litert` (or `tflite-runtime`)
+wheel; 512 MB of RAM is the aim (the board process stays far below TensorFlow's ~700 MB):
+Raspberry Pi 3, 4, 5 or Zero 2 W with Raspberry Pi OS 64-bit, or NVIDIA Jetson with JetPack 6.
+"""
+
+
+def setup_notes(client_id: str, place: Placement, service: str, backend: str = "keras") -> str:
     """SETUP.md of a bundle: what ``install.sh`` does, step by step, for Raspberry Pi OS 64-bit
-    and JetPack 6."""
+    and JetPack 6 (``backend``: the board's training backend)."""
     home = place.home(client_id)
     user, venv = place.user, place.venv
+    notes = _setup_notes(client_id, place, service, home, user, venv)
+    if backend != "litert":
+        return notes
+    start = notes.index("## Which boards")
+    end = notes.index("## 1. Service account")
+    notes = notes[:start] + _LITERT_BOARDS + "\n" + notes[end:]
+    return notes.replace(
+        "`requirements-board.txt` lists TensorFlow (PyPI's aarch64 `tensorflow` wheel), LiteRT",
+        "`requirements-board.txt` lists no TensorFlow (this board trains in LiteRT): LiteRT",
+    )
+
+
+def _setup_notes(
+    client_id: str, place: Placement, service: str, home: str, user: str, venv: str
+) -> str:
     return f"""# Setting up board `{client_id}`
 
 This bundle holds the board's private key: copy it to the board only, over a trusted channel
@@ -383,6 +420,7 @@ def provision_board(
     password: str | None = None,
     client_cert: tuple[Path, Path] | None = None,
     wheel: Path | None = None,
+    artifact: Path | None = None,
     force: bool = False,
 ) -> Bundle:
     """Write a board bundle into ``out`` (see the module docstring).
@@ -415,6 +453,10 @@ def provision_board(
         Mutual TLS: the board's client certificate and key, copied in (then no password).
     wheel : Path, optional
         The board program's wheel, copied into the bundle for ``install.sh``.
+    artifact : Path, optional
+        The model's LiteRT training artifact, copied into the bundle as
+        :data:`~models.litert_artifact.ARTIFACT_FILE`; required when ``training.backend`` is
+        ``litert`` (the board then installs and imports no TensorFlow).
     force : bool
         Replace an existing bundle's key pair.
 
@@ -443,7 +485,13 @@ def provision_board(
             "`siren coordinator broker-config --self-signed`), or pass --system-ca when the "
             "broker's certificate comes from a public CA"
         )
-    for path in (ca_cert, *(client_cert or ()), wheel):
+    training = training or TrainingSettings()
+    if training.backend == "litert" and artifact is None:
+        raise ProvisionError(
+            "a board with the litert training backend needs the model's LiteRT training artifact "
+            "(--artifact; `siren client export-litert` writes one)"
+        )
+    for path in (ca_cert, *(client_cert or ()), wheel, artifact):
         if path is not None and not Path(path).exists():
             raise ProvisionError(f"{path} does not exist")
     try:
@@ -468,6 +516,13 @@ def provision_board(
     if ca_cert is not None:
         ca_path = out / "ca.crt"
         shutil.copyfile(ca_cert, ca_path)
+    if training.backend == "litert":
+        from models.litert_artifact import ARTIFACT_FILE
+
+        assert artifact is not None
+        if Path(artifact).resolve() != (out / ARTIFACT_FILE).resolve():
+            shutil.copyfile(artifact, out / ARTIFACT_FILE)
+        training = replace(training, artifact=out / ARTIFACT_FILE)
     cert_file = key_file = None
     password_file = None
     if client_cert is not None:
@@ -496,7 +551,7 @@ def provision_board(
             cert_file=cert_file,
             key_file=key_file,
         ),
-        training=training or TrainingSettings(),
+        training=training,
         alarm=alarm or AlarmSettings(),
         data=data or DataSettings(source="npz", path=out / "data.npz"),
     )
@@ -512,16 +567,16 @@ def provision_board(
     service_name = f"siren-board-{client_id}.service"
     service = out / service_name
     service.write_text(systemd_unit(client_id, place))
-    (out / "requirements-board.txt").write_text(requirements_text())
+    (out / "requirements-board.txt").write_text(requirements_text(training.backend))
     if wheel is not None:
         for old in out.glob("siren_edge_board-*.whl"):
             old.unlink()
         shutil.copyfile(wheel, out / Path(wheel).name)
     install = out / "install.sh"
-    install.write_text(install_script(client_id, place, service_name))
+    install.write_text(install_script(client_id, place, service_name, training.backend))
     install.chmod(0o755)
     setup = out / "SETUP.md"
-    setup.write_text(setup_notes(client_id, place, service_name))
+    setup.write_text(setup_notes(client_id, place, service_name, training.backend))
     return Bundle(
         out, config_path, key_fingerprint(key.verify_key), service, setup, allow_path, install
     )

@@ -165,7 +165,7 @@ class _Simulation:
             self.versions[v],
             v,
             data,
-            fleet.trainer,
+            fleet.board_trainer,
             np.random.default_rng([cfg.seed, v, cid]),
             evaluator=fleet.evaluator,
             alarm=self.alarm,

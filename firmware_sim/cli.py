@@ -224,6 +224,13 @@ def add_run_options(
         help="runtime of the alarm's evaluations (default: litert)",
     )
     d.add_argument(
+        "--train-backend",
+        default="keras",
+        choices=["keras", "litert"],
+        help="boards' local training: keras (TensorFlow) or litert (the model's builtin-only "
+        "LiteRT training artifact, as a board without TensorFlow; default: keras)",
+    )
+    d.add_argument(
         "--defense-start-round",
         type=int,
         default=1,

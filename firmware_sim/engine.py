@@ -66,6 +66,7 @@ class SimConfig:
     alarm_rule: str | None = None
     alarm_threshold: float = 0.04
     alarm_backend: str = "litert"
+    train_backend: str = "keras"
     attack: str | None = None
     malicious: float = 0.0
     malicious_ids: tuple[int, ...] | None = None
@@ -104,6 +105,8 @@ class SimConfig:
             raise ValueError(f"--malicious must be a fraction in [0, 1], got {self.malicious}")
         if self.alarm_backend not in ("litert", "keras"):
             raise ValueError(f"--alarm-backend must be litert or keras, got {self.alarm_backend!r}")
+        if self.train_backend not in ("litert", "keras"):
+            raise ValueError(f"--train-backend must be litert or keras, got {self.train_backend!r}")
         if self.defense_start_round < 1:
             raise ValueError(f"--defense-start-round must be >= 1, got {self.defense_start_round}")
         if not self.guard_factor > 0 or not self.guard_max_abs > 0:
@@ -157,7 +160,13 @@ class SimConfig:
 
 @dataclass
 class Fleet:
-    """The materialized run: data, boards, trainer, strategy and adversary."""
+    """The materialized run: data, boards, trainer, strategy and adversary.
+
+    ``trainer`` (Keras) serves the coordinator's side: test accuracy, root-set evaluations and
+    training, attack metrics. ``board_trainer`` is what the boards train with: the same trainer
+    (``--train-backend keras``) or a :class:`~models.litert_trainer.LiteRTTrainer` running the
+    model's LiteRT training artifact (``--train-backend litert``, as a board without TensorFlow).
+    """
 
     config: SimConfig
     dataset: Dataset
@@ -172,6 +181,11 @@ class Fleet:
     y_test: np.ndarray
     undefended: Any = None
     profiles: list[DeviceProfile] = field(default_factory=list)
+    board_trainer: Any = None
+
+    def __post_init__(self) -> None:
+        if self.board_trainer is None:
+            self.board_trainer = self.trainer
 
 
 def build_adversary(config: SimConfig, dataset: Dataset) -> Adversary:
@@ -207,11 +221,26 @@ def build_fleet(config: SimConfig, dataset: Dataset | None = None) -> Fleet:
         optimizer=config.optimizer,
     )
     trainer = Trainer(model_name, ds.input_shape, ds.num_classes, train_cfg, seed=config.seed)
+    board_trainer: Any = trainer
+    artifact = None
+    if config.train_backend == "litert":
+        from models.litert_trainer import LiteRTTrainer
+        from models.litert_training import export_litert_training
+
+        artifact = export_litert_training(
+            trainer.model, model_name=model_name, optimizer=train_cfg.optimizer
+        )
+        board_trainer = LiteRTTrainer(artifact, train_cfg)
     evaluator = None
     if config.alarm_enabled:
-        from models.litert import make_evaluator
+        if artifact is not None and config.alarm_backend == "litert":
+            from models.litert_trainer import artifact_evaluator
 
-        evaluator = make_evaluator(trainer.model, prefer=config.alarm_backend)
+            evaluator = artifact_evaluator(artifact)  # what a board without TensorFlow runs
+        else:
+            from models.litert import make_evaluator
+
+            evaluator = make_evaluator(trainer.model, prefer=config.alarm_backend)
     oracle = RootSetOracle(
         trainer, ds.x_train[split.root_idx], ds.y_train[split.root_idx], seed=config.seed
     )
@@ -259,6 +288,7 @@ def build_fleet(config: SimConfig, dataset: Dataset | None = None) -> Fleet:
         ds.y_test,
         undefended,
         config.device_profiles(),
+        board_trainer,
     )
 
 
@@ -294,7 +324,7 @@ def play_round(fleet: Fleet, round_index: int, global_weights: np.ndarray) -> di
             global_weights,
             round_index,
             data,
-            fleet.trainer,
+            fleet.board_trainer,
             rng,
             evaluator=fleet.evaluator,
             alarm=alarm_cfg,
@@ -405,6 +435,7 @@ def run_simulation(
             "root_samples": int(fleet.split.root_idx.size),
             "test_samples": len(fleet.y_test),
             "alarm_backend": getattr(fleet.evaluator, "backend", None),
+            "train_backend": fleet.board_trainer.backend,
             **fleet.adversary.describe(),
         },
         "rounds": rounds,

@@ -249,9 +249,16 @@ def linger_dashboard(
     until = "until Ctrl-C" if math.isinf(seconds) else f"for {seconds:g} s (or until Ctrl-C)"
     print(f"the dashboard of the finished run stays at {server.url} {until}", flush=True)
     stop = stop or threading.Event()
+    # Ctrl-C must end the linger even when this process started with SIGINT ignored (as
+    # commands started in the background by a non-interactive shell are).
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         stop.wait(None if math.isinf(seconds) else seconds)
     except KeyboardInterrupt:
         pass  # Ctrl-C is how a lingering dashboard is meant to end
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
         server.stop()

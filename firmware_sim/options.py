@@ -71,6 +71,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
             alarm_rule=args.alarm_rule,
             alarm_threshold=args.alarm_threshold,
             alarm_backend=args.alarm_backend,
+            train_backend=args.train_backend,
             attack=args.attack,
             malicious=args.malicious,
             malicious_ids=ids,

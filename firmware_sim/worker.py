@@ -195,7 +195,8 @@ class FleetWorker:
         fleet = self.fleet
         data = fleet.boards[min(self.agents)]
         start = fleet.trainer.initial_weights
-        fleet.trainer.train(start, data.x_train[:2], data.y_train[:2], np.random.default_rng(0))
+        trainer = fleet.board_trainer
+        trainer.train(start, data.x_train[:2], data.y_train[:2], np.random.default_rng(0))
         if fleet.evaluator is not None and len(data.y_test):
             fleet.evaluator.accuracy(start, data.x_test[:1], data.y_test[:1])
 
@@ -252,6 +253,7 @@ class FleetWorker:
             "root_samples": int(f.split.root_idx.size),
             "test_samples": len(f.y_test),
             "alarm_backend": getattr(f.evaluator, "backend", None),
+            "train_backend": f.board_trainer.backend,
             **f.adversary.describe(),
         }
 
@@ -365,7 +367,7 @@ class FleetWorker:
                 weights,
                 t,
                 data,
-                fleet.trainer,
+                fleet.board_trainer,
                 agent.rng(t),
                 evaluator=fleet.evaluator,
                 alarm=self.alarm,

@@ -37,3 +37,7 @@ class LiteRTUnavailableError(ModelsError):
 
 class LiteRTExportError(ModelsError):
     """A converted LiteRT model does not hold the weights the way the evaluator needs."""
+
+
+class ArtifactError(ModelsError):
+    """A LiteRT training artifact cannot be read, or does not fit what the board runs."""

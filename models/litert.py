@@ -101,6 +101,17 @@ def _interpreter_class() -> Any:
         ) from exc
 
 
+def interpreter_class() -> Any:
+    """The LiteRT ``Interpreter`` class: ``ai-edge-litert``'s, else ``tflite-runtime``'s.
+
+    Raises
+    ------
+    LiteRTUnavailableError
+        Neither runtime is installed.
+    """
+    return _interpreter_class()
+
+
 def litert_available() -> bool:
     """Whether a LiteRT interpreter can be imported."""
     try:
@@ -274,7 +285,9 @@ def _locate_weights(flatbuffer: bytes, d: int) -> tuple[tuple[int, np.ndarray], 
             values = np.asarray(interpreter.get_tensor(detail["index"]), dtype=np.float32)
         except ValueError:
             continue
-        if values.size == 0 or values.min() < 1 or values.max() > d:
+        if values.size == 0 or not np.all(np.isfinite(values)):
+            continue
+        if values.min() < 1 or values.max() > d:
             continue
         if not np.array_equal(values, np.round(values)):
             continue
@@ -415,6 +428,7 @@ __all__ = [
     "export_litert",
     "export_litert_frozen",
     "get_flat_weights",
+    "interpreter_class",
     "litert_available",
     "litert_evaluator",
     "make_evaluator",

@@ -106,6 +106,9 @@ class Trainer:
         Seed of the initial weights.
     """
 
+    #: Training runtime (boards may use :class:`~models.litert_trainer.LiteRTTrainer`).
+    backend = "keras"
+
     def __init__(
         self,
         model_name: str,

@@ -21,6 +21,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "edge_client.cli",
     "coordinator.cli",
     "deploy.cli",
+    "image.cli",
     "protocol.cli",
     "benchmarks.cli",
 )

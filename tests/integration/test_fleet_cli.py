@@ -120,8 +120,13 @@ def test_on_a_terminal_the_dashboard_stays_up_after_the_run_until_ctrl_c(tmp_pat
         assert run["rounds_closed"] == 1
         assert httpx.get(url, timeout=10).status_code == 200
         os.killpg(proc.pid, signal.SIGINT)
-        assert proc.wait(30) == 0
+        try:
+            # Generous: a loaded 2-core machine takes a while to unload TensorFlow at exit.
+            code = proc.wait(120)
+        except subprocess.TimeoutExpired:
+            code = None
         text = b"".join(seen).decode(errors="replace")
+        assert code == 0, f"exit {code} after Ctrl-C; output:\n{text[-3000:]}"
         assert "Traceback" not in text and "interrupted" not in text
         assert (tmp_path / "run" / "history.json").exists()
     finally:

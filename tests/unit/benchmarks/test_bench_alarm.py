@@ -159,3 +159,35 @@ def test_the_worker_records_what_a_jetson_exposes(tmp_path):
     assert row["train_cpu_s"] > 0 and row["alarm_litert_cpu_s"] > 0
     assert row["sensors"]["power rails"] == "VDD_IN, VDD_CPU_GPU_CV, VDD_SOC"
     assert row["sensors"]["throttling (vcgencmd)"] == "absent"
+
+
+def test_board_mode_measures_the_litert_backend_without_tensorflow(tmp_path, capsys):
+    """``siren bench alarm --backends litert``: a worker that trains and alarms in LiteRT."""
+    import json
+
+    out = tmp_path / "board-backends.md"
+    argv = ["bench", "alarm", "--backends", "litert", "--models", "digits-mlp"]
+    code = main([*argv, "--rounds", "1", "--epochs", "1", "--out", str(out)])
+    assert code == 0
+    text = out.read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| digits-mlp"))
+    assert "| litert |" in row and row.endswith("| LiteRTEvaluator | no |")
+    result = json.loads(text.split("```json")[1].split("```")[0])[0]
+    assert result["tensorflow_loaded"] == []
+    assert 0 < result["installed_bytes"] < 400 * 2**20  # no TensorFlow in the closure
+    assert result["train_epoch_s"] > 0 and result["alarm_s"] > 0
+
+
+def test_board_mode_rejects_an_unknown_backend(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "alarm", "--backends", "torch", "--models", "digits-mlp"])
+    assert "--backends takes keras, litert" in capsys.readouterr().err
+
+
+def test_installed_size_follows_requirements_through_installed_distributions():
+    from benchmarks.board_backends import installed_size
+
+    lean, _ = installed_size(["numpy", "no-such-distribution"])
+    with_tf, largest = installed_size(["numpy", "tensorflow-cpu"])
+    assert 0 < lean < with_tf
+    assert largest[0][0].startswith("tensorflow")

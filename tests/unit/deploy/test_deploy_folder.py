@@ -111,6 +111,29 @@ def test_add_board_keeps_existing_credentials_and_lists_the_new_board(tmp_path: 
     assert main(["deploy", "add-board", str(root), "--id", "board-000"]) == 2
 
 
+def test_litert_deployment_builds_the_artifact_once_and_every_bundle_carries_it(
+    tmp_path: Path,
+) -> None:
+    from edge_client.config import BoardConfig
+    from models.litert_artifact import ARTIFACT_FILE, TrainingArtifact
+
+    root = tmp_path / "dep"
+    assert _init(root, "--no-demo-data", "--train-backend", "litert") == 0
+    assert Deployment.load(root).train_backend == "litert"
+    built = root / "dist" / ARTIFACT_FILE
+    assert TrainingArtifact.load(built).model == "digits-mlp"
+    made = built.stat().st_mtime_ns
+    assert main(["deploy", "add-board", str(root), "--count", "1"]) == 0
+    assert built.stat().st_mtime_ns == made  # reused, not rebuilt
+    for board in ("board-000", "board-001", "board-002"):
+        bundle = root / "boards" / board
+        config = BoardConfig.load(bundle / "board.toml")
+        assert config.training.backend == "litert"
+        assert config.training.artifact == (bundle / ARTIFACT_FILE).resolve()
+        assert (bundle / ARTIFACT_FILE).read_bytes() == built.read_bytes()
+        assert "tensorflow" not in (bundle / "requirements-board.txt").read_text()
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -154,7 +177,12 @@ def test_board_wheel_holds_only_the_board_packages_and_imports_without_the_rest(
     assert {t for t in tops if not t.endswith(".dist-info")} == {*BOARD_PACKAGES, "benchmarks"}
     with zipfile.ZipFile(wheel) as zf:
         benches = sorted(n for n in zf.namelist() if n.startswith("benchmarks/"))
-    assert benches == ["benchmarks/__init__.py", "benchmarks/alarm.py", "benchmarks/cli.py"]
+    assert benches == [
+        "benchmarks/__init__.py",
+        "benchmarks/alarm.py",
+        "benchmarks/board_backends.py",
+        "benchmarks/cli.py",
+    ]
     assert "siren = siren_cli.main:main" in entry.decode()
     assert "Requires-Dist: paho-mqtt" in meta and "scikit-learn" not in meta
     target = tmp_path / "site"
@@ -180,8 +208,14 @@ def test_board_wheel_holds_only_the_board_packages_and_imports_without_the_rest(
         f"bad = [n for n in {list(NOT_ON_BOARDS)!r} if n in sys.modules]; "
         "assert not bad, bad; print('ok')"
     )
+    # Without PYTHONPATH either: a source checkout on it would bring the other packages back.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     out = subprocess.run(
-        [sys.executable, "-S", "-E", "-c", code], capture_output=True, text=True, cwd=tmp_path
+        [sys.executable, "-S", "-E", "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
     )
     assert out.stdout.strip() == "ok", out.stderr
 
