@@ -368,12 +368,23 @@ def run_transports(args: argparse.Namespace) -> int:
     from firmware_sim.engine import SimConfig, run_simulation
     from firmware_sim.fleet import run_fleet
     from firmware_sim.fleet_spec import FleetOptions
+    from models.datasets import load_dataset
 
     rows = []
     started = time.perf_counter()
+    dataset = load_dataset(args.dataset)
+    probe = SimConfig(dataset=dataset.name, clients=args.clients, profile=args.profile)
+    slowdown = args.slowdown or worker_slowdown(probe)
+    measured = calibrate(dataset, argparse.Namespace(clients=args.clients, seed=0))
+    nominal = args.nominal_compute or slowdown * measured
+    print(
+        f"{dataset.name}: {1e6 * measured:.1f} µs per training sample measured; simulated "
+        f"boards at {1e6 * nominal:.1f} µs (slowdown {nominal / measured:.1f})",
+        flush=True,
+    )
     for seed in range(args.seeds):
         config = SimConfig(
-            dataset=args.dataset,
+            dataset=dataset.name,
             clients=args.clients,
             rounds=args.rounds,
             seed=seed,
@@ -381,8 +392,9 @@ def run_transports(args: argparse.Namespace) -> int:
             mode="async",
             buffer_size=args.buffer_size,
             staleness_bound=args.staleness,
+            nominal_compute=nominal,
         )
-        engine = run_simulation(config)
+        engine = run_simulation(config, dataset=dataset)
         with tempfile.TemporaryDirectory(prefix="siren-bench-transports-") as tmp:
             fleet = run_fleet(
                 config, FleetOptions(broker=args.broker), Path(tmp) / "f", timeout=1800
@@ -415,13 +427,16 @@ def run_transports(args: argparse.Namespace) -> int:
         f"`siren bench participation transports {' '.join(args.argv)}` — {args.dataset}, "
         f"{args.clients} boards with the `{args.profile}` profiles, {args.rounds} versions of "
         f"B = {args.buffer_size} updates, S = {args.staleness}, FedAvg, no attack. In process "
-        "the simulated clock orders the updates (measured compute); over MQTT the real clock "
+        "the simulated clock orders the updates; over MQTT the real clock "
         "does, with the coordinator's evaluation, signing and commits and the worker's serial "
-        "training in it. *Start lag*: how long after a board was free (it had received the "
-        "model, or its previous update had left) the worker, busy with its other boards, "
-        "started its training; a simulated device keeps its profile's speed only while this "
-        "stays near zero, i.e. while the sum over boards of 1/compute factor stays below the "
-        "cores the worker gets.",
+        "training in it. Both sides give a board the same simulated compute time "
+        f"(`--nominal-compute`): {1e6 * nominal:.1f} µs per training sample and epoch, "
+        f"{nominal / measured:.1f}× the {1e6 * measured:.1f} µs measured here, times the "
+        "board's compute factor. The slowdown lets one worker process keep every simulated "
+        "device at its profile's speed: it needs Σ 1/(slowdown × compute factor) of a core. "
+        "*Start lag*: how long after a board was free (it had received the model, or its "
+        "previous update had left) the worker, busy with its other boards, started its "
+        "training; it stays near zero while the worker keeps up.",
         "",
         "| seed | final, in process | final, MQTT | difference | mean staleness, in process | "
         "mean staleness, MQTT | worker's largest start lag |",
@@ -449,6 +464,14 @@ def run_transports(args: argparse.Namespace) -> int:
     return 0
 
 
+def worker_slowdown(config: Any, share: float = 0.5) -> float:
+    """How much slower than this machine a fleet's simulated boards must be for one worker
+    process training them one after the other on ``share`` of a core to keep every board at
+    its profile's speed: ``Σ 1/compute factor / share`` (at least 1)."""
+    need = sum(1.0 / max(p.compute_factor, 1e-9) for p in config.device_profiles())
+    return max(1.0, need / share)
+
+
 def add_transport_arguments(p: argparse.ArgumentParser) -> None:
     """The ``transports`` options."""
     p.add_argument("--dataset", default="digits", help="dataset (default: digits)")
@@ -459,6 +482,20 @@ def add_transport_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default="mixed", help="device profiles (default: mixed)")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default: 3)")
     p.add_argument("--broker", default="mosquitto", help="broker (default: mosquitto)")
+    p.add_argument(
+        "--slowdown",
+        type=float,
+        default=None,
+        help="simulated boards this many times slower than the measured compute, before "
+        "their compute factor (default: enough for one worker to keep up, Σ 1/factor / 0.5)",
+    )
+    p.add_argument(
+        "--nominal-compute",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="seconds of training per sample on both sides (default: measured × slowdown)",
+    )
     p.add_argument(
         "--out",
         default=str(RESULTS / "participation-transports.md"),

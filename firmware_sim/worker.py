@@ -429,7 +429,7 @@ class FleetWorker:
             message.weights,
             t,
             data,
-            fleet.trainer,
+            fleet.board_trainer,
             agent.rng(t),
             evaluator=fleet.evaluator,
             alarm=self.alarm,
@@ -443,10 +443,7 @@ class FleetWorker:
         stats.alarms += int(bool(update.alarm))
         self._seal(update, state, message, start, seconds, stats, self._figures(update))
         if agent.record.last_round == t:  # sealed and scheduled (not refused as too large)
-            delay = self.profiles[index].publish_delay(
-                seconds, np.random.default_rng([cfg.seed, t, index, 77])
-            )
-            self._busy[index] = start + seconds + delay
+            self._busy[index] = start + self._device_seconds(index, t, update, seconds)
 
     def _figures(self, update: Any) -> dict[str, float]:
         """The telemetry figures of a board's round (see the class docstring); empty when
@@ -462,6 +459,23 @@ class FleetWorker:
             throttled=self._throttled,
             process_boards=len(self.agents),
         )
+
+    def _device_seconds(self, index: int, t: int, update: Any, seconds: float) -> float:
+        """Seconds from a board receiving round ``t``'s model to its update reaching the
+        broker, as on its own device: its profile's ``compute_factor × compute + latency``,
+        where *compute* is the ``seconds`` measured here, or, with ``nominal_compute`` set,
+        that many seconds per training sample and epoch, as the in-process engine counts it
+        (so both order an asynchronous run's updates alike while the worker keeps up)."""
+        from firmware_sim.profiles import compute_seconds
+
+        cfg = self.config
+        if getattr(cfg, "nominal_compute", None) is not None:
+            n = self.fleet.boards[index].num_train
+            return self.profiles[index].board_seconds(
+                compute_seconds(cfg, update, n), cfg.seed, t, index
+            )
+        rng = np.random.default_rng([cfg.seed, t, index, 77])
+        return seconds + self.profiles[index].publish_delay(seconds, rng)
 
     def _seal(
         self,
@@ -489,8 +503,7 @@ class FleetWorker:
             return
         finally:
             stats.seal_seconds += time.perf_counter() - t0
-        rng = np.random.default_rng([self.config.seed, message.round, index, 77])
-        due = start + seconds + self.profiles[index].publish_delay(seconds, rng)
+        due = start + self._device_seconds(index, message.round, update, seconds)
         if figures:
             link = self.links[index]
             link.figures = (message.round, dict(figures))
