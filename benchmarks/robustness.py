@@ -141,15 +141,16 @@ PRESET_GRIDS: dict[str, dict[str, tuple[Any, ...]]] = {
         "distributions": ("classes2",),
     },
     "pdrr": {
-        "defenses": ("pdrr_krum", "krum", "pdrr_trimmed_mean", "trimmed_mean", "pdrr_median",
-                     "median"),
+        "defenses": ("pdrr_krum", "krum", "pdrr_trimmed_mean", "pdrr_trimmed_mean_q0.5",
+                     "trimmed_mean", "pdrr_median", "median"),
         "attacks": ("fang_krum", "fang_trim"),
         "fractions": (0.4,),
         "distributions": ("noniid",),
         # Each rule against the attack made for it (Fang's trimmed-mean attack is also PDRR's
         # median attack, §3.3).
         "pairs": (("pdrr_krum", "fang_krum"), ("krum", "fang_krum"),
-                  ("pdrr_trimmed_mean", "fang_trim"), ("trimmed_mean", "fang_trim"),
+                  ("pdrr_trimmed_mean", "fang_trim"), ("pdrr_trimmed_mean_q0.5", "fang_trim"),
+                  ("trimmed_mean", "fang_trim"),
                   ("pdrr_median", "fang_trim"), ("median", "fang_trim")),
     },
 }  # fmt: skip
@@ -185,6 +186,7 @@ OPTIONAL_DEFENSES: dict[str, tuple[str, dict[str, Any]]] = {
     "residual_reweighting_authors": ("residual_reweighting", {"variant": "authors"}),
     "residual_reweighting_squared": ("residual_reweighting", {"square_weights": True}),
     "pdrr_krum_fallback": ("pdrr_krum", {"fallback": True}),
+    "pdrr_trimmed_mean_q0.5": ("pdrr_trimmed_mean", {"q": 0.5}),
     "pdrr_trimmed_mean_fallback": ("pdrr_trimmed_mean", {"fallback": True}),
     "pdrr_median_fallback": ("pdrr_median", {"fallback": True}),
 }

@@ -280,7 +280,9 @@ def test_the_pdrr_preset_runs_each_rule_against_its_own_partial_knowledge_attack
     assert main(["--preset", "pdrr", "--results", str(tmp_path), "--summary-only"]) == 0
     readme = (tmp_path / "pdrr" / "README.md").read_text()
     attacked = [line for line in readme.splitlines() if "| fang_" in line]
-    assert len(attacked) == 6  # the three PDRR rules and their base rules, each with its attack
+    # The three PDRR rules and their base rules, each with its attack, and PDRR-trimmed-mean at
+    # the q it first ran with.
+    assert len(attacked) == 7
     assert not any("| fang_trim |" in line and "krum" in line for line in attacked)
     assert "FAR / MAR at rounds 1, 20, 50, 100" in readme
 
