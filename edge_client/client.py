@@ -604,6 +604,7 @@ def split_shards(split: SplitSettings, *, only: int | None = None) -> list[Board
         split.partition,
         p=split.noniid_p,
         alpha=split.dirichlet_alpha,
+        classes=split.classes_per_board,
         root_size=split.root_size,
         local_test_fraction=split.local_test_fraction,
         seed=split.split_seed,

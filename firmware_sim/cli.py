@@ -61,7 +61,7 @@ def add_run_options(
     g.add_argument(
         "--partition",
         default="iid",
-        choices=["iid", "noniid", "dirichlet"],
+        choices=["iid", "noniid", "dirichlet", "classes"],
         help="how data is split across boards (default: %(default)s)",
     )
     g.add_argument(
@@ -75,6 +75,12 @@ def add_run_options(
         type=float,
         default=0.5,
         help="concentration for --partition dirichlet (default: %(default)s)",
+    )
+    g.add_argument(
+        "--classes-per-board",
+        type=int,
+        default=2,
+        help="classes each board holds with --partition classes (default: %(default)s)",
     )
     g.add_argument(
         "--root-size",

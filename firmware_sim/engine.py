@@ -55,6 +55,7 @@ class SimConfig:
     partition: str = "iid"
     noniid_p: float = 0.5
     dirichlet_alpha: float = 0.5
+    classes_per_board: int = 2
     root_size: int = 100
     local_test_fraction: float = 0.1
     train_samples: int | None = None
@@ -210,6 +211,7 @@ def build_fleet(config: SimConfig, dataset: Dataset | None = None) -> Fleet:
         config.partition,
         p=config.noniid_p,
         alpha=config.dirichlet_alpha,
+        classes=config.classes_per_board,
         root_size=config.root_size,
         local_test_fraction=config.local_test_fraction,
         seed=config.seed,

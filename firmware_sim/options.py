@@ -60,6 +60,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
             partition=args.partition,
             noniid_p=args.noniid_p,
             dirichlet_alpha=args.dirichlet_alpha,
+            classes_per_board=args.classes_per_board,
             root_size=args.root_size,
             local_test_fraction=args.local_test_fraction,
             train_samples=args.train_samples,

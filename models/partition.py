@@ -10,6 +10,10 @@ Three schemes:
   ``p``; ``p = 1/L`` is IID.
 * ``dirichlet`` — per class, the class's samples are split in proportions drawn from
   ``Dirichlet(alpha · 1_K)``; small ``alpha`` is very skewed, large ``alpha`` approaches IID.
+* ``classes`` — every board holds samples of ``c`` classes only (residual-based reweighting §4:
+  "each participant contains images of two random digits", 300 of each): each board draws ``c``
+  distinct classes, the classes being dealt out as evenly as possible, and a class's samples
+  are split equally among the boards that drew it.
 
 :func:`make_federated_split` first draws the server's root test set (SIREN §5.1: default 100
 samples from the training data, excluded from every board), partitions the rest, and cuts a local
@@ -25,7 +29,7 @@ import numpy as np
 
 from models.errors import PartitionError
 
-PARTITION_SCHEMES = ("iid", "noniid", "dirichlet")
+PARTITION_SCHEMES = ("iid", "noniid", "dirichlet", "classes")
 
 
 @dataclass(frozen=True)
@@ -140,6 +144,41 @@ def partition_dirichlet(
     return shards
 
 
+def partition_classes(
+    labels: np.ndarray, n_clients: int, classes: int, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Every board gets ``classes`` distinct labels (see the module docstring).
+
+    Boards draw their classes one after the other, each taking ``c`` of the labels held by the
+    fewest boards so far (ties broken at random), so every label is held by ``⌊K·c/L⌋`` or
+    ``⌈K·c/L⌉`` boards; each label's samples are then cut into equal parts among its holders.
+    """
+    labels = np.asarray(labels)
+    _check_clients(labels.size, n_clients)
+    present = np.unique(labels)
+    if not 1 <= classes <= present.size:
+        raise PartitionError(
+            f"classes per board must be in [1, {present.size}] (the labels present), got {classes}"
+        )
+    held = np.zeros(present.size, dtype=np.int64)
+    deck = np.empty((n_clients, classes), dtype=present.dtype)
+    for c in range(n_clients):
+        pick = np.lexsort((rng.random(present.size), held))[:classes]
+        held[pick] += 1
+        deck[c] = present[pick]
+    parts: list[list[np.ndarray]] = [[] for _ in range(n_clients)]
+    for label in present:
+        holders = np.flatnonzero((deck == label).any(axis=1))
+        if holders.size == 0:
+            continue
+        idx = rng.permutation(np.flatnonzero(labels == label))
+        for holder, piece in zip(holders.tolist(), np.array_split(idx, holders.size)):
+            parts[holder].append(piece)
+    shards = [np.sort(np.concatenate(p)) if p else np.empty(0, np.int64) for p in parts]
+    _ensure_nonempty(shards, rng)
+    return shards
+
+
 def _ensure_nonempty(shards: list[np.ndarray], rng: np.random.Generator) -> None:
     """Move single samples from the largest shards to empty ones (rare with skewed draws)."""
     for c, shard in enumerate(shards):
@@ -160,6 +199,7 @@ def make_federated_split(
     *,
     p: float = 0.5,
     alpha: float = 0.5,
+    classes: int = 2,
     root_size: int = 100,
     local_test_fraction: float = 0.1,
     seed: int = 0,
@@ -172,10 +212,12 @@ def make_federated_split(
         Labels of the full training set.
     n_clients : int
         Number of boards K.
-    scheme : {"iid", "noniid", "dirichlet"}
+    scheme : {"iid", "noniid", "dirichlet", "classes"}
         Partitioning scheme (see module docstring).
     p, alpha : float
         Non-IID degree and Dirichlet concentration.
+    classes : int
+        Classes per board of the ``classes`` scheme.
     root_size : int
         Size of the server's root test set, drawn uniformly from the training data (0 for none).
     local_test_fraction : float
@@ -199,6 +241,8 @@ def make_federated_split(
         local = partition_iid(rest.size, n_clients, rng)
     elif scheme == "noniid":
         local = partition_noniid(labels[rest], n_clients, p, rng)
+    elif scheme == "classes":
+        local = partition_classes(labels[rest], n_clients, classes, rng)
     else:
         local = partition_dirichlet(labels[rest], n_clients, alpha, rng)
     shards = []
