@@ -26,7 +26,9 @@ Cells: no attack with FedAvg, and 40% sign flipping (boost −4) against SIREN, 
 median, the trimmed mean (β = 0.4) and FedAvg. For each run: final and best test accuracy, the
 simulated time, and the time at which it first reaches the synchronous run's final accuracy (of
 the same cell).
-Results: ``benchmarks/results/participation.md`` and one accuracy-vs-time plot per dataset.
+Results: ``benchmarks/results/participation.md`` (``--out``) and one accuracy-vs-time plot per
+dataset; the committed runs are ``participation-digits.md`` and ``participation-fashion-mnist.md``
+(one dataset each).
 """
 
 from __future__ import annotations
