@@ -31,6 +31,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "whole federated runs with boards training in LiteRT vs Keras (accuracy, time)",
     ),
     "soak": ("benchmarks.soak", "hostile messages against a live fleet: crashes, counts, models"),
+    "participation": (
+        "benchmarks.participation",
+        "partial participation: sampling with SIREN in the demo; sync vs sampled vs async",
+    ),
     "image-boot": (
         "benchmarks.image_boot",
         "the Raspberry Pi image booted under QEMU joins a fleet (root; builds the image first)",

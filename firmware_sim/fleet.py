@@ -16,9 +16,11 @@ coordinator closed it and every worker reported it, and returns the run's histor
 it started.
 
 **Same seed, same result.** Boards train with the engine's per-board, per-round seeds; the
-coordinator aggregates the admitted updates in board order; so without dropout the MQTT run
-computes the same global models as the in-process engine (``firmware_sim.engine``), and its
-test accuracies match. With one worker (the default) a colluding attack sees the whole round as
+coordinator aggregates the admitted updates in board order and, with client sampling
+(``--client-fraction``, ``--clients-per-round``), draws each round's boards with the engine's
+own function (:mod:`coordinator.selection`); so without dropout the MQTT run computes the same
+global models as the in-process engine (``firmware_sim.engine``), and its test accuracies
+match. With one worker (the default) a colluding attack sees the whole round as
 in the engine; with several workers it sees only its own worker's boards.
 
 The output is the engine's ``history.json`` (same keys per round) plus, per round, ``network``
@@ -130,7 +132,9 @@ def run_fleet(
     Parameters
     ----------
     config : SimConfig
-        What to run (as ``siren sim run``); ``client_fraction`` must be 1.
+        What to run (as ``siren sim run``). With client sampling the coordinator draws each
+        round's boards with the engine's function and names them in the global model; the
+        others sit the round out.
     options : FleetOptions
         Transport, workers, profiles, deadlines.
     workdir : Path
@@ -148,10 +152,6 @@ def run_fleet(
     from coordinator.store import CoordinatorStore
     from firmware_sim.broker import MQTT_V5, start_broker
 
-    if config.client_fraction < 1.0:
-        raise FleetError(
-            "siren sim fleet runs every board every round: --client-fraction must be 1"
-        )
     started = time.perf_counter()
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)

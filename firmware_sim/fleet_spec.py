@@ -101,7 +101,8 @@ def sim_config_from_dict(values: dict[str, Any]) -> Any:
 
 @dataclass(frozen=True)
 class FleetOptions:
-    """How ``siren sim fleet`` runs the fleet (what the run computes is the ``SimConfig``).
+    """How ``siren sim fleet`` runs the fleet (what the run computes is the ``SimConfig``, the
+    boards' device profiles included).
 
     Attributes
     ----------
@@ -110,10 +111,6 @@ class FleetOptions:
     broker : str
         ``auto`` / ``mosquitto`` / ``amqtt`` (a private broker), or ``HOST:PORT`` of a running
         broker (anonymous, MQTT v5).
-    profiles : str
-        Device profile mix, e.g. ``"ideal"`` or ``"pi4:0.5,pi5:0.5"``.
-    compute_factor, latency_ms, dropout : float, optional
-        Override every board's profile.
     round_timeout : float
         Coordinator deadline per round in seconds (0 = wait for every board).
     quorum : float
@@ -133,10 +130,6 @@ class FleetOptions:
 
     workers: int = 1
     broker: str = "auto"
-    profiles: str = "ideal"
-    compute_factor: float | None = None
-    latency_ms: float | None = None
-    dropout: float | None = None
     round_timeout: float = 0.0
     quorum: float = 0.5
     resend_interval: float = 30.0
@@ -179,7 +172,6 @@ def prepare_fleet(
         TrainingSettings,
     )
     from coordinator.config import BrokerSettings as CoordinatorBroker
-    from firmware_sim.profiles import assign_profiles, parse_mix
     from protocol.keys import AllowList, generate_signing_key, save_key_pair
 
     # A fresh run id per fleet: nothing retained or queued on a shared broker by an earlier
@@ -215,6 +207,13 @@ def prepare_fleet(
         seed=config.seed,
         round_timeout=options.round_timeout,
         quorum=options.quorum,
+        client_fraction=config.client_fraction,
+        clients_per_round=getattr(config, "clients_per_round", None),
+        mode=getattr(config, "mode", "sync"),
+        staleness_bound=getattr(config, "staleness_bound", 4),
+        buffer_size=getattr(config, "buffer_size", 10),
+        staleness_weight=getattr(config, "staleness_weight", "poly:0.5"),
+        async_pool=getattr(config, "async_pool", "buffer"),
         resend_interval=options.resend_interval,
         defense_start_round=getattr(config, "defense_start_round", 1),
         broker=CoordinatorBroker(
@@ -266,14 +265,7 @@ def prepare_fleet(
         pw.chmod(0o600)
     coord_toml.write_text(coord.to_toml(relative_to=coord_dir, password_file=password_file))
     (coord_dir / "public.key").write_text(bytes(coordinator_key.verify_key).hex() + "\n")
-    profiles = assign_profiles(
-        parse_mix(options.profiles),
-        config.clients,
-        config.seed,
-        compute_factor=options.compute_factor,
-        latency_ms=options.latency_ms,
-        dropout=options.dropout,
-    )
+    profiles = config.device_profiles()
     sim = asdict(config)
     sim["dataset"] = dataset
     workers = max(1, min(options.workers, config.clients))
