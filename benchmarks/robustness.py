@@ -188,6 +188,7 @@ OPTIONAL_DEFENSES: dict[str, tuple[str, dict[str, Any]]] = {
     "pdrr_krum_fallback": ("pdrr_krum", {"fallback": True}),
     "pdrr_trimmed_mean_q0.5": ("pdrr_trimmed_mean", {"q": 0.5}),
     "pdrr_trimmed_mean_fallback": ("pdrr_trimmed_mean", {"fallback": True}),
+    "pdrr_trimmed_mean_fallback_q0.5": ("pdrr_trimmed_mean", {"fallback": True, "q": 0.5}),
     "pdrr_median_fallback": ("pdrr_median", {"fallback": True}),
 }
 #: Extra ``siren sim run`` options of a defense. Every SIREN cell names its profile, so that a
