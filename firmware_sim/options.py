@@ -117,6 +117,7 @@ def check_config(config: Any) -> None:
         raise CommandError(f"unknown aggregator {config.aggregator!r}; valid: {', '.join(names)}")
     _check_model(config)
     _check_training(config)
+    _check_partition(config)
     _check_strategy(config)
     _check_attack(config)
 
@@ -146,6 +147,15 @@ def _check_training(config: Any) -> None:
         )
     except ValueError as exc:
         raise CommandError(f"local training: {exc}") from exc
+
+
+def _check_partition(config: Any) -> None:
+    # Both datasets have ten classes (Fashion-MNIST and scikit-learn's digits).
+    if config.partition == "classes" and not 1 <= config.classes_per_board <= 10:
+        raise CommandError(
+            f"--classes-per-board must be in [1, 10] ({config.dataset} has 10 classes), "
+            f"got {config.classes_per_board}"
+        )
 
 
 class _NoRootSet:
