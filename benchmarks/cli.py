@@ -26,6 +26,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "benchmarks.litert_builtins",
         "which zoo models train in LiteRT with builtin ops only (Keras step vs artifact)",
     ),
+    "litert-runtimes": (
+        "benchmarks.litert_runtimes",
+        "the training artifact under ai-edge-litert and under tflite-runtime alone (PyPI)",
+    ),
     "litert-runs": (
         "benchmarks.litert_runs",
         "whole federated runs with boards training in LiteRT vs Keras (accuracy, time)",
