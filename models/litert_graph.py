@@ -11,17 +11,22 @@ runtime's CPU delegate) runs fast, and what it does not, decides the shape of th
   filter gradient ``patches^T @ dy`` and its input gradient ``dy @ W^T`` added back where each
   patch was cut. A product with a transposed right operand goes through :meth:`_transposed`.
 * Patches of a small kernel (at most :data:`~models.litert_plan.ONE_HOT_PATCHES_MAX` values)
-  come from a constant one-hot ``CONV_2D``, which XNNPACK runs as an ordinary convolution.
+  come from a constant one-hot ``CONV_2D``, which XNNPACK runs as an ordinary convolution;
+  larger ones from one ``GATHER`` of input pixels with constant indices (TFLite's kernel copies
+  whole pixels; nine slices and a concatenation copy everything twice).
 * Comparisons and selections (``GREATER``, ``SELECT_V2``, ``SIGN``, ``CAST``) are not delegated;
   masks are built from ``SUB``/``MUL`` with a fused clamp to ``[-1, 1]`` instead: for
-  ``d >= 0``, ``clamp(d · 2^126)`` is 1 when ``d`` is positive and 0 when it is zero (a positive
-  float32 difference of two normal numbers is at least ``2^-149``; products past the largest
-  float saturate to 1).
+  ``d >= 0``, ``clamp(d · 2^126)`` is 0 when ``d`` is zero and 1 when ``d >= 2^-126``
+  (products past the largest float saturate to 1). A positive difference of two float32 values
+  is below ``2^-126`` only when both are below ``2^-102`` in magnitude, and an activation is
+  below ``2^-126`` only when it is a subnormal: neither happens in a trained network.
 
 Per layer:
 
 * ReLU: the incoming gradient times ``clamp(out · 2^126)`` (``out > 0``, as ``ReluGrad``).
-* Convolution (stride 1, ``valid`` or ``same``, by explicit padding): as above. Followed by a
+* Convolution (stride 1, ``valid`` or ``same``, by explicit padding): as above; the input
+  gradient is one product per kernel position (``dy @ W[i, j]^T``), each padded to where its
+  patches were cut and added up. Followed by a
   max pooling, the first layer of a model (no input gradient) is computed once per position of
   the pooling window -- ``ph·pw`` products of strided one-hot patches -- and the pooled maximum is
   the ``MAXIMUM`` of their outputs, so its full-resolution output is never written; the bias
@@ -45,7 +50,7 @@ import numpy as np
 
 from models.litert_plan import ONE_HOT_PATCHES_MAX, Block, Layer, plan_blocks
 
-#: The mask scale: ``clamp(d · BIG)`` is 1 for every positive normal float32 ``d``.
+#: The mask scale: ``clamp(d · BIG)`` is 1 for every float32 ``d >= 2^-126`` (normal numbers).
 BIG = 2.0**126
 
 
@@ -108,10 +113,14 @@ class Graph:
         if size <= ONE_HOT_PATCHES_MAX:
             one_hot = np.eye(size, dtype=np.float32).reshape(kh, kw, cin, size)
             return tf.nn.conv2d(x, tf.constant(one_hot), strides=1, padding="VALID")
-        ho, wo = int(x.shape[1]) - kh + 1, int(x.shape[2]) - kw + 1
-        return tf.concat(
-            [x[:, i : i + ho, j : j + wo, :] for i in range(kh) for j in range(kw)], axis=3
-        )
+        h, w = int(x.shape[1]), int(x.shape[2])
+        ho, wo = h - kh + 1, w - kw + 1
+        # Patch (p, i, j) holds input pixel p + (i, j): one GATHER of [kh·kw·P] pixels per image.
+        base = (np.arange(ho)[:, None] * w + np.arange(wo)[None, :]).reshape(-1)
+        offsets = (np.arange(kh)[:, None] * w + np.arange(kw)[None, :]).reshape(-1)
+        index = (base[:, None] + offsets[None, :]).reshape(-1).astype(np.int32)
+        cols = tf.gather(tf.reshape(x, [-1, h * w, cin]), tf.constant(index), axis=1)
+        return tf.reshape(cols, [-1, ho, wo, size])
 
     def _route(self, windows: list[Any], peak: Any, grad: Any) -> list[Any]:
         """``MaxPoolGrad``: each window's gradient ``grad`` goes to the first of ``windows``
@@ -291,7 +300,6 @@ class Graph:
         s = b.conv
         assert s is not None
         kh, kw, cin, cout = b.kernel
-        size = kh * kw * cin
         if s.relu:
             dz = dz * self._mask(keep["output"])
         if b.pool is not None:
@@ -307,17 +315,14 @@ class Graph:
         h, w = keep["size"]
         full_h, full_w = (h + kh - 1, w + kw - 1) if s.padding == "SAME" else (h, w)
         ho, wo = full_h - kh + 1, full_w - kw + 1
-        # The gradient of each patch value, then every patch added back where it was cut.
-        dcols = tf.matmul(flat_dy, self._transposed(tf.reshape(params[s.kernel], [size, cout])))
-        dcols = tf.reshape(dcols, [-1, ho, wo, size])
-        # A chain of ADDs (XNNPACK) is 30% faster here than one ADD_N (TFLite's own kernel).
+        # Each kernel position's share of the input gradient, ``dy @ W[i, j]^T``, added back
+        # where its patches were cut (one product per position: no slicing of a [N, K] result).
+        flipped = tf.transpose(params[s.kernel], [0, 1, 3, 2])  # [kh, kw, cout, cin]
         dx: Any = None
         for i in range(kh):
             for j in range(kw):
-                k = (i * kw + j) * cin
-                part = tf.pad(
-                    dcols[:, :, :, k : k + cin], [[0, 0], [i, kh - 1 - i], [j, kw - 1 - j], [0, 0]]
-                )
+                part = tf.reshape(tf.matmul(flat_dy, flipped[i, j]), [-1, ho, wo, cin])
+                part = tf.pad(part, [[0, 0], [i, kh - 1 - i], [j, kw - 1 - j], [0, 0]])
                 dx = part if dx is None else dx + part
         if s.padding == "SAME":  # drop the padding's gradient
             top, left = self._same_padding(kh)[0], self._same_padding(kw)[0]
