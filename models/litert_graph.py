@@ -90,7 +90,7 @@ class Graph:
         """``matrix^T`` by way of a 3-D transpose, which the converter leaves a ``TRANSPOSE``
         feeding a ``BATCH_MATMUL`` (a 2-D one becomes a slow variable ``FULLY_CONNECTED``)."""
         tf = self.tf
-        rows, cols = (int(d) for d in matrix.shape)
+        rows, cols = (-1 if d is None else int(d) for d in matrix.shape)
         cube = tf.transpose(tf.reshape(matrix, [rows, 1, cols]), [2, 1, 0])
         return tf.reshape(cube, [cols, rows])
 
@@ -253,7 +253,8 @@ class Graph:
                     grads[s.bias] = tf.reduce_sum(dy, axis=0)
                 grads[s.kernel] = tf.matmul(keep["input"], dy, transpose_a=True)
                 if need_dx:
-                    dx = tf.matmul(dy, self._transposed(params[s.kernel]))
+                    # (W @ dy^T)^T: transposes dy and the product, both small, not W.
+                    dx = self._transposed(tf.matmul(params[s.kernel], self._transposed(dy)))
             elif b.conv is not None and b.phases:
                 self._phases_backward(b, keep, dy, grads)
             elif b.conv is not None:
