@@ -278,11 +278,15 @@ class Graph:
         dz = tf.reshape(dz, [-1, cout])
         if s.relu:
             dz = dz * self._mask(keep["output"])
-        parts = self._route(keep["windows"], keep["peak"], dz)
-        total: Any = None
-        for cut, part in zip(keep["patches"], parts):
-            term = tf.matmul(cut, part, transpose_a=True)
-            total = term if total is None else total + term
+        # sum_k P_k^T part_k with part_k = rest_k - rest_(k+1) (rest_0 = dz, rest_last+1 = 0):
+        # sum_k (P_k - P_(k-1))^T rest_k, differences of the narrow patches, not of the gradient.
+        windows, peak, cuts = keep["windows"], keep["peak"], keep["patches"]
+        rest = dz
+        total: Any = tf.matmul(cuts[0], rest, transpose_a=True)
+        for k in range(1, len(cuts)):
+            rest = rest * self._mask(peak - windows[k - 1])
+            term = tf.matmul(cuts[k] - cuts[k - 1], rest, transpose_a=True)
+            total = total + term
         grads[s.kernel] = tf.reshape(total[:size], [kh, kw, cin, cout])
         if s.bias >= 0:
             grads[s.bias] = tf.reshape(total[size:], [cout])
