@@ -326,7 +326,9 @@ class Graph:
         dx: Any = None
         for i in range(kh):
             for j in range(kw):
-                part = tf.reshape(tf.matmul(flat_dy, flipped[i, j]), [-1, ho, wo, cin])
+                # A slice keeping its axes (XNNPACK does not take shrinking ones), reshaped.
+                matrix = tf.reshape(flipped[i : i + 1, j : j + 1], [cout, cin])
+                part = tf.reshape(tf.matmul(flat_dy, matrix), [-1, ho, wo, cin])
                 part = tf.pad(part, [[0, 0], [i, kh - 1 - i], [j, kw - 1 - j], [0, 0]])
                 dx = part if dx is None else dx + part
         if s.padding == "SAME":  # drop the padding's gradient
