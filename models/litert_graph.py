@@ -179,17 +179,20 @@ class Graph:
         cols = self._patches(x, kh, kw, cin)
         ho, wo = int(cols.shape[1]), int(cols.shape[2])
         cols = tf.reshape(cols, [-1, kh * kw * cin])
-        y = tf.matmul(cols, tf.reshape(params[s.kernel], [kh * kw * cin, cout]))
+        # Reshaped straight after the product, whose only reader it is: XNNPACK then reshapes
+        # in place (a reshape whose input or output has several readers is a copy).
+        y = tf.reshape(
+            tf.matmul(cols, tf.reshape(params[s.kernel], [kh * kw * cin, cout])),
+            [-1, ho, wo, cout],
+        )
         if s.bias >= 0:
             y = y + params[s.bias]
         keep["cols"] = cols
         if b.pool is None:
             if s.relu:
                 y = tf.nn.relu(y)
-            y = tf.reshape(y, [-1, ho, wo, cout])
             keep["output"] = y
             return y
-        y = tf.reshape(y, [-1, ho, wo, cout])
         keep["conv"] = y
         peak = tf.nn.max_pool2d(y, b.pool.pool, b.pool.pool, "VALID")
         keep["peak"] = peak
