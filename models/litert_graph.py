@@ -78,6 +78,9 @@ class Graph:
     ) -> None:
         self.tf = tf
         self.blocks = plan_blocks(steps, input_shape, kernels)
+        self._batch: Any = None
+        #: id of a [N, H, W, C] tensor -> the [N·H·W, C] tensor it was reshaped from.
+        self._rows: dict[int, Any] = {}
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -106,21 +109,29 @@ class Graph:
         return self.tf.pad(x, [[0, 0], [top, bottom], [left, right], [0, 0]])
 
     def _patches(self, x: Any, kh: int, kw: int, cin: int) -> Any:
-        """``[N, Ho, Wo, kh·kw·cin]``: the (padded) input window of every output position, in
+        """``[N·Ho·Wo, kh·kw·cin]``: the (padded) input window of every output position, in
         the kernel's ``[kh, kw, c_in]`` order."""
         tf = self.tf
         size = kh * kw * cin
         if size <= ONE_HOT_PATCHES_MAX:
             one_hot = np.eye(size, dtype=np.float32).reshape(kh, kw, cin, size)
-            return tf.nn.conv2d(x, tf.constant(one_hot), strides=1, padding="VALID")
+            cut = tf.nn.conv2d(x, tf.constant(one_hot), strides=1, padding="VALID")
+            return tf.reshape(cut, [-1, size])
         h, w = int(x.shape[1]), int(x.shape[2])
         ho, wo = h - kh + 1, w - kw + 1
-        # Patch (p, i, j) holds input pixel p + (i, j): one GATHER of [kh·kw·P] pixels per image.
+        # Patch (p, i, j) holds input pixel p + (i, j): one GATHER of the pixels of every patch
+        # of every image, from the input as [N·H·W, cin] rows.
         base = (np.arange(ho)[:, None] * w + np.arange(wo)[None, :]).reshape(-1)
         offsets = (np.arange(kh)[:, None] * w + np.arange(kw)[None, :]).reshape(-1)
-        index = (base[:, None] + offsets[None, :]).reshape(-1).astype(np.int32)
-        cols = tf.gather(tf.reshape(x, [-1, h * w, cin]), tf.constant(index), axis=1)
-        return tf.reshape(cols, [-1, ho, wo, size])
+        index = (base[:, None] + offsets[None, :]).reshape(1, -1).astype(np.int32)
+        starts = tf.reshape(tf.range(self._batch) * (h * w), [-1, 1])
+        pixels = self._rows.get(id(x))
+        if pixels is None:
+            pixels = tf.reshape(x, [-1, cin])
+        cols = tf.gather(pixels, tf.reshape(starts + index, [-1]))
+        # The row count computed at run time keeps this reshape out of XNNPACK, which would
+        # copy the gathered patches (TFLite's reshape shares the buffer).
+        return tf.reshape(cols, tf.stack([self._batch * (ho * wo), size]))
 
     def _route(self, windows: list[Any], peak: Any, grad: Any) -> list[Any]:
         """``MaxPoolGrad``: each window's gradient ``grad`` goes to the first of ``windows``
@@ -142,6 +153,8 @@ class Graph:
         """Logits, and for each block what its backward pass needs."""
         tf = self.tf
         saved: list[dict[str, Any]] = []
+        self._batch = tf.shape(x)[0]  # read from the graph's input: no activation gains a reader
+        self._rows = {}  # per trace: tensors of another trace never match
         for b in self.blocks:
             keep: dict[str, Any] = {}
             if b.crop is not None:
@@ -176,9 +189,8 @@ class Graph:
         keep["size"] = (int(x.shape[1]), int(x.shape[2]))
         if s.padding == "SAME":
             x = self._pad_same(x, kh, kw)
+        ho, wo = int(x.shape[1]) - kh + 1, int(x.shape[2]) - kw + 1
         cols = self._patches(x, kh, kw, cin)
-        ho, wo = int(cols.shape[1]), int(cols.shape[2])
-        cols = tf.reshape(cols, [-1, kh * kw * cin])
         # Reshaped straight after the product, whose only reader it is: XNNPACK then reshapes
         # in place (a reshape whose input or output has several readers is a copy).
         y = tf.reshape(
@@ -233,7 +245,9 @@ class Graph:
             peak = tf.maximum(peak, window)
         out = tf.nn.relu(peak) if s.relu else peak
         keep.update(patches=patches, windows=windows, peak=peak, output=out, width=width)
-        return tf.reshape(out, [-1, oh, ow, cout])
+        shaped = tf.reshape(out, [-1, oh, ow, cout])
+        self._rows[id(shaped)] = out  # a gather reads the rows, not the reshape (a copy)
+        return shaped
 
     # -- backward ---------------------------------------------------------------------------
 
