@@ -20,19 +20,25 @@ runtime's CPU delegate) runs fast, and what it does not, decides the shape of th
   (products past the largest float saturate to 1). A positive difference of two float32 values
   is below ``2^-126`` only when both are below ``2^-102`` in magnitude, and an activation is
   below ``2^-126`` only when it is a subnormal: neither happens in a trained network.
+* XNNPACK reshapes a tensor in place only when the reshape is its one reader and the result has
+  one reader; any other reshape is a copy. Products are reshaped straight after they are made,
+  the gathered patches are reshaped by TFLite (a row count computed at run time keeps that
+  reshape out of the delegate) and a gather reads its producer's ``[N·H·W, C]`` rows.
 
 Per layer:
 
 * ReLU: the incoming gradient times ``clamp(out · 2^126)`` (``out > 0``, as ``ReluGrad``).
 * Convolution (stride 1, ``valid`` or ``same``, by explicit padding): as above; the input
   gradient is one product per kernel position (``dy @ W[i, j]^T``), each padded to where its
-  patches were cut and added up. Followed by a
-  max pooling, the first layer of a model (no input gradient) is computed once per position of
-  the pooling window -- ``ph·pw`` products of strided one-hot patches -- and the pooled maximum is
-  the ``MAXIMUM`` of their outputs, so its full-resolution output is never written; the bias
-  rides in the products as a constant-one patch column, so the compared values are exactly the
-  biased outputs. ReLU and bias commute with the maximum (both are monotone), so the pooled
-  values are the Keras layers' bit for bit given the products.
+  patches were cut and added up. Followed by a max pooling, the first layer of a model (no input
+  gradient) is computed once per position of the pooling window -- ``ph·pw`` products of strided
+  one-hot patches -- and the pooled maximum is the ``MAXIMUM`` of their outputs, so its
+  full-resolution output is never written; the bias rides in the products as a constant-one
+  patch column, so the compared values are exactly the biased outputs. ReLU and bias commute
+  with the maximum (both are monotone), so the pooled values are the Keras layers' bit for bit
+  given the products. Its filter gradient ``sum_k P_k^T part_k`` is summed by parts,
+  ``sum_k (P_k - P_(k-1))^T rest_k``, where ``rest_k`` is the gradient not yet taken by an
+  earlier position.
 * Max pooling (window = stride, ``valid``): the gradient goes to the *first* position of each
   window (row-major) holding the maximum, as ``MaxPoolGrad`` does: ``miss_k = clamp((max -
   value_k) · 2^126)`` is 0 exactly at a maximum, and what an earlier maximum took is removed
