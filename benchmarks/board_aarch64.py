@@ -303,7 +303,7 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
             t0 = time.monotonic()
             md = "/tmp/alarm-aarch64.md"
             bench_argv = (
-                lean.bench_alarm_argv(dep / "boards" / ARM_BOARDS[0], md, EMULATED)
+                lean.bench_alarm_argv(dep / "boards" / ARM_BOARDS[0], md, "emulated")
                 if litert  # board mode: the plain mode needs TensorFlow
                 else ["/opt/siren/venv/bin/siren", "bench", "alarm", "--data",
                       f"/opt/siren/{ARM_BOARDS[0]}/data.npz", "--rounds", "1", "--epochs", "1",
