@@ -147,6 +147,37 @@ def test_gradients_match_tensorflow_on_real_digits(exported, digits):
     assert max(_relative_errors(unflatten(flat, artifact.layout), expected)) <= GRADIENT_RTOL
 
 
+def _has_fashion() -> bool:
+    from models.datasets import find_fashion_mnist
+    from models.errors import DatasetNotFoundError
+
+    try:
+        find_fashion_mnist()
+    except DatasetNotFoundError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_fashion(), reason="dataset-fashion-mnist is not installed")
+def test_siren_cnn_gradients_match_tensorflow_on_fashion_mnist(exported):
+    """Real images (blank backgrounds, saturated pixels) and weights after some Keras steps."""
+    from models.datasets import load_fashion_mnist
+
+    model, artifact = exported["siren-cnn"]
+    ds = load_fashion_mnist()
+    trainer = Trainer("siren-cnn", (28, 28, 1), 10, TrainConfig(epochs=1), seed=3)
+    weights, _ = trainer.train(
+        trainer.initial_weights, ds.x_train[:640], ds.y_train[:640], np.random.default_rng(0)
+    )
+    lite = LiteRTTrainer(artifact, TrainConfig())
+    for seed in range(2):
+        idx = np.random.default_rng(seed).choice(len(ds.y_train), 64, replace=False)
+        expected, _ = _tf_gradients(model, weights, ds.x_train[idx], ds.y_train[idx])
+        flat, _ = lite.gradient(weights, ds.x_train[idx], ds.y_train[idx])
+        errors = _relative_errors(unflatten(flat, artifact.layout), expected)
+        assert max(errors) <= GRADIENT_RTOL, errors
+
+
 def test_pooling_ties_go_to_the_first_maximum(exported):
     """A constant image ties every pooling window; TensorFlow's MaxPoolGrad picks the first."""
     model, artifact = exported["siren-cnn"]
