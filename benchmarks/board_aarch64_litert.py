@@ -26,7 +26,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-#: The lean board's limits (issue 20): venv on disk and peak RSS of a board process, MiB.
+#: The lean board's limits: venv on disk and peak RSS of a board process, MiB.
 VENV_LIMIT_MIB = 200
 RSS_LIMIT_MIB = 250
 #: Where the bundles are installed inside the root (``siren deploy init``'s default).

@@ -18,7 +18,7 @@ from models.training import TrainConfig, Trainer
 from models.weights import get_flat_weights, set_flat_weights, unflatten
 from models.zoo import build_model
 
-#: The equivalence bound of issue 20: relative error of each gradient tensor, float32.
+#: The LiteRT training step's equivalence bound: relative error of each gradient tensor, float32.
 GRADIENT_RTOL = 1e-5
 
 SHAPES = {"digits-mlp": (8, 8, 1), "digits-cnn": (8, 8, 1), "siren-cnn": (28, 28, 1)}
@@ -118,7 +118,7 @@ def test_unsupported_layer_is_refused_by_name():
 
 @pytest.mark.parametrize("name", sorted(SHAPES))
 def test_gradients_match_tensorflow(exported, name):
-    """Issue 20: the LiteRT step's gradients are TensorFlow's within 1e-5 (relative, float32),
+    """The LiteRT step's gradients are TensorFlow's within 1e-5 (relative, float32),
     with weights away from their initial values and pooling windows full of ties."""
     model, artifact = exported[name]
     rng = np.random.default_rng(7)
