@@ -66,12 +66,15 @@ class RayNode:
         The node's host name.
     cpus : float
         Logical CPUs the node offers.
+    resources : dict
+        Every resource the node offers (custom ones included).
     """
 
     node_id: str
     ip: str
     hostname: str
     cpus: float
+    resources: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -149,6 +152,7 @@ def connect_cluster(address: str, *, local_cpus: int | None = None) -> RayCluste
             ip=str(n.get("NodeManagerAddress", "")),
             hostname=str(n.get("NodeManagerHostname", "")),
             cpus=float(n.get("Resources", {}).get("CPU", 0.0)),
+            resources={str(k): float(v) for k, v in n.get("Resources", {}).items()},
         )
         for n in ray.nodes()
         if n.get("Alive")
@@ -344,6 +348,11 @@ class BoardHost:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+def _builtin_resource(name: str) -> bool:
+    """Ray's own resources (CPU, GPU, memory, object store, ``node:<ip>`` markers)."""
+    return name in ("CPU", "GPU", "memory", "object_store_memory") or name.startswith("node:")
+
+
 def _raise_open_files_limit() -> None:
     """One MQTT connection per board: let this process open as many files as it may."""
     with contextlib.suppress(ImportError, ValueError, OSError):
@@ -484,7 +493,13 @@ class RayWorkers:
         return {
             "address": self.cluster.address,
             "nodes": [
-                {"node_id": n.node_id, "ip": n.ip, "hostname": n.hostname, "cpus": n.cpus}
+                {
+                    "node_id": n.node_id,
+                    "ip": n.ip,
+                    "hostname": n.hostname,
+                    "cpus": n.cpus,
+                    "custom": sorted(k for k in n.resources if not _builtin_resource(k)),
+                }
                 for n in self.cluster.nodes
             ],
             "cpus_per_worker": self.cpus_per_worker,
