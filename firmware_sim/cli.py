@@ -61,8 +61,9 @@ def add_run_options(
     g.add_argument(
         "--partition",
         default="iid",
-        choices=["iid", "noniid", "dirichlet", "classes"],
-        help="how data is split across boards (default: %(default)s)",
+        choices=["iid", "noniid", "dirichlet", "classes", "overlap"],
+        help="how data is split across boards; overlap: windows that may share samples, for "
+        "fleets larger than the data set (default: %(default)s)",
     )
     g.add_argument(
         "--noniid-p",
