@@ -93,9 +93,7 @@ def partition_iid(n_samples: int, n_clients: int, rng: np.random.Generator) -> l
     return [np.sort(s) for s in np.array_split(rng.permutation(n_samples), n_clients)]
 
 
-def partition_overlap(
-    n_samples: int, n_clients: int, rng: np.random.Generator
-) -> list[np.ndarray]:
+def partition_overlap(n_samples: int, n_clients: int, rng: np.random.Generator) -> list[np.ndarray]:
     """Overlapping shards for any number of boards (module docstring, ``overlap``).
 
     Board ``c`` holds positions ``o_c, o_c + 1, ..., o_c + s - 1`` (mod ``n``) of a random

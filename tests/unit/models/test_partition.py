@@ -144,7 +144,7 @@ def test_overlap_gives_every_board_two_samples_at_least_and_covers_every_sample(
     size = max(2, -(-n // boards))
     for shard in shards:
         assert shard.size == size and np.unique(shard).size == size  # no sample twice
-        assert 0 <= shard.min() and shard.max() < n
+        assert shard.min() >= 0 and shard.max() < n
     assert np.unique(np.concatenate(shards)).size == n
 
 
