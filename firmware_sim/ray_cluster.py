@@ -184,13 +184,27 @@ class LocalRayCluster:
             raise FleetError(f"ray start of node {index} exited with status {code}:\n{tail}")
 
     def start(self, timeout: float = 180.0) -> LocalRayCluster:
-        """Start the head and the other nodes; return once the cluster counts them all alive.
+        """Start the head and the other nodes; return once the cluster counts them all alive
+        (:meth:`launch`, then :meth:`wait_ready`).
 
         Raises
         ------
         FleetError
             A node does not start, or the nodes do not all register in time (the nodes already
             started are stopped).
+        """
+        self.launch(timeout)
+        self.wait_ready(timeout)
+        return self
+
+    def launch(self, timeout: float = 180.0) -> None:
+        """Run ``ray start`` for every node, one after the other. Touches no Ray state of this
+        process, so it may run on another thread while this one does something else.
+
+        Raises
+        ------
+        FleetError
+            A node does not start (the nodes already started are stopped).
         """
         self.root.mkdir(parents=True, exist_ok=True)
         self.temp_dir = Path(tempfile.mkdtemp(prefix="siren-ray-"))
@@ -201,11 +215,24 @@ class LocalRayCluster:
         try:
             for index in range(self.nodes):
                 self._start_node(index, timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        """Return once the cluster counts every node alive (call on the main thread: it
+        connects to the cluster from this process).
+
+        Raises
+        ------
+        FleetError
+            The nodes do not all register in time (the cluster is stopped).
+        """
+        try:
             self._await_nodes(timeout)
         except BaseException:
             self.stop()
             raise
-        return self
 
     def alive_nodes(self) -> list[Any]:
         """The cluster's alive nodes (:class:`~firmware_sim.ray_fleet.RayNode`), asked from
@@ -250,7 +277,7 @@ class LocalRayCluster:
                     found.append(int(entry.name))
         return found
 
-    def stop(self, grace: float = 8.0) -> None:
+    def stop(self, grace: float = 3.0) -> None:
         """End every process of this cluster: SIGTERM to each node's process group, SIGKILL
         after ``grace`` seconds, then SIGKILL to any process still naming the cluster's folder.
         Safe to call twice and after a failed start."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -44,14 +45,27 @@ def test_a_fleet_on_two_ray_nodes_matches_the_single_machine_fleet(tmp_path: Pat
     from firmware_sim.ray_cluster import NODE_RESOURCE, LocalRayCluster
 
     config = digits_config(clients=4, rounds=2, aggregator="siren", alarm=True)
-    local = run_fleet(
-        config, FleetOptions(workers=2, broker="mosquitto"), tmp_path / "local", timeout=300
-    )
-
     cluster = LocalRayCluster(tmp_path / "ray", nodes=2, cpus_per_node=1, pythonpath=str(REPO))
     previous = cluster.client_env()
+    # The raylets start while the reference fleet runs on this machine alone.
+    launch_error: list[BaseException] = []
+
+    def launch() -> None:
+        try:
+            cluster.launch()
+        except BaseException as exc:
+            launch_error.append(exc)
+
+    launcher = threading.Thread(target=launch)
+    launcher.start()
     try:
-        cluster.start()
+        local = run_fleet(
+            config, FleetOptions(workers=2, broker="mosquitto"), tmp_path / "local", timeout=300
+        )
+        launcher.join()
+        if launch_error:
+            raise launch_error[0]
+        cluster.wait_ready()
         nodes = {n.node_id: n for n in cluster.alive_nodes()}
         history = run_fleet(
             config,
@@ -60,6 +74,7 @@ def test_a_fleet_on_two_ray_nodes_matches_the_single_machine_fleet(tmp_path: Pat
             timeout=300,
         )
     finally:
+        launcher.join()
         cluster.stop()
         cluster.restore_env(previous)
     assert cluster.temp_dir is not None
