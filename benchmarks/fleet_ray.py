@@ -229,7 +229,9 @@ def write_report(result: dict[str, Any], args: argparse.Namespace, out: Path) ->
         f"Settings: digits, `overlap` partition, {args.aggregator} with the boards' alarm on, "
         f"no attack, E=1, B=64, {args.rounds} rounds, seed {args.seed}; a private Mosquitto "
         f"(loopback, MQTT 5, QoS 1, accounts and ACLs; one connection per board); "
-        f"{args.workers} workers. Ray: {result['cluster']}.",
+        f"{args.workers} workers. Ray: {result['cluster']}. Set-up = the fleet's wall time "
+        "minus its rounds (keys, broker, coordinator, workers and their connections; the Ray "
+        "cluster is started once, before the first fleet, and not counted).",
         "",
         "| workers as | largest fleet that completed | first size that failed |",
         "|---|---|---|",
@@ -243,7 +245,7 @@ def write_report(result: dict[str, Any], args: argparse.Namespace, out: Path) ->
         elif stopped.get("mode") == mode:
             tail = f"{stopped['boards']} boards: not finished (the run was stopped) |"
         else:
-            tail = "none tried |"
+            tail = f"none up to {max(done)} boards |" if done else "none |"
         lines.append(f"| {mode} | {max(done) if done else 'none'} boards | " + tail)
     lines += ["", format_table(rows), ""]
     if result.get("probe"):
