@@ -506,17 +506,25 @@ class RayWorkers:
             "workers": self.placement,
         }
 
-    def close(self, timeout: float = 15.0) -> None:
+    def close(self, timeout: float = 15.0, cleanup_timeout: float = 300.0) -> None:
         """Stop every worker (the boards announce themselves offline), remove their folders and
-        end the actors."""
+        end the actors. Removing a folder of thousands of boards' keys takes a while on a busy
+        node: the actors are ended only once that is done (or after ``cleanup_timeout``)."""
         ray = _import_ray()
         with contextlib.suppress(ray.exceptions.RayError):
             ray.get([a.stop.remote() for a in self.actors], timeout=timeout)
         if self.runs:
             with contextlib.suppress(ray.exceptions.RayError):
                 ray.wait(self.runs, num_returns=len(self.runs), timeout=timeout)
-        with contextlib.suppress(ray.exceptions.RayError):
-            ray.get([a.cleanup.remote() for a in self.actors], timeout=timeout)
+        cleanups = [a.cleanup.remote() for a in self.actors]
+        if cleanups:
+            _, late = ray.wait(cleanups, num_returns=len(cleanups), timeout=cleanup_timeout)
+            if late:
+                logger.warning(
+                    "%d worker folder(s) were still being removed after %.0f s",
+                    len(late),
+                    cleanup_timeout,
+                )
         for actor in self.actors:
             with contextlib.suppress(ray.exceptions.RayError):
                 ray.kill(actor)
