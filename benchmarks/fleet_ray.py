@@ -164,6 +164,7 @@ def measure(
     options = FleetOptions(
         workers=args.workers, broker="mosquitto", ray=address if mode == "ray" else None
     )
+    load_start = _load()
     t0 = time.perf_counter()
     history = run_fleet(
         make_config(n, args), options, workdir / f"{mode}-{n}", timeout=args.timeout
@@ -177,6 +178,7 @@ def measure(
         )
     row = summarize(n, history, None)
     row["mode"] = mode
+    row["load"] = (load_start, _load())
     row["wall_seconds"] = wall
     row["setup_seconds"] = wall - sum(r["timing"]["wall_seconds"] for r in rounds)
     row["accuracies"] = [r.get("test_accuracy") for r in rounds]
@@ -192,9 +194,10 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """Markdown table: per mode and fleet size, set-up time and the mean round, broken down."""
     head = (
         "| workers as | boards | set-up | round (2..R) | broadcast | board compute | "
-        "encode/sign | network | admission | aggregation | evaluation | final accuracy |"
+        "encode/sign | network | admission | aggregation | evaluation | final accuracy | "
+        "load (1 min) before / after |"
     )
-    lines = [head, "|" + "---|" * 12]
+    lines = [head, "|" + "---|" * 13]
     for r in rows:
         b = r["breakdown"]
         acc = r.get("final_test_accuracy")
@@ -202,9 +205,18 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
             f"| {r['mode']} | {r['boards']} | {r['setup_seconds']:.0f} s | {b['wall']:.2f} s | "
             f"{b['broadcast']:.2f} s | {r['compute']:.2f} s | {b['encode_sign']:.2f} s | "
             f"{b['network']:.2f} s | {b['admission']:.2f} s | {b['aggregation']:.2f} s | "
-            f"{b['evaluation']:.2f} s | " + (f"{100 * acc:.2f}% |" if acc is not None else "- |")
+            f"{b['evaluation']:.2f} s | "
+            + (f"{100 * acc:.2f}% | " if acc is not None else "- | ")
+            + _loads(r)
         )
     return "\n".join(lines)
+
+
+def _loads(row: dict[str, Any]) -> str:
+    """The 1-minute load averages when a row's fleet started and ended ("-" if not recorded)."""
+    if "load" not in row:
+        return "- |"
+    return " / ".join(str(x).split(",")[0] for x in row["load"]) + " |"
 
 
 def _load() -> str:
