@@ -8,7 +8,10 @@
 2. the coordinator service (``siren coordinator run``) in its own process, configured with the
    run's aggregator or SIREN, the seeded split's root set and the dataset's test split;
 3. ``--workers`` worker processes (default 1) that host the boards
-   (:mod:`firmware_sim.worker`: many boards per process, one MQTT connection each).
+   (:mod:`firmware_sim.worker`: many boards per process, one MQTT connection each); with
+   ``--ray ADDRESS`` the workers run as Ray actors on the nodes of a Ray cluster instead
+   (:mod:`firmware_sim.ray_fleet`), their statistics and logs shipped back into this folder, and
+   the broker listens where those nodes reach it.
 
 It follows the coordinator's database while the run goes on, reports each round as soon as the
 coordinator closed it and every worker reported it, and returns the run's history
