@@ -14,6 +14,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "protocol": ("benchmarks.protocol_codec", "encode+sign / decode+verify time of envelopes"),
     "robustness": ("benchmarks.robustness", "aggregator x attack grid, like the SIREN paper"),
     "fleet": ("benchmarks.fleet", "round time breakdown of MQTT fleets of growing size"),
+    "fleet-ray": (
+        "benchmarks.fleet_ray",
+        "largest fleet completing 3 rounds, workers local vs Ray actors on a 2-node cluster",
+    ),
     "board-footprint": (
         "benchmarks.board_footprint",
         "a board's installed size, import time and peak memory (lean install vs desktop)",

@@ -61,8 +61,9 @@ def add_run_options(
     g.add_argument(
         "--partition",
         default="iid",
-        choices=["iid", "noniid", "dirichlet", "classes"],
-        help="how data is split across boards (default: %(default)s)",
+        choices=["iid", "noniid", "dirichlet", "classes", "overlap"],
+        help="how data is split across boards; overlap: windows that may share samples, for "
+        "fleets larger than the data set (default: %(default)s)",
     )
     g.add_argument(
         "--noniid-p",
@@ -311,6 +312,29 @@ def add_fleet_options(p: argparse.ArgumentParser) -> None:
         type=float,
         default=0.5,
         help="fraction of boards needed to close at the deadline (default: 0.5)",
+    )
+    g.add_argument(
+        "--broker-host",
+        default=None,
+        metavar="HOST",
+        help="address of this machine the private broker listens on and the boards connect "
+        "to (default: 127.0.0.1; with --ray and nodes on other hosts, this host's address "
+        "in the Ray cluster)",
+    )
+    g.add_argument(
+        "--ray",
+        default=None,
+        metavar="ADDRESS",
+        help="place the worker processes as Ray actors on the nodes of a Ray cluster: auto, "
+        "HOST:PORT of its head, ray://HOST:PORT, or local (a throwaway local instance); the "
+        "broker and the coordinator stay here (needs the 'ray' extra; docs/scaling.md)",
+    )
+    g.add_argument(
+        "--ray-worker-cpus",
+        type=float,
+        default=1.0,
+        metavar="CPUS",
+        help="logical CPUs each worker actor reserves on its node (default: 1)",
     )
     g.add_argument("--persist-boards", action="store_true", help="keep each board's state on disk")
     g.add_argument(

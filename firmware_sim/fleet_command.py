@@ -157,6 +157,10 @@ def fleet_command(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise CommandError(f"--workers must be >= 1, got {args.workers}")
     _check_broker(args.broker)
+    ray = getattr(args, "ray", None)
+    ray_cpus = getattr(args, "ray_worker_cpus", 1.0)
+    if ray is not None and not (ray_cpus >= 0 and math.isfinite(ray_cpus)):
+        raise CommandError(f"--ray-worker-cpus must be a number >= 0, got {ray_cpus}")
     api_port = _api_port(args.api_port)
     linger = linger_seconds(args.linger, api_port, sys.stdout.isatty())
     dropout_possible = any(p.dropout > 0 for p in config.device_profiles())
@@ -172,13 +176,18 @@ def fleet_command(args: argparse.Namespace) -> int:
         persist_boards=args.persist_boards,
         api_port=api_port,
         telemetry=args.telemetry,
+        ray=ray,
+        ray_worker_cpus=ray_cpus,
+        broker_host=getattr(args, "broker_host", None),
     )
     out, note = fleet_out_dir(args.out, overwrite=args.overwrite)
     warn_about_data_dir(config)
     if options.api_port is not None:
         print(f"coordinator dashboard: http://127.0.0.1:{options.api_port}/", flush=True)
     print(
-        f"siren sim fleet: {config.clients} boards on {options.workers} worker(s), "
+        f"siren sim fleet: {config.clients} boards on {options.workers} worker(s)"
+        + (f" as Ray actors (--ray {ray})" if ray is not None else "")
+        + ", "
         f"{config.rounds} rounds{describe_sampling(config)}, aggregator {config.aggregator}, "
         f"{describe_attack(config)}, "
         f"dataset {describe_dataset(config.dataset)}, broker {_describe_broker(options.broker)}",

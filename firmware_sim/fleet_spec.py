@@ -126,6 +126,15 @@ class FleetOptions:
         API). The admin token comes from ``$SIREN_API_TOKEN``, inherited by the coordinator.
     telemetry : bool
         Boards publish their rounds' telemetry figures (:class:`FleetWorker`).
+    ray : str, optional
+        Place the workers as Ray actors on the nodes of this cluster (``auto``, ``HOST:PORT``,
+        ``ray://HOST:PORT``, or ``local`` for a throwaway local instance;
+        :mod:`firmware_sim.ray_fleet`); ``None``: local worker processes.
+    ray_worker_cpus : float
+        Logical CPUs each worker actor reserves on its node.
+    broker_host : str, optional
+        Address the private broker listens on and the boards connect to (default: loopback;
+        with ``ray`` and nodes on other hosts, this host's address in the cluster).
     """
 
     workers: int = 1
@@ -137,6 +146,9 @@ class FleetOptions:
     run_id: str | None = None
     api_port: int | None = None
     telemetry: bool = True
+    ray: str | None = None
+    ray_worker_cpus: float = 1.0
+    broker_host: str | None = None
 
 
 def resolve_dataset(name: str) -> str:

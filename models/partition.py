@@ -1,6 +1,6 @@
 """Seeded partitioning of a training set across boards.
 
-Three schemes:
+Five schemes:
 
 * ``iid`` — a random permutation split into K near-equal shards (SIREN §5.1).
 * ``noniid`` — the non-IID degree ``p`` of SIREN §5.1 / DSPO (after Fang et al.): the boards are
@@ -14,6 +14,12 @@ Three schemes:
   "each participant contains images of two random digits", 300 of each): each board draws ``c``
   distinct classes, the classes being dealt out as evenly as possible, and a class's samples
   are split equally among the boards that drew it.
+* ``overlap`` — for fleets larger than the data set (scale tests: 2,000 boards on the 1,437
+  training images of digits): every board gets ``max(2, ceil(n / K))`` samples, a window of a
+  random permutation of the ``n`` samples (wrapping around), the K windows starting at evenly
+  spaced offsets. The windows cover every sample; neighbouring boards share samples, and with
+  ``K > n / 2`` several boards hold the same samples. Two samples at least, so every board keeps
+  one to train on and one for its local test split.
 
 :func:`make_federated_split` first draws the server's root test set (SIREN §5.1: default 100
 samples from the training data, excluded from every board), partitions the rest, and cuts a local
@@ -29,7 +35,10 @@ import numpy as np
 
 from models.errors import PartitionError
 
-PARTITION_SCHEMES = ("iid", "noniid", "dirichlet", "classes")
+PARTITION_SCHEMES = ("iid", "noniid", "dirichlet", "classes", "overlap")
+
+#: Samples per board of the ``overlap`` scheme at least (one to train on, one to test on).
+OVERLAP_MIN_SAMPLES = 2
 
 
 @dataclass(frozen=True)
@@ -82,6 +91,30 @@ def partition_iid(n_samples: int, n_clients: int, rng: np.random.Generator) -> l
     """Split ``range(n_samples)`` uniformly at random into ``n_clients`` near-equal shards."""
     _check_clients(n_samples, n_clients)
     return [np.sort(s) for s in np.array_split(rng.permutation(n_samples), n_clients)]
+
+
+def partition_overlap(n_samples: int, n_clients: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Overlapping shards for any number of boards (module docstring, ``overlap``).
+
+    Board ``c`` holds positions ``o_c, o_c + 1, ..., o_c + s - 1`` (mod ``n``) of a random
+    permutation, with ``s = max(2, ceil(n / K))`` and ``o_c = floor(c · n / K)``. O(K · s).
+
+    Raises
+    ------
+    PartitionError
+        Fewer than two samples, or no board.
+    """
+    if n_clients < 1:
+        raise PartitionError(f"need at least 1 client, got {n_clients}")
+    if n_samples < OVERLAP_MIN_SAMPLES:
+        raise PartitionError(
+            f"the overlap partition needs at least {OVERLAP_MIN_SAMPLES} samples, got {n_samples}"
+        )
+    size = max(OVERLAP_MIN_SAMPLES, -(-n_samples // n_clients))
+    order = rng.permutation(n_samples)
+    starts = (np.arange(n_clients, dtype=np.int64) * n_samples) // n_clients
+    window = np.arange(size, dtype=np.int64)
+    return [np.sort(order[(start + window) % n_samples]) for start in starts]
 
 
 def partition_noniid(
@@ -212,7 +245,7 @@ def make_federated_split(
         Labels of the full training set.
     n_clients : int
         Number of boards K.
-    scheme : {"iid", "noniid", "dirichlet", "classes"}
+    scheme : {"iid", "noniid", "dirichlet", "classes", "overlap"}
         Partitioning scheme (see module docstring).
     p, alpha : float
         Non-IID degree and Dirichlet concentration.
@@ -243,6 +276,8 @@ def make_federated_split(
         local = partition_noniid(labels[rest], n_clients, p, rng)
     elif scheme == "classes":
         local = partition_classes(labels[rest], n_clients, classes, rng)
+    elif scheme == "overlap":
+        local = partition_overlap(rest.size, n_clients, rng)
     else:
         local = partition_dirichlet(labels[rest], n_clients, alpha, rng)
     shards = []

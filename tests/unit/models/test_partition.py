@@ -12,6 +12,7 @@ from models.partition import (
     partition_dirichlet,
     partition_iid,
     partition_noniid,
+    partition_overlap,
 )
 
 # Balanced synthetic labels: 10 classes x 2,000 samples.
@@ -134,3 +135,28 @@ def test_classes_rejects_more_classes_than_labels():
         partition_classes(LABELS, 10, 11, np.random.default_rng(0))
     with pytest.raises(PartitionError, match="classes per board"):
         make_federated_split(LABELS, 10, "classes", classes=0)
+
+
+@pytest.mark.parametrize(("n", "boards"), [(1337, 2000), (1337, 1000), (100, 7), (5, 5)])
+def test_overlap_gives_every_board_two_samples_at_least_and_covers_every_sample(n, boards):
+    shards = partition_overlap(n, boards, np.random.default_rng(0))
+    assert len(shards) == boards
+    size = max(2, -(-n // boards))
+    for shard in shards:
+        assert shard.size == size and np.unique(shard).size == size  # no sample twice
+        assert shard.min() >= 0 and shard.max() < n
+    assert np.unique(np.concatenate(shards)).size == n
+
+
+def test_overlap_split_of_2000_digits_boards_trains_and_tests_on_every_board():
+    digits_train = np.repeat(np.arange(10), 144)[:1437]
+    split = make_federated_split(digits_train, 2000, "overlap", root_size=100, seed=1)
+    assert split.num_clients == 2000
+    root = set(split.root_idx.tolist())
+    for shard in split.shards:
+        assert shard.train_idx.size >= 1 and shard.test_idx.size >= 1
+        assert not root & (set(shard.train_idx.tolist()) | set(shard.test_idx.tolist()))
+    again = make_federated_split(digits_train, 2000, "overlap", root_size=100, seed=1)
+    assert all(np.array_equal(a.train_idx, b.train_idx) for a, b in zip(split.shards, again.shards))
+    with pytest.raises(PartitionError, match="at least 2 samples"):
+        partition_overlap(1, 3, np.random.default_rng(0))
