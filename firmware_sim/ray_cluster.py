@@ -277,10 +277,11 @@ class LocalRayCluster:
                     found.append(int(entry.name))
         return found
 
-    def stop(self, grace: float = 3.0) -> None:
+    def stop(self, grace: float = 3.0, reap: float = 10.0) -> None:
         """End every process of this cluster: SIGTERM to each node's process group, SIGKILL
-        after ``grace`` seconds, then SIGKILL to any process still naming the cluster's folder.
-        Safe to call twice and after a failed start."""
+        after ``grace`` seconds, then SIGKILL to any process still naming the cluster's folder,
+        and wait up to ``reap`` seconds until none is left (a killed process takes a moment to
+        exit). Safe to call twice and after a failed start."""
         for group in self.groups:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(group, signal.SIGTERM)
@@ -293,6 +294,9 @@ class LocalRayCluster:
         for pid in self._stray_pids():
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + reap
+        while time.monotonic() < deadline and self._stray_pids():
+            time.sleep(0.1)
         self.groups = []
         if self.temp_dir is not None:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
