@@ -459,6 +459,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="board mode: the model's LiteRT training artifact (default: converted here, which "
         "needs TensorFlow; pass it on a board without TensorFlow)",
     )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="board mode: measure each backend in this many fresh workers, the backends "
+        "alternating, and report the medians (for a shared machine; default 1)",
+    )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--pinned", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -18,7 +18,9 @@ chroot); the third board simulated on the host from its bundle. Then:
 5. the board's installed size and import times are measured.
 
 Timings inside the root are emulated (QEMU on x86-64), never board figures: the result file says
-so on every table. Results: ``benchmarks/results/board-aarch64.md``.
+so on every table. Results: ``benchmarks/results/board-aarch64.md``. With ``--train-backend
+litert`` the boards train and alarm in LiteRT without TensorFlow installed, and the lean board's
+checks are added (:mod:`benchmarks.board_aarch64_litert`; ``board-aarch64-litert.md``).
 """
 
 from __future__ import annotations
@@ -169,10 +171,12 @@ print(json.dumps(out))
 def run_check(args: argparse.Namespace) -> dict[str, Any]:
     """Run the whole check; return the measurements (raises on a failed step)."""
     from benchmarks import arm64_root as ar
+    from benchmarks import board_aarch64_litert as lean
     from deploy.checks import check_broker
 
     t_start = time.monotonic()
-    facts: dict[str, Any] = {"steps": {}}
+    litert = args.train_backend == "litert"
+    facts: dict[str, Any] = {"steps": {}, "train_backend_run": args.train_backend}
     steps = facts["steps"]
 
     t0 = time.monotonic()
@@ -193,7 +197,7 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
         "--bind", "127.0.0.1", "--rounds", str(args.rounds), "--aggregator", "siren",
         "--dataset", "digits", "--api-port", str(api_port),
         # An emulated board takes minutes to start: every round waits for every board.
-        "--round-timeout", "0",
+        "--round-timeout", "0", "--train-backend", args.train_backend,
     ]  # fmt: skip
     subprocess.run(init, check=True, cwd=REPO)
     steps["siren deploy init"] = time.monotonic() - t0
@@ -239,7 +243,9 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
             facts["install_seconds"] = installs
             facts["unit_verify"] = _verify_unit(ar, root, ARM_BOARDS[0], pip)
             facts["sizes"] = _sizes(ar, root, dep)
-            facts["import_seconds"] = _import_times(ar, root)
+            facts["import_seconds"] = _import_times(ar, root, tensorflow=not litert)
+            if litert:
+                facts["tensorflow_import"] = lean.tensorflow_import(ar, root)
             facts["versions"] = _versions(ar, root)
 
             def start_arm(board: str) -> None:
@@ -281,9 +287,9 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
                 _wait(lambda: proc.poll() is not None, 300, f"{board} to exit")  # noqa: B023
             facts["board_exits"] = {b: procs.procs[b].returncode for b in (*ARM_BOARDS, HOST_BOARD)}
             facts["peak_rss_kib"] = procs.sample()
-            facts["alarm_backend"] = {
-                b: _alarm_backend(procs.log(b).read_text()) for b in (*ARM_BOARDS, HOST_BOARD)
-            }
+            logs = {b: procs.log(b).read_text() for b in (*ARM_BOARDS, HOST_BOARD)}
+            facts["alarm_backend"] = {b: _alarm_backend(text) for b, text in logs.items()}
+            facts["train_backend"] = {b: lean.training_backend(t) for b, t in logs.items()}
             probe = root / "tmp" / "acl_probe.py"
             probe.write_text(_acl_probe_script())
             out = ar.run_in_root(
@@ -295,13 +301,17 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
             facts["acl_probe"] = json.loads(out.stdout.strip().splitlines()[-1])
             _say(f"ACL probe from the arm64 board: {facts['acl_probe']}")
             t0 = time.monotonic()
-            bench = ar.run_in_root(
-                root,
-                ["/opt/siren/venv/bin/siren", "bench", "alarm", "--data",
-                 f"/opt/siren/{ARM_BOARDS[0]}/data.npz", "--rounds", "1", "--epochs", "1",
-                 "--out", "/tmp/alarm-aarch64.md", "--note", EMULATED],
-                capture=True, pip=pip, timeout=3600, cwd="/tmp",
+            md = "/tmp/alarm-aarch64.md"
+            bench_argv = (
+                lean.bench_alarm_argv(dep / "boards" / ARM_BOARDS[0], md, "emulated")
+                if litert  # board mode: the plain mode needs TensorFlow
+                else ["/opt/siren/venv/bin/siren", "bench", "alarm", "--data",
+                      f"/opt/siren/{ARM_BOARDS[0]}/data.npz", "--rounds", "1", "--epochs", "1",
+                      "--out", md, "--note", EMULATED]
             )  # fmt: skip
+            bench = ar.run_in_root(
+                root, bench_argv, capture=True, pip=pip, timeout=3600, cwd="/tmp"
+            )
             steps["siren bench alarm inside the root"] = time.monotonic() - t0
             facts["bench_alarm"] = (root / "tmp" / "alarm-aarch64.md").read_text()
             facts["bench_alarm_stdout"] = bench.stdout[-2000:]
@@ -447,11 +457,11 @@ def _sizes(ar: Any, root: Path, dep: Path) -> dict[str, Any]:
     }
 
 
-def _import_times(ar: Any, root: Path) -> dict[str, float]:
+def _import_times(ar: Any, root: Path, tensorflow: bool = True) -> dict[str, float]:
     out = {}
     for name, code in (
         ("board program without TensorFlow (edge_client.client)", "import edge_client.client"),
-        ("TensorFlow", "import tensorflow"),
+        *((("TensorFlow", "import tensorflow"),) if tensorflow else ()),
         ("LiteRT interpreter", "from ai_edge_litert.interpreter import Interpreter"),
     ):
         t0 = time.monotonic()
@@ -471,7 +481,9 @@ def _versions(ar: Any, root: Path) -> dict[str, str]:
 
 
 def _check(facts: dict[str, Any], rounds: int) -> None:
-    problems = []
+    from benchmarks import board_aarch64_litert as lean
+
+    problems = lean.problems(facts, ARM_BOARDS) if facts["train_backend_run"] == "litert" else []
     if len(facts.get("rounds", [])) < rounds:
         problems.append("not every round closed")
     if facts.get("coordinator_exit") != 0:
@@ -518,9 +530,13 @@ def _telemetry_row(board: str, telemetry: dict[str, Any]) -> str:
 
 def write_results(facts: dict[str, Any], out: Path, argv: Sequence[str]) -> str:
     """The Markdown result file."""
+    from benchmarks import board_aarch64_litert as lean
+
     mib = 1024 * 1024
+    litert = facts["train_backend_run"] == "litert"
     lines = [
-        "# Boards in an arm64 userland, end to end",
+        "# Boards in an arm64 userland, end to end"
+        + (": litert boards, no TensorFlow" if litert else ""),
         "",
         f"**{EMULATED}**",
         "",
@@ -530,7 +546,13 @@ def write_results(facts: dict[str, Any], out: Path, argv: Sequence[str]) -> str:
         "emulation; two boards (board-000, board-001) installed there by their bundle's "
         "`install.sh --no-systemd` and started as the service account with the unit's "
         "`ExecStart`; board-002 on the host; the broker (generated TLS-only Mosquitto) and the "
-        "coordinator (SIREN, digits) on the host.",
+        "coordinator (SIREN, digits) on the host."
+        + (
+            " Bundles from `siren deploy init --train-backend litert`: every board trains and "
+            "alarms with the model's LiteRT training artifact; the boards' venv has no TensorFlow."
+            if litert
+            else ""
+        ),
         "",
         "Outcome: "
         + (
@@ -539,6 +561,7 @@ def write_results(facts: dict[str, Any], out: Path, argv: Sequence[str]) -> str:
             else "**FAILED**: " + "; ".join(facts["problems"])
         ),
         "",
+        *(lean.section(facts, ARM_BOARDS) if litert else []),
         "## Versions inside the root",
         "",
         *(f"- {k}: {v}" for k, v in facts["versions"].items()),
@@ -567,7 +590,7 @@ def write_results(facts: dict[str, Any], out: Path, argv: Sequence[str]) -> str:
         "Board columns: seconds from the round's opening to the admission of the board's update "
         "(alarm, training, signing, publishing); round 1 opened when the coordinator started, "
         "before the arm64 boards were installed, so its times include their installation and "
-        "TensorFlow's emulated start. Peak RSS: the process's high-water mark "
+        "emulated start. Peak RSS: the process's high-water mark "
         "(VmHWM) so far; inside the root this is the QEMU process, emulator included.",
         "",
         "Final peak RSS: "
@@ -617,7 +640,7 @@ def write_results(facts: dict[str, Any], out: Path, argv: Sequence[str]) -> str:
         "",
         "## siren bench alarm inside the root (smallest setting, emulated)",
         "",
-        facts["bench_alarm"].replace("# SIREN alarm overhead on one board", "").strip(),
+        re.sub(r"^# [^\n]*\n", "", facts["bench_alarm"].strip()).strip(),
         "",
         "## Steps",
         "",
@@ -639,7 +662,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--kill-round", type=int, default=2, help="round in which a board is killed (default 2)"
     )
     p.add_argument("--root", type=Path, default=None, help="arm64 root (default: the cache)")
-    p.add_argument("--out", type=Path, default=RESULTS / "board-aarch64.md")
+    p.add_argument("--out", type=Path, help="default: results/board-aarch64[-litert].md")
+    p.add_argument(
+        "--train-backend", default="keras", choices=["keras", "litert"],
+        help="the boards' training runtime (litert: bundles without TensorFlow, and the lean "
+        "board's checks: no TensorFlow, venv and peak RSS limits)",
+    )  # fmt: skip
     p.add_argument("--keep", action="store_true", help="keep the working folder")
     p.add_argument(
         "--fresh-venv",
@@ -650,6 +678,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     argv_list = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(argv_list)
+    if args.out is None:
+        suffix = "-litert" if args.train_backend == "litert" else ""
+        args.out = RESULTS / f"board-aarch64{suffix}.md"
     if os.geteuid() != 0:
         p.error("needs root (chroot, mounts, the service account inside the root)")
     # SIGTERM unwinds like Ctrl-C: processes are stopped and the root's mounts released.

@@ -221,6 +221,24 @@ def _build_artifact(model: str, data: Path, folder: Path) -> Path:
     return path
 
 
+#: Timings of a worker's result that :func:`merge_runs` takes the median of.
+TIMINGS = ("import_s", "startup_s", "train_epoch_s", "train_epoch_cpu_s", "alarm_s")
+
+
+def merge_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from repeated runs of a backend: the median of each timing, the largest peak
+    RSS, and every run's training time per epoch (wall and CPU) in ``runs``."""
+    merged = dict(runs[0])
+    for key in TIMINGS:
+        merged[key] = float(np.median([r[key] for r in runs]))
+    merged["peak_rss_mib"] = max(r["peak_rss_mib"] for r in runs)
+    merged["runs"] = [
+        {"train_epoch_s": r["train_epoch_s"], "train_epoch_cpu_s": r["train_epoch_cpu_s"]}
+        for r in runs
+    ]
+    return merged
+
+
 def _seconds(value: float) -> str:
     return f"{value:.2f} s" if value >= 1 else f"{1000 * value:.1f} ms"
 
@@ -253,7 +271,7 @@ def run(
     out: Path,
 ) -> int:
     """Measure every model with every backend and write ``out`` (the parent's side)."""
-    results = []
+    results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="siren-board-backends-") as tmp:
         for model in models:
             data = args.data or board_data(model, Path(tmp))
@@ -261,9 +279,17 @@ def run(
             if "litert" in backends and artifact is None:
                 print(f"converting {model}'s LiteRT training artifact ...", flush=True)
                 artifact = _build_artifact(model, data, Path(tmp))
-            for backend in backends:
-                print(f"measuring {model} with the {backend} backend, one core ...", flush=True)
-                results.append(_run_worker(backend, model, args, data, artifact))
+            repeat = max(1, int(getattr(args, "repeat", 1)))
+            runs: dict[str, list[dict[str, Any]]] = {b: [] for b in backends}
+            for r in range(repeat):  # the backends alternate: both see the machine's moods
+                for backend in backends:
+                    print(
+                        f"measuring {model} with the {backend} backend, one core (run {r + 1} "
+                        f"of {repeat}) ...",
+                        flush=True,
+                    )
+                    runs[backend].append(_run_worker(backend, model, args, data, artifact))
+            results.extend(merge_runs(runs[b]) for b in backends)
     write_results(results, models, backends, args, out)
     return 0
 
@@ -288,6 +314,21 @@ def write_results(
     shared = [r for r in results if r["train_epoch_s"] > 1.3 * r["train_epoch_cpu_s"]]
     out.parent.mkdir(parents=True, exist_ok=True)
     data_arg = f" --data {args.data.name}" if args.data else ""
+    repeat = max(1, int(getattr(args, "repeat", 1)))
+    data_arg += f" --repeat {repeat}" if repeat > 1 else ""
+    runs_note = (
+        f"Each backend was measured in {repeat} fresh workers, the backends alternating (keras, "
+        "litert, keras, ...); the table shows the medians. CPU time per epoch of every run, in "
+        "run order: "
+        + "; ".join(
+            f"{r['model']} {r['backend']} "
+            + ", ".join(_seconds(x["train_epoch_cpu_s"]) for x in r["runs"])
+            for r in results
+        )
+        + ".\n\n"
+        if repeat > 1
+        else ""
+    )
     out.write_text(
         "# A board's two training backends: keras (TensorFlow) and litert (LiteRT alone)\n\n"
         + (f"**{note}**\n\n" if note else "")
@@ -306,6 +347,7 @@ def write_results(
         "litert rows run the model's builtin-only LiteRT training artifact and never import "
         "TensorFlow.\n\n"
         f"{table}\n\n"
+        + runs_note
         + (
             "Training wall time well above its CPU time means the pinned core also ran other "
             "processes during the measurement (this machine was shared): compare the backends' "

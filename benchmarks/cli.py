@@ -14,6 +14,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "protocol": ("benchmarks.protocol_codec", "encode+sign / decode+verify time of envelopes"),
     "robustness": ("benchmarks.robustness", "aggregator x attack grid, like the SIREN paper"),
     "fleet": ("benchmarks.fleet", "round time breakdown of MQTT fleets of growing size"),
+    "fleet-ray": (
+        "benchmarks.fleet_ray",
+        "largest fleet completing 3 rounds, workers local vs Ray actors on a 2-node cluster",
+    ),
     "board-footprint": (
         "benchmarks.board_footprint",
         "a board's installed size, import time and peak memory (lean install vs desktop)",
@@ -26,6 +30,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "benchmarks.litert_builtins",
         "which zoo models train in LiteRT with builtin ops only (Keras step vs artifact)",
     ),
+    "litert-runtimes": (
+        "benchmarks.litert_runtimes",
+        "the training artifact under ai-edge-litert and under tflite-runtime alone (PyPI)",
+    ),
     "litert-runs": (
         "benchmarks.litert_runs",
         "whole federated runs with boards training in LiteRT vs Keras (accuracy, time)",
@@ -35,6 +43,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "round close at K=100..1000: batch rules vs streaming close; admission rate over MQTT",
     ),
     "soak": ("benchmarks.soak", "hostile messages against a live fleet: crashes, counts, models"),
+    "participation": (
+        "benchmarks.participation",
+        "partial participation: sampling with SIREN in the demo; sync vs sampled vs async",
+    ),
     "image-boot": (
         "benchmarks.image_boot",
         "the Raspberry Pi image booted under QEMU joins a fleet (root; builds the image first)",

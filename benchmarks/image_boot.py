@@ -25,7 +25,8 @@ Machines: ``-M virt`` by default (``--machine raspi3b`` tries the Raspberry Pi 3
 image's own device tree): QEMU 7.2 has no Raspberry Pi 4 model, and its ``raspi3b`` has a fixed
 1 GiB of memory (the board's TensorFlow process peaked at 546 MiB there with the digits MLP;
 the project's docs ask for 2 GB boards), USB networking only, no real-time clock, and it is
-slower (``benchmarks/results/image-raspi3b.md``). ``virt`` runs
+slower (``benchmarks/results/image-raspi3b.md``: the board's first update 574 s after power-on,
+against 283 s on ``virt``). ``virt`` runs
 the same kernel, initrd and root filesystem with a Cortex-A72 (the Pi 4's core), 2 GiB and
 virtio disk and network.
 

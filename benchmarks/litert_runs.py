@@ -3,9 +3,9 @@
 The same simulated run (:func:`firmware_sim.engine.run_simulation`, fixed seed) twice per
 aggregator: every board training with Keras (``--train-backend keras``) and with the model's
 builtin-only LiteRT training artifact (``--train-backend litert``). The coordinator's side is
-Keras in both. Reports each round's test accuracy, the final difference (issue 20 asks for at
-most 0.5 points), the boards' mean training time per round, and whether the SIREN alarms and
-decision cases agree round by round.
+Keras in both. Reports each round's test accuracy, the final difference (the backends should
+agree to at most 0.5 points), the boards' mean training time per round, and whether the SIREN
+alarms and decision cases agree round by round.
 
 Results: ``benchmarks/results/litert-runs.md``.
 """

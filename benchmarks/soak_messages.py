@@ -465,7 +465,7 @@ def _header_hex_case(mk: _Maker, batch: list[Sent]) -> Sent:
 def _version(mk: _Maker, batch: list[Sent]) -> Sent:
     header, sig, payload = split_frame(mk.template())
     assert header.endswith(b'"v":1}')
-    v = mk.pick([0, 2, 3, 9, 10, 255, 65536, MAX_HEADER_INT])
+    v = mk.pick([0, 4, 3, 9, 10, 255, 65536, MAX_HEADER_INT])  # 1 and 2 are valid versions
     changed = header[: -len(b"1}")] + str(v).encode() + b"}"
     return _decode_failure(
         mk, "version", join_frame(changed, sig, payload), Reason.UNSUPPORTED_VERSION

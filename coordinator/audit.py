@@ -31,7 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -220,9 +220,14 @@ def read_log(path: Path) -> Iterator[tuple[bytes, str, str]]:
             yield line.encode("utf-8", "replace"), "", ""
 
 
-def round_body(record: Mapping[str, Any], digests: Mapping[str, str]) -> dict[str, Any]:
-    """The audit body of a closed round, from the round's record (``coordinator.service``) and
-    the SHA-256 of each admitted update message by board."""
+def round_body(
+    record: Mapping[str, Any],
+    digests: Mapping[str, str],
+    selected: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """The audit body of a closed round, from the round's record (``coordinator.service``),
+    the SHA-256 of each admitted update message by board and, with client sampling, the
+    client ids drawn for the round (``selected``, only then in the body)."""
     decision = record.get("decision") or {}
     summary = {
         k: decision[k]
@@ -240,7 +245,7 @@ def round_body(record: Mapping[str, Any], digests: Mapping[str, str]) -> dict[st
         for k, v in (record.get("verdicts") or {}).items()
     }
     network = record.get("network") or {}
-    return {
+    body: dict[str, Any] = {
         "round": int(record["round"]),
         "close_reason": record.get("close_reason"),
         "global_before": record.get("global_before"),
@@ -252,6 +257,9 @@ def round_body(record: Mapping[str, Any], digests: Mapping[str, str]) -> dict[st
         "failure": record.get("failure"),
         "refused": dict(sorted((network.get("rejected") or {}).items())),
     }
+    if selected is not None:
+        body["selected"] = sorted(selected)
+    return body
 
 
 def _jsonable(value: Any) -> Any:

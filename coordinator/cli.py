@@ -13,11 +13,12 @@ from siren_cli.signals import stop_on_signals
 def _run(args: argparse.Namespace) -> int:
     import logging
 
+    from coordinator.async_engine import make_engine
     from coordinator.boards import expected_clients, revoked_keys
     from coordinator.config import ConfigError, CoordinatorConfig
     from coordinator.errors import CoordinatorError
     from coordinator.runtime import build_runtime
-    from coordinator.shard_service import engine_class, service_class
+    from coordinator.shard_service import service_class
     from coordinator.store import CoordinatorStore
     from models.errors import ModelsError
     from protocol.errors import AllowListError, KeyFileError
@@ -33,10 +34,7 @@ def _run(args: argparse.Namespace) -> int:
             "run %s: loading the model and the root set (TensorFlow; a few seconds)", config.run
         )
         runtime = build_runtime(config, len(keys))
-        admission = config.admission
-        engine = engine_class(admission.streaming, admission.shards)(
-            config, runtime, store, signing_key, keys
-        )
+        engine = make_engine(config, runtime, store, signing_key, keys)
     except (ConfigError, KeyFileError, AllowListError, CoordinatorError, ModelsError) as exc:
         raise CommandError(str(exc)) from exc
     except (ValueError, KeyError) as exc:
@@ -63,7 +61,7 @@ def run_summary(store: Any, run: str) -> str:
     """One line on a finished run: rounds, final accuracy, updates admitted and refused."""
     rows = [r for r in store.round_rows() if r.status == "closed" and r.record]
     counts = store.decision_counts()
-    refused = {k: v for k, v in counts.items() if k not in ("accepted", "duplicate") and v}
+    refused = {k: v for k, v in counts.items() if k not in ("accepted", "stale", "duplicate") and v}
     acc = rows[-1].record.get("test_accuracy") if rows else None
     parts = [
         f"run {run} finished: {len(rows)} round(s)",

@@ -13,6 +13,14 @@ Example (relative paths are relative to the file's directory)::
     seed = 0
     round_timeout = 300.0             # s; then close with a quorum (0 = wait for every board)
     quorum = 0.5                      # fraction of expected boards needed at the deadline
+    client_fraction = 1.0             # fraction of the boards drawn for each round (1: all)
+    clients_per_round = 0             # or this many boards per round (0: client_fraction)
+    mode = "sync"                     # "async": buffered asynchronous (rounds = versions)
+    staleness_bound = 4               # async: admit updates trained on the last S versions
+    buffer_size = 10                  # async: a new version every B buffered updates
+    staleness_weight = "poly:0.5"     # async: (1+t)^-0.5 per update of staleness t
+    async_pool = "buffer"             # async: the rule on the buffer, or "latest": on every
+                                      # board's latest update of staleness <= S
     resend_interval = 30.0            # s without progress before re-announcing the global
                                       # model of a round (then doubling, up to 8x)
     max_message_bytes = 0             # 0: the protocol's default limit for the model
@@ -77,6 +85,7 @@ Example (relative paths are relative to the file's directory)::
     partition = "iid"
     noniid_p = 0.5
     dirichlet_alpha = 0.5
+    classes_per_board = 2
     root_size = 100
     local_test_fraction = 0.1
     train_samples = 0
@@ -98,7 +107,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from coordinator.async_rounds import AsyncSettings
 from coordinator.errors import CoordinatorError
+from coordinator.selection import Sampling
 from models.settings import SPLIT_COMMENTS, SplitSettings
 from models.training import DEFAULT_LR, default_learning_rate
 from protocol import mqtt
@@ -148,6 +159,17 @@ COMMENTS: dict[str, dict[str, str]] = {
         "seed": "seed of the initial model and of every random choice",
         "round_timeout": "seconds before a round closes with a quorum (0 = wait for every board)",
         "quorum": "fraction of expected boards needed to close at the deadline",
+        "client_fraction": "fraction of the boards drawn (seeded) to take part in each round; "
+        "1: every board, every round",
+        "clients_per_round": "draw this many boards per round instead (0: client_fraction)",
+        "mode": "sync (rounds wait for their boards) or async (buffered asynchronous: boards "
+        "train continuously, a new global version every buffer_size updates; rounds counts "
+        "versions)",
+        "staleness_bound": "async: admit an update trained on any of the last S versions",
+        "buffer_size": "async: a new global version whenever this many updates are buffered",
+        "staleness_weight": "async: poly:a = (1+t)^-a for an update t versions stale, or constant",
+        "async_pool": "async: the rule runs on the buffer's updates (buffer) or on every "
+        "board's latest update at most staleness_bound versions old (latest)",
         "resend_interval": "seconds without progress before the global model is announced "
         "again (then doubling, up to 8x)",
         "max_message_bytes": "largest update message (0: 4x the model plus header room)",
@@ -182,7 +204,8 @@ COMMENTS: dict[str, dict[str, str]] = {
     "admission": {
         "": "How updates are admitted and rounds closed (docs/streaming.md).",
         "streaming": "copy each admitted update into the round's buffer and prepare its share "
-        "of the close (Gram rows, server-update dots); false: the batch rules at close",
+        "of the close (Gram rows, server-update dots); false: the batch rules at close. "
+        "Synchronous rounds only: an asynchronous buffer of B updates runs the batch rules",
         "shards": "processes that verify and decode updates, sharing the update topic through "
         "an MQTT v5 shared subscription (0: the coordinator's own process does it)",
         "share_group": 'group of the shared subscription ("" = siren-<run>)',
@@ -377,6 +400,13 @@ class CoordinatorConfig:
     seed: int = 0
     round_timeout: float = 300.0
     quorum: float = 0.5
+    client_fraction: float = 1.0
+    clients_per_round: int | None = None
+    mode: str = "sync"
+    staleness_bound: int = 4
+    buffer_size: int = 10
+    staleness_weight: str = "poly:0.5"
+    async_pool: str = "buffer"
     resend_interval: float = 30.0
     max_message_bytes: int | None = None
     max_samples: int | None = None
@@ -407,6 +437,42 @@ class CoordinatorConfig:
             raise ConfigError(f"coordinator.rounds must be >= 1, got {self.rounds}")
         if not 0.0 < self.quorum <= 1.0:
             raise ConfigError(f"coordinator.quorum must be in (0, 1], got {self.quorum}")
+        if not 0.0 < self.client_fraction <= 1.0:
+            raise ConfigError(
+                f"coordinator.client_fraction must be in (0, 1], got {self.client_fraction}"
+            )
+        if self.clients_per_round is not None:
+            if self.clients_per_round < 1:
+                raise ConfigError(
+                    f"coordinator.clients_per_round must be >= 1 (0: use client_fraction), "
+                    f"got {self.clients_per_round}"
+                )
+            if self.client_fraction != 1.0:
+                raise ConfigError(
+                    "set coordinator.client_fraction or coordinator.clients_per_round, not both"
+                )
+        if self.mode not in ("sync", "async"):
+            raise ConfigError(f"coordinator.mode must be sync or async, got {self.mode!r}")
+        if self.mode == "async":
+            if self.sampling.active:
+                raise ConfigError(
+                    "coordinator.mode = async trains every board continuously: leave "
+                    "client_fraction at 1 and clients_per_round at 0"
+                )
+            try:
+                settings = self.asynchronous
+            except ValueError as exc:
+                raise ConfigError(f"coordinator: {exc}") from None
+            if self.admission.shards > 0:
+                raise ConfigError(
+                    "coordinator.mode = async admits updates in the coordinator's own process: "
+                    "leave admission.shards at 0"
+                )
+            if self.clients and settings.buffer_size > len(self.clients):
+                raise ConfigError(
+                    f"coordinator.buffer_size {settings.buffer_size} is more than the "
+                    f"{len(self.clients)} boards (one update per board in a buffer)"
+                )
         if self.defense_start_round < 1:
             raise ConfigError(
                 f"coordinator.defense_start_round must be >= 1, got {self.defense_start_round}"
@@ -418,6 +484,19 @@ class CoordinatorConfig:
                 f"coordinator.max_samples must be in [1, 2^53 - 1] (0: the default), "
                 f"got {self.max_samples}"
             )
+
+    @property
+    def asynchronous(self) -> AsyncSettings:
+        """The buffered asynchronous settings (:mod:`coordinator.async_rounds`); used only
+        with ``mode = "async"``."""
+        return AsyncSettings(
+            self.staleness_bound, self.buffer_size, self.staleness_weight, self.async_pool
+        )
+
+    @property
+    def sampling(self) -> Sampling:
+        """The run's client sampling (:class:`coordinator.selection.Sampling`)."""
+        return Sampling(self.client_fraction, self.clients_per_round)
 
     def quorum_count(self, expected: int) -> int:
         """Admitted updates needed to close a round at its deadline: ``ceil(quorum · K)``."""
@@ -474,6 +553,13 @@ class CoordinatorConfig:
                 "seed": int(main.pop("seed", 0)),
                 "round_timeout": float(main.pop("round_timeout", 300.0)),
                 "quorum": float(main.pop("quorum", 0.5)),
+                "client_fraction": float(main.pop("client_fraction", 1.0)),
+                "clients_per_round": int(main.pop("clients_per_round", 0)) or None,
+                "mode": str(main.pop("mode", "sync")),
+                "staleness_bound": int(main.pop("staleness_bound", 4)),
+                "buffer_size": int(main.pop("buffer_size", 10)),
+                "staleness_weight": str(main.pop("staleness_weight", "poly:0.5")),
+                "async_pool": str(main.pop("async_pool", "buffer")),
                 "resend_interval": float(main.pop("resend_interval", 30.0)),
                 "max_message_bytes": int(main.pop("max_message_bytes", 0)) or None,
                 "max_samples": int(main.pop("max_samples", 0)) or None,
@@ -525,6 +611,13 @@ class CoordinatorConfig:
             "seed": self.seed,
             "round_timeout": float(self.round_timeout),
             "quorum": float(self.quorum),
+            "client_fraction": float(self.client_fraction),
+            "clients_per_round": self.clients_per_round or 0,
+            "mode": self.mode,
+            "staleness_bound": self.staleness_bound,
+            "buffer_size": self.buffer_size,
+            "staleness_weight": self.staleness_weight,
+            "async_pool": self.async_pool,
             "resend_interval": float(self.resend_interval),
             "max_message_bytes": self.max_message_bytes or 0,
             "max_samples": self.max_samples or 0,

@@ -34,7 +34,6 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -42,10 +41,12 @@ from nacl.signing import SigningKey, VerifyKey
 
 from coordinator.audit import AuditEntry, make_entry, round_body
 from coordinator.boards import AnyOf, KeyView, revoked_keys
-from coordinator.config import CoordinatorConfig
+from coordinator.config import ConfigError, CoordinatorConfig
 from coordinator.controls import OperatorActions
+from coordinator.round_state import Admitted, RoundState, closed_round_record
 from coordinator.rounds import REFUSALS, StepResult, Submission, guarded_step, jsonable
 from coordinator.runtime import CoordinatorRuntime
+from coordinator.selection import announced_selection, check_selection_fits
 from coordinator.status import check_status
 from coordinator.store import CoordinatorStore, GlobalVersion, StoredUpdate
 from protocol.admission import Admission, AdmissionDecision, AdmissionPolicy
@@ -71,29 +72,6 @@ UNAUTHENTICATED = frozenset(
         Reason.PAYLOAD_HASH_MISMATCH,
     }
 )
-
-
-@dataclass
-class _Admitted:
-    client: str
-    index: int
-    delta: np.ndarray
-    samples: int
-    alarm: bool
-    nbytes: int
-    received_at: float
-
-
-@dataclass
-class RoundState:
-    """The open round in memory (mirrors the database)."""
-
-    round: int
-    opened_at: float
-    glob: GlobalVersion
-    admitted: dict[str, _Admitted] = field(default_factory=dict)
-    update_bytes: int = 0
-    postponed_at: int = -1
 
 
 class RoundEngine(OperatorActions):
@@ -132,10 +110,16 @@ class RoundEngine(OperatorActions):
         self.clients = list(self.keys)
         self.index_of = {c: i for i, c in enumerate(self.clients)}
         self.clock = clock
+        self.sampling = config.sampling
+        try:
+            check_selection_fits(self.sampling, self.clients)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         self.policy = AdmissionPolicy(
             runtime.layout,
             max_message_bytes=config.max_message_bytes,
             max_samples=config.max_samples,
+            max_staleness=config.staleness_bound if config.mode == "async" else None,
         )
         self.state: RoundState | None = None
         self.admission: Admission | None = None
@@ -161,6 +145,7 @@ class RoundEngine(OperatorActions):
                 weights=weights,
                 layout=self.runtime.layout,
                 previous_sha256=ZERO_SHA256,
+                selected=self.draw(1),
             )
             first = GlobalVersion(1, weights, weights_sha256(weights), ZERO_SHA256, message)
             self.store.initialize(
@@ -239,7 +224,7 @@ class RoundEngine(OperatorActions):
         glob = store.global_version(current)
         row = store.round_row(current)
         assert row is not None
-        state = RoundState(current, row.opened_at, glob)
+        state = RoundState(current, row.opened_at, glob, selected=announced_selection(glob.message))
         seen: dict[str, str] = {}
         nonces: list[str] = []
         for upd in store.updates(current):
@@ -255,7 +240,7 @@ class RoundEngine(OperatorActions):
                 store.quarantine(current, upd.client, problem)
                 continue
             assert upd.delta is not None
-            state.admitted[upd.client] = _Admitted(
+            state.admitted[upd.client] = Admitted(
                 upd.client,
                 upd.client_index,
                 upd.delta,
@@ -263,6 +248,7 @@ class RoundEngine(OperatorActions):
                 upd.alarm,
                 upd.nbytes,
                 upd.received_at,
+                upd.trained_on,
             )
             state.update_bytes += upd.nbytes
             seen[upd.client] = upd.message_id
@@ -276,9 +262,11 @@ class RoundEngine(OperatorActions):
                 "round": current,
                 "base_sha256": glob.sha256,
                 "layout_sha256": self.runtime.layout.fingerprint,
+                "selected": None if state.selected is None else list(state.selected),
                 "seen": seen,
                 "nonces": nonces,
                 "counters": store.decision_counts(),
+                **self._admission_window(current, glob.sha256),
             },
             keys=self.key_view,
             policy=self.policy,
@@ -344,10 +332,19 @@ class RoundEngine(OperatorActions):
         assert self.final is not None
         return self.final.message
 
+    def draw(self, round_index: int) -> list[str] | None:
+        """The client ids drawn for ``round_index`` (client sampling), ``None`` without it."""
+        if not self.sampling.active:
+            return None
+        drawn = self.sampling.select(len(self.clients), round_index, self.config.seed)
+        return [self.clients[i] for i in drawn]
+
     def expected(self) -> list[str]:
-        """The boards a round waits for: the run's boards minus those an operator banned or
-        whose key was revoked."""
-        return [c for c in self.clients if c not in self.admin_banned and c not in self.revoked]
+        """The boards a round waits for: the run's boards (with client sampling, those drawn
+        for the open round) minus those an operator banned or whose key was revoked."""
+        selected = self.state.selected if self.state is not None else None
+        boards = self.clients if selected is None else [c for c in self.clients if c in selected]
+        return [c for c in boards if c not in self.admin_banned and c not in self.revoked]
 
     def missing(self) -> list[str]:
         """Expected boards without an admitted update in the open round."""
@@ -381,7 +378,7 @@ class RoundEngine(OperatorActions):
             message = decision.message
             assert message is not None and message.weights is not None
             client = message.client
-            entry = _Admitted(
+            entry = Admitted(
                 client,
                 self.index_of[client],
                 message.weights,
@@ -389,6 +386,7 @@ class RoundEngine(OperatorActions):
                 message.header.alarm,
                 len(payload),
                 at,
+                message.round,
             )
             self.store.admit(
                 StoredUpdate(
@@ -403,7 +401,9 @@ class RoundEngine(OperatorActions):
                     nbytes=entry.nbytes,
                     received_at=at,
                     delta=entry.delta,
-                )
+                    base_round=message.round,
+                ),
+                decision.reason.value,
             )
             self.state.admitted[client] = entry
             self.state.update_bytes += len(payload)
@@ -524,13 +524,28 @@ class RoundEngine(OperatorActions):
         return None
 
     def _aggregate(
-        self, strategy: Any, t: int, weights: np.ndarray, entries: list[_Admitted]
+        self, strategy: Any, t: int, weights: np.ndarray, entries: list[Admitted]
     ) -> StepResult:
         """The round's step: the strategy behind the global-model guard, in board order."""
         submissions = [Submission(e.index, e.delta, e.samples, e.alarm) for e in entries]
         guard = self.config.aggregator
-        factor, max_abs = guard.guard_factor, guard.guard_max_abs
-        return guarded_step(strategy, t, weights, submissions, factor=factor, max_abs=max_abs)
+        return guarded_step(
+            strategy,
+            t,
+            weights,
+            submissions,
+            factor=guard.guard_factor,
+            max_abs=guard.guard_max_abs,
+        )
+
+    def _kept_rounds(self) -> int:
+        """Closed rounds whose update vectors stay stored (0: none)."""
+        return 0
+
+    def _admission_window(self, current: int, base: str) -> dict[str, Any]:
+        """Extra admission state to restore (buffered asynchronous mode: the window of recent
+        versions; :class:`coordinator.async_engine.AsyncRoundEngine`)."""
+        return {}
 
     def close_round(self, now: float | None = None, reason: str = "all") -> bytes | None:
         """Aggregate the open round, commit it with ``g_{t+1}``, and return ``g_{t+1}``'s message.
@@ -602,6 +617,7 @@ class RoundEngine(OperatorActions):
                 logger.exception("round %d: evaluating the new global model failed", t)
             evaluate_seconds = time.perf_counter() - t1
         final = t >= self.config.rounds
+        following = None if final else self.draw(t + 1)
         # The header's sample total saturates (admission bounds each count, so it never should).
         samples = min(int(sum(e.samples for e in entries)), MAX_HEADER_INT)
         try:
@@ -613,6 +629,7 @@ class RoundEngine(OperatorActions):
                 layout=self.runtime.layout,
                 previous_sha256=state.glob.sha256,
                 samples=samples,
+                selected=following,
             )
         except Exception as exc:
             failure = f"encoding the new global model failed: {type(exc).__name__}: {exc}"
@@ -626,49 +643,31 @@ class RoundEngine(OperatorActions):
                 weights=new_global,
                 layout=self.runtime.layout,
                 previous_sha256=state.glob.sha256,
+                selected=following,
             )
         sha = weights_sha256(new_global)
         closed_at = self.clock()
-        counts = self.store.decision_counts(t)
-        record: dict[str, Any] = {
-            "round": t,
-            "test_accuracy": test_acc,
-            "test_loss": test_loss,
-            "seconds": closed_at - state.opened_at,
-            "server_seconds": aggregate_seconds,
-            "selected": [e.index for e in entries],
-            "clients": {str(e.index): e.client for e in entries},
-            "missing": self.missing(),
-            "close_reason": reason,
-            "sample_counts": {str(e.index): e.samples for e in entries},
-            "alarms": {str(e.index): bool(e.alarm) for e in entries},
-            "defense_active": defended,
-            "verdicts": {str(k): jsonable(v) for k, v in result.verdicts.items()},
-            "decision": jsonable(result.record),
-            "failure": failure,
-            "global_before": state.glob.sha256,
-            "global_after": sha,
-            "samples_total": samples,
-            "network": {
-                "updates": len(entries),
-                "update_bytes": state.update_bytes,
-                "global_bytes": len(message),
-                "duplicates": counts.get(Reason.DUPLICATE.value, 0),
-                "rejected": {
-                    k: v
-                    for k, v in counts.items()
-                    if k not in (Reason.ACCEPTED.value, Reason.DUPLICATE.value)
-                },
+        record = closed_round_record(
+            state,
+            entries,
+            result,
+            index_of=self.index_of,
+            missing=self.missing(),
+            reason=reason,
+            defended=defended,
+            failure=failure,
+            evaluation=(test_loss, test_acc),
+            global_after=sha,
+            samples=samples,
+            global_bytes=len(message),
+            counts=self.store.decision_counts(t),
+            times={
+                "started": started,
+                "closed": closed_at,
+                "aggregate": aggregate_seconds,
+                "evaluate": evaluate_seconds,
             },
-            "timing": {
-                "collect_seconds": (max(e.received_at for e in entries) - state.opened_at)
-                if entries
-                else 0.0,
-                "wait_seconds": started - state.opened_at,
-                "aggregate_seconds": aggregate_seconds,
-                "evaluate_seconds": evaluate_seconds,
-            },
-        }
+        )
         version = GlobalVersion(t + 1, new_global, sha, state.glob.sha256, message, samples)
         self.store.close_round(
             t,
@@ -678,8 +677,9 @@ class RoundEngine(OperatorActions):
             finished=final,
             now=closed_at,
             audit=self._audit_entry(
-                "round", round_body(record, self.store.update_digests(t)), closed_at
+                "round", round_body(record, self.store.update_digests(t), state.selected), closed_at
             ),
+            keep_vectors=self._kept_rounds(),
         )
         if final:
             self.finished = True
@@ -687,9 +687,10 @@ class RoundEngine(OperatorActions):
             self.state = None
             self.admission = None
         else:
-            self.state = RoundState(t + 1, closed_at, version)
+            selected = None if following is None else tuple(sorted(following))
+            self.state = RoundState(t + 1, closed_at, version, selected=selected)
             assert self.admission is not None
-            self.admission.start_round(t + 1, sha)
+            self.admission.start_round(t + 1, sha, following)
         acc = "" if test_acc is None else f", test accuracy {100 * test_acc:.2f}%"
         logger.info("round %d closed (%s) with %d update(s)%s", t, reason, len(entries), acc)
         return message

@@ -144,6 +144,7 @@ def build_runtime(config: CoordinatorConfig, num_clients: int) -> CoordinatorRun
                 data.partition,
                 p=data.noniid_p,
                 alpha=data.dirichlet_alpha,
+                classes=data.classes_per_board,
                 root_size=data.root_size,
                 local_test_fraction=data.local_test_fraction,
                 seed=data.split_seed,

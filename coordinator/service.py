@@ -12,6 +12,7 @@ two messages (:meth:`CoordinatorService.call`, :class:`coordinator.controls.Serv
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
@@ -71,6 +72,9 @@ class CoordinatorService:
         self._last_progress = 0.0
         self._resend_after = config.resend_interval
         self._commands: queue.Queue[tuple[Callable[[], Any], queue.Queue[Any]]] = queue.Queue()
+        # Messages taken from the inbox but left for after the open buffer closes (buffered
+        # asynchronous mode: a version aggregates exactly B updates).
+        self._deferred: collections.deque[_Inbound] = collections.deque()
         self.running = threading.Event()
 
     def _make_client(self, resumed: bool) -> Any:
@@ -198,7 +202,9 @@ class CoordinatorService:
         try:
             while not stop.is_set():
                 try:
-                    event = self.inbox.get(timeout=0.1)
+                    event = self._deferred.popleft() if self._deferred else None
+                    if event is None:
+                        event = self.inbox.get(timeout=0.1)
                 except queue.Empty:
                     event = None
                 if event is not None:
@@ -278,19 +284,28 @@ class CoordinatorService:
         following: _Inbound | None = None
         while len(burst) < limit:
             try:
-                event = self.inbox.get_nowait()
+                event = self._deferred.popleft() if self._deferred else self.inbox.get_nowait()
             except queue.Empty:
                 break
             if event.kind != "message":
                 following = event
                 break
             burst.append(event)
+        full = getattr(self.engine, "closes_when_full", False)
+        handled = 0
         with self.engine.store.transaction():
             for event in burst:
                 self._handle(event, ack=False)
+                handled += 1
+                if full and self.engine.close_reason() is not None:
+                    break  # the buffer is full: the rest waits for the next version
         # Acknowledge only after the outcome is committed: an uncommitted update is redelivered.
-        for event in burst:
+        for event in burst[:handled]:
             self._ack(event)
+        if handled < len(burst):
+            rest = burst[handled:] + ([following] if following is not None else [])
+            self._deferred.extendleft(reversed(rest))
+            return
         if following is not None:
             self._handle(following)
 

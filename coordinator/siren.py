@@ -83,6 +83,12 @@ Choices where the paper is ambiguous (all documented on the parameters of
    to): the global model stays at the base (``g_t``, or ``g_{t−1}`` after a rollback).
 8. Threshold comparisons allow 1e-9 of rounding: accuracy differences that equal ``C_s`` in
    exact arithmetic (e.g. 0.85 − 0.75) count as equal to it.
+9. *Stale silent updates* (buffered asynchronous mode, :mod:`coordinator.async_rounds`): a
+   board whose update was trained on an older version than the current ``g_t`` never saw
+   ``g_t``, so its silence is no evidence that it trusts it. Where a board is judged malicious
+   for being silent -- case 4 with ``case4_silent="malicious"`` and the ``poisoned-global``
+   branch of case 3 -- a silent update with ``staleness > 0`` is ignored instead (left out of
+   the aggregate, not penalized). Synchronous rounds have no stale updates.
 
 Interaction with the printed alarm rule (profile ``paper-text``): a benign board alarms whenever
 ``g_t`` is not ``C_c`` better than its own previous model, which in IID training is most rounds
@@ -93,6 +99,21 @@ penalizes) benign boards in clean rounds. The accuracy check alone still rejects
 sign-flipped updates, so ``weight_analysis=False`` removes those false rejections; the authors'
 relative alarm rule removes the false alarms instead, but then attackers that stay silent poison
 every round in which no board alarms (Fig. 3 case 2), which the printed rule prevents.
+
+**Client sampling** (:mod:`coordinator.selection`; SIREN §2.1 selects ``|K|`` clients per
+round). Only the boards drawn for a round send an update, and everything above is over them:
+``S_a``, ``S_s`` and ``S_b`` are subsets of the round's participants, and penalties and awards
+change only the counts of boards that took part (a board that was not drawn is neither judged,
+nor probed, nor awarded; its count and its ban carry over to the next round it is drawn for).
+A participant's alarm compares ``g_t`` with *its own latest local model*, from the last round
+it took part in, possibly several rounds old (:func:`edge_client.board.board_step`); a board
+taking part for the first time has none and never alarms. ``C_p`` is not rescaled: it stays
+``0.45·K`` (all boards of the run) or ``int(0.45·T)`` (all rounds), so a board drawn for a
+fraction ``f`` of the rounds needs as many malicious judgements as with full participation, in
+about ``f·T`` rounds, to be banned. Measured in the README's demo with half of the boards drawn:
+no honest board is banned, and attackers are often not banned either -- SIREN then rejects their
+updates round by round (rollback, case 3/4) instead (``docs/participation.md``); set ``c_p`` to
+ban them sooner.
 
 Complexity per round: at most ``K + probes`` root-set evaluations (none in cases 1-2 without
 probes), ``O(K d)`` for the weight analysis and the weighted sum.
@@ -149,6 +170,14 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float | None:
     if na == 0.0 or nb == 0.0:
         return None
     return float(np.clip(np.dot(a64, b64) / (na * nb), -1.0, 1.0))
+
+
+def _by_staleness(view: _RoundView, silent: list[int]) -> tuple[list[int], list[int]]:
+    """Silent clients that saw the current global model (judged by their silence) and stale
+    ones that did not (ignored): choice 9 of the module docstring."""
+    fresh = [c for c in silent if view.by_id[c].staleness <= 0]
+    stale = [c for c in silent if view.by_id[c].staleness > 0]
+    return fresh, stale
 
 
 class _RoundView:
@@ -422,7 +451,8 @@ class SirenStrategy:
             d.benign = [c for c in alarming if passed[c]]
             d.malicious = [c for c in alarming if not passed[c]]
             if p.case4_silent == "malicious":
-                d.malicious = sorted(d.malicious + silent)
+                blamed, d.ignored = _by_staleness(view, silent)
+                d.malicious = sorted(d.malicious + blamed)
             else:
                 d.ignored = list(silent)
             return d
@@ -433,7 +463,8 @@ class SirenStrategy:
             d.max_silent = view.accuracy(r_s)
         if d.max_silent is None or max_a - d.max_silent > p.threshold(max_a) + EPS:
             d.branch, d.rollback = "poisoned-global", True
-            d.benign, d.malicious = list(alarming), list(silent)
+            d.benign = list(alarming)
+            d.malicious, d.ignored = _by_staleness(view, silent)
             return d
         d.branch = "false-alarm"
         ref_s = d.reference["silent"]

@@ -292,8 +292,10 @@ class CoordinatorStore:
         """Admitted updates of a round, ordered by client index."""
         out = []
         for row in self._db.execute(
-            "SELECT round, client, client_index, message_id, digest, nonce, samples, alarm, "
-            "nbytes, received_at, delta FROM updates WHERE round = ? ORDER BY client_index",
+            "SELECT u.round, u.client, u.client_index, u.message_id, u.digest, u.nonce, "
+            "u.samples, u.alarm, u.nbytes, u.received_at, u.delta, b.base_round FROM updates u "
+            "LEFT JOIN update_bases b ON b.round = u.round AND b.client = u.client "
+            "WHERE u.round = ? ORDER BY u.client_index",
             (round_index,),
         ):
             out.append(
@@ -311,6 +313,7 @@ class CoordinatorStore:
                     delta=None
                     if row[10] is None
                     else np.frombuffer(row[10], dtype="<f4").astype(np.float32),
+                    base_round=None if row[11] is None else int(row[11]),
                 )
             )
         return out
@@ -413,8 +416,10 @@ class CoordinatorStore:
         ).fetchone()
         return int(row[0])
 
-    def admit(self, update: StoredUpdate) -> None:
-        """Store an admitted update and count it, in one transaction."""
+    def admit(self, update: StoredUpdate, outcome: str = "accepted") -> None:
+        """Store an admitted update and count it under ``outcome`` (``accepted``, or ``stale``
+        in buffered asynchronous mode, which also records the version it was trained on), in
+        one transaction."""
         assert update.delta is not None
         with self.transaction() as db:
             db.execute(
@@ -435,7 +440,12 @@ class CoordinatorStore:
                     np.ascontiguousarray(update.delta, dtype="<f4").tobytes(),
                 ),
             )
-            self._count(db, update.round, "accepted")
+            if update.base_round is not None and update.base_round != update.round:
+                db.execute(
+                    "INSERT INTO update_bases (round, client, base_round) VALUES (?, ?, ?)",
+                    (update.round, update.client, update.base_round),
+                )
+            self._count(db, update.round, outcome)
 
     def quarantine(self, round_index: int, client: str, detail: str) -> None:
         """Take an admitted update of an open round out of the store (a stored update the current
@@ -448,11 +458,14 @@ class CoordinatorStore:
             gone = db.execute(
                 "DELETE FROM updates WHERE round = ? AND client = ?", (round_index, client)
             ).rowcount
+            stale = db.execute(
+                "DELETE FROM update_bases WHERE round = ? AND client = ?", (round_index, client)
+            ).rowcount
             if gone:
                 db.execute(
                     "UPDATE decisions SET count = count - 1 "
-                    "WHERE round = ? AND reason = 'accepted' AND count > 0",
-                    (round_index,),
+                    "WHERE round = ? AND reason = ? AND count > 0",
+                    (round_index, "stale" if stale else "accepted"),
                 )
             self._count(db, round_index, "quarantined")
             db.execute(
@@ -561,12 +574,15 @@ class CoordinatorStore:
         finished: bool,
         now: float | None = None,
         audit: Any = None,
+        keep_vectors: int = 0,
     ) -> None:
         """Close ``round_index`` and open the next one, atomically.
 
-        Writes the round record and strategy state, stores ``next_global``, drops the round's
-        update vectors, appends the round's ``audit`` entry (when given), and either opens
-        round ``next_global.round`` or marks the run finished.
+        Writes the round record and strategy state, stores ``next_global``, drops the update
+        vectors of the round (with ``keep_vectors = k``, of the rounds before the last ``k``
+        closed ones: buffered asynchronous mode reuses them), appends the round's ``audit``
+        entry (when given), and either opens round ``next_global.round`` or marks the run
+        finished.
 
         Raises
         ------
@@ -587,7 +603,10 @@ class CoordinatorStore:
             self._insert_model(db, next_global, at)
             if audit is not None:
                 self._insert_audit(db, audit)
-            db.execute("UPDATE updates SET delta = NULL WHERE round = ?", (round_index,))
+            db.execute(
+                "UPDATE updates SET delta = NULL WHERE round <= ? AND delta IS NOT NULL",
+                (round_index - keep_vectors,),
+            )
             self._set_meta(db, "current_round", str(next_global.round))
             if finished:
                 self._set_meta(db, "finished", "1")

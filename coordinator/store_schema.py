@@ -83,6 +83,12 @@ CREATE TABLE IF NOT EXISTS updates (
     PRIMARY KEY (round, client)
 );
 CREATE INDEX IF NOT EXISTS updates_digest ON updates (digest);
+CREATE TABLE IF NOT EXISTS update_bases (
+    round INTEGER NOT NULL,
+    client TEXT NOT NULL,
+    base_round INTEGER NOT NULL,
+    PRIMARY KEY (round, client)
+);
 CREATE TABLE IF NOT EXISTS decisions (
     round INTEGER NOT NULL,
     reason TEXT NOT NULL,
@@ -155,7 +161,12 @@ class GlobalVersion:
 
 @dataclass(frozen=True)
 class StoredUpdate:
-    """An admitted update as stored (``delta`` is ``None`` once its round closed)."""
+    """An admitted update as stored (``delta`` is ``None`` once its round closed).
+
+    ``base_round``: the global version it was trained on, when older than ``round`` (a
+    ``stale`` update of buffered asynchronous mode, table ``update_bases``); ``None`` means
+    ``round`` itself.
+    """
 
     round: int
     client: str
@@ -168,6 +179,12 @@ class StoredUpdate:
     nbytes: int
     received_at: float
     delta: np.ndarray | None
+    base_round: int | None = None
+
+    @property
+    def trained_on(self) -> int:
+        """The global version the update was trained on."""
+        return self.round if self.base_round is None else self.base_round
 
 
 @dataclass(frozen=True)

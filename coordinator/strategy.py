@@ -28,12 +28,16 @@ class Submission:
         Its reported sample count.
     alarm : bool
         Its SIREN alarm bit.
+    staleness : int
+        Buffered asynchronous mode: how many global versions old the model it was trained on
+        is (:mod:`coordinator.async_rounds`); 0 in a synchronous round.
     """
 
     client_id: int
     delta: np.ndarray
     num_samples: int
     alarm: bool = False
+    staleness: int = 0
 
 
 @dataclass(frozen=True)

@@ -222,7 +222,9 @@ def register(sub: Any) -> None:
         "coordinator the root set and test split (default: on; --no-demo-data: boards bring "
         "their own data.npz)",
     )
-    init.add_argument("--partition", default="iid", choices=["iid", "noniid", "dirichlet"])
+    init.add_argument(
+        "--partition", default="iid", choices=["iid", "noniid", "dirichlet", "classes"]
+    )
     init.add_argument(
         "--alarm",
         action=argparse.BooleanOptionalAction,

@@ -31,6 +31,7 @@ BOARD_MODULES = (
     "benchmarks/cli.py",
     "benchmarks/alarm.py",
     "benchmarks/board_backends.py",
+    "benchmarks/board_data.py",
 )
 #: Packages of the desktop install a board never needs (checked by the tests).
 NOT_ON_BOARDS = (

@@ -6,6 +6,10 @@ directly; the MQTT board client calls the very same function from its network lo
 SIREN Algorithm 1: with the alarm enabled, a board that does not trust ``g_t`` (alarm) starts
 local training from its own previous local model ``g_t^(i)``; otherwise from ``g_t``. Either
 way it returns ``Δ = g_{t+1}^(i) − g_t`` and keeps ``g_{t+1}^(i)`` for the next round.
+
+With client sampling a board takes part only in the rounds it is drawn for; in between its
+state does not change, so ``previous_local`` is its *latest* local model, from the last round
+it took part in, and the alarm compares ``g_t`` with that (possibly several rounds old) model.
 """
 
 from __future__ import annotations

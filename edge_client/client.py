@@ -313,7 +313,8 @@ class BoardLink:
 @dataclass(frozen=True)
 class Plan:
     """What a board does with a verified global model: ``action`` is ``"train"``, ``"resend"``,
-    ``"ignore"`` or ``"finish"``; ``reason`` says why."""
+    ``"sit_out"`` (the round's selection does not name the board), ``"ignore"`` or
+    ``"finish"``; ``reason`` says why."""
 
     action: str
     reason: str = ""
@@ -430,6 +431,9 @@ class BoardAgent:
         * a round after ``rounds`` -> ``finish`` (it is the run's final model);
         * older than the newest held -> ``ignore``;
         * the round already trained for -> ``resend`` the pending update (or ``ignore``);
+        * a newer round whose selection (client sampling, ``docs/protocol.md`` 4.3) does not
+          name this board -> ``sit_out``: no training, no update; the board keeps its own
+          latest local model, which its next alarm compares with (SIREN under sampling);
         * a newer round -> ``train``.
         """
         t = message.round
@@ -441,6 +445,8 @@ class BoardAgent:
             if t == self.record.last_round and self.record.pending is not None:
                 return Plan("resend", f"round {t} already trained; resending its update")
             return Plan("ignore", f"round {t} already done")
+        if not message.header.selects(self.client_id):
+            return Plan("sit_out", f"round {t}: not among the boards drawn for it")
         return Plan("train", f"new round {t}")
 
     def rng(self, round_index: int) -> np.random.Generator:
@@ -598,6 +604,7 @@ def split_shards(split: SplitSettings, *, only: int | None = None) -> list[Board
         split.partition,
         p=split.noniid_p,
         alpha=split.dirichlet_alpha,
+        classes=split.classes_per_board,
         root_size=split.root_size,
         local_test_fraction=split.local_test_fraction,
         seed=split.split_seed,
@@ -842,6 +849,9 @@ class BoardClient:
         if plan.action == "finish":
             self.agent.finish(message)
             logger.info("%s: final global model received (round %d)", cid, message.round)
+        elif plan.action == "sit_out":
+            self.agent.skip(message)
+            logger.info("%s: %s; sitting it out", cid, plan.reason)
         elif plan.action == "resend":
             assert self.agent.record.pending is not None
             logger.info("%s: %s", cid, plan.reason)

@@ -50,6 +50,7 @@ Example (every key shown; relative paths are relative to the file's directory)::
     partition = "iid"
     noniid_p = 0.5
     dirichlet_alpha = 0.5
+    classes_per_board = 2
     root_size = 100
     local_test_fraction = 0.1
     train_samples = 0              # 0: all

@@ -356,8 +356,9 @@ sudo {venv}/bin/pip install --no-deps {home}/siren_edge_board-*.whl
 `requirements-board.txt` lists TensorFlow (PyPI's aarch64 `tensorflow` wheel), LiteRT
 (`ai-edge-litert`), PyNaCl, paho-mqtt and NumPy: nothing of the coordinator's or the simulator's
 stack. If no `ai-edge-litert` wheel exists for the board's Python, install `tflite-runtime`
-instead; the alarm then runs through it (or through Keras with `backend = "keras"` in
-`[alarm]`). The board logs which alarm backend it uses when it starts.
+instead (its last release, 2.14.0, needs `numpy<2`); the alarm, and LiteRT training, then run
+through it (or through Keras with `backend = "keras"` in `[alarm]`). The board logs which
+alarm backend it uses when it starts.
 
 ### NVIDIA Jetson (JetPack 6)
 

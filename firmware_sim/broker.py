@@ -1,7 +1,8 @@
 """A private MQTT broker for simulations and tests: Mosquitto when installed, else amqtt.
 
 :func:`start_broker` picks a free TCP port on 127.0.0.1, writes a Mosquitto configuration into a
-working directory and spawns ``mosquitto -c <conf>``; the broker listens on loopback only and
+working directory and spawns ``mosquitto -c <conf>``; the broker listens on loopback (or, for a
+fleet whose boards run on other hosts, on the address given) and
 accepts anonymous clients (it is private to this machine and this run). Where no ``mosquitto``
 binary exists it starts the pure-Python amqtt broker in a background thread instead; amqtt
 speaks MQTT 3.1.1 only, which :attr:`BrokerHandle.protocol` tells clients.
@@ -106,7 +107,7 @@ def mosquitto_test_config(
     max_packet_bytes: int = DEFAULT_MAX_PACKET_BYTES,
     auth: BrokerAuth | None = None,
 ) -> str:
-    """Text of a private, loopback-only Mosquitto 2 configuration.
+    """Text of a private Mosquitto 2 configuration listening on ``host`` (loopback by default).
 
     Without ``auth`` anyone on the machine may connect and publish anywhere. With it, as in a
     deployment (:mod:`coordinator.broker`): no anonymous access, one account per board with its
@@ -132,7 +133,7 @@ def mosquitto_test_config(
         ]
         listener_options = ["use_username_as_clientid true"]
     lines = [
-        "# private broker of a siren-edge simulation: loopback only"
+        f"# private broker of a siren-edge simulation: listens on {host}"
         + (", accounts and ACLs as in a deployment" if auth else ", anonymous"),
         # Started as root, Mosquitto would switch to the 'mosquitto' user, which may not be able
         # to write the working directory: a private broker runs as whoever started it.
@@ -278,7 +279,8 @@ def start_mosquitto(
     binary: str | None = None,
     auth: BrokerAuth | None = None,
 ) -> BrokerHandle:
-    """Spawn a private Mosquitto on ``host`` (loopback) and wait until it accepts connections.
+    """Spawn a private Mosquitto on ``host`` (loopback by default) and wait until it accepts
+    connections.
 
     Parameters
     ----------
@@ -380,10 +382,13 @@ def start_broker(
     prefer: str = "auto",
     port: int | None = None,
     auth: BrokerAuth | None = None,
+    host: str = "127.0.0.1",
 ) -> BrokerHandle:
     """Start a private broker: ``prefer`` is ``"auto"`` (Mosquitto if installed, else amqtt),
     ``"mosquitto"`` or ``"amqtt"``. ``auth`` applies to Mosquitto; the embedded amqtt broker
-    stays anonymous (it is the fallback for machines without Mosquitto).
+    stays anonymous (it is the fallback for machines without Mosquitto). It listens on
+    ``host``: loopback by default; another address of this machine when boards on other hosts
+    must reach it (a simulated fleet on a Ray cluster).
 
     Raises
     ------
@@ -393,8 +398,8 @@ def start_broker(
     if prefer not in ("auto", "mosquitto", "amqtt"):
         raise BrokerError(f"broker must be auto, mosquitto or amqtt, got {prefer!r}")
     if uses_mosquitto(prefer):
-        return start_mosquitto(workdir, port=port, auth=auth)
-    return start_amqtt(workdir, port=port)
+        return start_mosquitto(workdir, port=port, auth=auth, host=host)
+    return start_amqtt(workdir, port=port, host=host)
 
 
 def uses_mosquitto(prefer: str) -> bool:

@@ -12,6 +12,7 @@ from firmware_sim.options import (
     check_config,
     config_from_args,
     describe_attack,
+    describe_sampling,
     format_round,
     warn_about_data_dir,
 )
@@ -60,8 +61,9 @@ def add_run_options(
     g.add_argument(
         "--partition",
         default="iid",
-        choices=["iid", "noniid", "dirichlet"],
-        help="how data is split across boards (default: %(default)s)",
+        choices=["iid", "noniid", "dirichlet", "classes", "overlap"],
+        help="how data is split across boards; overlap: windows that may share samples, for "
+        "fleets larger than the data set (default: %(default)s)",
     )
     g.add_argument(
         "--noniid-p",
@@ -74,6 +76,12 @@ def add_run_options(
         type=float,
         default=0.5,
         help="concentration for --partition dirichlet (default: %(default)s)",
+    )
+    g.add_argument(
+        "--classes-per-board",
+        type=int,
+        default=2,
+        help="classes each board holds with --partition classes (default: %(default)s)",
     )
     g.add_argument(
         "--root-size",
@@ -111,9 +119,73 @@ def add_run_options(
         "--client-fraction",
         type=float,
         default=1.0,
-        help="fraction of boards taking part in each round (default: 1.0)",
+        help="fraction of boards drawn to take part in each round, a seeded draw per round "
+        "(the same in siren sim run and siren sim fleet; default: 1.0, every board)",
+    )
+    t.add_argument(
+        "--clients-per-round",
+        type=int,
+        default=None,
+        metavar="M",
+        help="draw M boards per round instead of a fraction (default: --client-fraction)",
     )
     t.add_argument("--seed", type=int, default=0, help="seed of every random choice (default: 0)")
+    e = p.add_argument_group("boards' devices and participation")
+    e.add_argument(
+        "--profile",
+        default="ideal",
+        help="device profile mix, e.g. pi4 or pi4:0.5,pi5:0.3,jetson:0.2; profiles: ideal, "
+        "desktop, jetson, pi5, pi4, flaky, pizero2; or a whole fleet: mixed (20%% pizero2 8x "
+        "slower than the 60%% pi4, 20%% jetson, with dropouts) (default: ideal)",
+    )
+    e.add_argument("--compute-factor", type=float, default=None, help="override compute factor")
+    e.add_argument("--latency-ms", type=float, default=None, help="override network latency")
+    e.add_argument(
+        "--dropout", type=float, default=None, help="override per-round dropout probability"
+    )
+    e.add_argument(
+        "--nominal-compute",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="simulated board time: this many seconds per training sample and epoch, times "
+        "the profile's compute factor (reproducible), instead of the measured compute time",
+    )
+    e.add_argument(
+        "--mode",
+        default="sync",
+        choices=["sync", "async"],
+        help="sync: rounds that wait for their boards; async: buffered asynchronous (boards "
+        "train continuously, a new global model every --buffer-size updates) (default: sync)",
+    )
+    e.add_argument(
+        "--staleness-bound",
+        type=int,
+        default=4,
+        metavar="S",
+        help="async: admit updates trained on the last S global versions (default: 4)",
+    )
+    e.add_argument(
+        "--buffer-size",
+        type=int,
+        default=10,
+        metavar="B",
+        help="async: a new global model whenever B updates are buffered (default: 10)",
+    )
+    e.add_argument(
+        "--staleness-weight",
+        default="poly:0.5",
+        help="async: weight of an update of staleness t: poly:a = (1+t)^-a, or constant "
+        "(default: poly:0.5)",
+    )
+    e.add_argument(
+        "--async-pool",
+        default="buffer",
+        choices=["buffer", "latest"],
+        help="async: the rule runs on the B buffered updates (buffer) or on every board's "
+        "latest update of staleness <= S (latest: attackers hold their share of the boards, "
+        "not of the fast ones) (default: buffer)",
+    )
     d = p.add_argument_group("defense")
     d.add_argument(
         "--aggregator",
@@ -229,17 +301,6 @@ def add_fleet_options(p: argparse.ArgumentParser) -> None:
         "running anonymous broker (default: auto)",
     )
     g.add_argument(
-        "--profile",
-        default="ideal",
-        help="device profile mix, e.g. pi4 or pi4:0.5,pi5:0.3,jetson:0.2; profiles: ideal, "
-        "desktop, jetson, pi5, pi4, flaky (default: ideal)",
-    )
-    g.add_argument("--compute-factor", type=float, default=None, help="override compute factor")
-    g.add_argument("--latency-ms", type=float, default=None, help="override network latency")
-    g.add_argument(
-        "--dropout", type=float, default=None, help="override per-round dropout probability"
-    )
-    g.add_argument(
         "--round-timeout",
         type=float,
         default=None,
@@ -251,6 +312,29 @@ def add_fleet_options(p: argparse.ArgumentParser) -> None:
         type=float,
         default=0.5,
         help="fraction of boards needed to close at the deadline (default: 0.5)",
+    )
+    g.add_argument(
+        "--broker-host",
+        default=None,
+        metavar="HOST",
+        help="address of this machine the private broker listens on and the boards connect "
+        "to (default: 127.0.0.1; with --ray and nodes on other hosts, this host's address "
+        "in the Ray cluster)",
+    )
+    g.add_argument(
+        "--ray",
+        default=None,
+        metavar="ADDRESS",
+        help="place the worker processes as Ray actors on the nodes of a Ray cluster: auto, "
+        "HOST:PORT of its head, ray://HOST:PORT, or local (a throwaway local instance); the "
+        "broker and the coordinator stay here (needs the 'ray' extra; docs/scaling.md)",
+    )
+    g.add_argument(
+        "--ray-worker-cpus",
+        type=float,
+        default=1.0,
+        metavar="CPUS",
+        help="logical CPUs each worker actor reserves on its node (default: 1)",
     )
     g.add_argument("--persist-boards", action="store_true", help="keep each board's state on disk")
     g.add_argument(
@@ -308,7 +392,8 @@ def _run(args: argparse.Namespace) -> int:
 
     warn_about_data_dir(config)
     print(
-        f"siren sim run: {config.clients} boards, {config.rounds} rounds, "
+        f"siren sim run: {config.clients} boards, {config.rounds} rounds"
+        f"{describe_sampling(config)}, "
         f"aggregator {config.aggregator}, {describe_attack(config)}, "
         f"dataset {describe_dataset(config.dataset)}",
         flush=True,

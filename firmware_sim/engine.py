@@ -17,9 +17,12 @@ import numpy as np
 
 from coordinator.oracle import RootSetOracle
 from coordinator.rounds import RuleStrategy, Submission, guarded_step, make_strategy
+from coordinator.selection import Sampling
 from edge_client.alarm import AlarmConfig
 from edge_client.board import BoardData, BoardState, BoardUpdate, board_step
 from firmware_sim.adversary import Adversary
+from firmware_sim.async_engine import check_async, run_buffered
+from firmware_sim.profiles import DeviceProfile, assign_profiles, compute_seconds, parse_mix
 from firmware_sim.report import ban_outcome
 from models.datasets import Dataset, load_dataset
 from models.partition import FederatedSplit, make_federated_split
@@ -48,9 +51,11 @@ class SimConfig:
     learning_rate: float | None = None
     optimizer: str = "adam"
     client_fraction: float = 1.0
+    clients_per_round: int | None = None
     partition: str = "iid"
     noniid_p: float = 0.5
     dirichlet_alpha: float = 0.5
+    classes_per_board: int = 2
     root_size: int = 100
     local_test_fraction: float = 0.1
     train_samples: int | None = None
@@ -71,6 +76,16 @@ class SimConfig:
     defense_start_round: int = 1
     guard_factor: float = 100.0
     guard_max_abs: float = 1e6
+    profile: str = "ideal"
+    compute_factor: float | None = None
+    latency_ms: float | None = None
+    dropout: float | None = None
+    nominal_compute: float | None = None
+    mode: str = "sync"
+    staleness_bound: int = 4
+    buffer_size: int = 10
+    staleness_weight: str = "poly:0.5"
+    async_pool: str = "buffer"
 
     def __post_init__(self) -> None:
         if self.clients < 1:
@@ -79,6 +94,14 @@ class SimConfig:
             raise ValueError(f"--rounds must be >= 1, got {self.rounds}")
         if not 0.0 < self.client_fraction <= 1.0:
             raise ValueError(f"--client-fraction must be in (0, 1], got {self.client_fraction}")
+        if self.clients_per_round is not None:
+            if not 1 <= self.clients_per_round <= self.clients:
+                raise ValueError(
+                    f"--clients-per-round must be in 1..{self.clients} (--clients), got "
+                    f"{self.clients_per_round}"
+                )
+            if self.client_fraction != 1.0:
+                raise ValueError("give --client-fraction or --clients-per-round, not both")
         if not 0.0 <= self.malicious <= 1.0:
             raise ValueError(f"--malicious must be a fraction in [0, 1], got {self.malicious}")
         if self.alarm_backend not in ("litert", "keras"):
@@ -92,9 +115,33 @@ class SimConfig:
                 f"--guard-factor and --guard-max-abs must be positive (inf: no bound), got "
                 f"{self.guard_factor} and {self.guard_max_abs}"
             )
+        self.device_profiles()  # raises on an unknown profile or a bad override
+        if self.nominal_compute is not None and not self.nominal_compute > 0:
+            raise ValueError(f"--nominal-compute must be > 0 s, got {self.nominal_compute}")
+        if self.mode not in ("sync", "async"):
+            raise ValueError(f"--mode must be sync or async, got {self.mode!r}")
+        if self.mode == "async":
+            check_async(self)
         profile = get_profile(self.siren_profile)  # raises with the valid names
         if self.alarm_rule is None:
             object.__setattr__(self, "alarm_rule", profile.alarm_rule)
+
+    def device_profiles(self) -> list[DeviceProfile]:
+        """Each board's device profile (:mod:`firmware_sim.profiles`): the ``profile`` mix
+        assigned by the seed, with the overrides applied."""
+        return assign_profiles(
+            parse_mix(self.profile),
+            self.clients,
+            self.seed,
+            compute_factor=self.compute_factor,
+            latency_ms=self.latency_ms,
+            dropout=self.dropout,
+        )
+
+    @property
+    def sampling(self) -> Sampling:
+        """The run's client sampling (:mod:`coordinator.selection`)."""
+        return Sampling(self.client_fraction, self.clients_per_round)
 
     @property
     def alarm_enabled(self) -> bool:
@@ -134,6 +181,7 @@ class Fleet:
     x_test: np.ndarray
     y_test: np.ndarray
     undefended: Any = None
+    profiles: list[DeviceProfile] = field(default_factory=list)
     board_trainer: Any = None
 
     def __post_init__(self) -> None:
@@ -163,6 +211,7 @@ def build_fleet(config: SimConfig, dataset: Dataset | None = None) -> Fleet:
         config.partition,
         p=config.noniid_p,
         alpha=config.dirichlet_alpha,
+        classes=config.classes_per_board,
         root_size=config.root_size,
         local_test_fraction=config.local_test_fraction,
         seed=config.seed,
@@ -240,18 +289,16 @@ def build_fleet(config: SimConfig, dataset: Dataset | None = None) -> Fleet:
         ds.x_test,
         ds.y_test,
         undefended,
+        config.device_profiles(),
         board_trainer,
     )
 
 
 def select_clients(config: SimConfig, round_index: int) -> list[int]:
-    """Boards taking part in ``round_index``: a seeded uniform sample of ``fraction · K``."""
-    k = config.clients
-    m = max(1, round(config.client_fraction * k))
-    if m >= k:
-        return list(range(k))
-    rng = np.random.default_rng([config.seed, round_index, 31337])
-    return sorted(int(i) for i in rng.choice(k, size=m, replace=False))
+    """Boards taking part in ``round_index``: a seeded uniform sample of ``fraction · K`` (or
+    ``clients_per_round``) boards, drawn by the coordinator's own function
+    (:func:`coordinator.selection.select_participants`), so ``siren sim fleet`` draws the same."""
+    return config.sampling.select(config.clients, round_index, config.seed)
 
 
 def play_round(fleet: Fleet, round_index: int, global_weights: np.ndarray) -> dict[str, Any]:
@@ -265,7 +312,11 @@ def play_round(fleet: Fleet, round_index: int, global_weights: np.ndarray) -> di
         else None
     )
     updates: list[BoardUpdate] = []
+    # A board whose device profile drops it this round sits it out (as in a fleet worker).
+    dropped = [c for c in selected if fleet.profiles[c].drops(cfg.seed, round_index, c)]
     for cid in selected:
+        if cid in dropped:
+            continue
         data = fleet.boards[cid]
         if fleet.adversary.is_malicious(cid):
             data = fleet.adversary.round_data(cid, round_index, data)
@@ -298,6 +349,16 @@ def play_round(fleet: Fleet, round_index: int, global_weights: np.ndarray) -> di
     )
     server_seconds = time.perf_counter() - t1
     new_global = result.new_global
+    # Simulated board time: the round ends when its last reporting board's update arrives.
+    board_times = {
+        u.client_id: fleet.profiles[u.client_id].board_seconds(
+            compute_seconds(cfg, u, fleet.boards[u.client_id].num_train),
+            cfg.seed,
+            round_index,
+            u.client_id,
+        )
+        for u in updates
+    }
     test_loss, test_acc = fleet.trainer.evaluate(new_global, fleet.x_test, fleet.y_test)
     record: dict[str, Any] = {
         "round": round_index,
@@ -306,17 +367,25 @@ def play_round(fleet: Fleet, round_index: int, global_weights: np.ndarray) -> di
         "seconds": time.perf_counter() - t0,
         "board_seconds": board_seconds,
         "server_seconds": server_seconds,
-        "selected": selected,
+        "selected": [u.client_id for u in updates],
+        **({"sampled": selected} if cfg.sampling.active else {}),
+        **({"dropped": dropped} if dropped else {}),
+        "sim_seconds": max(board_times.values(), default=0.0) + server_seconds,
         "sample_counts": {str(u.client_id): u.num_samples for u in updates},
         "alarms": {str(u.client_id): bool(u.alarm) for u in updates},
-        "alarm_ms_mean": 1000 * float(np.mean([u.alarm_seconds for u in updates])),
-        "train_ms_mean": 1000 * float(np.mean([u.train_seconds for u in updates])),
+        "alarm_ms_mean": 1000 * float(np.mean([u.alarm_seconds for u in updates]))
+        if updates
+        else 0.0,
+        "train_ms_mean": 1000 * float(np.mean([u.train_seconds for u in updates]))
+        if updates
+        else 0.0,
         "boards": {
             str(u.client_id): {
                 "global_accuracy": u.global_accuracy,
                 "local_accuracy": u.local_accuracy,
                 "alarm_ms": 1000 * u.alarm_seconds,
                 "train_ms": 1000 * u.train_seconds,
+                "sim_seconds": board_times[u.client_id],
             }
             for u in updates
         },
@@ -342,12 +411,18 @@ def run_simulation(
     fleet = build_fleet(config, dataset)
     global_weights = fleet.trainer.initial_weights.copy()
     rounds: list[dict[str, Any]] = []
-    for t in range(1, config.rounds + 1):
-        record = play_round(fleet, t, global_weights)
-        global_weights = record.pop("global")
-        rounds.append(record)
-        if progress is not None:
-            progress(record)
+    if config.mode == "async":
+        global_weights = run_buffered(fleet, global_weights, rounds, progress)
+    else:
+        clock = 0.0
+        for t in range(1, config.rounds + 1):
+            record = play_round(fleet, t, global_weights)
+            global_weights = record.pop("global")
+            clock += record["sim_seconds"]
+            record["sim_time"] = clock
+            rounds.append(record)
+            if progress is not None:
+                progress(record)
     final = rounds[-1]
     malicious = sorted(fleet.adversary.malicious_ids)
     return {
@@ -370,6 +445,7 @@ def run_simulation(
             "final_test_accuracy": final["test_accuracy"],
             "final_test_loss": final["test_loss"],
             "best_test_accuracy": max(r["test_accuracy"] for r in rounds),
+            "sim_seconds": rounds[-1]["sim_time"],
             "wall_seconds": time.perf_counter() - started,
             "malicious_ids": malicious,
             "bans": ban_outcome(rounds, malicious),

@@ -8,7 +8,10 @@
 2. the coordinator service (``siren coordinator run``) in its own process, configured with the
    run's aggregator or SIREN, the seeded split's root set and the dataset's test split;
 3. ``--workers`` worker processes (default 1) that host the boards
-   (:mod:`firmware_sim.worker`: many boards per process, one MQTT connection each).
+   (:mod:`firmware_sim.worker`: many boards per process, one MQTT connection each); with
+   ``--ray ADDRESS`` the workers run as Ray actors on the nodes of a Ray cluster instead
+   (:mod:`firmware_sim.ray_fleet`), their statistics and logs shipped back into this folder, and
+   the broker listens where those nodes reach it.
 
 It follows the coordinator's database while the run goes on, reports each round as soon as the
 coordinator closed it and every worker reported it, and returns the run's history
@@ -16,9 +19,11 @@ coordinator closed it and every worker reported it, and returns the run's histor
 it started.
 
 **Same seed, same result.** Boards train with the engine's per-board, per-round seeds; the
-coordinator aggregates the admitted updates in board order; so without dropout the MQTT run
-computes the same global models as the in-process engine (``firmware_sim.engine``), and its
-test accuracies match. With one worker (the default) a colluding attack sees the whole round as
+coordinator aggregates the admitted updates in board order and, with client sampling
+(``--client-fraction``, ``--clients-per-round``), draws each round's boards with the engine's
+own function (:mod:`coordinator.selection`); so without dropout the MQTT run computes the same
+global models as the in-process engine (``firmware_sim.engine``), and its test accuracies
+match. With one worker (the default) a colluding attack sees the whole round as
 in the engine; with several workers it sees only its own worker's boards.
 
 The output is the engine's ``history.json`` (same keys per round) plus, per round, ``network``
@@ -33,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import sqlite3
@@ -130,7 +136,9 @@ def run_fleet(
     Parameters
     ----------
     config : SimConfig
-        What to run (as ``siren sim run``); ``client_fraction`` must be 1.
+        What to run (as ``siren sim run``). With client sampling the coordinator draws each
+        round's boards with the engine's function and names them in the global model; the
+        others sit the round out.
     options : FleetOptions
         Transport, workers, profiles, deadlines.
     workdir : Path
@@ -148,39 +156,56 @@ def run_fleet(
     from coordinator.store import CoordinatorStore
     from firmware_sim.broker import MQTT_V5, start_broker
 
-    if config.client_fraction < 1.0:
-        raise FleetError(
-            "siren sim fleet runs every board every round: --client-fraction must be 1"
-        )
     started = time.perf_counter()
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     broker = None
-    if ":" in options.broker:
-        from protocol.mqtt import BrokerSettings as ProbeSettings
-        from protocol.mqtt import broker_problem
-
-        host, _, port_text = options.broker.rpartition(":")
-        if not port_text.isdigit() or not 0 < int(port_text) < 65536 or not host:
-            raise FleetError(
-                f"--broker {options.broker!r}: expected HOST:PORT with a port in 1..65535, or "
-                "auto, mosquitto or amqtt"
-            )
-        port, protocol, kind = int(port_text), MQTT_V5, "external"
-        problem = broker_problem(ProbeSettings(host=host, port=port), timeout=5.0)
-        if problem is not None:
-            raise FleetError(f"--broker {options.broker}: {problem}")
-    else:
-        # The private broker: Mosquitto gets the accounts and ACLs of a deployment (nobody but
-        # the coordinator may replace the retained global model); amqtt stays anonymous.
-        from firmware_sim.broker import MQTT_V311, free_port, uses_mosquitto
-
-        mosquitto = uses_mosquitto(options.broker)
-        host, port = "127.0.0.1", free_port()
-        protocol, kind = (MQTT_V5, "mosquitto") if mosquitto else (MQTT_V311, "amqtt")
     processes: list[_Process] = []
     reader: _DbReader | None = None
+    cluster: Any = None
+    ray_workers: Any = None
+    if options.ray is not None:
+        from firmware_sim.ray_fleet import connect_cluster
+
+        cpus = math.ceil(options.workers * options.ray_worker_cpus)
+        cluster = connect_cluster(options.ray, local_cpus=max(os.cpu_count() or 1, cpus))
     try:
+        if ":" in options.broker:
+            from protocol.mqtt import BrokerSettings as ProbeSettings
+            from protocol.mqtt import broker_problem
+
+            host, _, port_text = options.broker.rpartition(":")
+            if not port_text.isdigit() or not 0 < int(port_text) < 65536 or not host:
+                raise FleetError(
+                    f"--broker {options.broker!r}: expected HOST:PORT with a port in 1..65535, "
+                    "or auto, mosquitto or amqtt"
+                )
+            port, protocol, kind = int(port_text), MQTT_V5, "external"
+            problem = broker_problem(ProbeSettings(host=host, port=port), timeout=5.0)
+            if problem is not None:
+                raise FleetError(f"--broker {options.broker}: {problem}")
+        else:
+            # The private broker: Mosquitto gets the accounts and ACLs of a deployment (nobody
+            # but the coordinator may replace the retained global model); amqtt stays anonymous.
+            from firmware_sim.broker import MQTT_V311, free_port, uses_mosquitto
+
+            mosquitto = uses_mosquitto(options.broker)
+            host = options.broker_host or "127.0.0.1"
+            if cluster is not None:
+                from firmware_sim.ray_fleet import broker_host_for
+
+                host = broker_host_for(cluster, options.broker_host)
+            if not mosquitto and host not in ("127.0.0.1", "localhost"):
+                raise FleetError(
+                    f"the embedded amqtt broker is anonymous and stays on loopback, not {host}: "
+                    "install mosquitto (it gets accounts and ACLs) or give --broker HOST:PORT"
+                )
+            port = free_port(host)
+            protocol, kind = (MQTT_V5, "mosquitto") if mosquitto else (MQTT_V311, "amqtt")
+        if cluster is not None:
+            from firmware_sim.ray_fleet import check_reachable
+
+            check_reachable(cluster, host)
         private_auth = broker is None and kind == "mosquitto"
         coord_toml, spec_paths = prepare_fleet(
             config, options, workdir, host=host, port=port, protocol=protocol,
@@ -190,7 +215,7 @@ def run_fleet(
             run_id = WorkerSpec.from_json(spec_paths[0].read_text()).run
             names = [client_name(i) for i in range(config.clients)]
             auth = fleet_broker_auth(workdir, run_id, names) if private_auth else None
-            broker = start_broker(workdir / "broker", prefer=kind, port=port, auth=auth)
+            broker = start_broker(workdir / "broker", prefer=kind, port=port, auth=auth, host=host)
         python = sys.executable
         processes.append(
             _spawn(
@@ -199,20 +224,28 @@ def run_fleet(
                 workdir / "coordinator.log",
             )
         )
-        for w, spec in enumerate(spec_paths):
-            processes.append(
-                _spawn(
-                    f"worker-{w}",
-                    [python, "-m", "firmware_sim.worker", "--spec", str(spec)],
-                    workdir / f"worker-{w}.log",
+        if cluster is not None:
+            from firmware_sim.ray_fleet import RayWorkers
+
+            ray_workers = RayWorkers(cluster, spec_paths, options.ray_worker_cpus)
+            ray_workers.start()
+        else:
+            for w, spec in enumerate(spec_paths):
+                processes.append(
+                    _spawn(
+                        f"worker-{w}",
+                        [python, "-m", "firmware_sim.worker", "--spec", str(spec)],
+                        workdir / f"worker-{w}.log",
+                    )
                 )
-            )
         reader = _DbReader(workdir / "coordinator" / "coordinator.sqlite")
         stats_paths = [workdir / f"worker-{w}.jsonl" for w in range(len(spec_paths))]
         reported = 0
         pending: dict[int, tuple[float, dict[str, Any]]] = {}
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
+            # Ray's workers: their statistics come back into stats_paths first.
+            workers_done = ray_workers.poll() if ray_workers is not None else True
             for number, opened_at, record in reader.closed_rounds(reported):
                 pending[number] = (opened_at, record)
                 reported = number
@@ -224,7 +257,7 @@ def run_fleet(
                         break
                     opened_at, record = pending.pop(number)
                     progress(merge_round(record, done, opened_at))
-            if all(p.popen.poll() is not None for p in processes):
+            if workers_done and all(p.popen.poll() is not None for p in processes):
                 break
             for proc in processes:
                 code = proc.popen.poll()
@@ -238,6 +271,8 @@ def run_fleet(
                 raise FleetError(
                     f"{proc.name} exited with status {proc.popen.returncode}:\n{_tail(proc.log)}"
                 )
+        if ray_workers is not None:
+            ray_workers.save_logs(workdir)
         store = CoordinatorStore(workdir / "coordinator" / "coordinator.sqlite")
         try:
             history = fleet_history(
@@ -245,6 +280,8 @@ def run_fleet(
             )
         finally:
             store.close()
+        if ray_workers is not None:
+            history["fleet"]["transport"]["ray"] = ray_workers.describe()
         if progress is not None:
             for number in sorted(pending):
                 progress(next(r for r in history["rounds"] if r["round"] == number))
@@ -253,6 +290,10 @@ def run_fleet(
     finally:
         if reader is not None:
             reader.close()
+        if ray_workers is not None:
+            ray_workers.close()
+        if cluster is not None:
+            cluster.close()
         for proc in processes:
             if proc.popen.poll() is None:
                 proc.popen.send_signal(signal.SIGTERM)

@@ -28,6 +28,7 @@ from firmware_sim.options import (
     check_config,
     config_from_args,
     describe_attack,
+    describe_sampling,
     format_round,
     warn_about_data_dir,
 )
@@ -148,45 +149,47 @@ def _describe_broker(broker: str) -> str:
 def fleet_command(args: argparse.Namespace) -> int:
     """Handler of ``siren sim fleet``."""
     from firmware_sim.broker import BrokerError
-    from firmware_sim.profiles import parse_mix
     from firmware_sim.report import format_ban_outcome, plot_accuracy, write_history
     from models.datasets import describe_dataset
 
     config = config_from_args(args)
     check_config(config)
-    try:
-        parse_mix(args.profile)
-    except ValueError as exc:
-        raise CommandError(str(exc)) from exc
     if args.workers < 1:
         raise CommandError(f"--workers must be >= 1, got {args.workers}")
     _check_broker(args.broker)
+    ray = getattr(args, "ray", None)
+    ray_cpus = getattr(args, "ray_worker_cpus", 1.0)
+    if ray is not None and not (ray_cpus >= 0 and math.isfinite(ray_cpus)):
+        raise CommandError(f"--ray-worker-cpus must be a number >= 0, got {ray_cpus}")
     api_port = _api_port(args.api_port)
     linger = linger_seconds(args.linger, api_port, sys.stdout.isatty())
-    dropout_possible = (args.dropout or 0) > 0 or "flaky" in args.profile
+    dropout_possible = any(p.dropout > 0 for p in config.device_profiles())
+    dropout_possible = dropout_possible and config.mode == "sync"  # async waits for no one
     timeout = args.round_timeout
     if timeout is None:
         timeout = 30.0 if dropout_possible else 0.0
     options = FleetOptions(
         workers=args.workers,
         broker=args.broker,
-        profiles=args.profile,
-        compute_factor=args.compute_factor,
-        latency_ms=args.latency_ms,
-        dropout=args.dropout,
         round_timeout=timeout,
         quorum=args.quorum,
         persist_boards=args.persist_boards,
         api_port=api_port,
         telemetry=args.telemetry,
+        ray=ray,
+        ray_worker_cpus=ray_cpus,
+        broker_host=getattr(args, "broker_host", None),
     )
     out, note = fleet_out_dir(args.out, overwrite=args.overwrite)
     warn_about_data_dir(config)
     if options.api_port is not None:
         print(f"coordinator dashboard: http://127.0.0.1:{options.api_port}/", flush=True)
     print(
-        f"siren sim fleet: {config.clients} boards on {options.workers} worker(s), "
-        f"{config.rounds} rounds, aggregator {config.aggregator}, {describe_attack(config)}, "
+        f"siren sim fleet: {config.clients} boards on {options.workers} worker(s)"
+        + (f" as Ray actors (--ray {ray})" if ray is not None else "")
+        + ", "
+        f"{config.rounds} rounds{describe_sampling(config)}, aggregator {config.aggregator}, "
+        f"{describe_attack(config)}, "
         f"dataset {describe_dataset(config.dataset)}, broker {_describe_broker(options.broker)}",
         flush=True,
     )
@@ -201,6 +204,8 @@ def fleet_command(args: argparse.Namespace) -> int:
             line += f"  rejected {rejected}"
         if record.get("dropped"):
             line += f"  dropped {len(record['dropped'])}"
+        if record.get("sat_out"):
+            line += f"  sat out {len(record['sat_out'])}"
         print(line, flush=True)
 
     def terminate(signum: int, frame: Any) -> None:

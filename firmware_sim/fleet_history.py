@@ -52,6 +52,7 @@ def merge_round(
     out["alarm_ms_mean"] = float(sum(w["alarm_ms_sum"] for w in worker_rounds) / n)
     out["train_ms_mean"] = float(sum(w["train_ms_sum"] for w in worker_rounds) / n)
     out["dropped"] = sorted(i for w in worker_rounds for i in w.get("dropped", []))
+    out["sat_out"] = sorted(i for w in worker_rounds for i in w.get("sat_out", []))
     for w in worker_rounds:
         out.update(w.get("metrics", {}))
     net = dict(out.get("network", {}))
@@ -73,6 +74,7 @@ def merge_round(
         timing["trained_at"] = trained
         timing["first_received_at"] = first
         timing["pipelined"] = all(bool(w.get("pipelined")) for w in worker_rounds)
+        timing["async_start_lag_max"] = max(w.get("start_lag_max", 0.0) for w in worker_rounds)
     timing["wall_seconds"] = out.get("seconds", 0.0)
     out["timing"] = timing
     out["boards_reporting"] = boards
@@ -120,7 +122,7 @@ def fleet_history(
                 "protocol": "5" if protocol == 5 else "3.1.1",
                 "workers": workers,
                 "connections": config.clients + 1,
-                "profiles": options.profiles,
+                "profiles": config.profile,
             },
         },
         "rounds": rounds,
@@ -133,7 +135,7 @@ def fleet_history(
             "rejections": {
                 k: v
                 for k, v in store.decision_counts().items()
-                if k not in ("accepted", "duplicate")
+                if k not in ("accepted", "stale", "duplicate")
             },
             "malicious_ids": malicious if isinstance(malicious, list) else None,
             "bans": bans,

@@ -101,7 +101,8 @@ def sim_config_from_dict(values: dict[str, Any]) -> Any:
 
 @dataclass(frozen=True)
 class FleetOptions:
-    """How ``siren sim fleet`` runs the fleet (what the run computes is the ``SimConfig``).
+    """How ``siren sim fleet`` runs the fleet (what the run computes is the ``SimConfig``, the
+    boards' device profiles included).
 
     Attributes
     ----------
@@ -110,10 +111,6 @@ class FleetOptions:
     broker : str
         ``auto`` / ``mosquitto`` / ``amqtt`` (a private broker), or ``HOST:PORT`` of a running
         broker (anonymous, MQTT v5).
-    profiles : str
-        Device profile mix, e.g. ``"ideal"`` or ``"pi4:0.5,pi5:0.5"``.
-    compute_factor, latency_ms, dropout : float, optional
-        Override every board's profile.
     round_timeout : float
         Coordinator deadline per round in seconds (0 = wait for every board).
     quorum : float
@@ -129,14 +126,19 @@ class FleetOptions:
         API). The admin token comes from ``$SIREN_API_TOKEN``, inherited by the coordinator.
     telemetry : bool
         Boards publish their rounds' telemetry figures (:class:`FleetWorker`).
+    ray : str, optional
+        Place the workers as Ray actors on the nodes of this cluster (``auto``, ``HOST:PORT``,
+        ``ray://HOST:PORT``, or ``local`` for a throwaway local instance;
+        :mod:`firmware_sim.ray_fleet`); ``None``: local worker processes.
+    ray_worker_cpus : float
+        Logical CPUs each worker actor reserves on its node.
+    broker_host : str, optional
+        Address the private broker listens on and the boards connect to (default: loopback;
+        with ``ray`` and nodes on other hosts, this host's address in the cluster).
     """
 
     workers: int = 1
     broker: str = "auto"
-    profiles: str = "ideal"
-    compute_factor: float | None = None
-    latency_ms: float | None = None
-    dropout: float | None = None
     round_timeout: float = 0.0
     quorum: float = 0.5
     resend_interval: float = 30.0
@@ -144,6 +146,9 @@ class FleetOptions:
     run_id: str | None = None
     api_port: int | None = None
     telemetry: bool = True
+    ray: str | None = None
+    ray_worker_cpus: float = 1.0
+    broker_host: str | None = None
 
 
 def resolve_dataset(name: str) -> str:
@@ -179,7 +184,6 @@ def prepare_fleet(
         TrainingSettings,
     )
     from coordinator.config import BrokerSettings as CoordinatorBroker
-    from firmware_sim.profiles import assign_profiles, parse_mix
     from protocol.keys import AllowList, generate_signing_key, save_key_pair
 
     # A fresh run id per fleet: nothing retained or queued on a shared broker by an earlier
@@ -215,6 +219,13 @@ def prepare_fleet(
         seed=config.seed,
         round_timeout=options.round_timeout,
         quorum=options.quorum,
+        client_fraction=config.client_fraction,
+        clients_per_round=getattr(config, "clients_per_round", None),
+        mode=getattr(config, "mode", "sync"),
+        staleness_bound=getattr(config, "staleness_bound", 4),
+        buffer_size=getattr(config, "buffer_size", 10),
+        staleness_weight=getattr(config, "staleness_weight", "poly:0.5"),
+        async_pool=getattr(config, "async_pool", "buffer"),
         resend_interval=options.resend_interval,
         defense_start_round=getattr(config, "defense_start_round", 1),
         broker=CoordinatorBroker(
@@ -246,6 +257,7 @@ def prepare_fleet(
             partition=config.partition,
             noniid_p=config.noniid_p,
             dirichlet_alpha=config.dirichlet_alpha,
+            classes_per_board=config.classes_per_board,
             root_size=config.root_size,
             local_test_fraction=config.local_test_fraction,
             train_samples=config.train_samples,
@@ -265,14 +277,7 @@ def prepare_fleet(
         pw.chmod(0o600)
     coord_toml.write_text(coord.to_toml(relative_to=coord_dir, password_file=password_file))
     (coord_dir / "public.key").write_text(bytes(coordinator_key.verify_key).hex() + "\n")
-    profiles = assign_profiles(
-        parse_mix(options.profiles),
-        config.clients,
-        config.seed,
-        compute_factor=options.compute_factor,
-        latency_ms=options.latency_ms,
-        dropout=options.dropout,
-    )
+    profiles = config.device_profiles()
     sim = asdict(config)
     sim["dataset"] = dataset
     workers = max(1, min(options.workers, config.clients))
@@ -377,6 +382,7 @@ def board_config_for(spec: WorkerSpec, index: int, state_dir: Path) -> Any:
             partition=cfg.partition,
             noniid_p=cfg.noniid_p,
             dirichlet_alpha=cfg.dirichlet_alpha,
+            classes_per_board=cfg.classes_per_board,
             root_size=cfg.root_size,
             local_test_fraction=cfg.local_test_fraction,
             train_samples=cfg.train_samples,

@@ -56,9 +56,11 @@ def config_from_args(args: argparse.Namespace) -> Any:
             learning_rate=args.learning_rate,
             optimizer=args.optimizer,
             client_fraction=args.client_fraction,
+            clients_per_round=args.clients_per_round,
             partition=args.partition,
             noniid_p=args.noniid_p,
             dirichlet_alpha=args.dirichlet_alpha,
+            classes_per_board=args.classes_per_board,
             root_size=args.root_size,
             local_test_fraction=args.local_test_fraction,
             train_samples=args.train_samples,
@@ -79,6 +81,16 @@ def config_from_args(args: argparse.Namespace) -> Any:
             defense_start_round=args.defense_start_round,
             guard_factor=args.guard_factor,
             guard_max_abs=args.guard_max_abs,
+            profile=args.profile,
+            compute_factor=args.compute_factor,
+            latency_ms=args.latency_ms,
+            dropout=args.dropout,
+            nominal_compute=args.nominal_compute,
+            mode=args.mode,
+            staleness_bound=args.staleness_bound,
+            buffer_size=args.buffer_size,
+            staleness_weight=args.staleness_weight,
+            async_pool=args.async_pool,
         )
     except ValueError as exc:
         raise CommandError(str(exc)) from exc
@@ -105,6 +117,7 @@ def check_config(config: Any) -> None:
         raise CommandError(f"unknown aggregator {config.aggregator!r}; valid: {', '.join(names)}")
     _check_model(config)
     _check_training(config)
+    _check_partition(config)
     _check_strategy(config)
     _check_attack(config)
 
@@ -136,6 +149,15 @@ def _check_training(config: Any) -> None:
         raise CommandError(f"local training: {exc}") from exc
 
 
+def _check_partition(config: Any) -> None:
+    # Both datasets have ten classes (Fashion-MNIST and scikit-learn's digits).
+    if config.partition == "classes" and not 1 <= config.classes_per_board <= 10:
+        raise CommandError(
+            f"--classes-per-board must be in [1, 10] ({config.dataset} has 10 classes), "
+            f"got {config.classes_per_board}"
+        )
+
+
 class _NoRootSet:
     """Stands in for the server's root set while a strategy is only being checked."""
 
@@ -156,7 +178,8 @@ def _check_strategy(config: Any) -> None:
     from coordinator.rounds import REFUSALS, make_strategy
     from coordinator.strategy import Submission
 
-    participants = max(1, round(config.client_fraction * config.clients))
+    asynchronous = getattr(config, "mode", "sync") == "async"
+    participants = config.buffer_size if asynchronous else config.sampling.per_round(config.clients)
     try:
         strategy = make_strategy(
             config.aggregator,
@@ -182,6 +205,8 @@ def _check_strategy(config: Any) -> None:
     except refusals as exc:
         message = message_of(exc)
         where = "" if participants == config.clients else f" ({participants} boards per round)"
+        if asynchronous:
+            where = f" (a buffer of {participants} updates, --buffer-size)"
         if where or not message.startswith(config.aggregator):
             message = f"--aggregator {config.aggregator}{where}: {message}"
         raise CommandError(message) from exc
@@ -216,6 +241,21 @@ def describe_attack(config: Any) -> str:
     return f"attack {config.attack} by {len(ids)} of {config.clients} boards"
 
 
+def describe_sampling(config: Any) -> str:
+    """``", 5 of 10 boards drawn per round"`` with client sampling, ``", buffered async
+    (B=10, S=4, poly:0.5)"`` in buffered asynchronous mode, else ``""``."""
+    if getattr(config, "mode", "sync") == "async":
+        return (
+            f", buffered async (a version every B={config.buffer_size} updates, staleness "
+            f"S<={config.staleness_bound}, weight {config.staleness_weight}, rule on the "
+            f"{'buffer' if config.async_pool == 'buffer' else 'latest update of every board'})"
+        )
+    sampling = config.sampling
+    if not sampling.active:
+        return ""
+    return f", {sampling.per_round(config.clients)} of {config.clients} boards drawn per round"
+
+
 def warn_about_data_dir(config: Any) -> None:
     """Print a warning when ``$SIREN_DATA_DIR`` is set but cannot be used and the run may need
     Fashion-MNIST (the search then goes on without it)."""
@@ -243,6 +283,10 @@ def format_round(record: dict[str, Any], total: int) -> str:
         line += " rollback"
     if decision.get("banned"):
         line += f"  banned {decision['banned']}"
+    if record.get("mode") == "async":
+        staleness = record.get("staleness") or {}
+        line += f"  staleness <= {max(staleness.values(), default=0)}"
+        line += f"  sim {record.get('sim_time', 0.0):.1f}s"
     if "attack_success_rate" in record:
         line += f"  ASR {100 * record['attack_success_rate']:.1f}%"
     return line

@@ -14,12 +14,18 @@ worker process. A profile turns that into the timing of a physical board:
 The built-in compute factors are rough orders of magnitude for TensorFlow CPU training relative
 to a desktop x86 core (a Raspberry Pi 4's Cortex-A72 cores run small Keras models several
 times slower); measure a real board and pass ``--compute-factor`` when it matters.
+
+A *mix* gives each profile a share of the fleet (``"pi4:0.5,pi5:0.3,jetson:0.2"``); named mixes
+(:data:`MIXES`) stand for whole fleets: ``mixed`` is the uneven field fleet of a deployment that
+grew over time -- 20% Pi Zero 2-class boards 8× slower than the Pi 4-class majority (60%),
+20% Jetson-class boards, every class dropping out of some rounds.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
@@ -66,12 +72,34 @@ class DeviceProfile:
         jitter = float(rng.uniform(-self.jitter_ms, self.jitter_ms)) if self.jitter_ms else 0.0
         return extra + max(0.0, self.latency_ms + jitter) / 1000.0
 
+    def board_seconds(
+        self, compute_seconds: float, seed: int, round_index: int, board: int
+    ) -> float:
+        """Simulated time from receiving a global model to the update reaching the broker:
+        ``compute + publish_delay(compute)`` (``compute_factor × compute + latency``), with the
+        jitter drawn from ``default_rng([seed, round, board, 77])`` as a fleet worker draws it.
+        """
+        rng = np.random.default_rng([seed, round_index, board, 77])
+        return compute_seconds + self.publish_delay(compute_seconds, rng)
+
     def drops(self, seed: int, round_index: int, board: int) -> bool:
         """Whether the board sits out ``round_index`` (seeded, see the module docstring)."""
         if self.dropout <= 0:
             return False
         rng = np.random.default_rng([seed, round_index, board, 4242])
         return bool(rng.random() < self.dropout)
+
+
+def compute_seconds(config: Any, update: Any, num_train: int) -> float:
+    """A board's compute time for one round on this machine, which its device profile scales:
+    the measured time of its alarm and training (``update.alarm_seconds + train_seconds``), or,
+    when ``config.nominal_compute`` is set, that many seconds per training sample and local
+    epoch -- the same on every run, so simulated times, and the order of an asynchronous run's
+    updates, are reproducible."""
+    nominal = getattr(config, "nominal_compute", None)
+    if nominal is not None:
+        return float(nominal) * num_train * int(config.local_epochs)
+    return float(update.alarm_seconds + update.train_seconds)
 
 
 #: Built-in profiles (see the module docstring for what the numbers mean).
@@ -82,22 +110,38 @@ PROFILES: dict[str, DeviceProfile] = {
     "pi5": DeviceProfile("pi5", 3.0, 15.0, 5.0),
     "pi4": DeviceProfile("pi4", 6.0, 25.0, 10.0),
     "flaky": DeviceProfile("flaky", 6.0, 150.0, 100.0, 0.1),
+    "pizero2": DeviceProfile("pizero2", 48.0, 40.0, 20.0, 0.1),
+}
+
+#: Named mixes: a whole fleet's profiles and shares (see the module docstring).
+MIXES: dict[str, tuple[tuple[DeviceProfile, float], ...]] = {
+    "mixed": (
+        (PROFILES["pizero2"], 0.2),
+        (replace(PROFILES["pi4"], dropout=0.05), 0.6),
+        (replace(PROFILES["jetson"], dropout=0.02), 0.2),
+    ),
 }
 
 
 def parse_mix(text: str) -> list[tuple[DeviceProfile, float]]:
-    """Parse ``"pi4:0.5,pi5:0.3,jetson:0.2"`` (or one name, ``"pi4"``) into profiles and shares.
+    """Parse ``"pi4:0.5,pi5:0.3,jetson:0.2"`` (or one name, ``"pi4"``, or a named mix of
+    :data:`MIXES`, ``"mixed"``) into profiles and shares.
 
     Raises
     ------
     ValueError
         On an unknown profile name or a non-positive share.
     """
+    if text.strip() in MIXES:
+        return list(MIXES[text.strip()])
     out: list[tuple[DeviceProfile, float]] = []
     for part in text.split(","):
         name, _, share = part.strip().partition(":")
         if name not in PROFILES:
-            raise ValueError(f"unknown device profile {name!r}; known: {', '.join(PROFILES)}")
+            raise ValueError(
+                f"unknown device profile {name!r}; known: {', '.join(PROFILES)}, or a whole "
+                f"fleet: {', '.join(MIXES)}"
+            )
         weight = float(share) if share else 1.0
         if weight <= 0:
             raise ValueError(f"share of profile {name!r} must be > 0, got {weight}")

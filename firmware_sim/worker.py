@@ -48,6 +48,7 @@ class _RoundStats:
     received_at: float
     boards: int = 0
     dropped: list[int] = field(default_factory=list)
+    sat_out: list[int] = field(default_factory=list)
     board_seconds: float = 0.0
     alarm_ms: list[float] = field(default_factory=list)
     train_ms: list[float] = field(default_factory=list)
@@ -60,6 +61,7 @@ class _RoundStats:
     published_at: float = 0.0
     pipelined: bool = False
     resends: int = 0
+    start_lag: list[float] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -69,6 +71,7 @@ class _RoundStats:
             "received_at": self.received_at,
             "boards": self.boards,
             "dropped": self.dropped,
+            "sat_out": self.sat_out,
             "board_seconds": self.board_seconds,
             "alarm_ms_mean": float(np.mean(self.alarm_ms)) if self.alarm_ms else 0.0,
             "train_ms_mean": float(np.mean(self.train_ms)) if self.train_ms else 0.0,
@@ -83,6 +86,7 @@ class _RoundStats:
             "published_at": self.published_at,
             "pipelined": self.pipelined,
             "resends": self.resends,
+            "start_lag_max": max(self.start_lag, default=0.0),
             "metrics": self.metrics,
         }
 
@@ -174,6 +178,11 @@ class FleetWorker:
         self._seq = 0
         self._stats: dict[int, _RoundStats] = {}
         self._latest_round = 0
+        # Buffered asynchronous mode: the newest global model, and when each busy board's
+        # update is due (a board trains on the newest model as soon as it is free).
+        self.asynchronous = self.config.mode == "async"
+        self._newest: Any = None
+        self._busy: dict[int, float] = {}
         self.done = False
         self.sensors = Sensors() if spec.telemetry else None
         self._throttled: int | None = None
@@ -278,6 +287,8 @@ class FleetWorker:
 
     def _redelivered(self, index: int, payload: bytes) -> None:
         """A board received the same global model again (reconnect or re-announcement)."""
+        if index in self._busy:
+            return  # its update for that model is still on its (simulated) way
         agent = self.agents[index]
         message = agent.verify_global(payload)
         if message is None:
@@ -310,6 +321,16 @@ class FleetWorker:
         self._latest_round = t
         stats = _RoundStats(t, received_at, global_bytes=nbytes, global_deliveries=1)
         self._stats[t] = stats
+        if self.asynchronous:
+            self._newest = message
+            stats.pipelined = True
+            # Every free board received the model when it arrived: its device starts then.
+            arrived = time.monotonic() - max(0.0, time.time() - received_at)
+            for index in self.agents:
+                if index not in self._busy:
+                    self._train_async(index, arrived)
+            stats.trained_at = time.time()
+            return
         start = time.monotonic()
         updates = []
         states = {}
@@ -326,6 +347,10 @@ class FleetWorker:
             if plan.action == "resend" and agent.record.pending is not None:
                 self._enqueue(index, agent.record.pending, start)
                 stats.resends += 1
+                continue
+            if plan.action == "sit_out":
+                agent.skip(message)
+                stats.sat_out.append(index)
                 continue
             if plan.action != "train":
                 continue
@@ -371,6 +396,55 @@ class FleetWorker:
         else:
             stats.trained_at = time.time()
 
+    def _train_async(self, index: int, start: float) -> None:
+        """Buffered asynchronous mode: board ``index`` is free since ``start`` (monotonic);
+        it trains on the newest global model unless it already did (then it waits for the next
+        one). Its update is published ``compute + profile delay`` after ``start``, as on its own
+        device (the worker computing its boards one after the other delays nothing as long as
+        it keeps up), and it stays busy until then. An attack tampers with this update alone."""
+        from edge_client.board import board_step
+
+        message = self._newest
+        if message is None:
+            return
+        agent, cfg, fleet = self.agents[index], self.config, self.fleet
+        t = message.round
+        plan = agent.plan(message)
+        if plan.action != "train":
+            return
+        stats = self._stats[t]
+        if self.profiles[index].drops(cfg.seed, t, index):
+            agent.skip(message)
+            stats.dropped.append(index)
+            return
+        data = fleet.boards[index]
+        if fleet.adversary.is_malicious(index):
+            data = fleet.adversary.round_data(index, t, data)
+        # How late the worker starts the board's training (its other boards were computing):
+        # a simulated device is only as fast as its profile while this stays small.
+        stats.start_lag.append(max(0.0, time.monotonic() - start))
+        t0 = time.perf_counter()
+        update, state = board_step(
+            agent.state,
+            message.weights,
+            t,
+            data,
+            fleet.board_trainer,
+            agent.rng(t),
+            evaluator=fleet.evaluator,
+            alarm=self.alarm,
+        )
+        seconds = time.perf_counter() - t0
+        rng = np.random.default_rng([cfg.seed, t, index, 65537])
+        update = fleet.adversary.tamper_round(t, message.weights, [update], rng)[0]
+        stats.board_seconds += seconds
+        stats.alarm_ms.append(1000 * update.alarm_seconds)
+        stats.train_ms.append(1000 * update.train_seconds)
+        stats.alarms += int(bool(update.alarm))
+        self._seal(update, state, message, start, seconds, stats, self._figures(update))
+        if agent.record.last_round == t:  # sealed and scheduled (not refused as too large)
+            self._busy[index] = start + self._device_seconds(index, t, update, seconds)
+
     def _figures(self, update: Any) -> dict[str, float]:
         """The telemetry figures of a board's round (see the class docstring); empty when
         telemetry is off."""
@@ -385,6 +459,23 @@ class FleetWorker:
             throttled=self._throttled,
             process_boards=len(self.agents),
         )
+
+    def _device_seconds(self, index: int, t: int, update: Any, seconds: float) -> float:
+        """Seconds from a board receiving round ``t``'s model to its update reaching the
+        broker, as on its own device: its profile's ``compute_factor × compute + latency``,
+        where *compute* is the ``seconds`` measured here, or, with ``nominal_compute`` set,
+        that many seconds per training sample and epoch, as the in-process engine counts it
+        (so both order an asynchronous run's updates alike while the worker keeps up)."""
+        from firmware_sim.profiles import compute_seconds
+
+        cfg = self.config
+        if getattr(cfg, "nominal_compute", None) is not None:
+            n = self.fleet.boards[index].num_train
+            return self.profiles[index].board_seconds(
+                compute_seconds(cfg, update, n), cfg.seed, t, index
+            )
+        rng = np.random.default_rng([cfg.seed, t, index, 77])
+        return seconds + self.profiles[index].publish_delay(seconds, rng)
 
     def _seal(
         self,
@@ -412,8 +503,7 @@ class FleetWorker:
             return
         finally:
             stats.seal_seconds += time.perf_counter() - t0
-        rng = np.random.default_rng([self.config.seed, message.round, index, 77])
-        due = start + seconds + self.profiles[index].publish_delay(seconds, rng)
+        due = start + self._device_seconds(index, message.round, update, seconds)
         if figures:
             link = self.links[index]
             link.figures = (message.round, dict(figures))
@@ -429,7 +519,7 @@ class FleetWorker:
     def _publish_due(self, force: bool = False) -> None:
         now = time.monotonic()
         while self._schedule and (force or self._schedule[0][0] <= now):
-            _, _, index, status, payload = heapq.heappop(self._schedule)
+            due, _, index, status, payload = heapq.heappop(self._schedule)
             if status:
                 self.links[index].publish_status(payload)
                 continue
@@ -437,6 +527,9 @@ class FleetWorker:
             stats = self._stats.get(self._latest_round)
             if stats is not None:
                 stats.published_at = time.time()
+            if self.asynchronous and index in self._busy and not force:
+                del self._busy[index]
+                self._train_async(index, due)  # free again since due: on to the newest model
 
 
 def worker_main(argv: list[str] | None = None) -> int:

@@ -4,18 +4,16 @@ The stock LiteRT runtimes (``ai-edge-litert``, ``tflite-runtime``) run only TFLi
 operators. A Keras training step converted as it is needs TensorFlow's own kernels ("Flex"
 ops), which those wheels do not include: the cross-entropy's ``SparseSoftmaxCrossEntropyWithLogits``
 and ``ReluGrad`` for every model, ``Conv2DBackpropFilter`` and ``MaxPoolGrad`` for the CNNs
-(:func:`flex_ops_of_keras_step` records them). This module writes the backward pass by hand,
-layer by layer, from builtin operators only:
+(:func:`flex_ops_of_keras_step` records them). This module writes the backward pass by hand
+from builtin operators only (:mod:`models.litert_graph`, on the layers and blocks of
+:mod:`models.litert_plan`):
 
-* ReLU: the incoming gradient where the layer's output is positive (a comparison and a select;
-  ``ReluGrad`` does the same with the output as its ``features``).
-* Convolution (stride 1, ``valid`` or ``same``): the filter gradient is ``patches^T @ dy``, the
-  patches cut from the (padded) input by ``kh·kw`` slices and concatenated along the channels
-  in the kernel's ``[kh, kw, c_in]`` order; the bias gradient sums ``dy``; the input gradient is
-  a transposed convolution (TFLite ``TRANSPOSE_CONV``).
-* Max pooling (window = stride, ``valid``): each of the ``ph·pw`` window positions is a strided
-  slice; the gradient goes to the *first* position (row-major) equal to the pooled maximum,
-  as ``MaxPoolGrad`` does, and the positions are interleaved back by stack and reshape.
+* ReLU: the incoming gradient where the layer's output is positive (``ReluGrad``'s rule).
+* Convolution (stride 1, ``valid`` or ``same``): patches times a matrix; the filter gradient
+  ``patches^T @ dy``, the bias gradient sums ``dy``, the input gradient ``dy @ W^T`` added back
+  where each patch was cut.
+* Max pooling (window = stride, ``valid``): the gradient goes to the *first* position
+  (row-major) of each window equal to its maximum, as ``MaxPoolGrad`` does.
 * Dense: two matrix products and a sum.
 * Loss: the mean sparse cross-entropy of the logits, from ``LOG_SOFTMAX`` and ``ONE_HOT``;
   its gradient ``(softmax - onehot) · w / Σw``.
@@ -45,13 +43,14 @@ from __future__ import annotations
 
 import re
 import tempfile
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from models.errors import LiteRTExportError
 from models.litert_artifact import ARTIFACT_VERSION, TrainingArtifact
+from models.litert_graph import Graph
+from models.litert_plan import plan_layers
 from models.tf_setup import native_stderr_silenced, quiet_tensorflow
 from models.training import OPTIMIZERS
 from models.weights import layout_of
@@ -63,305 +62,6 @@ ADAM_EPSILON = 1e-7
 
 #: The signatures of a training flatbuffer.
 SIGNATURES = ("train", "gradient", "infer", "get_weights", "set_weights", "reset_optimizer")
-
-
-@dataclass(frozen=True)
-class _Layer:
-    """One step of the forward pass: ``kind`` and what it needs.
-
-    ``kind`` is ``conv``, ``dense``, ``pool`` or ``flatten``; ``kernel``/``bias`` index the
-    model's weights (``-1``: none); ``relu`` says whether a ReLU follows; ``padding`` is
-    ``VALID`` or ``SAME``; ``pool`` the pooling window (= its strides).
-    """
-
-    kind: str
-    name: str
-    kernel: int = -1
-    bias: int = -1
-    relu: bool = False
-    padding: str = "VALID"
-    pool: tuple[int, int] = (1, 1)
-
-
-def _activation(layer: Any) -> bool:
-    name = getattr(layer.activation, "__name__", str(layer.activation))
-    if name == "relu":
-        return True
-    if name == "linear":
-        return False
-    raise LiteRTExportError(f"layer {layer.name!r}: activation {name!r} is not supported")
-
-
-def plan_layers(model: Any) -> list[_Layer]:
-    """The forward pass of a Sequential Keras model as :class:`_Layer` steps.
-
-    Supported: ``Conv2D`` (stride 1, no dilation, ``valid``/``same``, ReLU or linear),
-    ``MaxPooling2D`` (window = strides, ``valid``), ``Flatten``, ``Dense`` (ReLU or linear):
-    every layer of the zoo.
-
-    Raises
-    ------
-    LiteRTExportError
-        For any other layer or setting (the message names the layer).
-    """
-    index = {id(w): i for i, w in enumerate(model.weights)}
-    steps: list[_Layer] = []
-    for layer in model.layers:
-        kind = type(layer).__name__
-        if kind == "Conv2D":
-            if tuple(layer.strides) != (1, 1) or tuple(layer.dilation_rate) != (1, 1):
-                raise LiteRTExportError(f"layer {layer.name!r}: only stride 1, no dilation")
-            if layer.data_format != "channels_last" or getattr(layer, "groups", 1) != 1:
-                raise LiteRTExportError(f"layer {layer.name!r}: only channels_last, one group")
-            steps.append(
-                _Layer(
-                    "conv",
-                    layer.name,
-                    kernel=index[id(layer.kernel)],
-                    bias=index[id(layer.bias)] if layer.use_bias else -1,
-                    relu=_activation(layer),
-                    padding=str(layer.padding).upper(),
-                )
-            )
-        elif kind == "Dense":
-            steps.append(
-                _Layer(
-                    "dense",
-                    layer.name,
-                    kernel=index[id(layer.kernel)],
-                    bias=index[id(layer.bias)] if layer.use_bias else -1,
-                    relu=_activation(layer),
-                )
-            )
-        elif kind == "MaxPooling2D":
-            pool = tuple(int(p) for p in layer.pool_size)
-            if tuple(layer.strides) != pool or str(layer.padding).lower() != "valid":
-                raise LiteRTExportError(
-                    f"layer {layer.name!r}: only windows equal to their strides, valid padding"
-                )
-            if layer.data_format != "channels_last":
-                raise LiteRTExportError(f"layer {layer.name!r}: only channels_last")
-            steps.append(_Layer("pool", layer.name, pool=(pool[0], pool[1])))
-        elif kind == "Flatten":
-            steps.append(_Layer("flatten", layer.name))
-        else:
-            raise LiteRTExportError(
-                f"layer {layer.name!r} of type {kind} has no builtin-only gradient; supported: "
-                "Conv2D, MaxPooling2D, Flatten, Dense"
-            )
-    used = sorted(i for s in steps for i in (s.kernel, s.bias) if i >= 0)
-    if used != list(range(len(model.weights))):
-        raise LiteRTExportError("the model holds weights outside its Conv2D and Dense layers")
-    return steps
-
-
-#: Patches are cut by a constant one-hot convolution when a patch has at most this many values
-#: (its cost grows with their square); by slices and a concatenation otherwise. Measured on the
-#: SIREN CNN (batch 64, one core): conv1's 9-value patches 0.17 ms by convolution, 1.2 ms by
-#: slices; conv2's 288-value patches 5.8 ms by convolution, 1.35 ms by slices.
-ONE_HOT_PATCHES_MAX = 32
-
-
-class _Graph:
-    """Forward and hand-written backward pass of a planned model (TensorFlow ops).
-
-    Written for the speed of TFLite's CPU kernels as much as for builtin-only conversion:
-    convolutions run as patches times a matrix (``BATCH_MATMUL``, which the XNNPACK delegate
-    runs with variable weights; ``CONV_2D`` with a variable filter is 4-6x slower), and every
-    product whose right operand is transposed goes through :meth:`_transposed`, since the
-    converter turns ``a @ b^T`` into a ``FULLY_CONNECTED`` that is 4x slower with variable
-    weights.
-    """
-
-    def __init__(self, steps: list[_Layer], tf: Any) -> None:
-        self.steps = steps
-        self.tf = tf
-
-    # -- forward ----------------------------------------------------------------------------
-
-    def forward(self, params: list[Any], x: Any) -> tuple[Any, list[dict[str, Any]]]:
-        """Logits, and for each step what its backward pass needs."""
-        tf = self.tf
-        saved: list[dict[str, Any]] = []
-        for s in self.steps:
-            keep: dict[str, Any] = {"input": x}
-            if s.kind == "conv":
-                kernel = params[s.kernel]
-                kh, kw, cin, cout = (int(d) for d in kernel.shape)
-                patches = self._patches(x, kh, kw, cin, s.padding)
-                ho, wo = int(patches.shape[1]), int(patches.shape[2])
-                cols = tf.reshape(patches, [-1, kh * kw * cin])
-                x = tf.matmul(cols, tf.reshape(kernel, [kh * kw * cin, cout]))
-                keep["cols"] = cols
-                keep["spatial"] = (ho, wo, cout)
-            elif s.kind == "dense":
-                x = tf.matmul(x, params[s.kernel])
-            elif s.kind == "pool":
-                x = tf.nn.max_pool2d(x, s.pool, s.pool, "VALID")
-            else:
-                x = tf.reshape(x, [-1, int(np.prod(x.shape[1:]))])
-            if s.bias >= 0:
-                x = x + params[s.bias]
-            if s.relu:
-                x = tf.nn.relu(x)
-            if s.kind == "conv":
-                ho, wo, cout = keep["spatial"]
-                x = tf.reshape(x, [-1, ho, wo, cout])
-            keep["output"] = x
-            saved.append(keep)
-        return x, saved
-
-    def _patches(self, x: Any, kh: int, kw: int, cin: int, padding: str) -> Any:
-        """``[N, Ho, Wo, kh·kw·cin]``: the input window of every output position, in the
-        kernel's ``[kh, kw, c_in]`` order (zero padded for ``SAME``)."""
-        tf = self.tf
-        size = kh * kw * cin
-        if size <= ONE_HOT_PATCHES_MAX:
-            one_hot = np.eye(size, dtype=np.float32).reshape(kh, kw, cin, size)
-            return tf.nn.conv2d(x, tf.constant(one_hot), strides=1, padding=padding)
-        if padding == "SAME":
-            top, bottom = self._same_padding(kh)
-            left, right = self._same_padding(kw)
-            x = tf.pad(x, [[0, 0], [top, bottom], [left, right], [0, 0]])
-        ho, wo = int(x.shape[1]) - kh + 1, int(x.shape[2]) - kw + 1
-        return tf.concat(
-            [x[:, i : i + ho, j : j + wo, :] for i in range(kh) for j in range(kw)], axis=3
-        )
-
-    @staticmethod
-    def _same_padding(size: int) -> tuple[int, int]:
-        """TensorFlow's ``SAME`` padding of a stride-1 window of ``size``: (before, after)."""
-        total = size - 1
-        return total // 2, total - total // 2
-
-    def _transposed(self, matrix: Any) -> Any:
-        """``matrix^T`` by way of a 3-D transpose, which the converter leaves a ``TRANSPOSE``
-        feeding a ``BATCH_MATMUL`` (a 2-D one becomes a slow variable ``FULLY_CONNECTED``)."""
-        tf = self.tf
-        rows, cols = (int(d) for d in matrix.shape)
-        cube = tf.transpose(tf.reshape(matrix, [rows, 1, cols]), [2, 1, 0])
-        return tf.reshape(cube, [cols, rows])
-
-    # -- backward ---------------------------------------------------------------------------
-
-    def backward(self, params: list[Any], saved: list[dict[str, Any]], dlogits: Any) -> list[Any]:
-        """Gradients of every weight, in the model's weight order."""
-        tf = self.tf
-        grads: list[Any] = [None] * len(params)
-        dy = dlogits
-        relu_applied = False  # a max pooling already kept only positive maxima
-        for position in range(len(self.steps) - 1, -1, -1):
-            s = self.steps[position]
-            keep = saved[position]
-            # Nothing before this step has weights: its input gradient is not needed.
-            need_dx = any(earlier.kernel >= 0 for earlier in self.steps[:position])
-            if s.relu and not relu_applied:
-                dy = tf.where(keep["output"] > 0, dy, tf.zeros_like(dy))
-            relu_applied = False
-            dx = None
-            if s.kind == "dense":
-                if s.bias >= 0:
-                    grads[s.bias] = tf.reduce_sum(dy, axis=0)
-                grads[s.kernel] = tf.matmul(keep["input"], dy, transpose_a=True)
-                if need_dx:
-                    dx = tf.matmul(dy, self._transposed(params[s.kernel]))
-            elif s.kind == "conv":
-                dx = self._conv_backward(params, s, keep, dy, grads, need_dx)
-            elif s.kind == "pool":
-                before = self.steps[position - 1] if position > 0 else None
-                if before is not None and before.relu:
-                    # The gradient reaches only each window's maximum, which is the pooled
-                    # value: ReLU's mask there is `pooled > 0`, applied at a quarter the size.
-                    dy = tf.where(keep["output"] > 0, dy, tf.zeros_like(dy))
-                    relu_applied = True
-                dx = self._pool_backward(keep["input"], keep["output"], dy, s.pool)
-            else:
-                dx = tf.reshape(dy, [-1, *(int(d) for d in keep["input"].shape[1:])])
-            if not need_dx:
-                break
-            dy = dx
-        return grads
-
-    def _conv_backward(
-        self,
-        params: list[Any],
-        s: _Layer,
-        keep: dict[str, Any],
-        dy: Any,
-        grads: list[Any],
-        need_dx: bool,
-    ) -> Any:
-        """Filter and bias gradients into ``grads``; the input gradient when ``need_dx``."""
-        tf = self.tf
-        kernel = params[s.kernel]
-        kh, kw, cin, cout = (int(d) for d in kernel.shape)
-        size = kh * kw * cin
-        flat_dy = tf.reshape(dy, [-1, cout])
-        if s.bias >= 0:
-            grads[s.bias] = tf.reduce_sum(flat_dy, axis=0)
-        grads[s.kernel] = tf.reshape(
-            tf.matmul(keep["cols"], flat_dy, transpose_a=True), [kh, kw, cin, cout]
-        )
-        if not need_dx:
-            return None
-        ho, wo, _ = keep["spatial"]
-        # The gradient of each patch value, then every patch added back where it was cut.
-        dcols = tf.matmul(flat_dy, self._transposed(tf.reshape(kernel, [size, cout])))
-        dcols = tf.reshape(dcols, [-1, ho, wo, size])
-        h, w = (int(d) for d in keep["input"].shape[1:3])
-        full_h, full_w = ho + kh - 1, wo + kw - 1
-        # A chain of ADDs (XNNPACK) is 30% faster here than one ADD_N (TFLite's own kernel).
-        dx: Any = None
-        for i in range(kh):
-            for j in range(kw):
-                k = (i * kw + j) * cin
-                part = tf.pad(
-                    dcols[:, :, :, k : k + cin], [[0, 0], [i, kh - 1 - i], [j, kw - 1 - j], [0, 0]]
-                )
-                dx = part if dx is None else dx + part
-        if (full_h, full_w) != (h, w):  # SAME: drop the padding's gradient
-            top, left = self._same_padding(kh)[0], self._same_padding(kw)[0]
-            dx = dx[:, top : top + h, left : left + w, :]
-        return dx
-
-    def _pool_backward(self, x: Any, pooled: Any, dy: Any, pool: tuple[int, int]) -> Any:
-        """``MaxPoolGrad``: each window's gradient goes to its first maximum (row-major)."""
-        tf = self.tf
-        ph, pw = pool
-        h, w, c = (int(d) for d in x.shape[1:])
-        ho, wo = int(pooled.shape[1]), int(pooled.shape[2])
-        if (ho * ph, wo * pw) != (h, w):
-            x = x[:, : ho * ph, : wo * pw, :]
-        if ph == pw:
-            blocks = tf.nn.space_to_depth(x, ph)  # window position k at channels k·c..(k+1)·c
-            windows = [blocks[:, :, :, k * c : (k + 1) * c] for k in range(ph * pw)]
-        else:
-            windows = [
-                x[:, i : ho * ph : ph, j : wo * pw : pw, :] for i in range(ph) for j in range(pw)
-            ]
-        # `rest` is the gradient not yet given to an earlier maximum; sign(pooled - value) is 0
-        # exactly where the window holds the maximum (pooled >= value) and 1 elsewhere.
-        rest = dy
-        parts = []
-        for k, window in enumerate(windows):
-            if k == len(windows) - 1:
-                parts.append(rest)
-                break
-            miss = tf.sign(pooled - window)
-            kept = rest * miss
-            parts.append(rest - kept)
-            rest = kept
-        if ph == pw:
-            dx = tf.nn.depth_to_space(tf.concat(parts, axis=3), ph)
-        else:
-            rows = [
-                tf.reshape(tf.stack(parts[i * pw : (i + 1) * pw], axis=3), [-1, ho, wo * pw, c])
-                for i in range(ph)
-            ]
-            dx = tf.reshape(tf.stack(rows, axis=2), [-1, ho * ph, wo * pw, c])
-        if (ho * ph, wo * pw) != (h, w):
-            dx = tf.pad(dx, [[0, 0], [0, h - ho * ph], [0, w - wo * pw], [0, 0]])
-        return dx
 
 
 def _loss_and_dlogits(tf: Any, logits: Any, y: Any, weight: Any, num_classes: int) -> Any:
@@ -381,7 +81,12 @@ def _training_module(model: Any, optimizer: str, momentum: float) -> Any:
     import tensorflow as tf
 
     steps = plan_layers(model)
-    graph = _Graph(steps, tf)
+    kernels = {
+        s.kernel: tuple(int(d) for d in model.weights[s.kernel].shape)
+        for s in steps
+        if s.kind == "conv"
+    }
+    graph = Graph(steps, tf, tuple(int(d) for d in model.input_shape[1:]), kernels)
     layout = layout_of(model)
     sizes = [int(n) for n in layout.sizes]
     shapes = [list(shape) for _, shape in layout.entries]

@@ -1,6 +1,6 @@
 """Seeded partitioning of a training set across boards.
 
-Three schemes:
+Five schemes:
 
 * ``iid`` — a random permutation split into K near-equal shards (SIREN §5.1).
 * ``noniid`` — the non-IID degree ``p`` of SIREN §5.1 / DSPO (after Fang et al.): the boards are
@@ -10,6 +10,16 @@ Three schemes:
   ``p``; ``p = 1/L`` is IID.
 * ``dirichlet`` — per class, the class's samples are split in proportions drawn from
   ``Dirichlet(alpha · 1_K)``; small ``alpha`` is very skewed, large ``alpha`` approaches IID.
+* ``classes`` — every board holds samples of ``c`` classes only (residual-based reweighting §4:
+  "each participant contains images of two random digits", 300 of each): each board draws ``c``
+  distinct classes, the classes being dealt out as evenly as possible, and a class's samples
+  are split equally among the boards that drew it.
+* ``overlap`` — for fleets larger than the data set (scale tests: 2,000 boards on the 1,437
+  training images of digits): every board gets ``max(2, ceil(n / K))`` samples, a window of a
+  random permutation of the ``n`` samples (wrapping around), the K windows starting at evenly
+  spaced offsets. The windows cover every sample; neighbouring boards share samples, and with
+  ``K > n / 2`` several boards hold the same samples. Two samples at least, so every board keeps
+  one to train on and one for its local test split.
 
 :func:`make_federated_split` first draws the server's root test set (SIREN §5.1: default 100
 samples from the training data, excluded from every board), partitions the rest, and cuts a local
@@ -25,7 +35,10 @@ import numpy as np
 
 from models.errors import PartitionError
 
-PARTITION_SCHEMES = ("iid", "noniid", "dirichlet")
+PARTITION_SCHEMES = ("iid", "noniid", "dirichlet", "classes", "overlap")
+
+#: Samples per board of the ``overlap`` scheme at least (one to train on, one to test on).
+OVERLAP_MIN_SAMPLES = 2
 
 
 @dataclass(frozen=True)
@@ -78,6 +91,30 @@ def partition_iid(n_samples: int, n_clients: int, rng: np.random.Generator) -> l
     """Split ``range(n_samples)`` uniformly at random into ``n_clients`` near-equal shards."""
     _check_clients(n_samples, n_clients)
     return [np.sort(s) for s in np.array_split(rng.permutation(n_samples), n_clients)]
+
+
+def partition_overlap(n_samples: int, n_clients: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Overlapping shards for any number of boards (module docstring, ``overlap``).
+
+    Board ``c`` holds positions ``o_c, o_c + 1, ..., o_c + s - 1`` (mod ``n``) of a random
+    permutation, with ``s = max(2, ceil(n / K))`` and ``o_c = floor(c · n / K)``. O(K · s).
+
+    Raises
+    ------
+    PartitionError
+        Fewer than two samples, or no board.
+    """
+    if n_clients < 1:
+        raise PartitionError(f"need at least 1 client, got {n_clients}")
+    if n_samples < OVERLAP_MIN_SAMPLES:
+        raise PartitionError(
+            f"the overlap partition needs at least {OVERLAP_MIN_SAMPLES} samples, got {n_samples}"
+        )
+    size = max(OVERLAP_MIN_SAMPLES, -(-n_samples // n_clients))
+    order = rng.permutation(n_samples)
+    starts = (np.arange(n_clients, dtype=np.int64) * n_samples) // n_clients
+    window = np.arange(size, dtype=np.int64)
+    return [np.sort(order[(start + window) % n_samples]) for start in starts]
 
 
 def partition_noniid(
@@ -140,6 +177,41 @@ def partition_dirichlet(
     return shards
 
 
+def partition_classes(
+    labels: np.ndarray, n_clients: int, classes: int, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Every board gets ``classes`` distinct labels (see the module docstring).
+
+    Boards draw their classes one after the other, each taking ``c`` of the labels held by the
+    fewest boards so far (ties broken at random), so every label is held by ``⌊K·c/L⌋`` or
+    ``⌈K·c/L⌉`` boards; each label's samples are then cut into equal parts among its holders.
+    """
+    labels = np.asarray(labels)
+    _check_clients(labels.size, n_clients)
+    present = np.unique(labels)
+    if not 1 <= classes <= present.size:
+        raise PartitionError(
+            f"classes per board must be in [1, {present.size}] (the labels present), got {classes}"
+        )
+    held = np.zeros(present.size, dtype=np.int64)
+    deck = np.empty((n_clients, classes), dtype=present.dtype)
+    for c in range(n_clients):
+        pick = np.lexsort((rng.random(present.size), held))[:classes]
+        held[pick] += 1
+        deck[c] = present[pick]
+    parts: list[list[np.ndarray]] = [[] for _ in range(n_clients)]
+    for label in present:
+        holders = np.flatnonzero((deck == label).any(axis=1))
+        if holders.size == 0:
+            continue
+        idx = rng.permutation(np.flatnonzero(labels == label))
+        for holder, piece in zip(holders.tolist(), np.array_split(idx, holders.size)):
+            parts[holder].append(piece)
+    shards = [np.sort(np.concatenate(p)) if p else np.empty(0, np.int64) for p in parts]
+    _ensure_nonempty(shards, rng)
+    return shards
+
+
 def _ensure_nonempty(shards: list[np.ndarray], rng: np.random.Generator) -> None:
     """Move single samples from the largest shards to empty ones (rare with skewed draws)."""
     for c, shard in enumerate(shards):
@@ -160,6 +232,7 @@ def make_federated_split(
     *,
     p: float = 0.5,
     alpha: float = 0.5,
+    classes: int = 2,
     root_size: int = 100,
     local_test_fraction: float = 0.1,
     seed: int = 0,
@@ -172,10 +245,12 @@ def make_federated_split(
         Labels of the full training set.
     n_clients : int
         Number of boards K.
-    scheme : {"iid", "noniid", "dirichlet"}
+    scheme : {"iid", "noniid", "dirichlet", "classes", "overlap"}
         Partitioning scheme (see module docstring).
     p, alpha : float
         Non-IID degree and Dirichlet concentration.
+    classes : int
+        Classes per board of the ``classes`` scheme.
     root_size : int
         Size of the server's root test set, drawn uniformly from the training data (0 for none).
     local_test_fraction : float
@@ -199,6 +274,10 @@ def make_federated_split(
         local = partition_iid(rest.size, n_clients, rng)
     elif scheme == "noniid":
         local = partition_noniid(labels[rest], n_clients, p, rng)
+    elif scheme == "classes":
+        local = partition_classes(labels[rest], n_clients, classes, rng)
+    elif scheme == "overlap":
+        local = partition_overlap(rest.size, n_clients, rng)
     else:
         local = partition_dirichlet(labels[rest], n_clients, alpha, rng)
     shards = []

@@ -15,9 +15,10 @@ __all__ = ["SPLIT_COMMENTS", "SplitSettings"]
 SPLIT_COMMENTS: dict[str, str] = {
     "dataset": "digits (scikit-learn's bundled 8x8 digits) or fashion-mnist",
     "clients": "number of boards K the training data is split over",
-    "partition": "iid, noniid (degree p) or dirichlet (alpha)",
+    "partition": "iid, noniid (degree p), dirichlet (alpha) or classes (classes_per_board)",
     "noniid_p": "non-IID degree p: a sample of label l goes to group l with probability p",
     "dirichlet_alpha": "concentration of the dirichlet partition",
+    "classes_per_board": "classes each board holds in the classes partition",
     "root_size": "samples set aside as the server's root test set, excluded from every board",
     "local_test_fraction": "share of each board's shard kept as its local test split",
     "train_samples": "use only the first N training samples (0: all)",
@@ -37,11 +38,13 @@ class SplitSettings:
     clients : int
         Number of boards K the training data is split over.
     partition : str
-        ``iid``, ``noniid`` (DSPO's degree-p scheme) or ``dirichlet``.
+        ``iid``, ``noniid`` (DSPO's degree-p scheme), ``dirichlet`` or ``classes``.
     noniid_p : float
         Non-IID degree p of the ``noniid`` scheme.
     dirichlet_alpha : float
         Concentration of the ``dirichlet`` scheme.
+    classes_per_board : int
+        Classes each board holds in the ``classes`` scheme.
     root_size : int
         Samples set aside as the server's root test set (SIREN: 100), excluded from every board.
     local_test_fraction : float
@@ -57,6 +60,7 @@ class SplitSettings:
     partition: str = "iid"
     noniid_p: float = 0.5
     dirichlet_alpha: float = 0.5
+    classes_per_board: int = 2
     root_size: int = 100
     local_test_fraction: float = 0.1
     train_samples: int | None = None

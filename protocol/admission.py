@@ -20,12 +20,21 @@ Rules, checked in this order (the first failure is the reason):
 8. current round                                                       ``stale_round``,
    ``future_round``
 9. base model = current global model                                   ``wrong_base_model``
+9a. the round's selection, when it has one, names the client            ``not_selected``
 10. layout = the model's layout                                        ``layout_mismatch``
 11. sample count within [min_samples, max_samples]                     ``bad_sample_count``
 12. optional: timestamp within max_clock_skew_ms of the local clock    ``clock_skew``
 13. first update of this client this round; an identical resend is ``duplicate`` (not an
     error, not admitted twice), a different one is                     ``conflicting_update``
 14. nonce not used by another message this round                       ``replayed_nonce``
+
+**Buffered asynchronous mode** (``AdmissionPolicy.max_staleness = S``, ``docs/protocol.md``
+8.9): the "round" is the open buffer of global version ``v``. Rule 8 admits an update trained
+on any version ``r`` with ``v − S ≤ r ≤ v`` (older: ``too_stale``; newer: ``future_round``) and
+rule 9 compares its base model with version ``r``'s hash; an update with ``r < v`` is admitted
+as ``stale`` (``ADMITTED`` outcomes: ``accepted``, ``stale``). Rule 13 allows one update per
+client in the open buffer (another one: ``buffered``) and one per client and base version
+(``conflicting_update``).
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ import logging
 import os
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,17 +62,21 @@ from protocol.envelope import (
     now_ms,
 )
 from protocol.errors import (
+    ADMITTED,
     AdmissionStateError,
+    BufferedError,
     ClockSkewError,
     ConflictingUpdateError,
     FutureRoundError,
     InvalidMessageError,
     LayoutMismatchError,
+    NotSelectedError,
     PayloadTooLargeError,
     Reason,
     ReplayedNonceError,
     SampleCountError,
     StaleRoundError,
+    TooStaleError,
     TopicError,
     TopicMismatchError,
     WrongBaseModelError,
@@ -110,6 +123,9 @@ class AdmissionPolicy:
     max_clock_skew_ms : int, optional
         When set, refuse updates whose signed timestamp differs from the coordinator's clock by
         more than this. Off by default: boards' clocks are not trusted to be synchronised.
+    max_staleness : int, optional
+        ``None`` (default): synchronous rounds, an update must be for the current round.
+        ``S >= 0``: buffered asynchronous mode (module docstring).
     """
 
     layout: TensorLayout
@@ -117,8 +133,11 @@ class AdmissionPolicy:
     min_samples: int = 1
     max_samples: int | None = None
     max_clock_skew_ms: int | None = None
+    max_staleness: int | None = None
 
     def __post_init__(self) -> None:
+        if self.max_staleness is not None and self.max_staleness < 0:
+            raise ValueError(f"max_staleness must be >= 0, got {self.max_staleness}")
         if not isinstance(self.layout, TensorLayout) or self.layout.size == 0:
             raise ValueError("AdmissionPolicy.layout must be a non-empty TensorLayout")
         if self.max_message_bytes is not None and self.max_message_bytes <= 0:
@@ -178,13 +197,14 @@ class AdmissionDecision:
 
     @property
     def accepted(self) -> bool:
-        """Whether the update is new and admitted for aggregation."""
-        return self.reason is Reason.ACCEPTED
+        """Whether the update is new and admitted for aggregation (``accepted`` or, in
+        buffered asynchronous mode, ``stale``)."""
+        return self.reason in ADMITTED
 
     @property
     def rejected(self) -> bool:
         """Whether the message was refused (a duplicate is neither accepted nor rejected)."""
-        return self.reason not in (Reason.ACCEPTED, Reason.DUPLICATE)
+        return self.reason not in ADMITTED and self.reason is not Reason.DUPLICATE
 
 
 class Admission:
@@ -204,6 +224,9 @@ class Admission:
     base_sha256 : str
         Model hash of the current global model (``weights_sha256`` of it, equivalently the
         ``payload_sha256`` of the published global message).
+    selected : collection of str, optional
+        The boards drawn for the current round (client sampling: the ``selected`` of the
+        global message); ``None``: every board may send an update.
     clock : callable, optional
         Returns the current Unix time in ms; used only for the optional skew check.
 
@@ -221,6 +244,7 @@ class Admission:
         policy: AdmissionPolicy,
         round: int = 0,
         base_sha256: str = ZERO_SHA256,
+        selected: Collection[str] | None = None,
         clock: Callable[[], int] = now_ms,
     ) -> None:
         if not is_valid_id(run):
@@ -232,6 +256,9 @@ class Admission:
         self.clock = clock
         self._round = round
         self._base = base_sha256
+        self._selected = None if selected is None else frozenset(selected)
+        self._bases: dict[int, str] = {round: base_sha256}
+        self._based: set[tuple[str, int]] = set()
         self._seen: dict[str, str] = {}
         self._nonces: set[str] = set()
         self._counters: Counter[Reason] = Counter()
@@ -254,6 +281,11 @@ class Admission:
         return self._base
 
     @property
+    def selected(self) -> frozenset[str] | None:
+        """The boards drawn for the current round (``None``: every board)."""
+        return self._selected
+
+    @property
     def accepted_clients(self) -> frozenset[str]:
         """Clients with an admitted update in the current round."""
         return frozenset(self._seen)
@@ -271,10 +303,13 @@ class Admission:
         """
         return decode_message(data, self.keys, max_message_bytes=limit)
 
-    def start_round(self, round: int, base_sha256: str) -> None:
+    def start_round(
+        self, round: int, base_sha256: str, selected: Collection[str] | None = None
+    ) -> None:
         """Move to a new round whose updates must be based on ``base_sha256``.
 
         Forgets which clients sent updates (each may send one again) and the nonces.
+        ``selected``: the boards drawn for the new round (``None``: every board).
 
         Raises
         ------
@@ -286,6 +321,11 @@ class Admission:
             raise ValueError(f"new round {round} must be greater than the current {self._round}")
         self._round = round
         self._base = base_sha256
+        self._selected = None if selected is None else frozenset(selected)
+        self._bases[round] = base_sha256
+        oldest = round - (self.policy.max_staleness or 0)
+        self._bases = {r: h for r, h in self._bases.items() if r >= oldest}
+        self._based = {(c, r) for c, r in self._based if r >= oldest}
         self._seen.clear()
         self._nonces.clear()
 
@@ -321,8 +361,16 @@ class Admission:
             else:
                 self._seen[message.client] = message.message_id
                 self._nonces.add(message.header.nonce)
+                stale = message.round < self._round
+                if self.policy.max_staleness is not None:
+                    self._based.add((message.client, message.round))
                 decision = AdmissionDecision(
-                    Reason.ACCEPTED, message.client, "admitted", message=message
+                    Reason.STALE if stale else Reason.ACCEPTED,
+                    message.client,
+                    f"admitted, {self._round - message.round} version(s) stale"
+                    if stale
+                    else "admitted",
+                    message=message,
                 )
         self._counters[decision.reason] += 1
         self._log(decision)
@@ -361,21 +409,35 @@ class Admission:
                 )
         if header.run != self.run:
             raise fail(WrongRunError, f"update is for run {header.run!r}, current is {self.run!r}")
-        if header.round < self._round:
+        bound = self.policy.max_staleness
+        if bound is None and header.round < self._round:
             raise fail(
                 StaleRoundError,
                 f"update is for round {header.round}, current round is {self._round}",
+            )
+        if bound is not None and header.round < self._round - bound:
+            raise fail(
+                TooStaleError,
+                f"update was trained on version {header.round}, {self._round - header.round} "
+                f"versions before the current {self._round} (staleness bound {bound})",
             )
         if header.round > self._round:
             raise fail(
                 FutureRoundError,
                 f"update is for round {header.round}, current round is {self._round}",
             )
-        if header.base_sha256 != self._base:
+        base = self._base if bound is None else self._bases.get(header.round, self._base)
+        if header.base_sha256 != base:
             raise fail(
                 WrongBaseModelError,
-                f"update is based on model {header.base_sha256[:16]}, the current global "
-                f"model is {self._base[:16]}",
+                f"update is based on model {header.base_sha256[:16]}, the global model of "
+                f"round {header.round} is {base[:16]}",
+            )
+        if self._selected is not None and client not in self._selected:
+            raise fail(
+                NotSelectedError,
+                f"client {client!r} was not drawn for round {self._round} "
+                f"({len(self._selected)} board(s) were)",
             )
         expected = self.policy.layout
         if header.layout != expected:
@@ -400,9 +462,21 @@ class Admission:
         if previous is not None:
             if previous == message.message_id:
                 return message, True
+            if bound is not None:
+                raise fail(
+                    BufferedError,
+                    f"client {client!r} already has an update in the buffer of version "
+                    f"{self._round}; send the next one on a newer version",
+                )
             raise fail(
                 ConflictingUpdateError,
                 f"client {client!r} already has a different update admitted in round {self._round}",
+            )
+        if (client, header.round) in self._based:
+            raise fail(
+                ConflictingUpdateError,
+                f"client {client!r} already has an update trained on version {header.round} "
+                "admitted",
             )
         if header.nonce in self._nonces:
             raise fail(ReplayedNonceError, f"nonce {header.nonce} was already used this round")
@@ -438,6 +512,9 @@ class Admission:
             "round": self._round,
             "base_sha256": self._base,
             "layout_sha256": self.policy.layout.fingerprint,
+            "selected": None if self._selected is None else sorted(self._selected),
+            "bases": {str(r): h for r, h in sorted(self._bases.items())},
+            "based": sorted([c, r] for c, r in self._based),
             "seen": dict(sorted(self._seen.items())),
             "nonces": sorted(self._nonces),
             "counters": {r.value: n for r, n in sorted(self._counters.items())},
@@ -476,6 +553,7 @@ class Admission:
                 policy=policy,
                 round=state["round"],
                 base_sha256=state["base_sha256"],
+                selected=_selection(state.get("selected")),
                 clock=clock,
             )
             seen = state["seen"]
@@ -490,6 +568,10 @@ class Admission:
                     raise AdmissionStateError(f"admission state: bad seen entry {client!r}")
                 admission._seen[client] = message_id
             admission._nonces = {str(n) for n in nonces}
+            for r, h in dict(state.get("bases") or {}).items():
+                admission._check_round(int(r), h)
+                admission._bases[int(r)] = h
+            admission._based = {(str(c), int(r)) for c, r in state.get("based") or []}
             for reason, count in dict(counters).items():
                 if type(count) is not int or count < 0:
                     raise AdmissionStateError(f"admission state: bad counter {reason!r}")
@@ -523,3 +605,12 @@ class Admission:
         except (OSError, ValueError) as exc:
             raise AdmissionStateError(f"cannot read admission state {path}: {exc}") from None
         return cls.from_state_dict(state, keys=keys, policy=policy, clock=clock)
+
+
+def _selection(value: Any) -> list[str] | None:
+    """The ``selected`` entry of a saved state (absent in states saved before sampling)."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(c, str) and is_valid_id(c) for c in value):
+        raise AdmissionStateError(f"admission state: bad selection {brief(value)}")
+    return value

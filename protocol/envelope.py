@@ -21,12 +21,13 @@ the signature, payload length, payload hash, finiteness -- before it returns, an
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
 import struct
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -59,8 +60,15 @@ from protocol.topics import is_valid_id
 
 #: First four bytes of every message.
 MAGIC = b"SIRN"
-#: Header schema version written in the ``v`` field.
+#: Header schema version of every message without a selection (the ``v`` field).
 SCHEMA_VERSION = 1
+#: Header schema version of a global model that names the boards drawn for its round: the
+#: version 1 keys plus :data:`SELECTION_FIELD` (``docs/protocol.md`` section 4.3).
+SELECTION_VERSION = 2
+#: Schema versions this implementation reads.
+SUPPORTED_VERSIONS = (SCHEMA_VERSION, SELECTION_VERSION)
+#: The key version 2 adds: the client ids drawn for the round a global model starts.
+SELECTION_FIELD = "selected"
 #: Length of the fixed prefix (magic + header length).
 PREFIX_BYTES = 8
 #: Length of an Ed25519 signature.
@@ -118,7 +126,10 @@ HEADER_FIELDS: tuple[str, ...] = (
     "timestamp_ms",
     "v",
 )
-"""The header's keys, in canonical (sorted) order; a header has exactly these."""
+"""The keys of a version 1 header, in canonical (sorted) order; it has exactly these."""
+
+HEADER_FIELDS_V2: tuple[str, ...] = tuple(sorted((*HEADER_FIELDS, SELECTION_FIELD)))
+"""The keys of a version 2 header (a global model with a selection), in canonical order."""
 
 
 def _uint(value: object, name: str) -> int:
@@ -164,7 +175,12 @@ class Header:
         Layout of the payload. Status: empty, or the board's telemetry figures (scalars named
         from the table of :mod:`protocol.telemetry`; then ``round >= 1``).
     version : int
-        Schema version, :data:`SCHEMA_VERSION`.
+        Schema version: :data:`SCHEMA_VERSION`, or :data:`SELECTION_VERSION` exactly when
+        ``selected`` is given.
+    selected : tuple of str or None
+        Only in a version 2 global message: the client ids drawn to take part in the round it
+        starts, sorted by code point, each once, at least one (``docs/protocol.md`` 4.3). A
+        board not named sits the round out. ``None`` (version 1): every board takes part.
 
     Raises
     ------
@@ -185,12 +201,13 @@ class Header:
     status: str
     layout: TensorLayout
     version: int = SCHEMA_VERSION
+    selected: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
-        if self.version != SCHEMA_VERSION or type(self.version) is not int:
+        if type(self.version) is not int or self.version not in SUPPORTED_VERSIONS:
             raise UnsupportedVersionError(
                 f"header schema version {brief(self.version)} is not supported "
-                f"(expected {SCHEMA_VERSION})"
+                f"(expected one of {list(SUPPORTED_VERSIONS)})"
             )
         try:
             kind = Kind(self.kind) if isinstance(self.kind, str) else None
@@ -259,10 +276,48 @@ class Header:
             )
         if self.kind is Kind.GLOBAL and self.alarm:
             raise InvalidHeaderError("a global message must have alarm false")
+        self._check_selection()
+
+    def _check_selection(self) -> None:
+        """Version 2 is a global message with a selection; version 1 has none."""
+        selected = self.selected
+        if self.version == SCHEMA_VERSION:
+            if selected is not None:
+                raise InvalidHeaderError(
+                    f"a version {SCHEMA_VERSION} header has no {SELECTION_FIELD!r} key "
+                    f"(a selection makes it version {SELECTION_VERSION})"
+                )
+            return
+        if self.kind is not Kind.GLOBAL:
+            raise InvalidHeaderError(
+                f"only a global message has a version {SELECTION_VERSION} header, not a "
+                f"{self.kind.value} message"
+            )
+        if not isinstance(selected, tuple) or not selected:
+            raise InvalidHeaderError(
+                f"header field {SELECTION_FIELD!r} must be a non-empty array of client ids, "
+                f"got {brief(selected)}"
+            )
+        for client in selected:
+            if not is_valid_id(client):
+                raise InvalidHeaderError(
+                    f"header field {SELECTION_FIELD!r} holds an invalid client id {brief(client)}"
+                )
+        if any(a >= b for a, b in itertools.pairwise(selected)):
+            raise InvalidHeaderError(
+                f"header field {SELECTION_FIELD!r} must be sorted by code point with each "
+                "client id once"
+            )
+
+    def selects(self, client: str) -> bool:
+        """Whether ``client`` takes part in the round this header's global model starts: every
+        board without a selection (version 1), else the boards named in it."""
+        return self.selected is None or client in self.selected
 
     def to_json_value(self) -> dict[str, Any]:
-        """The header as a JSON object (keys of :data:`HEADER_FIELDS`)."""
-        return {
+        """The header as a JSON object (keys of :data:`HEADER_FIELDS`, or
+        :data:`HEADER_FIELDS_V2` for a selection)."""
+        value: dict[str, Any] = {
             "alarm": self.alarm,
             "base_sha256": self.base_sha256,
             "client": self.client,
@@ -277,6 +332,9 @@ class Header:
             "timestamp_ms": self.timestamp_ms,
             "v": self.version,
         }
+        if self.selected is not None:
+            value[SELECTION_FIELD] = list(self.selected)
+        return value
 
     def canonical_bytes(self) -> bytes:
         """Canonical encoding: JSON with sorted keys, no whitespace, ASCII only.
@@ -293,7 +351,7 @@ class Header:
         Raises
         ------
         UnsupportedVersionError
-            If ``v`` is an integer other than :data:`SCHEMA_VERSION`.
+            If ``v`` is an integer other than those of :data:`SUPPORTED_VERSIONS`.
         InvalidHeaderError
             For a non-object, missing or extra keys, or any invalid field.
         """
@@ -302,15 +360,27 @@ class Header:
         version = obj.get("v")
         if type(version) is not int:
             raise InvalidHeaderError(f"header field 'v' must be an integer, got {brief(version)}")
-        if version != SCHEMA_VERSION:
+        if version not in SUPPORTED_VERSIONS:
             raise UnsupportedVersionError(
-                f"header schema version {version} is not supported (expected {SCHEMA_VERSION})"
+                f"header schema version {version} is not supported "
+                f"(expected one of {list(SUPPORTED_VERSIONS)})"
             )
         keys = set(obj)
-        if keys != set(HEADER_FIELDS):
-            missing = sorted(set(HEADER_FIELDS) - keys)
-            extra = sorted(keys - set(HEADER_FIELDS))
-            raise InvalidHeaderError(f"header keys wrong: missing {missing}, unexpected {extra}")
+        fields = set(HEADER_FIELDS if version == SCHEMA_VERSION else HEADER_FIELDS_V2)
+        if keys != fields:
+            missing = sorted(fields - keys)
+            extra = sorted(keys - fields)
+            raise InvalidHeaderError(
+                f"header keys wrong for version {version}: missing {missing}, unexpected {extra}"
+            )
+        selected = obj.get(SELECTION_FIELD)
+        if selected is not None:
+            if not isinstance(selected, list) or not all(isinstance(c, str) for c in selected):
+                raise InvalidHeaderError(
+                    f"header field {SELECTION_FIELD!r} must be an array of strings, "
+                    f"got {brief(selected)}"
+                )
+            selected = tuple(selected)
         try:
             layout = TensorLayout.from_json_value(obj["layout"])
         except LayoutError as exc:
@@ -329,6 +399,7 @@ class Header:
             status=obj["status"],
             layout=layout,
             version=version,
+            selected=selected,
         )
 
 
@@ -390,6 +461,11 @@ class Message:
         return self.header.client
 
     @property
+    def selected(self) -> tuple[str, ...] | None:
+        """A global model's selection: the boards drawn for its round (``None``: every board)."""
+        return self.header.selected
+
+    @property
     def layout(self) -> TensorLayout:
         """Payload layout."""
         return self.header.layout
@@ -438,6 +514,7 @@ def encode_message(
     nonce: bytes | None = None,
     timestamp_ms: int | None = None,
     check_finite: bool = True,
+    selected: Sequence[str] | None = None,
 ) -> bytes:
     """Build and sign a message.
 
@@ -462,6 +539,9 @@ def encode_message(
         Signing time; the current clock when omitted.
     check_finite : bool
         Refuse NaN/infinite weights (default). Only fault-injection code passes ``False``.
+    selected : sequence of str, optional
+        Global messages only: the client ids drawn for the round (sorted and written in a
+        version 2 header); ``None``: a version 1 header.
 
     Returns
     -------
@@ -501,6 +581,8 @@ def encode_message(
         timestamp_ms=now_ms() if timestamp_ms is None else timestamp_ms,
         status=status,
         layout=layout,
+        version=SCHEMA_VERSION if selected is None else SELECTION_VERSION,
+        selected=None if selected is None else tuple(sorted(set(selected))),
     )
     return sign_header(header, signing_key) + payload
 
@@ -569,10 +651,13 @@ def encode_global(
     client: str = COORDINATOR_ID,
     nonce: bytes | None = None,
     timestamp_ms: int | None = None,
+    selected: Sequence[str] | None = None,
 ) -> bytes:
     """Encode the coordinator's global model that starts ``round`` (see :func:`encode_message`).
 
     ``previous_sha256`` is the model hash of the previously published global model.
+    ``selected``: the client ids drawn to take part in ``round`` (client sampling), written in
+    a version 2 header; ``None`` (every board takes part) keeps the version 1 header.
     """
     return encode_message(
         Kind.GLOBAL,
@@ -586,6 +671,7 @@ def encode_global(
         samples=samples,
         nonce=nonce,
         timestamp_ms=timestamp_ms,
+        selected=selected,
     )
 
 
@@ -662,6 +748,23 @@ def _parse_header_bytes(header_bytes: bytes) -> Header:
             "header is not in canonical form (sorted keys, no whitespace, ASCII)"
         )
     return Header.from_json_value(obj)
+
+
+def header_of(data: bytes) -> Header:
+    """The header of a message the caller produced or verified before (e.g. a stored global
+    model), read without checking the signature or the payload.
+
+    Raises
+    ------
+    InvalidMessageError
+        If the framing or the header is invalid.
+    """
+    if len(data) < PREFIX_BYTES + 1 or data[:4] != MAGIC:
+        raise MalformedMessageError("not a message: no SIRN frame")
+    (header_length,) = _FRAME_LENGTH.unpack_from(data, 4)
+    if not 1 <= header_length <= MAX_HEADER_BYTES or len(data) < PREFIX_BYTES + header_length:
+        raise MalformedMessageError(f"header length {header_length} does not fit the message")
+    return _parse_header_bytes(data[PREFIX_BYTES : PREFIX_BYTES + header_length])
 
 
 def _lookup_key(keys: KeySource, client: str) -> VerifyKey | None:

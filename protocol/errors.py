@@ -16,6 +16,8 @@ class Reason(str, Enum):
     """Outcome code of decoding or admitting a message (the value is what is logged and counted)."""
 
     ACCEPTED = "accepted"
+    #: Buffered asynchronous mode: admitted, trained on one of the last S global versions.
+    STALE = "stale"
     DUPLICATE = "duplicate"
     MALFORMED = "malformed"
     UNSUPPORTED_VERSION = "unsupported_version"
@@ -38,6 +40,12 @@ class Reason(str, Enum):
     BAD_SAMPLE_COUNT = "bad_sample_count"
     CLOCK_SKEW = "clock_skew"
     CONFLICTING_UPDATE = "conflicting_update"
+    #: The round has a selection (client sampling) that does not name the board.
+    NOT_SELECTED = "not_selected"
+    #: Buffered asynchronous mode: trained on a global version more than S versions old.
+    TOO_STALE = "too_stale"
+    #: Buffered asynchronous mode: the board already has an update in the open buffer.
+    BUFFERED = "buffered"
     REPLAYED_NONCE = "replayed_nonce"
     #: Counted by the coordinator, not by :class:`protocol.admission.Admission`: a correctly
     #: signed update from a board an operator has banned (admission sees no key for it).
@@ -50,6 +58,10 @@ class Reason(str, Enum):
 
     def __str__(self) -> str:
         return self.value
+
+
+#: Outcomes that admit the update for aggregation (``stale``: buffered asynchronous mode).
+ADMITTED = frozenset({Reason.ACCEPTED, Reason.STALE})
 
 
 def brief(value: object, limit: int = 60) -> str:
@@ -203,6 +215,26 @@ class ConflictingUpdateError(InvalidMessageError):
     """The client already has a different update admitted in this round."""
 
     reason = Reason.CONFLICTING_UPDATE
+
+
+class NotSelectedError(InvalidMessageError):
+    """The round's global model named the boards drawn to take part, and not this one."""
+
+    reason = Reason.NOT_SELECTED
+
+
+class TooStaleError(InvalidMessageError):
+    """Buffered asynchronous mode: the update was trained on a global version more than the
+    staleness bound S versions before the current one."""
+
+    reason = Reason.TOO_STALE
+
+
+class BufferedError(InvalidMessageError):
+    """Buffered asynchronous mode: the board already has a different update in the open
+    buffer (one per board until the next global version)."""
+
+    reason = Reason.BUFFERED
 
 
 class ReplayedNonceError(InvalidMessageError):

@@ -35,6 +35,7 @@ from coordinator.api.schemas import (
 )
 from coordinator.api.store_view import StoreView
 from coordinator.config import CoordinatorConfig
+from coordinator.selection import announced_selection
 from coordinator.store import StoreError
 from protocol.errors import KeyFileError
 from protocol.keys import load_verify_key, verify_key_hex
@@ -107,6 +108,12 @@ class Answers:
         admitted = v.admitted(number)
         names = {c for c, _, _, _ in admitted}
         timeout = self.config.round_timeout
+        if self.config.mode == "async":
+            timeout = 0.0  # a buffer closes on its B-th update, never at a deadline
+        # With client sampling only the boards drawn for the round (named in its global model)
+        # can be missing.
+        model = v.model_row(number)
+        drawn = None if model is None else announced_selection(model[3])
         return OpenRound(
             round=number,
             opened_at=opened,
@@ -114,7 +121,11 @@ class Answers:
             deadline=opened + timeout if timeout > 0 else None,
             admitted=[c for c, _, _, _ in admitted],
             alarms=[c for c, alarm, _, _ in admitted if alarm],
-            missing=[b for b in ctx.boards if b not in names and b not in ctx.admin_banned],
+            missing=[
+                b
+                for b in ctx.boards
+                if b not in names and b not in ctx.admin_banned and (drawn is None or b in drawn)
+            ],
         )
 
     def _client_summaries(self, v: StoreView, ctx: RunContext) -> list[ClientSummary]:

@@ -141,8 +141,8 @@ def _admission(counts: Mapping[str, int]) -> Iterable[Metric]:
     """Admission outcomes: admitted, duplicates, and refusals by reason (every code, zeros too)."""
     yield CounterMetricFamily(
         "siren_updates_admitted_total",
-        "Updates admitted.",
-        value=counts.get(Reason.ACCEPTED.value, 0),
+        "Updates admitted (buffered asynchronous mode: stale ones included).",
+        value=counts.get(Reason.ACCEPTED.value, 0) + counts.get(Reason.STALE.value, 0),
     )
     yield CounterMetricFamily(
         "siren_updates_duplicate_total",
@@ -153,7 +153,8 @@ def _admission(counts: Mapping[str, int]) -> Iterable[Metric]:
         "siren_updates_rejected_total", "Messages refused, by reason code.", labels=["reason"]
     )
     reasons = {r.value for r in Reason} | set(counts)
-    for reason in sorted(reasons - {Reason.ACCEPTED.value, Reason.DUPLICATE.value}):
+    admitted = {Reason.ACCEPTED.value, Reason.STALE.value, Reason.DUPLICATE.value}
+    for reason in sorted(reasons - admitted):
         rejected.add_metric([reason], counts.get(reason, 0))
     yield rejected
 

@@ -48,15 +48,32 @@ def broker(tmp_path: Path) -> Iterator[BrokerHandle]:
         handle.stop()
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll ``predicate`` every 50 ms until it returns a truthy value; fail after ``timeout``."""
+def wait_until(
+    predicate: Callable[[], Any],
+    timeout: float,
+    what: str,
+    logs: Callable[[], str] | None = None,
+) -> Any:
+    """Poll ``predicate`` every 50 ms until it returns a truthy value; fail after ``timeout``
+    (with the text of ``logs()``, when given, in the failure message)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+    detail = f"\n{logs()}" if logs is not None else ""
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}{detail}")
+
+
+def log_tails(paths: list[Path], lines: int = 40) -> str:
+    """The last ``lines`` lines of each existing file of ``paths``, headed by its name."""
+    parts = []
+    for path in paths:
+        if path.exists():
+            tail = path.read_text(errors="replace").splitlines()[-lines:]
+            parts.append(f"--- {path.name} (last {len(tail)} lines)\n" + "\n".join(tail))
+    return "\n".join(parts)
 
 
 def query(db_path: Path, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
@@ -80,6 +97,13 @@ class PreparedRun:
     coord_toml: Path
     db: Path
     broker: BrokerHandle
+
+    def logs(self) -> str:
+        """Tails of the coordinator's, the standalone boards' and the broker's logs."""
+        boards = sorted(self.workdir.glob("standalone-*/board.log"))
+        return log_tails(
+            [self.workdir / "coordinator.log", *boards, self.broker.workdir / "mosquitto.log"]
+        )
 
     def start_coordinator(self) -> subprocess.Popen[bytes]:
         """``siren coordinator run`` as a subprocess (log appended to coordinator.log)."""

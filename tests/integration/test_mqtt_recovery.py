@@ -96,8 +96,9 @@ def test_board_killed_and_restarted_rejoins_and_forged_updates_are_counted(
                 query(run.db, "SELECT status FROM statuses WHERE client='board-002'")
                 == [("offline",)]
             ),
-            timeout=30,
+            timeout=60,
             what="board 2's Last Will (offline) to reach the coordinator",
+            logs=run.logs,
         )
         # While board 2 is down: an update for it signed with a stranger's key, and garbage.
         layout = TensorLayout(worker.layout.entries)

@@ -18,6 +18,7 @@ PACKAGES = (
     "coordinator",
     "firmware_sim",
     "deploy",
+    "image",
     "siren_cli",
     "benchmarks",
 )

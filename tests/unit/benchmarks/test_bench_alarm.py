@@ -178,6 +178,20 @@ def test_board_mode_measures_the_litert_backend_without_tensorflow(tmp_path, cap
     assert result["train_epoch_s"] > 0 and result["alarm_s"] > 0
 
 
+def test_repeated_runs_alternate_and_report_medians():
+    from benchmarks.board_backends import merge_runs
+
+    runs = [
+        {"model": "m", "backend": "litert", "import_s": 0.1, "startup_s": 0.2,
+         "train_epoch_s": t, "train_epoch_cpu_s": t / 2, "alarm_s": 0.3, "peak_rss_mib": rss}
+        for t, rss in ((3.0, 140.0), (1.0, 150.0), (2.0, 145.0))
+    ]  # fmt: skip
+    merged = merge_runs(runs)
+    assert merged["train_epoch_s"] == 2.0 and merged["train_epoch_cpu_s"] == 1.0
+    assert merged["peak_rss_mib"] == 150.0
+    assert [r["train_epoch_cpu_s"] for r in merged["runs"]] == [1.5, 0.5, 1.0]
+
+
 def test_board_mode_rejects_an_unknown_backend(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "alarm", "--backends", "torch", "--models", "digits-mlp"])

@@ -213,7 +213,8 @@ def test_distributions_name_the_non_iid_degree():
     assert parse_distribution("iid") == ("iid", None)
     assert parse_distribution("noniid") == ("noniid", None)
     assert parse_distribution("noniid-p0.9") == ("noniid", 0.9)
-    for bad in ("noniid-p", "noniid-p1.5", "noniid-pX", "dirichlet"):
+    assert parse_distribution("classes2") == ("classes2", None)
+    for bad in ("noniid-p", "noniid-p1.5", "noniid-pX", "dirichlet", "classes", "classes0"):
         with pytest.raises(ValueError, match="unknown distribution"):
             parse_distribution(bad)
 
@@ -279,7 +280,9 @@ def test_the_pdrr_preset_runs_each_rule_against_its_own_partial_knowledge_attack
     assert main(["--preset", "pdrr", "--results", str(tmp_path), "--summary-only"]) == 0
     readme = (tmp_path / "pdrr" / "README.md").read_text()
     attacked = [line for line in readme.splitlines() if "| fang_" in line]
-    assert len(attacked) == 6  # the three PDRR rules and their base rules, each with its attack
+    # The three PDRR rules and their base rules, each with its attack, and PDRR-trimmed-mean at
+    # the q it first ran with.
+    assert len(attacked) == 7
     assert not any("| fang_trim |" in line and "krum" in line for line in attacked)
     assert "FAR / MAR at rounds 1, 20, 50, 100" in readme
 
@@ -294,3 +297,27 @@ def test_detection_rates_count_honest_boards_flagged_and_attackers_missed():
     hist = {"rounds": rounds, "summary": {"malicious_ids": [2, 4, 6, 7]}}
     assert detection_rates(hist, (1, 2, 3, 4)) == "r1 0.00/0.00, r2 0.17/0.50, r3 -, r4 -"
     assert detection_rates({"rounds": rounds, "summary": {}}, (1,)) == ""
+
+
+def test_the_residual_preset_runs_table_4_of_residual_based_reweighting():
+    preset = PRESETS["residual"]
+    cell = Cell("residual_reweighting", "gaussian_std3", 0.1, "classes2")
+    cmd = cell_command(cell, preset, "o", 0)
+    assert cmd is not None
+
+    def arg(flag: str) -> str:
+        return cmd[cmd.index(flag) + 1]
+
+    assert (arg("--model"), arg("--clients"), arg("--rounds")) == ("rr-cnn", "100", "200")
+    assert (arg("--partition"), arg("--classes-per-board")) == ("classes", "2")
+    assert (arg("--optimizer"), arg("--learning-rate"), arg("--batch-size")) == (
+        "sgd",
+        "0.01",
+        "128",
+    )
+    assert (arg("--attack"), arg("--malicious")) == ("gaussian_noise", "0.1")
+    assert "std=3.0" in cmd and "mode=multiplicative" in cmd and "delta=0.01" in cmd
+    # The paper's number for the cell is Table 4's, and its 0% column is the no-attack row.
+    numbers, _ = PAPER_TABLES["residual"]
+    assert numbers[("residual_reweighting", "gaussian_std3", 10, "classes2")] == 92.28
+    assert numbers[("fedavg", "none", 0, "classes2")] == 93.17

@@ -196,6 +196,10 @@ def test_two_rounds_of_messages_get_the_reasons_they_declare(tmp_path: Path) -> 
         Reason.BANNED,
         Reason.QUARANTINED,
         Reason.REVOKED,  # an operator action, like a ban
+        Reason.NOT_SELECTED,  # the soak's run draws no boards (no client sampling)
+        Reason.STALE,  # ... and its rounds are synchronous (no buffered asynchronous mode)
+        Reason.TOO_STALE,
+        Reason.BUFFERED,
     }
     # The engine counted exactly what was declared.
     counted = engine.store.decision_counts()

@@ -181,6 +181,7 @@ def test_board_wheel_holds_only_the_board_packages_and_imports_without_the_rest(
         "benchmarks/__init__.py",
         "benchmarks/alarm.py",
         "benchmarks/board_backends.py",
+        "benchmarks/board_data.py",
         "benchmarks/cli.py",
     ]
     assert "siren = siren_cli.main:main" in entry.decode()
@@ -202,6 +203,7 @@ def test_board_wheel_holds_only_the_board_packages_and_imports_without_the_rest(
         "import importlib.util as u; "
         "assert u.find_spec('coordinator') is None and u.find_spec('firmware_sim') is None; "
         "import edge_client.client, edge_client.cli, siren_cli.main as m; "
+        "import benchmarks.alarm, benchmarks.board_backends; "
         "parser = m.build_parser(); "
         "names = set(parser._subparsers._group_actions[0].choices); "
         "assert names == {'client', 'keys', 'bench'}, names; "

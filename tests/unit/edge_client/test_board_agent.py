@@ -138,3 +138,34 @@ def test_rng_is_the_in_process_engines_seeding() -> None:
     agent = _agent(seed=5)
     expected = np.random.default_rng([5, 3, 1]).random(4)
     np.testing.assert_array_equal(agent.rng(3).random(4), expected)
+
+
+def test_a_board_not_drawn_sits_the_round_out_and_keeps_its_own_latest_model() -> None:
+    """Client sampling (docs/protocol.md 4.3): a board the selection does not name neither
+    trains nor sends, however often the round is announced; it still holds the model, and its
+    own latest local model (round 1's) stays what its next alarm compares with."""
+    agent = _agent(rounds=4)
+    first = agent.verify_global(_global(1))
+    assert first is not None and agent.plan(first).action == "train"
+    local = np.full(LAYOUT.size, 0.5, np.float32)
+    agent.seal(_update(1, local), BoardState(1, local, 1), first)
+
+    def sampled(round_index: int, names: list[str]):
+        return agent.verify_global(
+            encode_global(
+                run="demo", round=round_index, signing_key=COORD, selected=names,
+                weights=np.zeros(LAYOUT.size, np.float32), layout=LAYOUT,
+            )
+        )  # fmt: skip
+
+    second = sampled(2, ["board-000", "board-002"])
+    assert second is not None
+    plan = agent.plan(second)
+    assert plan.action == "sit_out" and "not among the boards drawn" in plan.reason
+    agent.skip(second)
+    assert agent.plan(second).action == "sit_out"  # a re-announcement changes nothing
+    assert agent.held() == (2, second.header.payload_sha256)
+    assert agent.record.last_round == 1 and agent.record.pending is not None
+    np.testing.assert_array_equal(agent.state.previous_local, local)
+    third = sampled(3, ["board-001"])
+    assert third is not None and agent.plan(third).action == "train"

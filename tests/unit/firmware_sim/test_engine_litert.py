@@ -14,7 +14,7 @@ FAST = dict(dataset="digits", clients=5, rounds=4, local_epochs=1, learning_rate
     "aggregator,model", [("fedavg", "digits-mlp"), ("siren", "digits-cnn")], ids=["fedavg", "siren"]
 )
 def test_litert_run_ends_within_half_a_point_of_keras(digits, aggregator, model):
-    """Issue 20: a whole run (digits, fixed seed) ends within 0.5 points of the Keras backend."""
+    """A whole run (digits, fixed seed) ends within 0.5 points of the Keras backend."""
     runs = {
         backend: run_simulation(
             SimConfig(aggregator=aggregator, model=model, train_backend=backend, **FAST),

@@ -48,3 +48,11 @@ def test_drops_are_reproducible_and_near_the_rate() -> None:
 def test_unknown_profile_names_are_listed() -> None:
     with pytest.raises(ValueError, match="known: ideal"):
         parse_mix("raspberry")
+
+
+def test_the_mixed_fleet_is_uneven_and_drops_out() -> None:
+    names = [p.name for p in assign_profiles(parse_mix("mixed"), 50, seed=0)]
+    assert (names.count("pizero2"), names.count("pi4"), names.count("jetson")) == (10, 30, 10)
+    by_name = {p.name: p for p in assign_profiles(parse_mix("mixed"), 50, seed=0)}
+    assert by_name["pizero2"].compute_factor == 8 * by_name["pi4"].compute_factor
+    assert all(p.dropout > 0 for p in by_name.values())

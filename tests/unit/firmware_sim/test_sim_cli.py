@@ -154,6 +154,10 @@ BAD_OPTIONS = [
     ),
     (["--model", "siren-cnn"], "model 'siren-cnn' needs images of at least 10x10"),
     (["--batch-size", "0"], "batch size must be >= 1"),
+    (
+        ["--partition", "classes", "--classes-per-board", "11"],
+        "--classes-per-board must be in [1, 10]",
+    ),
 ]
 
 
@@ -176,6 +180,7 @@ def test_sim_fleet_refuses_bad_options_before_starting_anything(tmp_path: Path) 
         (["--broker", "mosquito"], "--broker 'mosquito': expected auto, mosquitto, amqtt"),
         (["--broker", "nohost:99999"], "HOST:PORT of a running broker with a port in 1..65535"),
         (["--linger", "30"], "--linger keeps the dashboard up after the run: give --api-port"),
+        (["--ray", "local", "--ray-worker-cpus", "-1"], "--ray-worker-cpus must be a number >= 0"),
     ]:
         argv = ["sim", "fleet", "--dataset", "digits", *options, "--out", str(tmp_path / "out")]
         code, err, heavy = _run_cli(argv, tmp_path)

@@ -18,7 +18,7 @@ from models.training import TrainConfig, Trainer
 from models.weights import get_flat_weights, set_flat_weights, unflatten
 from models.zoo import build_model
 
-#: The equivalence bound of issue 20: relative error of each gradient tensor, float32.
+#: The LiteRT training step's equivalence bound: relative error of each gradient tensor, float32.
 GRADIENT_RTOL = 1e-5
 
 SHAPES = {"digits-mlp": (8, 8, 1), "digits-cnn": (8, 8, 1), "siren-cnn": (28, 28, 1)}
@@ -118,7 +118,7 @@ def test_unsupported_layer_is_refused_by_name():
 
 @pytest.mark.parametrize("name", sorted(SHAPES))
 def test_gradients_match_tensorflow(exported, name):
-    """Issue 20: the LiteRT step's gradients are TensorFlow's within 1e-5 (relative, float32),
+    """The LiteRT step's gradients are TensorFlow's within 1e-5 (relative, float32),
     with weights away from their initial values and pooling windows full of ties."""
     model, artifact = exported[name]
     rng = np.random.default_rng(7)
@@ -145,6 +145,37 @@ def test_gradients_match_tensorflow_on_real_digits(exported, digits):
     expected, _ = _tf_gradients(model, weights, x, y)
     flat, _ = LiteRTTrainer(artifact, TrainConfig()).gradient(weights, x, y)
     assert max(_relative_errors(unflatten(flat, artifact.layout), expected)) <= GRADIENT_RTOL
+
+
+def _has_fashion() -> bool:
+    from models.datasets import find_fashion_mnist
+    from models.errors import DatasetNotFoundError
+
+    try:
+        find_fashion_mnist()
+    except DatasetNotFoundError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_fashion(), reason="dataset-fashion-mnist is not installed")
+def test_siren_cnn_gradients_match_tensorflow_on_fashion_mnist(exported):
+    """Real images (blank backgrounds, saturated pixels) and weights after some Keras steps."""
+    from models.datasets import load_fashion_mnist
+
+    model, artifact = exported["siren-cnn"]
+    ds = load_fashion_mnist()
+    trainer = Trainer("siren-cnn", (28, 28, 1), 10, TrainConfig(epochs=1), seed=3)
+    weights, _ = trainer.train(
+        trainer.initial_weights, ds.x_train[:640], ds.y_train[:640], np.random.default_rng(0)
+    )
+    lite = LiteRTTrainer(artifact, TrainConfig())
+    for seed in range(2):
+        idx = np.random.default_rng(seed).choice(len(ds.y_train), 64, replace=False)
+        expected, _ = _tf_gradients(model, weights, ds.x_train[idx], ds.y_train[idx])
+        flat, _ = lite.gradient(weights, ds.x_train[idx], ds.y_train[idx])
+        errors = _relative_errors(unflatten(flat, artifact.layout), expected)
+        assert max(errors) <= GRADIENT_RTOL, errors
 
 
 def test_pooling_ties_go_to_the_first_maximum(exported):

@@ -8,9 +8,11 @@ import pytest
 from models.errors import PartitionError
 from models.partition import (
     make_federated_split,
+    partition_classes,
     partition_dirichlet,
     partition_iid,
     partition_noniid,
+    partition_overlap,
 )
 
 # Balanced synthetic labels: 10 classes x 2,000 samples.
@@ -99,3 +101,62 @@ def test_split_rejects_impossible_requests():
         make_federated_split(LABELS, 5, "shards")
     with pytest.raises(PartitionError, match="at least one sample"):
         make_federated_split(LABELS[:50], 60, "iid", root_size=0)
+
+
+@pytest.mark.parametrize(("boards", "classes"), [(100, 2), (7, 3), (10, 1)])
+def test_classes_gives_every_board_c_distinct_labels_in_equal_parts(boards, classes):
+    shards = partition_classes(LABELS, boards, classes, np.random.default_rng(3))
+    _assert_partition(shards, LABELS.size)
+    holders = np.zeros(10, dtype=int)
+    for s in shards:
+        held = np.unique(LABELS[s])
+        assert held.size == classes
+        holders[held] += 1
+        # Within a board, every class it holds is (nearly) equally represented.
+        counts = np.bincount(LABELS[s], minlength=10)[held]
+        assert counts.max() - counts.min() <= 2000 // holders[held].min()
+    # Labels are dealt evenly: each is held by floor or ceil of K*c/L boards.
+    assert holders.max() - holders.min() <= 1
+
+
+def test_classes_residual_paper_setting_is_600_images_of_two_classes():
+    """Residual-based reweighting §4.4: 100 participants with 300 images of each of two classes
+    (the 60,000 training images of MNIST / Fashion-MNIST)."""
+    labels = np.repeat(np.arange(10), 6000)
+    split = make_federated_split(labels, 100, "classes", classes=2, root_size=0, seed=0)
+    for shard in split.shards:
+        idx = np.concatenate([shard.train_idx, shard.test_idx])
+        assert idx.size == 600
+        assert sorted(np.bincount(labels[idx], minlength=10)[np.unique(labels[idx])]) == [300, 300]
+
+
+def test_classes_rejects_more_classes_than_labels():
+    with pytest.raises(PartitionError, match="classes per board"):
+        partition_classes(LABELS, 10, 11, np.random.default_rng(0))
+    with pytest.raises(PartitionError, match="classes per board"):
+        make_federated_split(LABELS, 10, "classes", classes=0)
+
+
+@pytest.mark.parametrize(("n", "boards"), [(1337, 2000), (1337, 1000), (100, 7), (5, 5)])
+def test_overlap_gives_every_board_two_samples_at_least_and_covers_every_sample(n, boards):
+    shards = partition_overlap(n, boards, np.random.default_rng(0))
+    assert len(shards) == boards
+    size = max(2, -(-n // boards))
+    for shard in shards:
+        assert shard.size == size and np.unique(shard).size == size  # no sample twice
+        assert shard.min() >= 0 and shard.max() < n
+    assert np.unique(np.concatenate(shards)).size == n
+
+
+def test_overlap_split_of_2000_digits_boards_trains_and_tests_on_every_board():
+    digits_train = np.repeat(np.arange(10), 144)[:1437]
+    split = make_federated_split(digits_train, 2000, "overlap", root_size=100, seed=1)
+    assert split.num_clients == 2000
+    root = set(split.root_idx.tolist())
+    for shard in split.shards:
+        assert shard.train_idx.size >= 1 and shard.test_idx.size >= 1
+        assert not root & (set(shard.train_idx.tolist()) | set(shard.test_idx.tolist()))
+    again = make_federated_split(digits_train, 2000, "overlap", root_size=100, seed=1)
+    assert all(np.array_equal(a.train_idx, b.train_idx) for a, b in zip(split.shards, again.shards))
+    with pytest.raises(PartitionError, match="at least 2 samples"):
+        partition_overlap(1, 3, np.random.default_rng(0))

@@ -157,6 +157,25 @@ def _replayed_nonce(env: Env, admission: Admission) -> bytes:
 
 # reason -> (policy overrides, builder(env, admission) -> (data, topic))
 Builder = Callable[[Env, Admission], tuple[bytes, str | None]]
+
+
+def _not_selected(env: Env, admission: Admission) -> bytes:
+    admission.start_round(ROUND + 1, env.base, ["board-2"])  # client sampling drew board-2
+    return env.update(round=ROUND + 1)
+
+
+def _too_stale(env: Env, admission: Admission) -> bytes:
+    # Two versions later, with S = 1, an update trained on version 5 is too stale.
+    admission.start_round(ROUND + 1, env.base)
+    admission.start_round(ROUND + 2, env.base)
+    return env.update()
+
+
+def _buffered(env: Env, admission: Admission) -> bytes:
+    assert admission.admit(env.update()).accepted
+    return env.update()  # another update of board-1 into the same buffer
+
+
 CASES: dict[Reason, tuple[dict[str, Any], Builder]] = {
     Reason.PAYLOAD_TOO_LARGE: ({"max_message_bytes": 200}, lambda e, a: (e.update(), None)),
     Reason.MALFORMED: ({}, lambda e, a: (b"SIRN\x05\x00\x00\x00{}" + b"\x00" * 80, None)),
@@ -190,6 +209,9 @@ CASES: dict[Reason, tuple[dict[str, Any], Builder]] = {
         lambda e, a: (e.update(timestamp_ms=NOW - 60_001), None),
     ),
     Reason.CONFLICTING_UPDATE: ({}, lambda e, a: (_conflicting(e, a), None)),
+    Reason.NOT_SELECTED: ({}, lambda e, a: (_not_selected(e, a), None)),
+    Reason.TOO_STALE: ({"max_staleness": 1}, lambda e, a: (_too_stale(e, a), None)),
+    Reason.BUFFERED: ({"max_staleness": 1}, lambda e, a: (_buffered(e, a), None)),
     Reason.REPLAYED_NONCE: ({}, lambda e, a: (_replayed_nonce(e, a), None)),
 }
 
@@ -199,7 +221,8 @@ def test_cases_cover_every_rejection_reason() -> None:
     # board's key, so admission itself says unknown_client): see test_coord_engine.py; so is
     # ``quarantined`` (a stored update refused on restart): see test_coord_poison.py.
     coordinator_only = {Reason.BANNED, Reason.QUARANTINED, Reason.REVOKED}
-    assert set(CASES) == set(Reason) - {Reason.ACCEPTED, Reason.DUPLICATE} - coordinator_only
+    admitted = {Reason.ACCEPTED, Reason.STALE, Reason.DUPLICATE}  # not rejections
+    assert set(CASES) == set(Reason) - admitted - coordinator_only
 
 
 @pytest.mark.parametrize("reason", sorted(CASES, key=str), ids=str)

@@ -88,3 +88,35 @@ def test_example_admission_outcomes_as_documented() -> None:
     assert admission.admit(data).reason is Reason.DUPLICATE
     admission.start_round(8, weights_sha256(global_w + 1))
     assert admission.admit(data).reason is Reason.STALE_ROUND
+
+
+def test_the_selection_example_is_what_the_encoder_produces() -> None:
+    """Section 4.3: the version 2 global header, its signature and its size."""
+    from protocol.envelope import encode_global
+
+    coordinator = SigningKey(bytes(range(32, 64)))
+    assert bytes(coordinator.verify_key).hex() == _documented(
+        r"seed is the bytes `20 21 … 3f` \(its public key is\s+`([0-9a-f]{64})`"
+    )
+    g7 = np.array([0.5, -0.25, 1.0, 0.0, 0.125, -1.5], dtype=np.float32)
+    g8 = np.array([1.0, -1.25, 1.25, 2.0, 0.125, -1.625], dtype=np.float32)
+    data = encode_global(
+        run="demo",
+        round=8,
+        signing_key=coordinator,
+        weights=g8,
+        layout=TensorLayout([("dense/kernel", (2, 2)), ("dense/bias", (2,))]),
+        previous_sha256=weights_sha256(g7),
+        samples=120,
+        selected=["board-03", "board-01"],
+        nonce=bytes.fromhex("ffeeddccbbaa99887766554433221100"),
+        timestamp_ms=1_700_000_060_000,
+    )
+    header = _documented(r"its header, 434 bytes:\n\n```\n(.*?)\n```")
+    assert len(header) == 434 and data[8:442] == header.encode("ascii")
+    signature = _documented(r"signed bytes is\n`([0-9a-f]{64})`") + _documented(
+        r"signed bytes is\n`[0-9a-f]{64}`\n`([0-9a-f]{64})`"
+    )
+    assert data[442:506].hex() == signature and len(data) == 530
+    message = decode_message(data, coordinator.verify_key)
+    assert message.selected == ("board-01", "board-03") and message.header.version == 2

@@ -189,7 +189,7 @@ TAMPERED: dict[str, tuple[Any, type[InvalidMessageError]]] = {
     "samples": (100000, BadSignatureError),
     "status": ("online", InvalidHeaderError),
     "timestamp_ms": (TS + 1, BadSignatureError),
-    "v": (2, UnsupportedVersionError),
+    "v": (3, UnsupportedVersionError),
 }
 
 
@@ -318,7 +318,7 @@ def test_invalid_header_fields_are_refused_even_when_signed(
 
 def test_unsupported_version(board1: SigningKey) -> None:
     with pytest.raises(UnsupportedVersionError):
-        decode_message(_signed_header(board1, v=2), board1.verify_key)
+        decode_message(_signed_header(board1, v=3), board1.verify_key)
 
 
 @pytest.mark.parametrize(

@@ -256,7 +256,7 @@ def test_the_specification_lists_exactly_these_figures() -> None:
     from pathlib import Path
 
     text = (Path(__file__).resolve().parents[3] / "docs" / "protocol.md").read_text()
-    section = text[text.index("### 4.2") : text.index("## 5.")]
+    section = text[text.index("### 4.2") : text.index("### 4.3")]
     listed = re.findall(r"^\| `([a-z_]+(?:\.<[a-z]+>)?)` \|", section, flags=re.MULTILINE)
     assert sorted(listed) == sorted([*FIGURES, "temp_c.<zone>", "power_mw.<rail>"])
     # The example is what the reference encoder writes for those figures.
