@@ -38,6 +38,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "benchmarks.litert_runs",
         "whole federated runs with boards training in LiteRT vs Keras (accuracy, time)",
     ),
+    "round-close": (
+        "benchmarks.round_close",
+        "round close at K=100..1000: batch rules vs streaming close; admission rate over MQTT",
+    ),
     "soak": ("benchmarks.soak", "hostile messages against a live fleet: crashes, counts, models"),
     "participation": (
         "benchmarks.participation",

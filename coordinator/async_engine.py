@@ -113,7 +113,13 @@ def make_engine(
     keys: Mapping[str, VerifyKey],
     clock: Callable[[], float] = time.time,
 ) -> RoundEngine:
-    """The engine of ``config.mode``: :class:`RoundEngine` for synchronous rounds,
-    :class:`AsyncRoundEngine` for buffered asynchronous mode."""
-    cls = AsyncRoundEngine if config.mode == "async" else RoundEngine
+    """The engine of ``config.mode`` and ``[admission]``: :class:`AsyncRoundEngine` for buffered
+    asynchronous mode; for synchronous rounds, the engine of ``admission.streaming`` and
+    ``admission.shards`` (:func:`coordinator.shard_service.engine_class`)."""
+    from coordinator.shard_service import engine_class
+
+    if config.mode == "async":
+        cls: type[RoundEngine] = AsyncRoundEngine
+    else:
+        cls = engine_class(config.admission.streaming, config.admission.shards)
     return cls(config, runtime, store, signing_key, keys, clock)

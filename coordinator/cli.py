@@ -18,7 +18,7 @@ def _run(args: argparse.Namespace) -> int:
     from coordinator.config import ConfigError, CoordinatorConfig
     from coordinator.errors import CoordinatorError
     from coordinator.runtime import build_runtime
-    from coordinator.service import CoordinatorService
+    from coordinator.shard_service import service_class
     from coordinator.store import CoordinatorStore
     from models.errors import ModelsError
     from protocol.errors import AllowListError, KeyFileError
@@ -39,7 +39,7 @@ def _run(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from exc
     except (ValueError, KeyError) as exc:
         raise CommandError(message_of(exc)) from exc
-    service = CoordinatorService(config, engine)
+    service = service_class(config.admission.shards)(config, engine)
     api_server = None
     try:
         if config.api.enabled:

@@ -71,6 +71,11 @@ Example (relative paths are relative to the file's directory)::
     token_file = ""                   # bearer token of the admin actions ("" = disabled);
                                       # the SIREN_API_TOKEN environment variable overrides it
 
+    [admission]                       # how updates are admitted (docs/streaming.md)
+    streaming = true                  # prepare each update's share of the close on admission
+    shards = 0                        # admission processes on a shared subscription (0: none)
+    share_group = ""                  # the shared subscription's group ("" = siren-<run>)
+
     [data]                            # root test set and test split
     dataset = "digits"
     root = "split"                    # "split": the seeded split's root set; "npz"; "none"
@@ -122,6 +127,7 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 __all__ = [
     "API_TOKEN_ENV",
     "DEFAULT_LR",
+    "AdmissionSettings",
     "AggregatorSettings",
     "ApiSettings",
     "BrokerSettings",
@@ -194,6 +200,15 @@ COMMENTS: dict[str, dict[str, str]] = {
         "guard_max_abs": "no weight of the global model may exceed this (inf: no bound)",
         "profile": "SIREN profile: authors (the authors' code, default) or paper-text (the "
         "paper as printed); boards' [alarm] profile should match (docs/reproducing.md)",
+    },
+    "admission": {
+        "": "How updates are admitted and rounds closed (docs/streaming.md).",
+        "streaming": "copy each admitted update into the round's buffer and prepare its share "
+        "of the close (Gram rows, server-update dots); false: the batch rules at close. "
+        "Synchronous rounds only: an asynchronous buffer of B updates runs the batch rules",
+        "shards": "processes that verify and decode updates, sharing the update topic through "
+        "an MQTT v5 shared subscription (0: the coordinator's own process does it)",
+        "share_group": 'group of the shared subscription ("" = siren-<run>)',
     },
     "simulation": {
         "": "Written by the simulator only: which boards it made malicious (for reporting).",
@@ -283,6 +298,31 @@ class AggregatorSettings:
             get_profile(self.profile)
         except ValueError as exc:
             raise ConfigError(f"aggregator.profile: {exc}") from None
+
+
+@dataclass(frozen=True)
+class AdmissionSettings:
+    """How updates are admitted and rounds closed (:mod:`coordinator.streaming_engine`,
+    :mod:`coordinator.shards`)."""
+
+    streaming: bool = True
+    shards: int = 0
+    share_group: str = ""
+
+    def __post_init__(self) -> None:
+        from protocol.topics import is_valid_id
+
+        if not isinstance(self.shards, int) or isinstance(self.shards, bool) or self.shards < 0:
+            raise ConfigError(f"admission.shards must be an integer >= 0, got {self.shards!r}")
+        if self.share_group and not is_valid_id(self.share_group):
+            raise ConfigError(
+                f"admission.share_group {self.share_group!r} must be 1-64 characters from "
+                "[A-Za-z0-9_.-]"
+            )
+
+    def group(self, run: str) -> str:
+        """The shared subscription's group name."""
+        return self.share_group or f"siren-{run}"
 
 
 @dataclass(frozen=True)
@@ -379,6 +419,7 @@ class CoordinatorConfig:
     data: DataSettings = field(default_factory=DataSettings)
     api: ApiSettings = field(default_factory=ApiSettings)
     simulation: SimulationSettings | None = None
+    admission: AdmissionSettings = field(default_factory=AdmissionSettings)
 
     def __post_init__(self) -> None:
         from protocol.topics import is_valid_id
@@ -422,6 +463,11 @@ class CoordinatorConfig:
                 settings = self.asynchronous
             except ValueError as exc:
                 raise ConfigError(f"coordinator: {exc}") from None
+            if self.admission.shards > 0:
+                raise ConfigError(
+                    "coordinator.mode = async admits updates in the coordinator's own process: "
+                    "leave admission.shards at 0"
+                )
             if self.clients and settings.buffer_size > len(self.clients):
                 raise ConfigError(
                     f"coordinator.buffer_size {settings.buffer_size} is more than the "
@@ -486,6 +532,7 @@ class CoordinatorConfig:
             "data",
             "api",
             "simulation",
+            "admission",
         }
         unknown = set(raw) - sections
         if unknown:
@@ -536,6 +583,7 @@ class CoordinatorConfig:
                     if "simulation" in raw
                     else None
                 ),
+                admission=_build(AdmissionSettings, dict(raw.get("admission", {})), "admission"),
             )
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"invalid coordinator config: {exc}") from None
@@ -585,6 +633,7 @@ class CoordinatorConfig:
             "aggregator": _section(self.aggregator, relative_to),
             "data": _section(self.data, relative_to),
             "api": _section(self.api, relative_to),
+            "admission": _section(self.admission, relative_to),
         }
         if self.simulation is not None:
             sections["simulation"] = {"malicious": list(self.simulation.malicious)}

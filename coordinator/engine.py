@@ -362,7 +362,7 @@ class RoundEngine(OperatorActions):
         """
         at = self.clock() if received_at is None else received_at
         current = self.round
-        digest = hashlib.sha256(payload).hexdigest()
+        digest = self._digest(payload)
         if self.store.digest_round(digest) is not None:
             self.store.count(current, Reason.DUPLICATE.value)
             return AdmissionDecision(
@@ -436,6 +436,10 @@ class RoundEngine(OperatorActions):
                 at=at,
             )
         return decision
+
+    def _digest(self, payload: bytes) -> str:
+        """SHA-256 of a whole message: what a resent copy is recognised by."""
+        return hashlib.sha256(payload).hexdigest()
 
     def _signed_by_banned(self, payload: bytes, client: str | None) -> bool:
         """Whether ``payload`` is a valid message signed by ``client``, an operator-banned board.

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from coordinator.aggregators import aggregate, get_rule
+from coordinator.aggregators import AggregationResult, aggregate, get_rule
 from coordinator.errors import ByzantineBoundError, InvalidParameterError, UnknownAggregatorError
 from coordinator.strategy import (
     RootOracle,
@@ -83,14 +83,38 @@ class RuleStrategy:
     ) -> StepResult:
         """Aggregate the round's updates with the rule and apply them to ``g_t``."""
         matrix, counts = stack_submissions(submissions)
+        params, rng = self.rule_inputs(round_index, global_weights, submissions)
+        result = aggregate(self.name, matrix, weights=counts, rng=rng, state=self.state, **params)
+        return self.finish(result, global_weights, submissions)
+
+    def rule_inputs(
+        self,
+        round_index: int,
+        global_weights: np.ndarray,
+        submissions: Sequence[Submission],
+        server_update: np.ndarray | None = None,
+    ) -> tuple[dict[str, Any], np.random.Generator]:
+        """The rule's parameters for this round (with ``client_ids`` and the server update
+        where the rule takes them; ``server_update`` given is used instead of asking the
+        oracle) and the round's Generator."""
         params = dict(self.params)
         if "client_ids" in self.spec.params:
             # Stateful rules match clients across rounds by id, not by row.
             params["client_ids"] = [str(s.client_id) for s in submissions]
-        if self.needs_server_update and self.oracle is not None:
-            params["server_update"] = self.oracle.server_update(global_weights, round_index)
-        rng = np.random.default_rng([self.seed, round_index])
-        result = aggregate(self.name, matrix, weights=counts, rng=rng, state=self.state, **params)
+        if self.needs_server_update:
+            if server_update is None and self.oracle is not None:
+                server_update = self.oracle.server_update(global_weights, round_index)
+            params["server_update"] = server_update
+        return params, np.random.default_rng([self.seed, round_index])
+
+    def finish(
+        self,
+        result: AggregationResult,
+        global_weights: np.ndarray,
+        submissions: Sequence[Submission],
+    ) -> StepResult:
+        """``g_{t+1} = g_t + result.vector``, the verdicts by client, and the rule's record
+        (the rule's new state is kept when it has one)."""
         if self.spec.stateful:
             self.state = result.state
         new_global = (np.asarray(global_weights, dtype=np.float32) + result.vector).astype(
@@ -193,6 +217,8 @@ def guarded_step(
     *,
     factor: float = DEFAULT_GUARD_FACTOR,
     max_abs: float = DEFAULT_GUARD_MAX_ABS,
+    norms: np.ndarray | None = None,
+    largest: Sequence[float] | None = None,
 ) -> StepResult:
     """Run ``strategy.step`` and never let it emit a non-finite or absurd global model.
 
@@ -221,9 +247,13 @@ def guarded_step(
         The absolute bound on every weight (``inf``: none). A ``g_t`` already beyond it (an
         initial model with large weights) does not make every round fail: only a step that
         enlarges the largest weight past the bound is refused.
+    norms, largest : optional
+        The submissions' L2 norms and largest absolute values when already known (a streaming
+        round keeps them); otherwise computed here (``O(K d)``).
     """
     snapshot = strategy.state_dict()
-    norms = update_norms(submissions)
+    if norms is None:
+        norms = update_norms(submissions)
     median = float(np.median(norms)) if len(norms) else 0.0
     bound = factor * median if factor != float("inf") else float("inf")
     problem: str | None
@@ -242,7 +272,8 @@ def guarded_step(
         "max_abs": max_abs,
         "median_update_norm": median,
     }
-    largest = [float(np.abs(s.delta).max(initial=0.0)) for s in submissions]
+    if largest is None:
+        largest = [float(np.abs(s.delta).max(initial=0.0)) for s in submissions]
     why_out = {
         s.client_id: (
             f"guard: update norm {n:.4g} > {factor:g} x median {median:.4g}"

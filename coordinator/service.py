@@ -47,6 +47,7 @@ class _Inbound:
     mid: int = 0
     qos: int = 0
     received_at: float = 0.0
+    origin: int = -1  # the admission process that received it (-1: this process)
 
 
 class CoordinatorService:
@@ -300,7 +301,7 @@ class CoordinatorService:
                     break  # the buffer is full: the rest waits for the next version
         # Acknowledge only after the outcome is committed: an uncommitted update is redelivered.
         for event in burst[:handled]:
-            self._client.ack(event.mid, event.qos)
+            self._ack(event)
         if handled < len(burst):
             rest = burst[handled:] + ([following] if following is not None else [])
             self._deferred.extendleft(reversed(rest))
@@ -331,4 +332,8 @@ class CoordinatorService:
                 self._last_progress = time.monotonic()
                 self._resend_after = self.config.resend_interval
         if ack:
-            self._client.ack(event.mid, event.qos)
+            self._ack(event)
+
+    def _ack(self, event: _Inbound) -> None:
+        """Acknowledge a message to the broker (through whichever client received it)."""
+        self._client.ack(event.mid, event.qos)

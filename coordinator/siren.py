@@ -122,7 +122,7 @@ probes), ``O(K d)`` for the weight analysis and the weighted sum.
 from __future__ import annotations
 
 import base64
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -189,11 +189,13 @@ class _RoundView:
         g_t: np.ndarray,
         by_id: dict[int, Submission],
         params: SirenParams,
+        cosine_of: Callable[[int, int], float | None] | None = None,
     ) -> None:
         self.oracle = oracle
         self.g_t = g_t
         self.by_id = by_id
         self.params = params
+        self.cosine_of = cosine_of
         self.acc: dict[int, float] = {}
         self.wa: dict[int, dict[str, Any]] = {}
 
@@ -227,7 +229,10 @@ class _RoundView:
         """Weight analysis: the angle between ``Δ^(i)`` and ``Δ^(ref)`` is at most π/2."""
         if not self.params.weight_analysis:
             return True
-        cos = cosine(self.by_id[cid].delta, self.by_id[ref].delta)
+        if self.cosine_of is not None:
+            cos = self.cosine_of(cid, ref)
+        else:
+            cos = cosine(self.by_id[cid].delta, self.by_id[ref].delta)
         ok = cos is None or cos >= 0.0
         self.wa[cid] = {"reference": ref, "cosine": cos, "passed": ok}
         return ok
@@ -321,7 +326,12 @@ class SirenStrategy:
     # ------------------------------------------------------------------ decision
 
     def step(
-        self, round_index: int, global_weights: np.ndarray, submissions: Sequence[Submission]
+        self,
+        round_index: int,
+        global_weights: np.ndarray,
+        submissions: Sequence[Submission],
+        *,
+        cosine: Callable[[int, int], float | None] | None = None,
     ) -> StepResult:
         """Run Algorithm 2 for one round; return ``g_{t+1}``, verdicts and the decision record.
 
@@ -333,6 +343,10 @@ class SirenStrategy:
             ``g_t``, the model the boards were sent and their updates are relative to.
         submissions : sequence of Submission
             One per client (duplicate client ids are an error).
+        cosine : callable, optional
+            ``cosine(i, j)`` of two clients' updates for the weight analysis, in place of
+            :func:`cosine` on their vectors (a streaming round reads it from its Gram matrix;
+            it must give the same verdicts ``cos >= 0``).
 
         Returns
         -------
@@ -356,7 +370,7 @@ class SirenStrategy:
         admitted = [c for c in ordered if c not in self.banned]
         refused = [c for c in ordered if c in self.banned]
         probed = [c for c in refused if p.award and self._probe(round_index, c)]
-        view = _RoundView(self.oracle, g_t, by_id, p)
+        view = _RoundView(self.oracle, g_t, by_id, p, cosine)
 
         d = self._decide(view, admitted)
         base_is_previous = d.rollback and self.previous is not None

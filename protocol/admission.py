@@ -295,6 +295,14 @@ class Admission:
         """Number of decisions per reason since creation (persisted with the state)."""
         return dict(self._counters)
 
+    def _decode(self, data: bytes | bytearray | memoryview, limit: int) -> Message:
+        """Rules 2-4: parse and verify ``data`` (:func:`~protocol.envelope.decode_message`).
+
+        A subclass may accept messages decoded and verified elsewhere (a coordinator's
+        admission processes) here; the rules from 5 on are the same for every message.
+        """
+        return decode_message(data, self.keys, max_message_bytes=limit)
+
     def start_round(
         self, round: int, base_sha256: str, selected: Collection[str] | None = None
     ) -> None:
@@ -379,7 +387,7 @@ class Admission:
             length = 0
         if length > limit:
             raise PayloadTooLargeError(f"message is {length} bytes, more than the limit of {limit}")
-        message = decode_message(data, self.keys, max_message_bytes=limit)
+        message = self._decode(data, limit)
         header = message.header
         client = header.client
 

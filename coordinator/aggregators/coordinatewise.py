@@ -436,7 +436,8 @@ def trim_count(beta: int | float, k: int) -> int:
     raise InvalidParameterError(f"beta must be an int count or a float fraction, got {beta!r}")
 
 
-def _usage_verdicts(rule: str, used: np.ndarray, d: int) -> tuple[Verdict, ...]:
+def usage_verdicts(rule: str, used: np.ndarray, d: int) -> tuple[Verdict, ...]:
+    """Verdicts of a coordinate-wise rule from each client's count of coordinates used."""
     total = int(used.sum())
     return tuple(
         Verdict(
@@ -471,7 +472,7 @@ def median(
         require_clients("median", k, 2 * fv + 1, "2f+1", f=fv)
         info["f"] = fv
     vector, used = coordinate_median(updates)
-    return AggregationResult(vector, _usage_verdicts("median", used, d), info=info)
+    return AggregationResult(vector, usage_verdicts("median", used, d), info=info)
 
 
 @register("trimmed_mean", checks_finite=True)
@@ -494,4 +495,4 @@ def trimmed_mean(
     require_clients("trimmed_mean", k, 2 * trim + 1, "2*beta+1", beta=trim)
     vector, used = coordinate_trimmed_mean(updates, trim)
     info = {"trim": trim}
-    return AggregationResult(vector, _usage_verdicts("trimmed_mean", used, d), info=info)
+    return AggregationResult(vector, usage_verdicts("trimmed_mean", used, d), info=info)

@@ -96,10 +96,17 @@ def fltrust(
     Complexity: O(K d) time (float64 block-wise dot products and norms, one float32 BLAS pass
     for the combination), O(K * block + d) extra memory.
     """
-    k, d = updates.shape
-    g0 = validate_server_update(server_update, d)
+    g0 = validate_server_update(server_update, updates.shape[1])
     ts, norms = trust_scores(updates, g0)
-    g0_norm = float(np.linalg.norm(g0.astype(np.float64)))
+    return fltrust_result(updates, ts, norms, float(np.linalg.norm(g0.astype(np.float64))))
+
+
+def fltrust_result(
+    updates: np.ndarray, ts: np.ndarray, norms: np.ndarray, g0_norm: float
+) -> AggregationResult:
+    """FLTrust's result from the trust scores ``ts``, the client norms and the server update's
+    norm: the rescaled, trust-weighted combination and the verdicts."""
+    k, d = updates.shape
     total = float(ts.sum())
     if total > 0:
         share = ts / total

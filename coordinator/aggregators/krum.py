@@ -225,9 +225,13 @@ def krum(updates: np.ndarray, ctx: AggregationContext, *, f: int) -> Aggregation
     Complexity: O(K^2 d) for the Gram matrix (float64 accumulation, column blocks) plus
     O(K^2 log K); extra memory O(K^2 + d).
     """
+    fv = _check_f("krum", updates.shape[0], f, 2)
+    return krum_result(updates, krum_scores(pairwise_sq_distances(updates), fv), fv)
+
+
+def krum_result(updates: np.ndarray, scores: np.ndarray, f: int) -> AggregationResult:
+    """Krum's result from its scores: the lowest-scoring row (ties: lowest index), verdicts."""
     k = updates.shape[0]
-    fv = _check_f("krum", k, f, 2)
-    scores = krum_scores(pairwise_sq_distances(updates), fv)
     order = rank_by_score(scores)
     best = int(order[0])
     rank = np.empty(k, dtype=np.int64)
@@ -244,7 +248,7 @@ def krum(updates: np.ndarray, ctx: AggregationContext, *, f: int) -> Aggregation
         for i in range(k)
     )
     vector = np.array(updates[best], dtype=np.float32)
-    info = {"selected": best, "neighbours": krum_neighbours(k, fv)}
+    info = {"selected": best, "neighbours": krum_neighbours(k, f)}
     return AggregationResult(vector, verdicts, info=info)
 
 
@@ -269,15 +273,35 @@ def multi_krum(
     """
     k = updates.shape[0]
     fv = _check_f("multi_krum", k, f, 2)
-    mv = k - fv if m is None else check_count("m", m, minimum=1)
-    if mv > k - fv:
-        raise InvalidParameterError(
-            f"multi_krum needs m <= K - f = {k - fv} (K={k}, f={fv}), got m={mv}"
-        )
+    mv = multi_krum_m(k, fv, m)
     scores = krum_scores(pairwise_sq_distances(updates), fv)
     selected = rank_by_score(scores)[:mv]
+    return multi_krum_result(updates, ctx.weights, scores, selected, fv, weighted)
+
+
+def multi_krum_m(k: int, f: int, m: int | None) -> int:
+    """Multi-Krum's ``m`` (default ``K - f``), checked to be in ``[1, K - f]``."""
+    mv = k - f if m is None else check_count("m", m, minimum=1)
+    if mv > k - f:
+        raise InvalidParameterError(
+            f"multi_krum needs m <= K - f = {k - f} (K={k}, f={f}), got m={mv}"
+        )
+    return mv
+
+
+def multi_krum_result(
+    updates: np.ndarray,
+    weights: np.ndarray,
+    scores: np.ndarray,
+    selected: np.ndarray,
+    f: int,
+    weighted: bool,
+) -> AggregationResult:
+    """Multi-Krum's result from its scores and the selected rows (best first)."""
+    k = updates.shape[0]
+    mv = int(selected.size)
     coef = np.zeros(k, dtype=np.float64)
-    coef[selected] = ctx.weights[selected] if check_flag("weighted", weighted) else 1.0
+    coef[selected] = weights[selected] if check_flag("weighted", weighted) else 1.0
     total = coef.sum()
     if total <= 0:
         # Every selected client declared zero samples: fall back to the plain mean.
@@ -297,7 +321,7 @@ def multi_krum(
         )
         for i in range(k)
     )
-    info = {"selected": selected.tolist(), "m": mv, "neighbours": krum_neighbours(k, fv)}
+    info = {"selected": selected.tolist(), "m": mv, "neighbours": krum_neighbours(k, f)}
     return AggregationResult(vector, verdicts, info=info)
 
 
@@ -379,13 +403,21 @@ def bulyan(updates: np.ndarray, ctx: AggregationContext, *, f: int) -> Aggregati
     Complexity: O(K^2 d) for the Gram matrix, O(theta K^2 log K) for iterated Krum,
     O(theta d log theta) for the coordinate stage; extra memory O(K^2 + d + theta * block).
     """
-    k, d = updates.shape
+    k = updates.shape[0]
     fv = _check_f("bulyan", k, f, 4)
-    theta = k - 2 * fv
-    beta = theta - 2 * fv
     dist = pairwise_sq_distances(updates)
-    scores = krum_scores(dist, fv)
-    selected = iterated_krum_select(dist, fv, theta)
+    selected = iterated_krum_select(dist, fv, k - 2 * fv)
+    return bulyan_result(updates, krum_scores(dist, fv), selected, fv)
+
+
+def bulyan_result(
+    updates: np.ndarray, scores: np.ndarray, selected: np.ndarray, f: int
+) -> AggregationResult:
+    """Bulyan's result from the Krum scores and the iterated-Krum selection: the coordinate
+    stage over the selected rows, and the verdicts."""
+    k, d = updates.shape
+    theta = k - 2 * f
+    beta = theta - 2 * f
     vector, used_sel = closest_to_median_mean(updates, beta, rows=selected)
     used = np.zeros(k, dtype=np.int64)
     used[selected] = used_sel
