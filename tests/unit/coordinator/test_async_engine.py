@@ -13,7 +13,7 @@ import pytest
 from nacl.signing import SigningKey
 
 from coordinator.async_engine import AsyncRoundEngine, make_engine
-from coordinator.config import ConfigError, CoordinatorConfig
+from coordinator.config import AdmissionSettings, ConfigError, CoordinatorConfig
 from coordinator.engine import RoundEngine
 from coordinator.rounds import RuleStrategy
 from coordinator.runtime import CoordinatorRuntime
@@ -136,6 +136,19 @@ def test_async_settings_in_coord_toml(tmp_path: Path) -> None:
         _config(tmp_path, staleness_weight="cubic")
     with pytest.raises(ConfigError, match="sync or async"):
         _config(tmp_path, mode="both")
+    with pytest.raises(ConfigError, match=r"admission\.shards"):
+        _config(tmp_path, admission=AdmissionSettings(shards=2))
+
+
+def test_make_engine_picks_the_engine_of_the_mode_and_the_admission_settings(
+    tmp_path: Path,
+) -> None:
+    from coordinator.streaming_engine import StreamingRoundEngine
+
+    assert type(_engine(tmp_path / "a")) is AsyncRoundEngine
+    assert type(_engine(tmp_path / "s", mode="sync")) is StreamingRoundEngine
+    batch = _engine(tmp_path / "b", mode="sync", admission=AdmissionSettings(streaming=False))
+    assert type(batch) is RoundEngine
 
 
 def test_the_latest_pool_aggregates_every_boards_newest_admissible_update(tmp_path: Path) -> None:
