@@ -149,16 +149,35 @@ def test_each_board_is_admitted_once_across_shards(tmp_path: Path, broker: Broke
     assert sum(pool.received) == 2 * K + 2
     counts = sharded["counts"]
     # The first board's other update came first and was admitted: both copies of its real one
-    # conflict with it; every other board's second copy is a duplicate.
+    # conflict with it; every other board's second copy is a duplicate. The shards deliver in
+    # their own order, so a copy may reach the coordinator after the round closed on its K-th
+    # board: it is then refused as stale_round instead.
     assert counts.get("accepted") == K
-    assert counts.get("duplicate") == K - 1
-    assert counts.get("conflicting_update") == 2
     assert counts.get("bad_signature") == 1
+    assert counts.get("conflicting_update", 0) >= 1
+    assert _copies_refused(counts) == K + 1
     assert len(sharded["admitted"]) == K == len(set(sharded["admitted"]))
 
 
 def test_sharded_round_closes_like_the_batch_engine(tmp_path: Path, broker: BrokerHandle) -> None:
     sharded = _round(tmp_path / "sharded", broker, shards=2, streaming=True)
     plain = _round(tmp_path / "plain", broker, shards=0, streaming=False)
-    assert sharded["counts"] == plain["counts"]
+    for key in ("accepted", "bad_signature"):
+        assert sharded["counts"].get(key) == plain["counts"].get(key), key
+    assert _copies_refused(sharded["counts"]) == _copies_refused(plain["counts"]) == K + 1
+    assert sharded["admitted"] == plain["admitted"]
     np.testing.assert_array_equal(sharded["final"], plain["final"])
+
+
+def _copies_refused(counts: dict[str, int]) -> int:
+    """Refusals of the second copies and the first board's conflicting copies: ``K - 1``
+    duplicates and 2 conflicting updates, any of which may instead be refused as
+    ``stale_round`` when it reaches the coordinator after the round closed."""
+    assert set(counts) <= {
+        "accepted",
+        "bad_signature",
+        "duplicate",
+        "conflicting_update",
+        "stale_round",
+    }, counts
+    return sum(counts.get(k, 0) for k in ("duplicate", "conflicting_update", "stale_round"))
