@@ -38,7 +38,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -320,6 +320,43 @@ class Cell:
     def byzantine_count(self, clients: int) -> int:
         """Number of malicious boards."""
         return round(self.fraction * clients)
+
+
+def finished_cells(root: Path) -> list[Cell]:
+    """The cells of a preset's folder that have finished (their ``history.json`` exists)."""
+    found: list[Cell] = []
+    if not root.is_dir():
+        return found
+    for folder in sorted(root.iterdir()):
+        parts = folder.name.split("__")
+        if len(parts) != 4 or not parts[2].isdigit() or parts[0] not in ALL_DEFENSES:
+            continue
+        if (folder / "history.json").exists():
+            found.append(Cell(parts[0], parts[1], int(parts[2]) / 100, parts[3]))
+    return found
+
+
+def with_finished(cells: Sequence[Cell], root: Path) -> list[Cell]:
+    """``cells`` and every other finished cell of ``root``, in grid order: the summary of a run
+    of a few cells still lists what earlier runs in the same folder finished."""
+    extra = [c for c in finished_cells(root) if c not in cells]
+    if not extra:
+        return list(cells)
+    every = [*cells, *extra]
+
+    def axis(values: Iterable[Any]) -> list[Any]:
+        return list(dict.fromkeys(values))
+
+    order = grid(
+        axis(c.defense for c in every),
+        axis(c.attack for c in every if c.attack != "none"),
+        axis(c.fraction for c in every if c.attack != "none" and c.attack not in ATTACK_FRACTIONS),
+        axis(c.distribution for c in every),
+    )
+    wanted = set(every)
+    ordered = [c for c in order if c in wanted]
+    placed = set(ordered)
+    return ordered + [c for c in every if c not in placed]
 
 
 def grid(
@@ -895,6 +932,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     root.mkdir(parents=True, exist_ok=True)
     if not args.summary_only:
         run_cells(cells, preset, root, args.seed, args.jobs)
+    cells = with_finished(cells, root)
+    defenses = list(dict.fromkeys(c.defense for c in cells))
     paper_numbers, paper_meaning = PAPER_TABLES.get(args.preset, ({}, "no published number"))
     table = summarize(
         cells, root, preset["clients"], paper_numbers, preset.get("detection_rounds", ())
@@ -907,7 +946,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     (root / "README.md").write_text(
         f"# Robustness grid, preset `{args.preset}`\n\n"
         f"Command: `siren bench robustness {command}` "
-        "(resumable).  \n"
+        "(resumable); the tables also list every cell finished earlier in this folder.  \n"
         f"Settings: {settings}"
         + (
             "; SIREN thresholds C_c=4%, C_s=10%, C_a=0.5, with the "

@@ -16,12 +16,14 @@ from benchmarks.robustness import (
     core_groups,
     defender_budget,
     detection_rates,
+    finished_cells,
     grid,
     main,
     overview,
     parse_distribution,
     summarize,
     tail_range,
+    with_finished,
 )
 
 
@@ -321,3 +323,26 @@ def test_the_residual_preset_runs_table_4_of_residual_based_reweighting():
     numbers, _ = PAPER_TABLES["residual"]
     assert numbers[("residual_reweighting", "gaussian_std3", 10, "classes2")] == 92.28
     assert numbers[("fedavg", "none", 0, "classes2")] == 93.17
+
+
+def test_the_summary_keeps_the_cells_earlier_runs_finished(tmp_path):
+    for key, finished in (
+        ("median__sign_flip__40__iid", True),
+        ("siren__label_flip__80__noniid", True),
+        ("krum__sign_flip__40__iid", False),  # started, not finished
+        ("notes", True),
+    ):
+        (tmp_path / key).mkdir()
+        if finished:
+            (tmp_path / key / "history.json").write_text("{}")
+    asked = [Cell("fltrust", "sign_flip", 0.4, "iid")]
+    assert finished_cells(tmp_path) == [
+        Cell("median", "sign_flip", 0.4, "iid"),
+        Cell("siren", "label_flip", 0.8, "noniid"),
+    ]
+    assert with_finished(asked, tmp_path) == [
+        Cell("fltrust", "sign_flip", 0.4, "iid"),
+        Cell("median", "sign_flip", 0.4, "iid"),
+        Cell("siren", "label_flip", 0.8, "noniid"),
+    ]
+    assert with_finished(asked, tmp_path / "absent") == asked
