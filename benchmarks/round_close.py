@@ -2,9 +2,10 @@
 
 Part 1 (in process, no network) for each ``K`` and ``d``: the ``(K, d)`` updates of a round
 (:func:`firmware_sim.loadgen.synthetic_updates`, 10% boosted flipped attackers) are admitted
-into a :class:`coordinator.streaming.StreamingRound` the way the engine does it (Gram rows in
-bursts of 16 updates, FLTrust's server update known from the start), timing the admission work
-per update. Then every rule closes the round twice on the same buffer: the batch rule
+into a :class:`coordinator.streaming.StreamingRound` the way the engine does it (Gram rows, when
+a distance-based rule or SIREN is measured, and bucket counts, when the median or the trimmed
+mean is, in bursts of 16 updates; FLTrust's server update known from the start), timing the
+admission work per update. Then every rule closes the round twice on the same buffer: the batch rule
 (:func:`coordinator.aggregators.aggregate`, the whole computation after the last update) and
 the streaming close (:class:`coordinator.streaming_rules.StreamedClose`); both results are
 compared (selection, kept clients, aggregate). SIREN's weight analysis is timed as the cosines
@@ -16,7 +17,7 @@ Part 2 (real Mosquitto on loopback, :mod:`benchmarks.round_close_mqtt`): updates
 second by the coordinator service with admission in its own process and in 1 or 2 shard
 processes, and the engine's close time of that round.
 
-Targets (issue 19) at K=1000, d=1e6: close < 1 s for Krum, Multi-Krum, FLTrust and SIREN's
+Targets at K=1000, d=1e6: close < 1 s for Krum, Multi-Krum, FLTrust and SIREN's
 weight analysis; median and trimmed mean within 3x one read pass.
 
 Usage::
@@ -42,6 +43,7 @@ from coordinator.aggregators import aggregate
 from coordinator.aggregators.base import map_column_blocks
 from coordinator.siren import cosine
 from coordinator.streaming import GROUP, StreamingRound, warm_up
+from coordinator.streaming_buckets import warm_up as warm_up_buckets
 from coordinator.streaming_rules import StreamedClose, StreamingCosines
 from coordinator.streaming_select import warm_up as warm_up_select
 from firmware_sim.loadgen import synthetic_updates
@@ -97,18 +99,30 @@ def measure_cell(k: int, d: int, rules: Sequence[str], seed: int = 0) -> dict[st
     """Admission and close times of one ``(K, d)`` (see the module docstring)."""
     rng = np.random.default_rng([seed, 9])
     g0 = rng.standard_normal(d).astype(np.float32)
-    stream = StreamingRound(k, d)
+    pairwise = bool(set(rules) & {"krum", "multi_krum", "bulyan", "siren_wa"})
+    coordinatewise = bool(set(rules) & {"median", "trimmed_mean"})
+    stream = StreamingRound(k, d, pairwise=pairwise, coordinatewise=coordinatewise)
+    stream.reset(0)
     stream.set_server_update(g0)
     admit = 0.0
+    counting = 0.0
+
+    def flush() -> None:
+        nonlocal admit, counting
+        if stream.buckets is not None:
+            dt, _ = _timed(lambda: stream.buckets.flush(stream.buffer))  # type: ignore[union-attr]
+            counting += dt
+            admit += dt
+        dt, _ = _timed(stream.flush)
+        admit += dt
+
     for i, vec in synthetic_updates(k, d, attackers=k // 10, seed=seed):
         t0 = time.perf_counter()
         stream.add(i, vec)
         admit += time.perf_counter() - t0
         if (i + 1) % GROUP == 0:
-            dt, _ = _timed(stream.flush)
-            admit += dt
-    dt, _ = _timed(stream.flush)
-    admit += dt
+            flush()
+    flush()
     rows = list(range(k))
     x = stream.matrix(rows)
     reads = read_pass(x)
@@ -116,6 +130,8 @@ def measure_cell(k: int, d: int, rules: Sequence[str], seed: int = 0) -> dict[st
         "k": k,
         "d": d,
         "admit_per_update": admit / k,
+        "buckets_per_update": counting / k if stream.buckets is not None else None,
+        "pairwise": pairwise,
         "read_pass": reads,
         "rules": {},
     }
@@ -194,8 +210,11 @@ def write_report(cells: list[dict[str, Any]], admission: list[dict[str, Any]], p
         "Batch = the rule computed from the (K, d) matrix after the last update (what the "
         "coordinator did before); streaming = the close from the state built on admission "
         "(`coordinator.streaming_rules`). `admit/update` = the streaming admission work per "
-        "update (copy, norms, server-update dot, Gram rows in bursts of 16). `read pass` = one "
-        "read of the whole matrix. Results: `equal` = same selection and bit-identical "
+        "update (copy, norms, server-update dot; Gram rows when a distance-based rule or SIREN "
+        "is measured; bucket counts when the median or the trimmed mean is; in bursts of 16), "
+        "`of which buckets` = the bucket counts' share (`coordinator.streaming_buckets`: "
+        "boundaries from the first 63 updates, then each update's values counted). `read "
+        "pass` = one read of the whole matrix. Results: `equal` = same selection and bit-identical "
         "aggregate, `close` = same selection, aggregate within float tolerance.",
         "",
         "| K | d | rule | batch close (s) | streaming close (s) | speed-up | result | "
@@ -211,20 +230,25 @@ def write_report(cells: list[dict[str, Any]], admission: list[dict[str, Any]], p
             )
     lines += [
         "",
-        "| K | d | admit/update, streaming (s) | read pass (s) | median / read pass | "
-        "trimmed mean / read pass |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| K | d | admit/update, streaming (s) | of which buckets (s) | read pass (s) | "
+        "median / read pass | trimmed mean / read pass |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for c in cells:
         med = c["rules"].get("median", {}).get("streaming")
         tri = c["rules"].get("trimmed_mean", {}).get("streaming")
         rp = c["read_pass"]
+        bk = c.get("buckets_per_update")
         lines.append(
-            f"| {c['k']} | {c['d']:.0e} | {c['admit_per_update']:.4f} | {rp:.3f} | "
+            f"| {c['k']} | {c['d']:.0e} | {c['admit_per_update']:.4f} | "
+            f"{'' if bk is None else f'{bk:.4f}'} | {rp:.3f} | "
             f"{'' if med is None else f'{med / rp:.1f}x'} | "
             f"{'' if tri is None else f'{tri / rp:.1f}x'} |"
         )
     lines += _targets(cells)
+    kept = _kept_admission(path) if not admission else ""
+    if kept:
+        lines += ["", kept.rstrip("\n")]
     if admission:
         lines += [
             "",
@@ -250,6 +274,25 @@ def write_report(cells: list[dict[str, Any]], admission: list[dict[str, Any]], p
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return text
+
+
+_ADMISSION_TITLE = "## Admission over MQTT"
+_KEPT_NOTE = "(Kept from the previous report: this run was made with `--skip-mqtt`.)"
+
+
+def _kept_admission(path: Path) -> str:
+    """The MQTT admission section of the report at ``path`` (a run without ``--skip-mqtt``),
+    with a note that it was not measured again; "" when there is none."""
+    if not path.exists():
+        return ""
+    text = path.read_text()
+    at = text.find(_ADMISSION_TITLE)
+    if at < 0:
+        return ""
+    section = text[at:]
+    title, _, body = section.partition("\n")
+    body = body.replace(_KEPT_NOTE + "\n\n", "").lstrip("\n")
+    return f"{title}\n\n{_KEPT_NOTE}\n\n{body}"
 
 
 def _targets(cells: list[dict[str, Any]]) -> list[str]:
@@ -293,6 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     warm_up()
     warm_up_select()
+    warm_up_buckets()
     cells = []
     for d in args.d:
         for k in args.k:

@@ -46,7 +46,9 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 from numba import njit
 
+from coordinator import streaming_buckets
 from coordinator.aggregators.base import parallel_map
+from coordinator.streaming_buckets import BucketCounts
 
 #: Columns per block of the dot-product kernel.
 BLOCK = 1024
@@ -183,13 +185,18 @@ class StreamingRound:
     pairwise : bool
         Maintain the Gram matrix (Krum, Multi-Krum, Bulyan; SIREN's weight analysis). Without
         it only the buffer and the per-row figures are kept.
+    coordinatewise : bool
+        Keep per-coordinate bucket counts (:mod:`coordinator.streaming_buckets`: the median and
+        the trimmed mean), when ``capacity`` is in ``[MIN_ROWS, MAX_ROWS]``.
 
     Notes
     -----
     Not thread-safe: one thread (the coordinator's round loop) calls it.
     """
 
-    def __init__(self, capacity: int, d: int, *, pairwise: bool = True) -> None:
+    def __init__(
+        self, capacity: int, d: int, *, pairwise: bool = True, coordinatewise: bool = False
+    ) -> None:
         if capacity < 1 or d < 1:
             raise ValueError(f"capacity and d must be >= 1, got {capacity} and {d}")
         self.capacity = int(capacity)
@@ -207,12 +214,31 @@ class StreamingRound:
         self.digests: dict[int, str] = {}
         self._pending: list[int] = []
         self._gram_rows: set[int] = set()
+        #: Bucket counts of the round's rows (None: not kept, or not for this round).
+        self.buckets: BucketCounts | None = None
+        self._buckets = (
+            BucketCounts(self.d)
+            if coordinatewise
+            and streaming_buckets.MIN_ROWS <= capacity <= streaming_buckets.MAX_ROWS
+            else None
+        )
+        self.buckets = self._buckets
 
     # -- admission ------------------------------------------------------------------------------
 
-    def reset(self, round_index: int | None = None) -> None:
-        """Start a new round: forget every row (the buffer's memory is reused)."""
+    def reset(self, round_index: int | None = None, *, expected: int | None = None) -> None:
+        """Start a new round: forget every row (the buffer's memory is reused).
+
+        ``expected``: the number of updates the round waits for (client sampling), when known;
+        bucket counts are kept only for rounds of at least ``MIN_ROWS`` updates.
+        """
         self.round = round_index
+        self.buckets = None
+        if self._buckets is not None and (
+            expected is None or expected >= streaming_buckets.MIN_ROWS
+        ):
+            self._buckets.reset()
+            self.buckets = self._buckets
         self.order = []
         self.digests = {}
         self._pending = []
@@ -258,13 +284,18 @@ class StreamingRound:
             )
         if self.pairwise:
             self._pending.append(row)
+        if self.buckets is not None:
+            self.buckets.add(row)
         view = target.view()
         view.flags.writeable = False
         return view
 
     def flush(self) -> int:
-        """Compute the Gram entries of the rows added since the last flush; return how many rows
-        were processed. One pass over the old rows per :data:`GROUP` new rows."""
+        """Count the rows added since the last flush into the bucket counts (when kept) and
+        compute their Gram entries; return how many rows got Gram entries. One pass over the
+        old rows per :data:`GROUP` new rows."""
+        if self.buckets is not None:
+            self.buckets.flush(self.buffer)
         if not self.pairwise or not self._pending:
             return 0
         assert self.gram is not None

@@ -48,6 +48,12 @@ def needs_gram(strategy: Any) -> bool:
     return False
 
 
+def needs_buckets(strategy: Any) -> bool:
+    """Whether closing with ``strategy`` reads per-coordinate bucket counts (median, trimmed
+    mean: :mod:`coordinator.streaming_buckets`)."""
+    return isinstance(strategy, RuleStrategy) and strategy.name in ("median", "trimmed_mean")
+
+
 class StreamingStep:
     """``strategy`` (the :class:`~coordinator.strategy.Strategy` protocol) with its step read from
     a streaming round.
@@ -127,21 +133,23 @@ class StreamingRoundEngine(RoundEngine):
                 len(self.clients),
                 self.runtime.layout.size,
                 pairwise=needs_gram(self.runtime.strategy),
+                coordinatewise=needs_buckets(self.runtime.strategy),
             )
             self.stream = stream
         if stream.round != state.round:
-            stream.reset(state.round)
+            selected = state.selected
+            stream.reset(state.round, expected=None if selected is None else len(selected))
         return stream
 
     def start(self) -> bytes:
         """:meth:`RoundEngine.start`, with the streaming kernels compiled (or loaded from
         numba's cache) before the first update arrives."""
-        from coordinator import streaming, streaming_select
+        from coordinator import streaming, streaming_buckets, streaming_select
 
         streaming.warm_up()
-        strategy = self.runtime.strategy
-        if isinstance(strategy, RuleStrategy) and strategy.name in ("median", "trimmed_mean"):
+        if needs_buckets(self.runtime.strategy):
             streaming_select.warm_up()
+            streaming_buckets.warm_up()
         return super().start()
 
     def _load(self) -> bytes:

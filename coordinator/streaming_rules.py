@@ -7,10 +7,11 @@ the same updates, computed from what admission already prepared:
   streamed float64 Gram matrix (``O(K²)``), then the batch rule's own scoring code;
 * **FLTrust**: cosines from the dot products with the server update taken on admission and the
   rows' squared norms (``O(K)``), then the batch rule's combination (one pass over the rows);
-* **median**: :mod:`coordinator.streaming_select` (one read of the rows) from
-  :data:`COUNTING_FROM` updates on, the batch function below (equal results either way);
-  **trimmed mean**: the batch function on the buffer (faster than counting two order
-  statistics; :func:`coordinator.streaming_select.trimmed_mean_of_columns` gives equal results);
+* **median** and **trimmed mean**: from the bucket counts kept on admission
+  (:mod:`coordinator.streaming_buckets`, one read of the rows) when the round has at least
+  ``MIN_ROWS`` updates and the counts are exactly those of its rows; else the median by
+  :mod:`coordinator.streaming_select` from :data:`COUNTING_FROM` updates on, and the batch
+  functions below (equal results on every path);
 * **SIREN's weight analysis**: :class:`StreamingCosines` (``O(1)`` per pair from the Gram
   matrix, or ``O(d)`` from the rows).
 
@@ -39,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from coordinator import streaming_buckets
 from coordinator.aggregators import aggregate
 from coordinator.aggregators.base import (
     AggregationResult,
@@ -63,6 +65,7 @@ from coordinator.aggregators.krum import (
     rank_by_score,
 )
 from coordinator.streaming import StreamingRound, dot_error_factor, pair_dots
+from coordinator.streaming_buckets import bucket_median, bucket_trimmed_mean
 from coordinator.streaming_select import median_of_columns
 
 _UNIT = 2.0**-53
@@ -367,13 +370,24 @@ class StreamedClose:
         ts = np.maximum(np.clip(cos, -1.0, 1.0), 0.0)
         return fltrust_result(self.matrix, ts, norms, g0_norm)
 
+    def _buckets(self) -> bool:
+        """Whether the stream's bucket counts are exactly those of the rows (flushed first)."""
+        buckets = self.stream.buckets
+        if buckets is None or self.k < streaming_buckets.MIN_ROWS:
+            return False
+        buckets.flush(self.stream.buffer)
+        return buckets.covers(self.rows)
+
     def _median(self, weights: np.ndarray, *, f: int | None = None) -> AggregationResult:
         info: dict[str, object] = {}
         if f is not None:
             fv = check_count("f", f)
             require_clients("median", self.k, 2 * fv + 1, "2f+1", f=fv)
             info["f"] = fv
-        if self.k >= COUNTING_FROM:
+        if self._buckets():
+            assert self.stream.buckets is not None
+            vector, used = bucket_median(self.stream.buffer, self.rows, self.stream.buckets)
+        elif self.k >= COUNTING_FROM:
             vector, used = median_of_columns(self.matrix)
         else:  # a vectorised sort of a few hundred values per coordinate is faster
             vector, used = coordinate_median(self.matrix)
@@ -382,10 +396,15 @@ class StreamedClose:
     def _trimmed_mean(self, weights: np.ndarray, *, beta: int | float = 0.1) -> AggregationResult:
         trim = trim_count(beta, self.k)
         require_clients("trimmed_mean", self.k, 2 * trim + 1, "2*beta+1", beta=trim)
-        # The batch function (insertion network for small trims, a vectorised sort per
-        # coordinate otherwise) measured faster than counting for both order statistics
-        # (benchmarks/results/round-close.md); the results are equal.
-        vector, used = coordinate_trimmed_mean(self.matrix, trim)
+        if trim > 0 and self._buckets():
+            assert self.stream.buckets is not None
+            buckets = self.stream.buckets
+            vector, used = bucket_trimmed_mean(self.stream.buffer, self.rows, buckets, trim)
+        else:
+            # Without bucket counts the batch function (insertion network for small trims, a
+            # vectorised sort per coordinate otherwise) measured faster than counting for both
+            # order statistics (benchmarks/results/round-close.md); the results are equal.
+            vector, used = coordinate_trimmed_mean(self.matrix, trim)
         verdicts = usage_verdicts("trimmed_mean", used, self.stream.d)
         return AggregationResult(vector, verdicts, info={"trim": trim})
 

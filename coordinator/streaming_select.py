@@ -260,10 +260,6 @@ def _select_ranks(
     hi = np.empty((nq, w), dtype=np.int64)
     c_lo = np.zeros((nq, w), dtype=np.int32)
     c_hi = np.full((nq, w), k, dtype=np.int32)
-    limits = np.empty((2 * nq, w), dtype=np.int32)
-    counts = np.empty((2 * nq, w), dtype=np.int32)
-    fbuf = np.empty(1, dtype=np.float32)
-    ibuf = fbuf.view(np.int32)
     s_lo = np.empty((nq, w), dtype=np.int64)  # the sample's brackets: the first pivots
     s_hi = np.empty((nq, w), dtype=np.int64)
     for q in range(nq):
@@ -276,6 +272,32 @@ def _select_ranks(
         for q in range(nq):
             centres[q] = spans[q, 0]
         _sample_brackets(keys, centres, kmin, kmax, s_lo, s_hi)
+    _refine(keys, spans, lo, hi, c_lo, c_hi, sampled, s_lo, s_hi, result)
+
+
+@njit(nogil=True, cache=True)
+def _refine(
+    keys: np.ndarray,
+    spans: np.ndarray,
+    lo: np.ndarray,
+    hi: np.ndarray,
+    c_lo: np.ndarray,
+    c_hi: np.ndarray,
+    sampled: bool,
+    s_lo: np.ndarray,
+    s_hi: np.ndarray,
+    result: np.ndarray,
+) -> None:
+    """The counting selection of :func:`_select_ranks` from given brackets: ``(lo[q, j],
+    hi[q, j]]`` (int64 keys) with ``c_lo = count(<= lo) <= spans[q, 0] < c_hi = count(<= hi)``
+    (int32); with ``sampled``, ``(s_lo, s_hi]`` is the first pair of pivots tested. ``lo``,
+    ``hi``, ``c_lo`` and ``c_hi`` are narrowed in place."""
+    k, w = keys.shape
+    nq = spans.shape[0]
+    limits = np.empty((2 * nq, w), dtype=np.int32)
+    counts = np.empty((2 * nq, w), dtype=np.int32)
+    fbuf = np.empty(1, dtype=np.float32)
+    ibuf = fbuf.view(np.int32)
     width = np.full((nq, w), 2 * k, dtype=np.int32)
     for step in range(MAX_PASSES):
         active = 0
@@ -371,7 +393,7 @@ def _select_ranks(
 
 
 @njit(nogil=True, cache=True)
-def _tile_values(keys: np.ndarray, result: np.ndarray, q: int, side: int, out: np.ndarray) -> None:
+def _tile_values(result: np.ndarray, q: int, side: int, out: np.ndarray) -> None:
     """``out[j]`` = the float32 of key ``result[q, side, j]``."""
     bits = out.view(np.int32)
     for j in range(out.shape[0]):
@@ -425,8 +447,8 @@ def coordinatewise_block(
         lw = low[:w]
         hw = high[:w]
         if trim < 0:
-            _tile_values(kv, result, 0, 0, lw)
-            _tile_values(kv, result, 0, 1, hw)
+            _tile_values(result, 0, 0, lw)
+            _tile_values(result, 0, 1, hw)
             for j in range(w):
                 if spans[0, 0] == spans[0, 1]:
                     out[t0 + j] = lw[j]
@@ -440,8 +462,8 @@ def coordinatewise_block(
                     n += np.int64(lw[j] <= v) & np.int64(v <= hw[j])
                 used[i] += n
         else:
-            _tile_values(kv, result, 0, 0, lw)
-            _tile_values(kv, result, 1, 0, hw)
+            _tile_values(result, 0, 0, lw)
+            _tile_values(result, 1, 0, hw)
             aw = acc[:w]
             for j in range(w):
                 aw[j] = 0.0

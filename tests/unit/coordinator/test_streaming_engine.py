@@ -193,3 +193,50 @@ def test_a_restart_mid_round_rebuilds_the_streaming_state(tmp_path: Path) -> Non
         check_global(want[0], COORD.verify_key, run="stream").weights,
     )
     assert again.store.round_row(1).record["decision"]["close"] == "streamed"
+
+
+@pytest.mark.parametrize(("name", "params"), [("median", {}), ("trimmed_mean", {"beta": 2})])
+def test_a_restart_rebuilds_the_bucket_counts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, params: dict[str, Any]
+) -> None:
+    from coordinator import streaming_buckets
+
+    # Buckets from 3 sample updates for rounds of 5 or more (the defaults need 252 boards).
+    monkeypatch.setattr(streaming_buckets, "SAMPLE_ROWS", 3)
+    monkeypatch.setattr(streaming_buckets, "MIN_ROWS", 5)
+    closes: list[int] = []
+    real = streaming_buckets._close
+
+    def spy(buffer: np.ndarray, rows: list[int], buckets: Any, trim: int) -> Any:
+        closes.append(len(rows))
+        return real(buffer, rows, buckets, trim)
+
+    monkeypatch.setattr(streaming_buckets, "_close", spy)
+    want = _run(_engine(RoundEngine, tmp_path / "ref", name, params), order_seed=3)
+
+    first = _engine(StreamingRoundEngine, tmp_path, name, params)
+    first.start()
+    updates = _updates(first, 1)
+    clients = list(BOARDS)
+    for c in clients[::-1][:4]:  # not the rows the rebuilt state takes its sample from
+        assert first.handle_update(updates[c]).accepted
+    first.close_reason()
+    first.store.close()  # the process dies here
+
+    again = _engine(StreamingRoundEngine, tmp_path, name, params)
+    again.start()
+    assert isinstance(again, StreamingRoundEngine) and again.stream is not None
+    buckets = again.stream.buckets
+    assert buckets is not None and buckets.covers([5, 6, 7, 8])
+    closes.clear()  # the kernels' warm-up
+    for c in clients[:5]:
+        assert again.handle_update(updates[c]).accepted
+    assert again.close_reason() == "all"
+    message = again.close_round()
+    assert message is not None
+    np.testing.assert_array_equal(
+        check_global(message, COORD.verify_key, run="stream").weights,
+        check_global(want[0], COORD.verify_key, run="stream").weights,
+    )
+    assert closes == [len(BOARDS)]
+    assert again.store.round_row(1).record["decision"]["close"] == "streamed"

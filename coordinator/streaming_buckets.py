@@ -1,0 +1,604 @@
+"""Per-coordinate bucket counts kept on admission: the median and trimmed mean close in one read.
+
+A coordinate-wise order statistic needs, for every coordinate, the value of a given rank among
+the round's ``K`` values. :mod:`coordinator.streaming_select` finds it at close by counting in
+cached tiles (several in-cache passes per tile). Here most of that work is done while the
+updates arrive:
+
+1. **Boundaries.** Once the first :data:`SAMPLE_ROWS` (``m``) updates of the round are admitted,
+   each coordinate's ``m`` values, as order-preserving int32 keys (IEEE-754 bit patterns with
+   the magnitude bits of negative numbers flipped, ``-0.0`` taken as ``+0.0``), are sorted:
+   ``s_0 <= ... <= s_{m-1}``. They cut the coordinate's key line into ``2m + 1`` buckets: the
+   open intervals ``(s_{t-1}, s_t)`` (bucket ``2t``, with ``s_{-1} = -inf``, ``s_m = +inf``)
+   and the single keys ``s_t`` (bucket ``2t + 1``). A value equal to a boundary has a bucket of
+   its own, so identical updates, or attackers sending one value, never crowd an open bucket
+   when one of them is among the first ``m``.
+2. **Counts.** Every admitted update (the first ``m`` included) adds one to the bucket of each
+   of its values: a branchless binary search over the coordinate's ``m`` keys, ``O(d log m)``
+   per update, done for the updates admitted since the last :meth:`BucketCounts.flush` in one
+   sweep over the boundaries and counts (tiles of coordinates on the thread pool). The counts
+   are uint16 (``K < 65536``).
+3. **Close** (:func:`bucket_median`, :func:`bucket_trimmed_mean`). The counts give, with no pass
+   over the matrix, the bucket of every wanted rank (median: ranks ``(K-1)//2`` and ``K//2``;
+   trimmed mean: ``trim`` and ``K-1-trim``) and its rank inside the bucket. The matrix is then
+   read once, tile by tile: the values of each column's wanted open bucket(s) are gathered
+   (``2K/(m+1)`` on average for continuous data), the order statistic is picked among them (a
+   single-key bucket needs no gather), and a second pass over the tile, still in cache, adds the
+   clipped values (trimmed mean) and the per-row usage counts, as
+   :func:`coordinator.streaming_select.coordinatewise_block` does.
+
+**Worst case.** A tile where a wanted open bucket holds more than :data:`GATHER_LIMIT` values
+(values concentrated between two boundaries, e.g. attackers that were not among the first
+``m``) falls back to :mod:`coordinator.streaming_select`'s counting selection, started from the
+bucket's exact bracket instead of a sampled one: correct, at the counting kernel's cost for that
+tile only.
+
+The results are the order statistics themselves, hence the batch rules' aggregates bit for bit
+(:mod:`coordinator.streaming_select` states the definitions), up to the sign of a zero median:
+``-0.0`` and ``0.0`` share a key here and a zero order statistic comes out as ``0.0``.
+
+Memory: ``d m`` int32 boundaries and ``d (2m + 1)`` uint16 counts (``m = 63``, ``d = 10^6``:
+252 MB and 254 MB), allocated when the first boundaries are taken and reused round after round.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
+
+from coordinator.aggregators.base import map_column_blocks, parallel_map
+from coordinator.streaming_select import _refine, _tile_values
+
+#: Updates whose values set the bucket boundaries.
+SAMPLE_ROWS = 63
+#: Rounds with fewer updates close without buckets (the counting costs more than it saves).
+MIN_ROWS = 4 * SAMPLE_ROWS
+#: Largest ``K`` the uint16 counts hold.
+MAX_ROWS = 65535
+#: Columns per tile of the close: ``K`` rows of a tile stay in the L2 cache between its passes.
+TILE = 512
+#: Rows ahead whose tile segment is prefetched while a row is read.
+AHEAD = 4
+#: Values of a wanted open bucket above which a tile uses the counting selection instead.
+GATHER_LIMIT = 256
+#: Columns per block of the boundaries' layout ``(blocks, m, BOUNDS_BLOCK)``.
+BOUNDS_BLOCK = 256
+#: Coordinates per task of the admission counting and of the close (thread pool).
+_TASK = 1 << 14
+_INT32_MIN = -(2**31)
+_INT32_MAX = 2**31 - 1
+
+
+def _prefetch_typer(typingctx: Any, arr: Any, index: Any) -> Any:
+    """Hint the processor to load ``arr[index]``'s cache line (``llvm.prefetch``, read, into
+    all cache levels): the rows of a tile are far apart in memory, which the hardware
+    prefetcher does not anticipate."""
+    sig = types.void(arr, index)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        ptr = builder.gep(ary.data, [args[1]])
+        byte_ptr = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fn = builder.module.declare_intrinsic(
+            "llvm.prefetch", fnty=ir.FunctionType(ir.VoidType(), [byte_ptr, i32, i32, i32])
+        )
+        builder.call(fn, [builder.bitcast(ptr, byte_ptr), i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _trailing_zeros_typer(typingctx: Any, word: Any) -> Any:
+    """Number of trailing zero bits of a nonzero uint64 (``llvm.cttz``)."""
+    sig = types.uint64(types.uint64)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        i64 = ir.IntType(64)
+        fn = builder.module.declare_intrinsic(
+            "llvm.cttz", [i64], fnty=ir.FunctionType(i64, [i64, ir.IntType(1)])
+        )
+        return builder.call(fn, [args[0], ir.IntType(1)(1)])
+
+    return sig, codegen
+
+
+_prefetch: Any = intrinsic(_prefetch_typer)
+_trailing_zeros: Any = intrinsic(_trailing_zeros_typer)
+
+
+#: Multiplying eight 0/1 bytes by this gathers them as bits 56..63 (byte ``u`` -> bit ``56 + u``).
+_PACK = np.uint64(0x0102040810204080)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _key(b: np.int32) -> np.int32:
+    """Order-preserving key of the float32 with bit pattern ``b`` (``-0.0`` -> key of ``0.0``)."""
+    k = b ^ ((b >> 31) & np.int32(0x7FFFFFFF))
+    return k + np.int32(k == np.int32(-1))
+
+
+@njit(nogil=True, cache=True)
+def _bounds_block(x: np.ndarray, rows: np.ndarray, c0: int, c1: int, bounds: np.ndarray) -> None:
+    """Sorted keys of ``x[rows, j]`` for the columns ``[c0, c1)`` (whole blocks of
+    :data:`BOUNDS_BLOCK`) into ``bounds[j // BOUNDS_BLOCK, :, j % BOUNDS_BLOCK]``: each key's
+    rank among the column's ``m`` is counted (vectorised across columns) and the key is stored
+    at that rank (ties ordered by row)."""
+    m = rows.shape[0]
+    bw = bounds.shape[2]
+    d = x.shape[1]
+    keys = np.empty((m, bw), dtype=np.int32)
+    rank = np.empty(bw, dtype=np.int32)
+    for t0 in range(c0, c1, bw):
+        t1 = min(t0 + bw, d)
+        w = t1 - t0
+        blk = bounds[t0 // bw]
+        for t in range(m):
+            bits = x[rows[t], t0:t1].view(np.int32)
+            kt = keys[t]
+            for j in range(w):
+                kt[j] = _key(bits[j])
+        for t in range(m):
+            kt = keys[t]
+            for j in range(w):
+                rank[j] = 0
+            for u in range(m):
+                ku = keys[u]
+                if u < t:
+                    for j in range(w):
+                        rank[j] += np.int32(ku[j] <= kt[j])
+                elif u > t:
+                    for j in range(w):
+                        rank[j] += np.int32(ku[j] < kt[j])
+            for j in range(w):
+                blk[rank[j], j] = kt[j]
+
+
+@njit(nogil=True, cache=True)
+def _count_block(
+    x: np.ndarray, rows: np.ndarray, c0: int, c1: int, bounds: np.ndarray, counts: np.ndarray
+) -> None:
+    """Add the bucket of every value ``x[r, j]``, ``r`` in ``rows``, ``j`` in ``[c0, c1)``
+    (whole blocks) to ``counts[j]`` (module docstring: buckets ``2t`` open, ``2t + 1`` the key
+    ``s_t``).
+
+    The bucket is found by counting the boundaries below each value, vectorised across the
+    block's columns (``m`` compares per value; a binary search's branches cannot be predicted
+    and its loads cannot be vectorised)."""
+    m = bounds.shape[1]
+    bw = bounds.shape[2]
+    d = x.shape[1]
+    idx = np.empty(bw, dtype=np.int32)
+    for t0 in range(c0, c1, bw):
+        t1 = min(t0 + bw, d)
+        w = t1 - t0
+        blk = bounds[t0 // bw]
+        for r in rows:
+            bits = x[r, t0:t1].view(np.int32)
+            for j in range(w):
+                idx[j] = 0
+            for t in range(m):
+                bt = blk[t]
+                for j in range(w):
+                    idx[j] += np.int32(bt[j] < _key(bits[j]))
+            for j in range(w):
+                i = idx[j]
+                point = 0
+                if i < m:
+                    point = np.int32(blk[i, j] == _key(bits[j]))
+                counts[t0 + j, 2 * i + point] += np.uint16(1)
+
+
+@njit(nogil=True, cache=True)
+def _locate(
+    bounds: np.ndarray,
+    counts: np.ndarray,
+    t0: int,
+    w: int,
+    ranks: np.ndarray,
+    lo: np.ndarray,
+    hi: np.ndarray,
+    below: np.ndarray,
+    size: np.ndarray,
+) -> None:
+    """For each rank ``q`` and column ``j`` of the tile at ``t0``: the inclusive key range
+    ``[lo, hi]`` of the bucket holding it, the number of values below that bucket and the
+    bucket's count."""
+    m = bounds.shape[1]
+    bw = bounds.shape[2]
+    nb = counts.shape[1]
+    nq = ranks.shape[0]
+    for j in range(w):
+        cnt = counts[t0 + j]
+        b = bounds[(t0 + j) // bw, :, (t0 + j) % bw]
+        cum = 0
+        q = 0
+        for u in range(nb):
+            c = np.int64(cnt[u])
+            while q < nq and ranks[q] < cum + c:
+                t = u >> 1
+                if u & 1:
+                    lo[q, j] = b[t]
+                    hi[q, j] = b[t]
+                else:
+                    lo[q, j] = b[t - 1] + 1 if t > 0 else _INT32_MIN
+                    hi[q, j] = b[t] - 1 if t < m else _INT32_MAX
+                below[q, j] = cum
+                size[q, j] = c
+                q += 1
+            cum += c
+            if q == nq:
+                break
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _partition(vals: np.ndarray, lo: int, hi: int, p: np.int32, strict: bool) -> int:
+    """Branchless Lomuto partition of ``vals[lo:hi]``: the elements ``< p`` (``strict``) or
+    ``<= p`` first; returns where the others start."""
+    cut = lo
+    for i in range(lo, hi):
+        v = vals[i]
+        vals[i] = vals[cut]
+        vals[cut] = v
+        cut += np.int64((v < p) if strict else (v <= p))
+    return cut
+
+
+@njit(nogil=True, cache=True)
+def _pick(vals: np.ndarray, r: int, want_next: bool) -> tuple[np.int32, np.int32]:
+    """The elements of ranks ``r`` and (with ``want_next``) ``r + 1`` (0-based) of ``vals``
+    (reordered in place): quickselect with a median-of-three pivot and branchless partitions
+    (below the pivot, equal to it, above it: runs of equal keys end it); rank ``r + 1`` is then
+    the pivot or the smallest element above it."""
+    n = vals.shape[0]
+    lo = 0
+    hi = n  # the rank lies in [lo, hi)
+    while True:
+        if hi - lo == 1:
+            p = vals[lo]
+            above = hi
+            break
+        a = vals[lo]
+        b = vals[(lo + hi) >> 1]
+        c = vals[hi - 1]
+        p = max(min(a, b), min(max(a, b), c))
+        lt = _partition(vals, lo, hi, p, True)
+        if r < lt:
+            hi = lt
+            continue
+        above = _partition(vals, lt, hi, p, False)
+        if r < above:
+            break
+        lo = above
+    nxt = p
+    if want_next and r + 1 >= above:
+        nxt = vals[above]
+        for i in range(above + 1, n):
+            nxt = min(nxt, vals[i])
+    return p, nxt
+
+
+@njit(nogil=True, cache=True)
+def _tile_keys(x: np.ndarray, rows: np.ndarray, t0: int, t1: int, keys: np.ndarray) -> None:
+    """Canonical keys of columns ``[t0, t1)`` of ``x[rows]`` into ``keys`` (``(K, t1 - t0)``)."""
+    for i in range(rows.shape[0]):
+        bits = x[rows[i], t0:t1].view(np.int32)
+        row = keys[i]
+        for j in range(t1 - t0):
+            row[j] = _key(bits[j])
+
+
+@njit(nogil=True, cache=True)
+def bucket_block(
+    x: np.ndarray,
+    rows: np.ndarray,
+    c0: int,
+    c1: int,
+    trim: int,
+    bounds: np.ndarray,
+    counts: np.ndarray,
+    out: np.ndarray,
+    used: np.ndarray,
+) -> int:
+    """Median (``trim < 0``) or trimmed mean (``trim >= 0``) of columns ``[c0, c1)`` of the
+    finite float32 rows ``x[rows]``, from bucket counts of exactly those rows.
+
+    Writes ``out[c0:c1]`` and adds to ``used`` (``(K,)``, in the order of ``rows``) the per-row
+    counts of :func:`coordinator.streaming_select.coordinatewise_block`. Returns the number of
+    tiles that needed the counting selection.
+    """
+    k = rows.shape[0]
+    ranks = np.empty(2, dtype=np.int64)
+    if trim < 0:
+        ranks[0] = (k - 1) // 2
+        ranks[1] = k // 2
+    else:
+        ranks[0] = trim
+        ranks[1] = k - 1 - trim
+    lo = np.empty((2, TILE), dtype=np.int32)
+    hi = np.empty((2, TILE), dtype=np.int32)
+    below = np.empty((2, TILE), dtype=np.int64)
+    size = np.empty((2, TILE), dtype=np.int64)
+    a = np.empty((2, TILE), dtype=np.int32)  # gather ranges (empty: a > z)
+    z = np.empty((2, TILE), dtype=np.int32)
+    span = np.empty((2, TILE), dtype=np.uint32)
+    shared = np.zeros(TILE, dtype=np.uint8)
+    start = np.empty((2, TILE + 1), dtype=np.int64)  # each column's segment of the box
+    fill = np.empty((2, TILE), dtype=np.int64)
+    padded = (TILE + 63) // 64 * 64
+    marks = np.zeros((2, padded), dtype=np.uint8)
+    rowkeys = np.empty(TILE, dtype=np.int32)
+    box = np.empty((2, TILE * GATHER_LIMIT), dtype=np.int32)
+    result = np.empty((2, 2, TILE), dtype=np.int64)
+    low = np.empty(TILE, dtype=np.float32)
+    high = np.empty(TILE, dtype=np.float32)
+    acc = np.empty(TILE, dtype=np.float64)
+    kept = np.float64(k - 2 * trim)
+    fallbacks = 0
+    keys = np.empty((0, 0), dtype=np.int32)
+    for t0 in range(c0, c1, TILE):
+        t1 = min(t0 + TILE, c1)
+        w = t1 - t0
+        _locate(bounds, counts, t0, w, ranks, lo, hi, below, size)
+        most = 0
+        for q in range(2):
+            start[q, 0] = 0
+        for j in range(w):
+            shared[j] = np.uint8(lo[0, j] == lo[1, j])
+            for q in range(2):
+                n = size[q, j]
+                if lo[q, j] == hi[q, j] or (q == 1 and shared[j]):
+                    a[q, j] = _INT32_MAX  # a single key (or the other rank's bucket): no gather
+                    z[q, j] = _INT32_MIN
+                    n = 0
+                else:
+                    a[q, j] = lo[q, j]
+                    z[q, j] = hi[q, j]
+                    most = max(most, n)
+                span[q, j] = np.uint32(np.int64(z[q, j]) - np.int64(a[q, j]))
+                start[q, j + 1] = start[q, j] + n
+                fill[q, j] = start[q, j]
+        if most > GATHER_LIMIT:
+            # Crowded bucket: the counting selection, from the buckets' exact brackets.
+            fallbacks += 1
+            if keys.shape[0] != k:
+                keys = np.empty((k, TILE), dtype=np.int32)
+            kv = keys[:, :w]
+            _tile_keys(x, rows, t0, t1, kv)
+            spans = np.empty((2, 2), dtype=np.int64)
+            blo = np.empty((2, w), dtype=np.int64)
+            bhi = np.empty((2, w), dtype=np.int64)
+            clo = np.empty((2, w), dtype=np.int32)
+            chi = np.empty((2, w), dtype=np.int32)
+            for q in range(2):
+                spans[q, 0] = ranks[q]
+                spans[q, 1] = ranks[q]
+                for j in range(w):
+                    blo[q, j] = np.int64(lo[q, j]) - 1
+                    bhi[q, j] = hi[q, j]
+                    clo[q, j] = below[q, j]
+                    chi[q, j] = below[q, j] + size[q, j]
+            _refine(kv, spans, blo, bhi, clo, chi, False, blo, bhi, result)
+        else:
+            gathering = start[1, w] > 0
+            for i in range(k):
+                if i + AHEAD < k:
+                    ahead = x[rows[i + AHEAD], t0:t1]
+                    for off in range(0, w, 16):
+                        _prefetch(ahead, off)
+                bits = x[rows[i], t0:t1].view(np.int32)
+                m0 = marks[0]
+                m1 = marks[1]
+                a0 = a[0]
+                a1 = a[1]
+                s0 = span[0]
+                s1 = span[1]
+                for j in range(w):
+                    v = _key(bits[j])
+                    rowkeys[j] = v
+                    # a <= v <= z as one unsigned compare of v - a against z - a
+                    m0[j] = np.uint8(np.uint32(v - a0[j]) <= s0[j])
+                    m1[j] = np.uint8(np.uint32(v - a1[j]) <= s1[j])
+                for q in range(2 if gathering else 1):
+                    mw = marks[q].view(np.uint64)
+                    bq = box[q]
+                    fq = fill[q]
+                    for g in range((w + 63) // 64):
+                        packed = np.uint64(0)
+                        for u in range(8):
+                            packed |= ((mw[8 * g + u] * _PACK) >> np.uint64(56)) << np.uint64(8 * u)
+                        while packed != 0:
+                            j = 64 * g + np.int64(_trailing_zeros(packed))
+                            packed &= packed - np.uint64(1)
+                            bq[fq[j]] = rowkeys[j]
+                            fq[j] += 1
+            for j in range(w):
+                for q in range(2):
+                    if lo[q, j] == hi[q, j]:
+                        result[q, 0, j] = lo[q, j]
+                        continue
+                    if q == 1 and shared[j]:
+                        continue  # read with rank 0, from the same values
+                    seg = box[q, start[q, j] : start[q, j + 1]]
+                    adjacent = q == 0 and shared[j] == 1 and ranks[1] == ranks[0] + 1
+                    first, second = _pick(seg, ranks[q] - below[q, j], adjacent)
+                    result[q, 0, j] = first
+                    if q == 0 and shared[j]:
+                        if ranks[1] == ranks[0]:
+                            result[1, 0, j] = first
+                        elif adjacent:
+                            result[1, 0, j] = second
+                        else:
+                            result[1, 0, j] = _pick(seg, ranks[1] - below[0, j], False)[0]
+        lw = low[:w]
+        hw = high[:w]
+        _tile_values(result, 0, 0, lw)
+        _tile_values(result, 1, 0, hw)
+        if trim < 0:
+            for j in range(w):
+                if ranks[0] == ranks[1]:
+                    out[t0 + j] = lw[j]
+                else:
+                    out[t0 + j] = np.float32(0.5 * (np.float64(lw[j]) + np.float64(hw[j])))
+            for i in range(k):
+                row = x[rows[i], t0:t1]
+                n = np.int64(0)
+                for j in range(w):
+                    v = row[j]
+                    n += np.int64(lw[j] <= v) & np.int64(v <= hw[j])
+                used[i] += n
+        else:
+            aw = acc[:w]
+            for j in range(w):
+                aw[j] = 0.0
+            for i in range(k):
+                row = x[rows[i], t0:t1]
+                n = np.int64(0)
+                for j in range(w):
+                    v = row[j]
+                    c = lw[j] if v < lw[j] else v
+                    c = hw[j] if c > hw[j] else c
+                    aw[j] += np.float64(c)
+                    n += np.int64(c == v)
+                used[i] += n
+            for j in range(w):
+                s = aw[j] - trim * (np.float64(lw[j]) + np.float64(hw[j]))
+                out[t0 + j] = np.float32(s / kept)
+    return fallbacks
+
+
+class BucketCounts:
+    """Bucket boundaries and per-coordinate bucket counts of one round's admitted rows.
+
+    Parameters
+    ----------
+    d : int
+        Values per update.
+
+    Notes
+    -----
+    Rows are registered by :meth:`add` and counted by :meth:`flush` (the boundaries are taken
+    at the first flush that sees :data:`SAMPLE_ROWS` rows). Not thread-safe.
+    """
+
+    def __init__(self, d: int) -> None:
+        self.d = int(d)
+        self.bounds: np.ndarray | None = None
+        self.counts: np.ndarray | None = None
+        self.ready = False
+        self.order: list[int] = []
+        self.counted: set[int] = set()
+        self._pending: list[int] = []
+        #: Tiles of the last close that used the counting selection.
+        self.fallback_tiles = 0
+
+    def reset(self) -> None:
+        """Forget the round's rows and boundaries (the arrays are reused)."""
+        self.ready = False
+        self.order = []
+        self.counted = set()
+        self._pending = []
+
+    def add(self, row: int) -> None:
+        """Register an admitted row (counted at the next :meth:`flush`)."""
+        self.order.append(int(row))
+        self._pending.append(int(row))
+
+    def flush(self, buffer: np.ndarray) -> int:
+        """Take the boundaries once :data:`SAMPLE_ROWS` rows are in, and count every row
+        registered since the last flush; return the number of rows counted."""
+        if not self.ready:
+            m = SAMPLE_ROWS
+            if len(self.order) < m:
+                return 0
+            if self.bounds is None or self.counts is None or self.bounds.shape[1] != m:
+                blocks = -(-self.d // BOUNDS_BLOCK)
+                self.bounds = np.empty((blocks, m, BOUNDS_BLOCK), dtype=np.int32)
+                self.counts = np.zeros((self.d, 2 * m + 1), dtype=np.uint16)
+            else:
+                self.counts.fill(0)
+            sample = np.asarray(self.order[:m], dtype=np.int64)
+            bounds = self.bounds
+            map_column_blocks(
+                lambda c: _bounds_block(buffer, sample, c.start, c.stop, bounds), self.d, _TASK
+            )
+            self.ready = True
+            self._pending = list(self.order)
+        if not self._pending:
+            return 0
+        rows = np.asarray(self._pending, dtype=np.int64)
+        assert self.bounds is not None and self.counts is not None
+        bounds, counts = self.bounds, self.counts
+        map_column_blocks(
+            lambda c: _count_block(buffer, rows, c.start, c.stop, bounds, counts), self.d, _TASK
+        )
+        self.counted.update(self._pending)
+        self._pending = []
+        return int(rows.size)
+
+    def covers(self, rows: list[int]) -> bool:
+        """Whether the counts are exactly those of ``rows`` (after a :meth:`flush`)."""
+        return self.ready and not self._pending and self.counted == set(rows)
+
+
+def _close(
+    buffer: np.ndarray, rows: list[int], buckets: BucketCounts, trim: int
+) -> tuple[np.ndarray, np.ndarray]:
+    assert buckets.bounds is not None and buckets.counts is not None
+    idx = np.asarray(rows, dtype=np.int64)
+    k = idx.size
+    d = buffer.shape[1]
+    out = np.empty(d, dtype=np.float32)
+    bounds, counts = buckets.bounds, buckets.counts
+
+    def task(cols: slice) -> tuple[np.ndarray, int]:
+        used = np.zeros(k, dtype=np.int64)
+        n = bucket_block(buffer, idx, cols.start, cols.stop, trim, bounds, counts, out, used)
+        return used, int(n)
+
+    spans = [slice(s, min(s + _TASK, d)) for s in range(0, d, _TASK)]
+    parts = parallel_map(task, spans)
+    buckets.fallback_tiles = sum(n for _, n in parts)
+    used = np.sum([u for u, _ in parts], axis=0, dtype=np.int64)
+    return out, np.asarray(used, dtype=np.int64)
+
+
+def bucket_median(
+    buffer: np.ndarray, rows: list[int], buckets: BucketCounts
+) -> tuple[np.ndarray, np.ndarray]:
+    """Coordinate-wise median and per-row usage counts of ``buffer[rows]`` (rows in the batch
+    rule's order), equal to :func:`coordinator.aggregators.coordinatewise.coordinate_median`'s
+    up to the sign of a zero median. ``buckets`` must cover exactly ``rows``
+    (:meth:`BucketCounts.covers`).
+
+    Complexity: one read of the rows plus in-cache work per tile (module docstring).
+    """
+    return _close(buffer, rows, buckets, -1)
+
+
+def bucket_trimmed_mean(
+    buffer: np.ndarray, rows: list[int], buckets: BucketCounts, trim: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Coordinate-wise trimmed mean and usage counts of ``buffer[rows]``, equal to
+    :func:`coordinator.aggregators.coordinatewise.coordinate_trimmed_mean`'s bit for bit
+    (``0 < trim``, ``2 trim < K``; ``buckets`` as for :func:`bucket_median`)."""
+    k = len(rows)
+    if trim <= 0 or 2 * trim >= k:
+        raise ValueError(f"trim must satisfy 0 < trim and 2*trim < K={k}, got {trim}")
+    return _close(buffer, rows, buckets, trim)
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's cache) the kernels now, so no admission or close pays."""
+    k = MIN_ROWS
+    x = np.arange(k * 3, dtype=np.float32).reshape(k, 3)
+    b = BucketCounts(3)
+    for r in range(k):
+        b.add(r)
+    b.flush(x)
+    bucket_median(x, list(range(k)), b)
+    bucket_trimmed_mean(x, list(range(k)), b, 1)

@@ -1,0 +1,195 @@
+"""Bucket counts kept on admission (coordinator.streaming_buckets): the median and the trimmed
+mean closed from them equal the batch rules on random and adversarial rounds.
+
+Compared bit for bit: the trimmed mean's float32 bits and every row's usage count; the median's
+values with ``==`` (a zero median may carry either sign).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from coordinator import streaming_buckets
+from coordinator.aggregators import aggregate
+from coordinator.aggregators.coordinatewise import coordinate_median, coordinate_trimmed_mean
+from coordinator.streaming import StreamingRound
+from coordinator.streaming_buckets import (
+    GATHER_LIMIT,
+    MIN_ROWS,
+    SAMPLE_ROWS,
+    BucketCounts,
+    bucket_median,
+    bucket_trimmed_mean,
+)
+from coordinator.streaming_rules import StreamedClose
+
+D = 700  # two tiles, the second one partial
+
+
+def _counted(x: np.ndarray, rows: list[int], burst: int = 7) -> BucketCounts:
+    b = BucketCounts(x.shape[1])
+    for n, r in enumerate(rows):
+        b.add(r)
+        if n % burst == burst - 1:
+            b.flush(x)
+    b.flush(x)
+    assert b.covers(rows)
+    return b
+
+
+def _check(x: np.ndarray, rows: list[int] | None = None, trims: tuple[int, ...] = ()) -> int:
+    """Both rules from the buckets against the batch functions; returns the tiles that took the
+    counting selection."""
+    rows = list(range(x.shape[0])) if rows is None else rows
+    b = _counted(x, rows)
+    sub = x[rows]
+    got, used = bucket_median(x, rows, b)
+    fallbacks = b.fallback_tiles
+    want, want_used = coordinate_median(sub)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(used, want_used)
+    k = len(rows)
+    for trim in trims or (1, k // 10, (k - 1) // 2):
+        got_t, used_t = bucket_trimmed_mean(x, rows, b, trim)
+        fallbacks += b.fallback_tiles
+        want_t, want_used_t = coordinate_trimmed_mean(sub, trim)
+        np.testing.assert_array_equal(got_t.view(np.int32), want_t.view(np.int32))
+        np.testing.assert_array_equal(used_t, want_used_t)
+    return fallbacks
+
+
+def _random(k: int, seed: int) -> np.ndarray:
+    return np.random.default_rng([seed, k]).standard_normal((k, D)).astype(np.float32)
+
+
+@pytest.mark.parametrize("k", [MIN_ROWS, MIN_ROWS + 1, 301])
+def test_random_rounds_equal_the_batch_rules(k: int) -> None:
+    assert _check(_random(k, 1)) == 0
+
+
+def _ties(k: int) -> np.ndarray:
+    x = np.random.default_rng(2).integers(-3, 4, (k, D)).astype(np.float32)
+    x[x == 0] = -0.0  # zeros of both signs
+    x[::5] = np.abs(x[::5])
+    return x
+
+
+def _identical(k: int) -> np.ndarray:
+    return np.tile(_random(1, 3)[0], (k, 1))
+
+
+def _duplicated(k: int) -> np.ndarray:
+    x = _random(k, 4)
+    x[100:180] = x[7]  # Sybils sending the sample's row 7
+    x[200:240] = x[250]  # and a row outside the sample
+    return x
+
+
+def _extreme(k: int) -> np.ndarray:
+    rng = np.random.default_rng(5)
+    big = np.finfo(np.float32).max
+    tiny = np.finfo(np.float32).smallest_subnormal
+    choices = np.array([-big, big, -tiny, tiny, 0.0, -0.0, 1e-38, -1e38, 3.0], dtype=np.float32)
+    x = _random(k, 5)
+    pick = rng.random((k, D)) < 0.3
+    x[pick] = rng.choice(choices, size=int(pick.sum()))
+    return x
+
+
+def _crowded(k: int) -> np.ndarray:
+    """Past the sample, every value lies strictly between two boundaries (one open bucket): the
+    counting selection inside that bucket closes these tiles."""
+    x = _random(k, 6)
+    x[: SAMPLE_ROWS // 2] -= 10.0
+    x[SAMPLE_ROWS // 2 : SAMPLE_ROWS] += 10.0
+    x[SAMPLE_ROWS:] = 0.25 + np.random.default_rng(6).integers(0, 40, (k - SAMPLE_ROWS, D)) * 1e-7
+    return x.astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    ("make", "crowded"),
+    [
+        (_ties, False),
+        (_identical, False),
+        (_duplicated, False),
+        (_extreme, False),
+        (_crowded, True),
+    ],
+)
+@pytest.mark.parametrize("k", [MIN_ROWS + 8, MIN_ROWS + 9])
+def test_adversarial_rounds_equal_the_batch_rules(
+    make: Callable[[int], np.ndarray], crowded: bool, k: int
+) -> None:
+    if crowded:  # more values in the open bucket than the gather takes
+        k += GATHER_LIMIT + SAMPLE_ROWS - MIN_ROWS + 8
+    fallbacks = _check(make(k))
+    assert (fallbacks > 0) == crowded
+
+
+def test_sampled_round_counts_only_its_rows() -> None:
+    x = _random(400, 7)
+    rows = sorted(np.random.default_rng(7).choice(400, size=MIN_ROWS + 3, replace=False).tolist())
+    assert _check(x, rows, trims=(5,)) == 0
+
+
+def _stream(k: int, capacity: int | None = None) -> tuple[StreamingRound, np.ndarray]:
+    x = _random(k, 8)
+    stream = StreamingRound(capacity or k, D, pairwise=False, coordinatewise=True)
+    stream.reset(1)
+    for i in np.random.default_rng(8).permutation(k):
+        stream.add(int(i), x[i])
+        if i % 5 == 0:
+            stream.flush()
+    return stream, x
+
+
+@pytest.mark.parametrize("k", [MIN_ROWS - 1, MIN_ROWS])
+def test_the_close_uses_the_buckets_from_min_rows(k: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    for name in ("bucket_median", "bucket_trimmed_mean"):
+        real = getattr(streaming_buckets, name)
+
+        def spy(*args: object, _real: Callable[..., object] = real, _n: str = name) -> object:
+            calls.append(_n)
+            return _real(*args)
+
+        monkeypatch.setattr(f"coordinator.streaming_rules.{name}", spy)
+    stream, x = _stream(k, capacity=MIN_ROWS + 5)
+    rows = list(range(k))
+    for rule, params in (("median", {}), ("trimmed_mean", {"beta": 0.1})):
+        close = StreamedClose(stream, rows)
+        got = close.aggregate(rule, **params)
+        want = aggregate(rule, x, **params)
+        np.testing.assert_array_equal(got.vector, want.vector)
+        assert [v.weight for v in got.verdicts] == [v.weight for v in want.verdicts]
+        assert close.how == "streamed"
+    assert calls == ([] if k < MIN_ROWS else ["bucket_median", "bucket_trimmed_mean"])
+
+
+def test_small_rounds_and_capacities_keep_no_buckets() -> None:
+    assert StreamingRound(MIN_ROWS - 1, 8, coordinatewise=True).buckets is None
+    assert StreamingRound(MIN_ROWS, 8, coordinatewise=False).buckets is None
+    stream = StreamingRound(MIN_ROWS, 8, coordinatewise=True)
+    stream.reset(1, expected=MIN_ROWS - 1)  # a sampled round too small for them
+    assert stream.buckets is None
+    stream.reset(2, expected=MIN_ROWS)
+    assert stream.buckets is not None and not stream.buckets.ready
+
+
+def test_a_new_round_recounts_from_its_own_sample() -> None:
+    stream, _ = _stream(MIN_ROWS + 2)
+    buckets = stream.buckets
+    assert buckets is not None
+    stream.flush()
+    assert buckets.covers(list(range(MIN_ROWS + 2)))
+    stream.reset(2)
+    y = _random(MIN_ROWS, 9)
+    for i in range(MIN_ROWS):
+        stream.add(i, y[i])
+    stream.flush()
+    assert buckets.counts is not None and int(buckets.counts.sum()) == MIN_ROWS * D
+    got, _ = bucket_median(stream.buffer, list(range(MIN_ROWS)), buckets)
+    np.testing.assert_array_equal(got, coordinate_median(y)[0])
