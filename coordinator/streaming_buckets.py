@@ -21,17 +21,19 @@ updates arrive:
 3. **Close** (:func:`bucket_median`, :func:`bucket_trimmed_mean`). The counts give, with no pass
    over the matrix, the bucket of every wanted rank (median: ranks ``(K-1)//2`` and ``K//2``;
    trimmed mean: ``trim`` and ``K-1-trim``) and its rank inside the bucket. The matrix is then
-   read once, tile by tile: the values of each column's wanted open bucket(s) are gathered
-   (``2K/(m+1)`` on average for continuous data), the order statistic is picked among them (a
-   single-key bucket needs no gather), and a second pass over the tile, still in cache, adds the
-   clipped values (trimmed mean) and the per-row usage counts, as
-   :func:`coordinator.streaming_select.coordinatewise_block` does.
+   read once, tile by tile, each value compared as a float with the float32 ends of the wanted
+   buckets (keys are computed for the gathered values only): the values of each column's wanted
+   open bucket(s) are gathered (``2K/(m+1)`` on average for continuous data), the order
+   statistic is picked among them (a single-key bucket needs no gather), and a second pass over
+   the tile, still in cache, adds the clipped values (trimmed mean) and the per-row usage
+   counts, as :func:`coordinator.streaming_select.coordinatewise_block` does.
 
-**Worst case.** A tile where a wanted open bucket holds more than :data:`GATHER_LIMIT` values
-(values concentrated between two boundaries, e.g. attackers that were not among the first
-``m``) falls back to :mod:`coordinator.streaming_select`'s counting selection, started from the
-bucket's exact bracket instead of a sampled one: correct, at the counting kernel's cost for that
-tile only.
+**Worst case.** Values concentrated between two boundaries (e.g. attackers that were not among
+the first ``m``) make a wanted open bucket large; its values are still gathered and picked by
+quickselect, up to :data:`COLUMN_LIMIT` values in one column and :data:`GATHER_LIMIT` per
+column on average over the tile. A tile past either limit falls back to
+:mod:`coordinator.streaming_select`'s counting selection, started from the buckets' exact
+brackets instead of sampled ones: correct, at the counting kernel's cost for that tile only.
 
 The results are the order statistics themselves, hence the batch rules' aggregates bit for bit
 (:mod:`coordinator.streaming_select` states the definitions), up to the sign of a zero median:
@@ -63,8 +65,12 @@ MAX_ROWS = 65535
 TILE = 512
 #: Rows ahead whose tile segment is prefetched while a row is read.
 AHEAD = 4
-#: Values of a wanted open bucket above which a tile uses the counting selection instead.
+#: Values gathered per column of a tile, on average over its columns, above which the tile uses
+#: the counting selection instead.
 GATHER_LIMIT = 256
+#: Values of one column's wanted open bucket above which its tile uses the counting selection
+#: (a quickselect's time is then no longer small next to the tile's read).
+COLUMN_LIMIT = 4096
 #: Columns per block of the boundaries' layout ``(blocks, m, BOUNDS_BLOCK)``.
 BOUNDS_BLOCK = 256
 #: Coordinates per task of the admission counting and of the close (thread pool).
@@ -282,6 +288,25 @@ def _pick(vals: np.ndarray, r: int, want_next: bool) -> tuple[np.int32, np.int32
     return p, nxt
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _bound(key: np.int32, high: bool, buf: np.ndarray) -> np.float32:
+    """The float32 bound equivalent to the key bound ``key`` of a gather range ``[a, z]`` (low
+    end ``a``, or high end ``z`` with ``high``): for every finite float32 ``v``, ``v >= bound``
+    iff ``_key(v) >= a`` and ``v <= bound`` iff ``_key(v) <= z``. The int32 extremes (no bound,
+    or an empty range) become infinities; the key ``-1`` (``-0.0``, never a canonical key) is
+    ``-0.0`` as a low end (zeros inside) and the smallest negative float32 as a high end (zeros
+    outside). ``buf`` is a float32 scratch of length 1."""
+    if key == np.int32(_INT32_MIN):
+        return np.float32(-np.inf)
+    if key == np.int32(_INT32_MAX):
+        return np.float32(np.inf)
+    if high and key == np.int32(-1):
+        key = np.int32(-2)
+    bits = buf.view(np.int32)
+    bits[0] = key ^ ((key >> 31) & np.int32(0x7FFFFFFF))
+    return buf[0]
+
+
 @njit(nogil=True, cache=True)
 def _tile_keys(x: np.ndarray, rows: np.ndarray, t0: int, t1: int, keys: np.ndarray) -> None:
     """Canonical keys of columns ``[t0, t1)`` of ``x[rows]`` into ``keys`` (``(K, t1 - t0)``)."""
@@ -325,13 +350,14 @@ def bucket_block(
     size = np.empty((2, TILE), dtype=np.int64)
     a = np.empty((2, TILE), dtype=np.int32)  # gather ranges (empty: a > z)
     z = np.empty((2, TILE), dtype=np.int32)
-    span = np.empty((2, TILE), dtype=np.uint32)
+    fa = np.empty((2, TILE), dtype=np.float32)  # the same ranges as float32 bounds
+    fz = np.empty((2, TILE), dtype=np.float32)
+    scratch = np.empty(1, dtype=np.float32)
     shared = np.zeros(TILE, dtype=np.uint8)
     start = np.empty((2, TILE + 1), dtype=np.int64)  # each column's segment of the box
     fill = np.empty((2, TILE), dtype=np.int64)
     padded = (TILE + 63) // 64 * 64
     marks = np.zeros((2, padded), dtype=np.uint8)
-    rowkeys = np.empty(TILE, dtype=np.int32)
     box = np.empty((2, TILE * GATHER_LIMIT), dtype=np.int32)
     result = np.empty((2, 2, TILE), dtype=np.int64)
     low = np.empty(TILE, dtype=np.float32)
@@ -359,10 +385,11 @@ def bucket_block(
                     a[q, j] = lo[q, j]
                     z[q, j] = hi[q, j]
                     most = max(most, n)
-                span[q, j] = np.uint32(np.int64(z[q, j]) - np.int64(a[q, j]))
+                fa[q, j] = _bound(a[q, j], False, scratch)
+                fz[q, j] = _bound(z[q, j], True, scratch)
                 start[q, j + 1] = start[q, j] + n
                 fill[q, j] = start[q, j]
-        if most > GATHER_LIMIT:
+        if most > COLUMN_LIMIT or max(start[0, w], start[1, w]) > w * GATHER_LIMIT:
             # Crowded bucket: the counting selection, from the buckets' exact brackets.
             fallbacks += 1
             if keys.shape[0] != k:
@@ -385,24 +412,25 @@ def bucket_block(
             _refine(kv, spans, blo, bhi, clo, chi, False, blo, bhi, result)
         else:
             gathering = start[1, w] > 0
+            marks[:, w:] = 0  # a partial tile: no marks left from the previous tile's columns
             for i in range(k):
                 if i + AHEAD < k:
                     ahead = x[rows[i + AHEAD], t0:t1]
                     for off in range(0, w, 16):
                         _prefetch(ahead, off)
-                bits = x[rows[i], t0:t1].view(np.int32)
+                row = x[rows[i], t0:t1]
+                bits = row.view(np.int32)
                 m0 = marks[0]
                 m1 = marks[1]
-                a0 = a[0]
-                a1 = a[1]
-                s0 = span[0]
-                s1 = span[1]
+                a0 = fa[0]
+                a1 = fa[1]
+                z0 = fz[0]
+                z1 = fz[1]
                 for j in range(w):
-                    v = _key(bits[j])
-                    rowkeys[j] = v
-                    # a <= v <= z as one unsigned compare of v - a against z - a
-                    m0[j] = np.uint8(np.uint32(v - a0[j]) <= s0[j])
-                    m1[j] = np.uint8(np.uint32(v - a1[j]) <= s1[j])
+                    # compared as floats: keys are computed for the values gathered only
+                    v = row[j]
+                    m0[j] = np.uint8(v >= a0[j]) & np.uint8(v <= z0[j])
+                    m1[j] = np.uint8(v >= a1[j]) & np.uint8(v <= z1[j])
                 for q in range(2 if gathering else 1):
                     mw = marks[q].view(np.uint64)
                     bq = box[q]
@@ -414,7 +442,7 @@ def bucket_block(
                         while packed != 0:
                             j = 64 * g + np.int64(_trailing_zeros(packed))
                             packed &= packed - np.uint64(1)
-                            bq[fq[j]] = rowkeys[j]
+                            bq[fq[j]] = _key(bits[j])
                             fq[j] += 1
             for j in range(w):
                 for q in range(2):
