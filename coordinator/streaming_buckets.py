@@ -113,12 +113,32 @@ def _trailing_zeros_typer(typingctx: Any, word: Any) -> Any:
     return sig, codegen
 
 
+def _inside8_typer(typingctx: Any, row: Any, low: Any, high: Any, off: Any) -> Any:
+    """Bits ``u = 0..7`` set where ``low[off + u] <= row[off + u] <= high[off + u]`` (three
+    contiguous float32 arrays, eight elements each from ``off``): one vector compare of eight
+    lanes and a move of their sign bits (``vcmpps`` / ``vmovmskps`` on x86-64)."""
+    sig = types.uint64(row, low, high, off)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        vec = ir.VectorType(ir.FloatType(), 8)
+
+        def load(aty: Any, arr: Any) -> Any:
+            ary = context.make_array(aty)(context, builder, arr)
+            ptr = builder.gep(ary.data, [args[3]])
+            return builder.load(builder.bitcast(ptr, vec.as_pointer()), align=4)
+
+        v = load(signature.args[0], args[0])
+        ge = builder.fcmp_ordered(">=", v, load(signature.args[1], args[1]))
+        le = builder.fcmp_ordered("<=", v, load(signature.args[2], args[2]))
+        lanes = builder.bitcast(builder.and_(ge, le), ir.IntType(8))
+        return builder.zext(lanes, ir.IntType(64))
+
+    return sig, codegen
+
+
 _prefetch: Any = intrinsic(_prefetch_typer)
 _trailing_zeros: Any = intrinsic(_trailing_zeros_typer)
-
-
-#: Multiplying eight 0/1 bytes by this gathers them as bits 56..63 (byte ``u`` -> bit ``56 + u``).
-_PACK = np.uint64(0x0102040810204080)
+_inside8: Any = intrinsic(_inside8_typer)
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -356,8 +376,6 @@ def bucket_block(
     shared = np.zeros(TILE, dtype=np.uint8)
     start = np.empty((2, TILE + 1), dtype=np.int64)  # each column's segment of the box
     fill = np.empty((2, TILE), dtype=np.int64)
-    padded = (TILE + 63) // 64 * 64
-    marks = np.zeros((2, padded), dtype=np.uint8)
     box = np.empty((2, TILE * GATHER_LIMIT), dtype=np.int32)
     result = np.empty((2, 2, TILE), dtype=np.int64)
     low = np.empty(TILE, dtype=np.float32)
@@ -411,8 +429,7 @@ def bucket_block(
                     chi[q, j] = below[q, j] + size[q, j]
             _refine(kv, spans, blo, bhi, clo, chi, False, blo, bhi, result)
         else:
-            gathering = start[1, w] > 0
-            marks[:, w:] = 0  # a partial tile: no marks left from the previous tile's columns
+            full = w // 8  # columns in whole groups of eight lanes
             for i in range(k):
                 if i + AHEAD < k:
                     ahead = x[rows[i + AHEAD], t0:t1]
@@ -420,30 +437,35 @@ def bucket_block(
                         _prefetch(ahead, off)
                 row = x[rows[i], t0:t1]
                 bits = row.view(np.int32)
-                m0 = marks[0]
-                m1 = marks[1]
                 a0 = fa[0]
                 a1 = fa[1]
                 z0 = fz[0]
                 z1 = fz[1]
-                for j in range(w):
-                    # compared as floats: keys are computed for the values gathered only
-                    v = row[j]
-                    m0[j] = np.uint8(v >= a0[j]) & np.uint8(v <= z0[j])
-                    m1[j] = np.uint8(v >= a1[j]) & np.uint8(v <= z1[j])
-                for q in range(2 if gathering else 1):
-                    mw = marks[q].view(np.uint64)
-                    bq = box[q]
-                    fq = fill[q]
-                    for g in range((w + 63) // 64):
-                        packed = np.uint64(0)
-                        for u in range(8):
-                            packed |= ((mw[8 * g + u] * _PACK) >> np.uint64(56)) << np.uint64(8 * u)
-                        while packed != 0:
-                            j = 64 * g + np.int64(_trailing_zeros(packed))
-                            packed &= packed - np.uint64(1)
-                            bq[fq[j]] = _key(bits[j])
-                            fq[j] += 1
+                # compared as floats, eight lanes at a time into bit masks of 64 columns; keys
+                # are computed for the values gathered only
+                for g in range((w + 63) // 64):
+                    p0 = np.uint64(0)
+                    p1 = np.uint64(0)
+                    lanes = min(8, full - 8 * g)
+                    for u in range(lanes):
+                        off = 64 * g + 8 * u
+                        p0 |= _inside8(row, a0, z0, off) << np.uint64(8 * u)
+                        p1 |= _inside8(row, a1, z1, off) << np.uint64(8 * u)
+                    for j in range(64 * g + 8 * lanes, min(64 * g + 64, w)):
+                        v = row[j]
+                        bit = np.uint64(j - 64 * g)
+                        p0 |= np.uint64((v >= a0[j]) & (v <= z0[j])) << bit
+                        p1 |= np.uint64((v >= a1[j]) & (v <= z1[j])) << bit
+                    while p0 != 0:
+                        j = 64 * g + np.int64(_trailing_zeros(p0))
+                        p0 &= p0 - np.uint64(1)
+                        box[0, fill[0, j]] = _key(bits[j])
+                        fill[0, j] += 1
+                    while p1 != 0:
+                        j = 64 * g + np.int64(_trailing_zeros(p1))
+                        p1 &= p1 - np.uint64(1)
+                        box[1, fill[1, j]] = _key(bits[j])
+                        fill[1, j] += 1
             for j in range(w):
                 for q in range(2):
                     if lo[q, j] == hi[q, j]:
