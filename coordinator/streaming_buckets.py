@@ -226,6 +226,7 @@ def _locate(
     t0: int,
     w: int,
     ranks: np.ndarray,
+    k: int,
     lo: np.ndarray,
     hi: np.ndarray,
     below: np.ndarray,
@@ -233,32 +234,47 @@ def _locate(
 ) -> None:
     """For each rank ``q`` and column ``j`` of the tile at ``t0``: the inclusive key range
     ``[lo, hi]`` of the bucket holding it, the number of values below that bucket and the
-    bucket's count."""
+    bucket's count (``k`` values counted per column). The counts are summed from the end
+    nearer to the rank (a trimmed mean's ranks are near both ends); ranks in increasing order,
+    the next one (median) from where the last one was found."""
     m = bounds.shape[1]
     bw = bounds.shape[2]
     nb = counts.shape[1]
     nq = ranks.shape[0]
     for j in range(w):
         cnt = counts[t0 + j]
-        b = bounds[(t0 + j) // bw, :, (t0 + j) % bw]
-        cum = 0
-        q = 0
-        for u in range(nb):
-            c = np.int64(cnt[u])
-            while q < nq and ranks[q] < cum + c:
-                t = u >> 1
-                if u & 1:
-                    lo[q, j] = b[t]
-                    hi[q, j] = b[t]
-                else:
-                    lo[q, j] = b[t - 1] + 1 if t > 0 else _INT32_MIN
-                    hi[q, j] = b[t] - 1 if t < m else _INT32_MAX
-                below[q, j] = cum
-                size[q, j] = c
-                q += 1
-            cum += c
-            if q == nq:
-                break
+        blk = bounds[(t0 + j) // bw]
+        col = (t0 + j) % bw
+        cum = np.int64(0)
+        u = 0
+        for q in range(nq):
+            r = ranks[q]
+            if q > 0 and r - ranks[q - 1] <= 1:  # the median's next rank: go on from the last
+                while cum + np.int64(cnt[u]) <= r:
+                    cum += np.int64(cnt[u])
+                    u += 1
+            elif 2 * r < k:
+                cum = np.int64(0)
+                u = 0
+                while cum + np.int64(cnt[u]) <= r:
+                    cum += np.int64(cnt[u])
+                    u += 1
+            else:
+                above = np.int64(0)
+                u = nb - 1
+                while k - above - np.int64(cnt[u]) > r:
+                    above += np.int64(cnt[u])
+                    u -= 1
+                cum = k - above - np.int64(cnt[u])
+            t = u >> 1
+            if u & 1:
+                lo[q, j] = blk[t, col]
+                hi[q, j] = blk[t, col]
+            else:
+                lo[q, j] = blk[t - 1, col] + 1 if t > 0 else _INT32_MIN
+                hi[q, j] = blk[t, col] - 1 if t < m else _INT32_MAX
+            below[q, j] = cum
+            size[q, j] = cnt[u]
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -387,7 +403,7 @@ def bucket_block(
     for t0 in range(c0, c1, TILE):
         t1 = min(t0 + TILE, c1)
         w = t1 - t0
-        _locate(bounds, counts, t0, w, ranks, lo, hi, below, size)
+        _locate(bounds, counts, t0, w, ranks, k, lo, hi, below, size)
         most = 0
         for q in range(2):
             start[q, 0] = 0
