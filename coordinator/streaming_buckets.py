@@ -21,17 +21,19 @@ updates arrive:
 3. **Close** (:func:`bucket_median`, :func:`bucket_trimmed_mean`). The counts give, with no pass
    over the matrix, the bucket of every wanted rank (median: ranks ``(K-1)//2`` and ``K//2``;
    trimmed mean: ``trim`` and ``K-1-trim``) and its rank inside the bucket. The matrix is then
-   read once, tile by tile: the values of each column's wanted open bucket(s) are gathered
-   (``2K/(m+1)`` on average for continuous data), the order statistic is picked among them (a
-   single-key bucket needs no gather), and a second pass over the tile, still in cache, adds the
-   clipped values (trimmed mean) and the per-row usage counts, as
-   :func:`coordinator.streaming_select.coordinatewise_block` does.
+   read once, tile by tile, each value compared as a float with the float32 ends of the wanted
+   buckets (keys are computed for the gathered values only): the values of each column's wanted
+   open bucket(s) are gathered (``2K/(m+1)`` on average for continuous data), the order
+   statistic is picked among them (a single-key bucket needs no gather), and a second pass over
+   the tile, still in cache, adds the clipped values (trimmed mean) and the per-row usage
+   counts, as :func:`coordinator.streaming_select.coordinatewise_block` does.
 
-**Worst case.** A tile where a wanted open bucket holds more than :data:`GATHER_LIMIT` values
-(values concentrated between two boundaries, e.g. attackers that were not among the first
-``m``) falls back to :mod:`coordinator.streaming_select`'s counting selection, started from the
-bucket's exact bracket instead of a sampled one: correct, at the counting kernel's cost for that
-tile only.
+**Worst case.** Values concentrated between two boundaries (e.g. attackers that were not among
+the first ``m``) make a wanted open bucket large; its values are still gathered and picked by
+quickselect, up to :data:`COLUMN_LIMIT` values in one column and :data:`GATHER_LIMIT` per
+column on average over the tile. A tile past either limit falls back to
+:mod:`coordinator.streaming_select`'s counting selection, started from the buckets' exact
+brackets instead of sampled ones: correct, at the counting kernel's cost for that tile only.
 
 The results are the order statistics themselves, hence the batch rules' aggregates bit for bit
 (:mod:`coordinator.streaming_select` states the definitions), up to the sign of a zero median:
@@ -63,8 +65,12 @@ MAX_ROWS = 65535
 TILE = 512
 #: Rows ahead whose tile segment is prefetched while a row is read.
 AHEAD = 4
-#: Values of a wanted open bucket above which a tile uses the counting selection instead.
+#: Values gathered per column of a tile, on average over its columns, above which the tile uses
+#: the counting selection instead.
 GATHER_LIMIT = 256
+#: Values of one column's wanted open bucket above which its tile uses the counting selection
+#: (a quickselect's time is then no longer small next to the tile's read).
+COLUMN_LIMIT = 4096
 #: Columns per block of the boundaries' layout ``(blocks, m, BOUNDS_BLOCK)``.
 BOUNDS_BLOCK = 256
 #: Coordinates per task of the admission counting and of the close (thread pool).
@@ -107,12 +113,32 @@ def _trailing_zeros_typer(typingctx: Any, word: Any) -> Any:
     return sig, codegen
 
 
+def _inside8_typer(typingctx: Any, row: Any, low: Any, high: Any, off: Any) -> Any:
+    """Bits ``u = 0..7`` set where ``low[off + u] <= row[off + u] <= high[off + u]`` (three
+    contiguous float32 arrays, eight elements each from ``off``): one vector compare of eight
+    lanes and a move of their sign bits (``vcmpps`` / ``vmovmskps`` on x86-64)."""
+    sig = types.uint64(row, low, high, off)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        vec = ir.VectorType(ir.FloatType(), 8)
+
+        def load(aty: Any, arr: Any) -> Any:
+            ary = context.make_array(aty)(context, builder, arr)
+            ptr = builder.gep(ary.data, [args[3]])
+            return builder.load(builder.bitcast(ptr, vec.as_pointer()), align=4)
+
+        v = load(signature.args[0], args[0])
+        ge = builder.fcmp_ordered(">=", v, load(signature.args[1], args[1]))
+        le = builder.fcmp_ordered("<=", v, load(signature.args[2], args[2]))
+        lanes = builder.bitcast(builder.and_(ge, le), ir.IntType(8))
+        return builder.zext(lanes, ir.IntType(64))
+
+    return sig, codegen
+
+
 _prefetch: Any = intrinsic(_prefetch_typer)
 _trailing_zeros: Any = intrinsic(_trailing_zeros_typer)
-
-
-#: Multiplying eight 0/1 bytes by this gathers them as bits 56..63 (byte ``u`` -> bit ``56 + u``).
-_PACK = np.uint64(0x0102040810204080)
+_inside8: Any = intrinsic(_inside8_typer)
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -200,6 +226,7 @@ def _locate(
     t0: int,
     w: int,
     ranks: np.ndarray,
+    k: int,
     lo: np.ndarray,
     hi: np.ndarray,
     below: np.ndarray,
@@ -207,32 +234,47 @@ def _locate(
 ) -> None:
     """For each rank ``q`` and column ``j`` of the tile at ``t0``: the inclusive key range
     ``[lo, hi]`` of the bucket holding it, the number of values below that bucket and the
-    bucket's count."""
+    bucket's count (``k`` values counted per column). The counts are summed from the end
+    nearer to the rank (a trimmed mean's ranks are near both ends); ranks in increasing order,
+    the next one (median) from where the last one was found."""
     m = bounds.shape[1]
     bw = bounds.shape[2]
     nb = counts.shape[1]
     nq = ranks.shape[0]
     for j in range(w):
         cnt = counts[t0 + j]
-        b = bounds[(t0 + j) // bw, :, (t0 + j) % bw]
-        cum = 0
-        q = 0
-        for u in range(nb):
-            c = np.int64(cnt[u])
-            while q < nq and ranks[q] < cum + c:
-                t = u >> 1
-                if u & 1:
-                    lo[q, j] = b[t]
-                    hi[q, j] = b[t]
-                else:
-                    lo[q, j] = b[t - 1] + 1 if t > 0 else _INT32_MIN
-                    hi[q, j] = b[t] - 1 if t < m else _INT32_MAX
-                below[q, j] = cum
-                size[q, j] = c
-                q += 1
-            cum += c
-            if q == nq:
-                break
+        blk = bounds[(t0 + j) // bw]
+        col = (t0 + j) % bw
+        cum = np.int64(0)
+        u = 0
+        for q in range(nq):
+            r = ranks[q]
+            if q > 0 and r - ranks[q - 1] <= 1:  # the median's next rank: go on from the last
+                while cum + np.int64(cnt[u]) <= r:
+                    cum += np.int64(cnt[u])
+                    u += 1
+            elif 2 * r < k:
+                cum = np.int64(0)
+                u = 0
+                while cum + np.int64(cnt[u]) <= r:
+                    cum += np.int64(cnt[u])
+                    u += 1
+            else:
+                above = np.int64(0)
+                u = nb - 1
+                while k - above - np.int64(cnt[u]) > r:
+                    above += np.int64(cnt[u])
+                    u -= 1
+                cum = k - above - np.int64(cnt[u])
+            t = u >> 1
+            if u & 1:
+                lo[q, j] = blk[t, col]
+                hi[q, j] = blk[t, col]
+            else:
+                lo[q, j] = blk[t - 1, col] + 1 if t > 0 else _INT32_MIN
+                hi[q, j] = blk[t, col] - 1 if t < m else _INT32_MAX
+            below[q, j] = cum
+            size[q, j] = cnt[u]
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -282,6 +324,25 @@ def _pick(vals: np.ndarray, r: int, want_next: bool) -> tuple[np.int32, np.int32
     return p, nxt
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _bound(key: np.int32, high: bool, buf: np.ndarray) -> np.float32:
+    """The float32 bound equivalent to the key bound ``key`` of a gather range ``[a, z]`` (low
+    end ``a``, or high end ``z`` with ``high``): for every finite float32 ``v``, ``v >= bound``
+    iff ``_key(v) >= a`` and ``v <= bound`` iff ``_key(v) <= z``. The int32 extremes (no bound,
+    or an empty range) become infinities; the key ``-1`` (``-0.0``, never a canonical key) is
+    ``-0.0`` as a low end (zeros inside) and the smallest negative float32 as a high end (zeros
+    outside). ``buf`` is a float32 scratch of length 1."""
+    if key == np.int32(_INT32_MIN):
+        return np.float32(-np.inf)
+    if key == np.int32(_INT32_MAX):
+        return np.float32(np.inf)
+    if high and key == np.int32(-1):
+        key = np.int32(-2)
+    bits = buf.view(np.int32)
+    bits[0] = key ^ ((key >> 31) & np.int32(0x7FFFFFFF))
+    return buf[0]
+
+
 @njit(nogil=True, cache=True)
 def _tile_keys(x: np.ndarray, rows: np.ndarray, t0: int, t1: int, keys: np.ndarray) -> None:
     """Canonical keys of columns ``[t0, t1)`` of ``x[rows]`` into ``keys`` (``(K, t1 - t0)``)."""
@@ -325,13 +386,12 @@ def bucket_block(
     size = np.empty((2, TILE), dtype=np.int64)
     a = np.empty((2, TILE), dtype=np.int32)  # gather ranges (empty: a > z)
     z = np.empty((2, TILE), dtype=np.int32)
-    span = np.empty((2, TILE), dtype=np.uint32)
+    fa = np.empty((2, TILE), dtype=np.float32)  # the same ranges as float32 bounds
+    fz = np.empty((2, TILE), dtype=np.float32)
+    scratch = np.empty(1, dtype=np.float32)
     shared = np.zeros(TILE, dtype=np.uint8)
     start = np.empty((2, TILE + 1), dtype=np.int64)  # each column's segment of the box
     fill = np.empty((2, TILE), dtype=np.int64)
-    padded = (TILE + 63) // 64 * 64
-    marks = np.zeros((2, padded), dtype=np.uint8)
-    rowkeys = np.empty(TILE, dtype=np.int32)
     box = np.empty((2, TILE * GATHER_LIMIT), dtype=np.int32)
     result = np.empty((2, 2, TILE), dtype=np.int64)
     low = np.empty(TILE, dtype=np.float32)
@@ -343,7 +403,7 @@ def bucket_block(
     for t0 in range(c0, c1, TILE):
         t1 = min(t0 + TILE, c1)
         w = t1 - t0
-        _locate(bounds, counts, t0, w, ranks, lo, hi, below, size)
+        _locate(bounds, counts, t0, w, ranks, k, lo, hi, below, size)
         most = 0
         for q in range(2):
             start[q, 0] = 0
@@ -359,10 +419,11 @@ def bucket_block(
                     a[q, j] = lo[q, j]
                     z[q, j] = hi[q, j]
                     most = max(most, n)
-                span[q, j] = np.uint32(np.int64(z[q, j]) - np.int64(a[q, j]))
+                fa[q, j] = _bound(a[q, j], False, scratch)
+                fz[q, j] = _bound(z[q, j], True, scratch)
                 start[q, j + 1] = start[q, j] + n
                 fill[q, j] = start[q, j]
-        if most > GATHER_LIMIT:
+        if most > COLUMN_LIMIT or max(start[0, w], start[1, w]) > w * GATHER_LIMIT:
             # Crowded bucket: the counting selection, from the buckets' exact brackets.
             fallbacks += 1
             if keys.shape[0] != k:
@@ -384,38 +445,43 @@ def bucket_block(
                     chi[q, j] = below[q, j] + size[q, j]
             _refine(kv, spans, blo, bhi, clo, chi, False, blo, bhi, result)
         else:
-            gathering = start[1, w] > 0
+            full = w // 8  # columns in whole groups of eight lanes
             for i in range(k):
                 if i + AHEAD < k:
                     ahead = x[rows[i + AHEAD], t0:t1]
                     for off in range(0, w, 16):
                         _prefetch(ahead, off)
-                bits = x[rows[i], t0:t1].view(np.int32)
-                m0 = marks[0]
-                m1 = marks[1]
-                a0 = a[0]
-                a1 = a[1]
-                s0 = span[0]
-                s1 = span[1]
-                for j in range(w):
-                    v = _key(bits[j])
-                    rowkeys[j] = v
-                    # a <= v <= z as one unsigned compare of v - a against z - a
-                    m0[j] = np.uint8(np.uint32(v - a0[j]) <= s0[j])
-                    m1[j] = np.uint8(np.uint32(v - a1[j]) <= s1[j])
-                for q in range(2 if gathering else 1):
-                    mw = marks[q].view(np.uint64)
-                    bq = box[q]
-                    fq = fill[q]
-                    for g in range((w + 63) // 64):
-                        packed = np.uint64(0)
-                        for u in range(8):
-                            packed |= ((mw[8 * g + u] * _PACK) >> np.uint64(56)) << np.uint64(8 * u)
-                        while packed != 0:
-                            j = 64 * g + np.int64(_trailing_zeros(packed))
-                            packed &= packed - np.uint64(1)
-                            bq[fq[j]] = rowkeys[j]
-                            fq[j] += 1
+                row = x[rows[i], t0:t1]
+                bits = row.view(np.int32)
+                a0 = fa[0]
+                a1 = fa[1]
+                z0 = fz[0]
+                z1 = fz[1]
+                # compared as floats, eight lanes at a time into bit masks of 64 columns; keys
+                # are computed for the values gathered only
+                for g in range((w + 63) // 64):
+                    p0 = np.uint64(0)
+                    p1 = np.uint64(0)
+                    lanes = min(8, full - 8 * g)
+                    for u in range(lanes):
+                        off = 64 * g + 8 * u
+                        p0 |= _inside8(row, a0, z0, off) << np.uint64(8 * u)
+                        p1 |= _inside8(row, a1, z1, off) << np.uint64(8 * u)
+                    for j in range(64 * g + 8 * lanes, min(64 * g + 64, w)):
+                        v = row[j]
+                        bit = np.uint64(j - 64 * g)
+                        p0 |= np.uint64((v >= a0[j]) & (v <= z0[j])) << bit
+                        p1 |= np.uint64((v >= a1[j]) & (v <= z1[j])) << bit
+                    while p0 != 0:
+                        j = 64 * g + np.int64(_trailing_zeros(p0))
+                        p0 &= p0 - np.uint64(1)
+                        box[0, fill[0, j]] = _key(bits[j])
+                        fill[0, j] += 1
+                    while p1 != 0:
+                        j = 64 * g + np.int64(_trailing_zeros(p1))
+                        p1 &= p1 - np.uint64(1)
+                        box[1, fill[1, j]] = _key(bits[j])
+                        fill[1, j] += 1
             for j in range(w):
                 for q in range(2):
                     if lo[q, j] == hi[q, j]:

@@ -123,10 +123,17 @@ def _crowded(k: int) -> np.ndarray:
 def test_adversarial_rounds_equal_the_batch_rules(
     make: Callable[[int], np.ndarray], crowded: bool, k: int
 ) -> None:
-    if crowded:  # more values in the open bucket than the gather takes
+    if crowded:  # more values in every column's open bucket than the gather takes
         k += GATHER_LIMIT + SAMPLE_ROWS - MIN_ROWS + 8
     fallbacks = _check(make(k))
     assert (fallbacks > 0) == crowded
+
+
+def test_a_few_crowded_columns_are_gathered_without_the_counting_selection() -> None:
+    k = MIN_ROWS + GATHER_LIMIT + 8
+    x = _random(k, 10)
+    x[:, :5] = _crowded(k)[:, :5]  # five columns' wanted bucket holds most of the values
+    assert _check(x) == 0
 
 
 def test_sampled_round_counts_only_its_rows() -> None:
