@@ -12,11 +12,11 @@ Cells that cannot run are skipped with the reason in the table, never guessed:
 * **memory**: a cell runs only if ``/proc/meminfo`` MemAvailable, read just before, holds the
   matrix plus what the rules add on the host (residual reweighting keeps a corrected copy of
   the matrix) plus a 1 GB margin. K=1000, d=1e7 is 40 GB of float32.
-* **time**: after a warm-up on 64 columns, each rule runs on the first ``d / 100`` columns
-  (at least 2,000); its cost is linear in ``d``, so when that probe's time times
-  ``d / probe`` exceeds ``--budget`` seconds the full run is skipped and the projection is
-  reported instead. A rule slow enough for the probe itself to take minutes is stopped
-  earlier by a 256-column probe (over a second, and projecting beyond three budgets).
+* **time**: after a warm-up on 64 columns, each rule runs on the first 256 and the first
+  ``d / 100`` columns (at least 2,000); its time, a fixed part plus a part linear in ``d``,
+  is projected through the two probes, and when it exceeds ``--budget`` seconds the full run
+  is skipped and the projection is reported instead. A rule whose 256-column probe alone
+  takes over 5 s and scales to three budgets is stopped before the larger probe.
 
 Usage::
 
@@ -66,7 +66,7 @@ MARGIN_BYTES = 1 << 30
 #: the rule at once (the second probe of a rule as slow as that would itself take minutes).
 TINY_PROBE = 256
 TINY_FACTOR = 3.0
-TINY_DECISIVE_SECONDS = 1.0
+TINY_DECISIVE_SECONDS = 5.0
 MIN_PROBE = 2_000
 
 
@@ -160,9 +160,9 @@ def _project(
 
     The rule runs on the first ``probes[0]`` columns, then (unless that alone projects beyond
     :data:`TINY_FACTOR` budgets and took over :data:`TINY_DECISIVE_SECONDS`) on the first
-    ``probes[1]``, whose time scaled by ``d / probes[1]`` is the projection (the rules' cost
-    is linear in ``d``; a fixed part such as Krum's scoring makes it an over-estimate). The
-    note is empty when the projection is within ``budget``.
+    ``probes[1]``; the time is taken as a fixed part plus a part linear in ``d``, through the
+    two probes, and evaluated at ``d``. The note is empty when the projection is within
+    ``budget``.
     """
     d = x.shape[1]
     times = []
@@ -177,8 +177,12 @@ def _project(
                     f"skipped: projected {rough:.0f} s from a d={columns:,} probe "
                     f"(> {TINY_FACTOR * budget:.0f} s)"
                 )
-    c2, t2 = probes[1], times[1]
-    projected = t2 * d / c2
+    (c1, c2), (t1, t2) = probes, times
+    # Time = fixed part + part linear in d, through the two probes: the fixed part (Krum's
+    # scoring, Bulyan's iterated Krum on the (K, K) distances) is large at K=1000 and must not
+    # be scaled by d / probe.
+    slope = max(0.0, (t2 - t1) / (c2 - c1)) if c2 > c1 else t2 / c2
+    projected = t2 + slope * (d - c2)
     if d > c2 and projected > budget:
         return projected, (
             f"skipped: projected {projected:.0f} s from a d={c2:,} probe (> {budget:.0f} s budget)"
@@ -315,8 +319,9 @@ def write_report(
         "clients, aggregate within 1e-5 relative. f = K/10 (trimmed mean: beta = f); "
         "FoolsGold without history (the history update is a host copy, the same on every "
         f"device). Time budget {budget:.0f} s per rule and device: after a warm-up, a rule "
-        "runs on the first d/100 columns (at least 2,000); that time scaled to d projects the "
-        "full run, which is skipped (projection shown) beyond the budget. Cells whose matrix "
+        "runs on the first 256 and the first d/100 columns (at least 2,000); the line through "
+        "the two times (a fixed part + a part linear in d) projects the full run, which is "
+        "skipped (projection shown) beyond the budget. Cells whose matrix "
         "does not fit in the host's MemAvailable are skipped with the numbers.",
         "",
     ]
