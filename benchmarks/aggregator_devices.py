@@ -185,7 +185,8 @@ def _project(
     projected = t2 + slope * (d - c2)
     if d > c2 and projected > budget:
         return projected, (
-            f"skipped: projected {projected:.0f} s from a d={c2:,} probe (> {budget:.0f} s budget)"
+            f"skipped: projected {projected:.0f} s from probes of d={c1:,} and {c2:,} "
+            f"(> {budget:.0f} s budget)"
         )
     return projected, ""
 
