@@ -11,6 +11,10 @@ from typing import Any
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "alarm": ("benchmarks.alarm", "on-device cost of the SIREN alarm vs local training"),
     "aggregators": ("benchmarks.aggregators", "speed of every aggregation rule (and peers)"),
+    "aggregator-devices": (
+        "benchmarks.aggregator_devices",
+        "the heavy rules at K=100/1000, d=1e6/1e7 on numpy vs PyTorch cpu/cuda devices",
+    ),
     "protocol": ("benchmarks.protocol_codec", "encode+sign / decode+verify time of envelopes"),
     "robustness": ("benchmarks.robustness", "aggregator x attack grid, like the SIREN paper"),
     "fleet": ("benchmarks.fleet", "round time breakdown of MQTT fleets of growing size"),

@@ -11,6 +11,7 @@ from siren_cli.signals import stop_on_signals
 
 
 def _run(args: argparse.Namespace) -> int:
+    import dataclasses
     import logging
 
     from coordinator.async_engine import make_engine
@@ -26,6 +27,10 @@ def _run(args: argparse.Namespace) -> int:
 
     try:
         config = CoordinatorConfig.load(args.config)
+        if args.device is not None:
+            config = dataclasses.replace(
+                config, aggregator=dataclasses.replace(config.aggregator, device=args.device)
+            )
         signing_key = load_signing_key(config.key_dir)
         store = CoordinatorStore(config.db)
         store.check_run(config.run)  # before TensorFlow loads: a mistake costs a second
@@ -317,6 +322,12 @@ def register(sub: Any) -> None:
         "from the last committed update or round.",
     )
     run.add_argument("--config", required=True, type=Path, help="coordinator TOML file")
+    run.add_argument(
+        "--device",
+        default=None,
+        help="where the heavy aggregators run, overriding [aggregator] device: numpy, cpu, "
+        "cuda, cuda:N or auto (cpu/cuda need PyTorch: pip install 'siren-edge[torch]')",
+    )
     run.set_defaults(func=_run)
     tpl = s.add_parser(
         "config-template",

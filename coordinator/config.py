@@ -63,6 +63,9 @@ Example (relative paths are relative to the file's directory)::
     guard_max_abs = 1000000.0         # nor make any weight larger than this (inf: no bound)
     profile = "authors"               # SIREN profile: "authors" or "paper-text" (the boards'
                                       # [alarm] profile should match; see docs/reproducing.md)
+    device = "numpy"                  # where the heavy rules run: numpy, cpu, cuda[:N] (PyTorch,
+                                      # the torch extra) or auto (cuda if PyTorch sees a GPU,
+                                      # else numpy); see docs/gpu-coordinator.md
 
     [api]                             # HTTP API and dashboard (coordinator.api)
     enabled = false
@@ -200,6 +203,10 @@ COMMENTS: dict[str, dict[str, str]] = {
         "guard_max_abs": "no weight of the global model may exceed this (inf: no bound)",
         "profile": "SIREN profile: authors (the authors' code, default) or paper-text (the "
         "paper as printed); boards' [alarm] profile should match (docs/reproducing.md)",
+        "device": "where the heavy rules (Krum, Bulyan, median, trimmed mean, geometric median, "
+        "FLTrust, FoolsGold, residual reweighting) run: numpy (default), cpu or cuda[:N] "
+        "(PyTorch, the torch extra), auto (cuda if PyTorch sees a GPU, else numpy); "
+        "docs/gpu-coordinator.md",
     },
     "admission": {
         "": "How updates are admitted and rounds closed (docs/streaming.md).",
@@ -287,6 +294,7 @@ class AggregatorSettings:
     guard_factor: float = 100.0
     guard_max_abs: float = 1e6
     profile: str = DEFAULT_PROFILE
+    device: str = "numpy"
 
     def __post_init__(self) -> None:
         if not self.guard_factor > 0 or not self.guard_max_abs > 0:
@@ -298,6 +306,33 @@ class AggregatorSettings:
             get_profile(self.profile)
         except ValueError as exc:
             raise ConfigError(f"aggregator.profile: {exc}") from None
+        from coordinator.aggregators.devices import DEVICES
+
+        name = self.device.strip().lower() if isinstance(self.device, str) else None
+        if name is None or not (name in DEVICES or _is_gpu_index(name)):
+            raise ConfigError(
+                f"aggregator.device must be one of {', '.join(DEVICES)} or cuda:N, "
+                f"got {self.device!r}"
+            )
+
+    def resolved_device(self) -> str:
+        """The device the rule runs on here (``numpy``, ``cpu``, ``cuda``, ``cuda:N``).
+
+        Raises
+        ------
+        ConfigError
+            PyTorch is not installed, or no GPU is visible, for the device asked for.
+        """
+        from coordinator.aggregators.devices import resolve_device
+
+        try:
+            return resolve_device(self.device)
+        except CoordinatorError as exc:
+            raise ConfigError(f"aggregator.device: {exc}") from None
+
+
+def _is_gpu_index(name: str) -> bool:
+    return name.startswith("cuda:") and name[5:].isdigit()
 
 
 @dataclass(frozen=True)

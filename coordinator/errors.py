@@ -28,3 +28,8 @@ class InvalidParameterError(AggregatorError, ValueError):
 
 class ByzantineBoundError(AggregatorError, ValueError):
     """Too few clients for the number of Byzantine clients the rule must tolerate."""
+
+
+class DeviceUnavailableError(AggregatorError, RuntimeError):
+    """An aggregation device was asked for that this machine cannot provide (PyTorch not
+    installed, or no CUDA GPU visible to it)."""

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from coordinator.aggregators import AggregationResult, aggregate, get_rule
+from coordinator.aggregators.devices import DEVICE_RULES, resolve_device
 from coordinator.errors import ByzantineBoundError, InvalidParameterError, UnknownAggregatorError
 from coordinator.strategy import (
     RootOracle,
@@ -43,6 +44,10 @@ class RuleStrategy:
         Needed by rules that take a ``server_update`` (FLTrust); computed each round.
     seed : int
         Seed of the Generator handed to the rule.
+    device : str
+        Where the rule's heavy part runs (:mod:`coordinator.aggregators.devices`): ``numpy``
+        (default), ``cpu``, ``cuda``/``cuda:N`` or ``auto``; resolved here, so a device this
+        machine lacks raises :class:`~coordinator.errors.DeviceUnavailableError` at once.
     """
 
     def __init__(
@@ -51,8 +56,11 @@ class RuleStrategy:
         params: dict[str, Any] | None = None,
         oracle: RootOracle | None = None,
         seed: int = 0,
+        device: str | None = None,
     ) -> None:
         self.spec = get_rule(name)
+        #: The resolved device (``numpy``, ``cpu``, ``cuda``, ``cuda:N``).
+        self.device = resolve_device(device)
         self.name = name
         self.params = dict(params or {})
         self.oracle = oracle
@@ -84,7 +92,15 @@ class RuleStrategy:
         """Aggregate the round's updates with the rule and apply them to ``g_t``."""
         matrix, counts = stack_submissions(submissions)
         params, rng = self.rule_inputs(round_index, global_weights, submissions)
-        result = aggregate(self.name, matrix, weights=counts, rng=rng, state=self.state, **params)
+        result = aggregate(
+            self.name,
+            matrix,
+            weights=counts,
+            rng=rng,
+            state=self.state,
+            device=self.device,
+            **params,
+        )
         return self.finish(result, global_weights, submissions)
 
     def rule_inputs(
@@ -129,7 +145,10 @@ class RuleStrategy:
             }
             for s, v in zip(submissions, result.verdicts)
         }
-        return StepResult(new_global, verdicts, {"rule": self.name, **jsonable(result.info)})
+        record = {"rule": self.name, **jsonable(result.info)}
+        if self.device != "numpy" and self.name in DEVICE_RULES:
+            record["device"] = self.device
+        return StepResult(new_global, verdicts, record)
 
     def state_dict(self) -> dict[str, Any]:
         """The rule's state (stateful rules only) in a JSON-friendly form.
@@ -392,6 +411,7 @@ def make_strategy(
     num_rounds: int = 0,
     profile: str | None = None,
     seed: int = 0,
+    device: str | None = None,
 ) -> Strategy:
     """Build the server strategy called ``name`` (an aggregation rule, or ``"siren"``).
 
@@ -409,8 +429,12 @@ def make_strategy(
         SIREN profile (:mod:`protocol.siren_profiles`); None: the default. Other rules ignore it.
     seed : int
         The run seed.
+    device : str, optional
+        Where a registered rule's heavy part runs (see :class:`RuleStrategy`); SIREN's decision
+        process has no device path and ignores it (a device name is still checked).
     """
     if name == "siren":
+        resolve_device(device)
         from coordinator.siren import SirenStrategy
 
         if oracle is None:
@@ -425,4 +449,4 @@ def make_strategy(
             num_rounds=num_rounds,
             **{**defaults, **(params or {})},
         )
-    return RuleStrategy(name, params, oracle=oracle, seed=seed)
+    return RuleStrategy(name, params, oracle=oracle, seed=seed, device=device)

@@ -100,6 +100,7 @@ def build_runtime(config: CoordinatorConfig, num_clients: int) -> CoordinatorRun
     in-process engine), drawn from the same dataset subset.
     """
     name = config.aggregator.name
+    device = config.aggregator.resolved_device()  # before TensorFlow: a mistake costs a second
     needs_oracle = _needs_oracle(name)
     initial: np.ndarray | None = None
     layout: TensorLayout | None = None
@@ -183,7 +184,15 @@ def build_runtime(config: CoordinatorConfig, num_clients: int) -> CoordinatorRun
         num_rounds=config.rounds,
         profile=config.aggregator.profile,
         seed=config.seed,
+        device=device,
     )
+    if device != "numpy":
+        from coordinator.aggregators.devices import DEVICE_RULES, device_description
+
+        if name in DEVICE_RULES:
+            logger.info("aggregator %s runs its heavy part on %s", name, device_description(device))
+        else:
+            logger.info("aggregator %s has no device path: it runs numpy (device %s)", name, device)
     undefended = None
     if config.defense_start_round > 1:
         undefended = RuleStrategy("fedavg", seed=config.seed)

@@ -101,7 +101,12 @@ class StreamingStep:
             close = StreamedClose(self.stream, rows)
             counts = np.array([s.num_samples for s in submissions], dtype=np.float64)
             result = close.aggregate(
-                strategy.name, weights=counts, rng=rng, state=strategy.state, **params
+                strategy.name,
+                weights=counts,
+                rng=rng,
+                state=strategy.state,
+                device=strategy.device,
+                **params,
             )
             self.how = close.how
             out = strategy.finish(result, global_weights, submissions)

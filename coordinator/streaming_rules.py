@@ -54,6 +54,7 @@ from coordinator.aggregators.coordinatewise import (
     trim_count,
     usage_verdicts,
 )
+from coordinator.aggregators.devices import resolve_device
 from coordinator.aggregators.fltrust import fltrust_result, validate_server_update
 from coordinator.aggregators.krum import (
     bulyan_result,
@@ -76,6 +77,9 @@ STREAMED = frozenset({"krum", "multi_krum", "bulyan", "fltrust", "median", "trim
 COUNTING_FROM = 512
 #: Rules that need the Gram matrix.
 PAIRWISE = frozenset({"krum", "multi_krum", "bulyan"})
+#: Streamed rules that run as the batch rule on a torch device when one is selected: their
+#: close reads every row anyway (sorted column blocks), which is what the device speeds up.
+ON_DEVICE_AT_CLOSE = frozenset({"median", "trimmed_mean"})
 
 
 class Margins:
@@ -273,6 +277,8 @@ class StreamedClose:
         self.gamma = dot_error_factor(stream.d, self.k)
         #: How the last :meth:`aggregate` was computed: ``streamed`` or ``batch: <why>``.
         self.how = ""
+        #: The device of the last :meth:`aggregate` (Bulyan's coordinate stage runs there).
+        self.device = "numpy"
         self._matrix: np.ndarray | None = None
 
     @property
@@ -293,11 +299,24 @@ class StreamedClose:
         weights: Any = None,
         rng: np.random.Generator | None = None,
         state: Any = None,
+        device: str | None = None,
         **params: Any,
     ) -> AggregationResult:
         """The result of rule ``name`` on the rows: the batch rule's, computed from the
         streaming state when the rule is in :data:`STREAMED` (and certified), else by the
-        batch rule on the buffer."""
+        batch rule on the buffer.
+
+        With a torch ``device`` (:mod:`coordinator.aggregators.devices`) the rules that read
+        every row at close anyway (median, trimmed mean) and every batch fallback run there;
+        the Gram-based closes stay streamed (their ``O(K^2 d)`` work was done on admission),
+        Bulyan's coordinate stage excepted.
+        """
+        where = self.device = resolve_device(device)
+        if where != "numpy" and name in ON_DEVICE_AT_CLOSE:
+            self.how = f"batch on {where}"
+            return aggregate(
+                name, self.matrix, weights=weights, rng=rng, state=state, device=where, **params
+            )
         streamed = None
         if name in STREAMED and not (name in PAIRWISE and self.stream.gram is None):
             streamed = getattr(self, f"_{name}")(validate_weights(weights, self.k), **params)
@@ -306,7 +325,9 @@ class StreamedClose:
             return streamed
         if not self.how.startswith("batch"):
             self.how = "batch: not streamed"
-        return aggregate(name, self.matrix, weights=weights, rng=rng, state=state, **params)
+        return aggregate(
+            name, self.matrix, weights=weights, rng=rng, state=state, device=where, **params
+        )
 
     def _fallback(self, why: str) -> AggregationResult | None:
         """Record why the batch rule must close the round; returns None (no streamed result)."""
@@ -348,7 +369,8 @@ class StreamedClose:
         selected, ok = certified_iterated_krum(margins, groups, fv, self.k - 2 * fv)
         if not ok:
             return self._fallback("a Bulyan selection step had scores equal within rounding")
-        return bulyan_result(self.matrix, krum_scores(margins.dist, fv), selected, fv)
+        scores = krum_scores(margins.dist, fv)
+        return bulyan_result(self.matrix, scores, selected, fv, self.device)
 
     def _fltrust(
         self, weights: np.ndarray, *, server_update: np.ndarray

@@ -200,6 +200,14 @@ def add_run_options(
         help="aggregator parameter, repeatable (e.g. --agg-param f=4)",
     )
     d.add_argument(
+        "--device",
+        default="numpy",
+        help="where the heavy aggregators (Krum, Bulyan, median, trimmed mean, geometric "
+        "median, FLTrust, FoolsGold, residual reweighting) run: numpy, cpu or cuda[:N] "
+        "(PyTorch: pip install 'siren-edge[torch]'), auto = cuda if PyTorch sees a GPU, else "
+        "numpy (default: %(default)s)",
+    )
+    d.add_argument(
         "--alarm",
         default=None,
         action=argparse.BooleanOptionalAction,

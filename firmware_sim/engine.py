@@ -62,6 +62,7 @@ class SimConfig:
     test_samples: int | None = None
     aggregator: str = "fedavg"
     aggregator_params: dict[str, Any] = field(default_factory=dict)
+    device: str = "numpy"
     alarm: bool | None = None
     siren_profile: str = DEFAULT_PROFILE
     alarm_rule: str | None = None
@@ -256,6 +257,7 @@ def build_fleet(config: SimConfig, dataset: Dataset | None = None) -> Fleet:
         num_rounds=config.rounds,
         profile=config.siren_profile,
         seed=config.seed,
+        device=config.device,
     )
     # Before --defense-start-round the server runs plain FedAvg (SIREN §5.9); boards keep their
     # alarm, so a defense that starts late sees boards that have been alarming all along.

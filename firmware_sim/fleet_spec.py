@@ -248,6 +248,7 @@ def prepare_fleet(
             guard_factor=getattr(config, "guard_factor", 100.0),
             guard_max_abs=getattr(config, "guard_max_abs", 1e6),
             profile=config.siren_profile,
+            device=getattr(config, "device", "numpy"),
         ),
         data=DataSettings(
             dataset=dataset,

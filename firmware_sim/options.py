@@ -67,6 +67,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
             test_samples=args.test_samples,
             aggregator=args.aggregator,
             aggregator_params=parse_key_values(args.agg_param, "--agg-param"),
+            device=getattr(args, "device", "numpy"),
             alarm=args.alarm,
             siren_profile=args.siren_profile,
             alarm_rule=args.alarm_rule,
@@ -174,7 +175,7 @@ def _check_strategy(config: Any) -> None:
     """Build the run's strategy and try a rule once on random updates of the round's size."""
     import numpy as np
 
-    from coordinator.errors import CoordinatorError
+    from coordinator.errors import CoordinatorError, DeviceUnavailableError
     from coordinator.rounds import REFUSALS, make_strategy
     from coordinator.strategy import Submission
 
@@ -189,7 +190,10 @@ def _check_strategy(config: Any) -> None:
             num_rounds=config.rounds,
             profile=config.siren_profile,
             seed=config.seed,
+            device=getattr(config, "device", "numpy"),
         )
+    except DeviceUnavailableError as exc:
+        raise CommandError(f"--device {config.device}: {message_of(exc)}") from exc
     except (CoordinatorError, ValueError, KeyError, TypeError) as exc:
         raise CommandError(message_of(exc)) from exc
     if config.aggregator == "siren":

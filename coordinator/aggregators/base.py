@@ -75,11 +75,16 @@ class AggregationContext:
         The only source of randomness a rule may use.
     state : Any
         State returned by the previous call of a stateful rule (None on the first round).
+    device : str
+        Where the rule's heavy part runs (:mod:`coordinator.aggregators.devices`): ``"numpy"``
+        (default), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``, already resolved. Rules without a
+        device path ignore it.
     """
 
     weights: np.ndarray
     rng: np.random.Generator
     state: Any = None
+    device: str = "numpy"
 
 
 Rule = Callable[..., AggregationResult]
@@ -218,6 +223,7 @@ def aggregate(
     weights: Any = None,
     rng: np.random.Generator | int | None = None,
     state: Any = None,
+    device: str | None = None,
     **params: Any,
 ) -> AggregationResult:
     """Aggregate a ``(K, d)`` update matrix with the registered rule ``name``.
@@ -234,6 +240,11 @@ def aggregate(
         Randomness source (an int seeds a new Generator; default seed 0 for determinism).
     state : Any, optional
         Previous state of a stateful rule.
+    device : str, optional
+        Where the heavy part of the rule runs: ``"numpy"`` (default, the numpy rules),
+        ``"cpu"`` or ``"cuda"``/``"cuda:N"`` (PyTorch), ``"auto"`` (the GPU when PyTorch sees
+        one, else numpy); see :mod:`coordinator.aggregators.devices`. The result means the
+        same on every device; rules outside ``devices.DEVICE_RULES`` always run numpy.
     **params
         The rule's own parameters (see ``REGISTRY[name].describe()``).
 
@@ -243,8 +254,13 @@ def aggregate(
         Unknown rule or parameter (the message lists the valid ones).
     InvalidUpdatesError, ByzantineBoundError
         Malformed input or too few clients for the rule's bound.
+    DeviceUnavailableError
+        ``device`` needs PyTorch or a GPU this machine does not have.
     """
+    from coordinator.aggregators.devices import resolve_device
+
     spec = get_rule(name)
+    where = resolve_device(device)
     unknown = sorted(set(params) - set(spec.params))
     if unknown:
         valid = ", ".join(spec.params) or "none"
@@ -260,7 +276,7 @@ def aggregate(
         raise UnknownAggregatorError(f"aggregator {name!r} needs parameter(s) {', '.join(missing)}")
     mat = validate_updates(updates, check_finite=not spec.checks_finite)
     generator = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng or 0)
-    ctx = AggregationContext(validate_weights(weights, mat.shape[0]), generator, state)
+    ctx = AggregationContext(validate_weights(weights, mat.shape[0]), generator, state, where)
     return spec.func(mat, ctx, **params)
 
 

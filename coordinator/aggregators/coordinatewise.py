@@ -35,6 +35,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+import coordinator.aggregators.torch_ops as torch_ops
 from coordinator.aggregators.base import (
     AggregationContext,
     AggregationResult,
@@ -89,11 +90,12 @@ def count_inside(block: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.nda
     return np.asarray(np.count_nonzero(inside, axis=1), dtype=np.int64)
 
 
-def coordinate_median(updates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def coordinate_median(updates: np.ndarray, device: str = "numpy") -> tuple[np.ndarray, np.ndarray]:
     """Coordinate-wise median of the update rows, with per-client usage counts.
 
     The median of an even number of values is the mean of the middle two (computed in float64,
-    then rounded to float32).
+    then rounded to float32). With a torch ``device`` the sorts run there
+    (:func:`coordinator.aggregators.torch_ops.coordinate_median`, the same values).
 
     Returns
     -------
@@ -103,6 +105,8 @@ def coordinate_median(updates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
     Complexity: O(K d log K) time, O(K * block) extra memory.
     """
+    if device != "numpy":
+        return torch_ops.coordinate_median(updates, device)
     k = np.asarray(updates).shape[0]
     lo, hi = (k - 1) // 2, k // 2
 
@@ -116,7 +120,9 @@ def coordinate_median(updates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return _sorted_column_pass(updates, reduce)
 
 
-def coordinate_trimmed_mean(updates: np.ndarray, trim: int) -> tuple[np.ndarray, np.ndarray]:
+def coordinate_trimmed_mean(
+    updates: np.ndarray, trim: int, device: str = "numpy"
+) -> tuple[np.ndarray, np.ndarray]:
     """Coordinate-wise trimmed mean: drop the ``trim`` lowest and highest values, average the rest.
 
     Parameters
@@ -125,6 +131,9 @@ def coordinate_trimmed_mean(updates: np.ndarray, trim: int) -> tuple[np.ndarray,
         ``(K, d)`` float32 matrix (NaN/inf are rejected in the same pass).
     trim : int
         Values dropped on each side, ``0 <= trim`` and ``2 trim < K``.
+    device : str
+        ``"numpy"`` or a torch device: the same formula on sorted column blocks there
+        (:func:`coordinator.aggregators.torch_ops.coordinate_trimmed_mean`).
 
     Returns
     -------
@@ -152,6 +161,8 @@ def coordinate_trimmed_mean(updates: np.ndarray, trim: int) -> tuple[np.ndarray,
     Complexity: O(K d) time when ``trim < 8`` with the compiled kernel (see
     :func:`_trimmed_tiles`), O(K d log K) otherwise; O(K * block + d) extra memory.
     """
+    if device != "numpy":
+        return torch_ops.coordinate_trimmed_mean(updates, trim, device)
     x = np.asarray(updates)
     k, d = x.shape
     if trim < 0 or 2 * trim >= k:
@@ -471,7 +482,7 @@ def median(
         fv = check_count("f", f)
         require_clients("median", k, 2 * fv + 1, "2f+1", f=fv)
         info["f"] = fv
-    vector, used = coordinate_median(updates)
+    vector, used = coordinate_median(updates, ctx.device)
     return AggregationResult(vector, usage_verdicts("median", used, d), info=info)
 
 
@@ -493,6 +504,6 @@ def trimmed_mean(
     k, d = updates.shape
     trim = trim_count(beta, k)
     require_clients("trimmed_mean", k, 2 * trim + 1, "2*beta+1", beta=trim)
-    vector, used = coordinate_trimmed_mean(updates, trim)
+    vector, used = coordinate_trimmed_mean(updates, trim, ctx.device)
     info = {"trim": trim}
     return AggregationResult(vector, usage_verdicts("trimmed_mean", used, d), info=info)

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+import coordinator.aggregators.torch_ops as torch_ops
 from coordinator.aggregators.base import (
     AggregationContext,
     AggregationResult,
@@ -46,11 +47,16 @@ def validate_server_update(server_update: Any, d: int) -> np.ndarray:
     return g0
 
 
-def dots_and_norms(updates: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Return ``(X g, |x_i|)`` for every row, accumulated in float64 over column blocks.
+def dots_and_norms(
+    updates: np.ndarray, reference: np.ndarray, device: str = "numpy"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return ``(X g, |x_i|)`` for every row, accumulated in float64 over column blocks
+    (on ``device``: :func:`coordinator.aggregators.torch_ops.dots_and_norms`).
 
     Complexity: O(K d) time, O(K * block) extra memory.
     """
+    if device != "numpy":
+        return torch_ops.dots_and_norms(updates, reference, device)
     x = np.asarray(updates)
     k, d = x.shape
     width = max(256, _BLOCK_BYTES // (8 * k))
@@ -66,13 +72,16 @@ def dots_and_norms(updates: np.ndarray, reference: np.ndarray) -> tuple[np.ndarr
     return dots, np.sqrt(sq)
 
 
-def trust_scores(updates: np.ndarray, server_update: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def trust_scores(
+    updates: np.ndarray, server_update: np.ndarray, device: str = "numpy"
+) -> tuple[np.ndarray, np.ndarray]:
     """FLTrust trust scores ``ReLU(cos(g_i, g0))`` and the client norms ``|g_i|``.
 
-    A zero client update (or a zero server update) has no direction and gets trust 0.
+    A zero client update (or a zero server update) has no direction and gets trust 0. The dot
+    products and norms are taken on ``device``.
     """
     g0 = np.asarray(server_update, dtype=np.float32)
-    dots, norms = dots_and_norms(updates, g0)
+    dots, norms = dots_and_norms(updates, g0, device)
     g0_norm = float(np.sqrt(np.dot(g0.astype(np.float64), g0.astype(np.float64))))
     denom = norms * g0_norm
     cos = np.divide(dots, denom, out=np.zeros_like(dots), where=denom > 0)
@@ -97,7 +106,7 @@ def fltrust(
     for the combination), O(K * block + d) extra memory.
     """
     g0 = validate_server_update(server_update, updates.shape[1])
-    ts, norms = trust_scores(updates, g0)
+    ts, norms = trust_scores(updates, g0, ctx.device)
     return fltrust_result(updates, ts, norms, float(np.linalg.norm(g0.astype(np.float64))))
 
 

@@ -127,9 +127,10 @@ def _histories(
     return state.history[len(absent) :], state
 
 
-def cosine_matrix(vectors: np.ndarray) -> np.ndarray:
-    """``(K, K)`` cosine similarities via a float64 Gram matrix; zero vectors give 0."""
-    gram = gram_matrix(vectors)
+def cosine_matrix(vectors: np.ndarray, device: str = "numpy") -> np.ndarray:
+    """``(K, K)`` cosine similarities via a float64 Gram matrix (computed on ``device``);
+    zero vectors give 0."""
+    gram = gram_matrix(vectors, device=device)
     norms = np.sqrt(np.clip(np.diag(gram), 0.0, None))
     denom = np.outer(norms, norms)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -210,7 +211,7 @@ def foolsgold(
         hist, state = _histories(updates, ids, _coerce_state(ctx.state, d))
     else:
         hist = updates
-    cos = cosine_matrix(hist)
+    cos = cosine_matrix(hist, ctx.device)
     rates, v, pardoned = foolsgold_rates(cos, kappa)
     all_parallel = not rates.sum() > 0
     if all_parallel:

@@ -165,9 +165,14 @@ def geometric_median(
     alpha = ctx.weights / ctx.weights.sum() if use_counts else np.full(k, 1.0 / k)
     # Distances are invariant under translation: centring the Gram matrix at the coordinate-wise
     # median keeps them exact when a few rows are huge (see gram_matrix).
-    center, _ = coordinate_median(updates)
+    center, _ = coordinate_median(updates, ctx.device)
     coef, dist, steps, converged = weiszfeld_coefficients(
-        gram_matrix(updates, center), alpha, tol=tolv, max_iter=iters, nu=nuv, from_origin=True
+        gram_matrix(updates, center, ctx.device),
+        alpha,
+        tol=tolv,
+        max_iter=iters,
+        nu=nuv,
+        from_origin=True,
     )
     vector = weighted_combination(updates, coef)
     info.update(iterations=steps, converged=converged, objective=float(alpha @ dist))

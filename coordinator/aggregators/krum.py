@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
+import coordinator.aggregators.torch_ops as torch_ops
 from coordinator.aggregators.base import (
     AggregationContext,
     AggregationResult,
@@ -48,7 +49,9 @@ _GRAM_BLOCK_BYTES = 4 << 20
 _GRAM_CHUNKS = 4
 
 
-def gram_matrix(updates: np.ndarray, center: np.ndarray | None = None) -> np.ndarray:
+def gram_matrix(
+    updates: np.ndarray, center: np.ndarray | None = None, device: str = "numpy"
+) -> np.ndarray:
     """Return the ``(K, K)`` float64 Gram matrix ``G = X X^T`` of the update rows.
 
     Column blocks of the float32 matrix are converted to float64 in a reused buffer and
@@ -62,8 +65,13 @@ def gram_matrix(updates: np.ndarray, center: np.ndarray | None = None) -> np.nda
     ``1e-16 · max_i G_ii`` to cancellation: centring at a point near most rows keeps that
     small when one row is huge (a magnitude attack).
 
+    With a torch ``device`` (:mod:`coordinator.aggregators.devices`) the same float64 products
+    run there, one column block at a time.
+
     Complexity: O(K^2 d) time, O(K^2 + K * block) extra memory per thread.
     """
+    if device != "numpy":
+        return torch_ops.gram_matrix(updates, device, center)
     x = np.asarray(updates)
     c = None if center is None else np.asarray(center, dtype=np.float64)
     k, d = x.shape
@@ -106,15 +114,15 @@ def distances_from_gram(gram: np.ndarray) -> np.ndarray:
     return dist
 
 
-def pairwise_sq_distances(updates: np.ndarray) -> np.ndarray:
+def pairwise_sq_distances(updates: np.ndarray, device: str = "numpy") -> np.ndarray:
     """Return the ``(K, K)`` float64 matrix of squared L2 distances between update rows.
 
-    Computed through :func:`gram_matrix` (float64 accumulation); see :func:`distances_from_gram`
-    for the guarantees on the result.
+    Computed through :func:`gram_matrix` (float64 accumulation, on ``device``); see
+    :func:`distances_from_gram` for the guarantees on the result.
 
     Complexity: O(K^2 d) time, O(K^2 + K * block) extra memory.
     """
-    return distances_from_gram(gram_matrix(updates))
+    return distances_from_gram(gram_matrix(updates, device=device))
 
 
 def krum_neighbours(k: int, f: int) -> int:
@@ -226,7 +234,8 @@ def krum(updates: np.ndarray, ctx: AggregationContext, *, f: int) -> Aggregation
     O(K^2 log K); extra memory O(K^2 + d).
     """
     fv = _check_f("krum", updates.shape[0], f, 2)
-    return krum_result(updates, krum_scores(pairwise_sq_distances(updates), fv), fv)
+    dist = pairwise_sq_distances(updates, ctx.device)
+    return krum_result(updates, krum_scores(dist, fv), fv)
 
 
 def krum_result(updates: np.ndarray, scores: np.ndarray, f: int) -> AggregationResult:
@@ -274,7 +283,7 @@ def multi_krum(
     k = updates.shape[0]
     fv = _check_f("multi_krum", k, f, 2)
     mv = multi_krum_m(k, fv, m)
-    scores = krum_scores(pairwise_sq_distances(updates), fv)
+    scores = krum_scores(pairwise_sq_distances(updates, ctx.device), fv)
     selected = rank_by_score(scores)[:mv]
     return multi_krum_result(updates, ctx.weights, scores, selected, fv, weighted)
 
@@ -326,7 +335,7 @@ def multi_krum_result(
 
 
 def closest_to_median_mean(
-    updates: np.ndarray, beta: int, rows: np.ndarray | None = None
+    updates: np.ndarray, beta: int, rows: np.ndarray | None = None, device: str = "numpy"
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per coordinate, the mean of the ``beta`` values closest to the coordinate-wise median.
 
@@ -345,6 +354,9 @@ def closest_to_median_mean(
     rows : np.ndarray, optional
         Indices of the ``theta`` rows to use (Bulyan's selection); default all rows. The rows
         are gathered one column block at a time, never copied as a whole.
+    device : str
+        ``"numpy"`` or a torch device (the same stage there:
+        :func:`coordinator.aggregators.torch_ops.closest_to_median_mean`).
 
     Returns
     -------
@@ -355,6 +367,8 @@ def closest_to_median_mean(
 
     Complexity: O(theta d log theta) time (sorts of column blocks), O(theta * block) memory.
     """
+    if device != "numpy":
+        return torch_ops.closest_to_median_mean(updates, beta, rows, device)
     x = np.asarray(updates)
     idx = np.arange(x.shape[0]) if rows is None else np.asarray(rows, dtype=np.int64)
     theta, d = idx.size, x.shape[1]
@@ -405,20 +419,24 @@ def bulyan(updates: np.ndarray, ctx: AggregationContext, *, f: int) -> Aggregati
     """
     k = updates.shape[0]
     fv = _check_f("bulyan", k, f, 4)
-    dist = pairwise_sq_distances(updates)
+    dist = pairwise_sq_distances(updates, ctx.device)
     selected = iterated_krum_select(dist, fv, k - 2 * fv)
-    return bulyan_result(updates, krum_scores(dist, fv), selected, fv)
+    return bulyan_result(updates, krum_scores(dist, fv), selected, fv, ctx.device)
 
 
 def bulyan_result(
-    updates: np.ndarray, scores: np.ndarray, selected: np.ndarray, f: int
+    updates: np.ndarray,
+    scores: np.ndarray,
+    selected: np.ndarray,
+    f: int,
+    device: str = "numpy",
 ) -> AggregationResult:
     """Bulyan's result from the Krum scores and the iterated-Krum selection: the coordinate
-    stage over the selected rows, and the verdicts."""
+    stage over the selected rows (on ``device``), and the verdicts."""
     k, d = updates.shape
     theta = k - 2 * f
     beta = theta - 2 * f
-    vector, used_sel = closest_to_median_mean(updates, beta, rows=selected)
+    vector, used_sel = closest_to_median_mean(updates, beta, rows=selected, device=device)
     used = np.zeros(k, dtype=np.int64)
     used[selected] = used_sel
     total_used = used.sum()

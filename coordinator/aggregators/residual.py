@@ -35,13 +35,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+import coordinator.aggregators.torch_ops as torch_ops
 from coordinator.aggregators.base import (
     AggregationContext,
     AggregationResult,
     InvalidParameterError,
     Verdict,
     check_flag,
-    map_column_blocks,
     register,
     weighted_combination,
 )
@@ -151,8 +151,17 @@ def _stable_sort_rows(yt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return order, values
 
 
-def _fit_block(yt: np.ndarray, geo: _Geometry, buf: np.ndarray | None) -> _Fit:
-    """Repeated-median line (Eqs. 1-2) of each row of ``yt`` (B, K) over its sorted values."""
+def _fit_block(
+    yt: np.ndarray, geo: _Geometry, buf: np.ndarray | None, device: str = "numpy"
+) -> _Fit:
+    """Repeated-median line (Eqs. 1-2) of each row of ``yt`` (B, K) over its sorted values
+    (on a torch ``device``: :func:`coordinator.aggregators.torch_ops.repeated_median_fit`, the
+    same line)."""
+    if device != "numpy":
+        order, ys, beta0, beta1 = torch_ops.repeated_median_fit(
+            yt, geo.x, geo.dx, geo.lo, geo.hi, device
+        )
+        return _Fit(order, ys, beta0, beta1)
     order, ys32 = _stable_sort_rows(yt)
     m = _inner_slope_medians(ys32, geo, buf)
     ys = ys32.astype(np.float64)
@@ -179,10 +188,19 @@ def _per_client_sum(clients: np.ndarray, values: np.ndarray, k: int) -> np.ndarr
 
 
 class _Buffers(threading.local):
-    """One slope tensor per worker thread, reused across the blocks of one call."""
+    """One slope tensor per worker thread, reused across the blocks of one call (none when
+    the fit runs on a torch device)."""
 
-    def __init__(self, geo: _Geometry) -> None:
-        self.slopes = np.empty((geo.block, geo.k, geo.k), dtype=np.float32)
+    def __init__(self, geo: _Geometry, device: str = "numpy") -> None:
+        self.slopes = (
+            np.empty((geo.block, geo.k, geo.k), dtype=np.float32) if device == "numpy" else None
+        )
+
+
+def _block_size(geo: _Geometry, device: str) -> int:
+    """Parameters per block of the fit: cache-sized for numpy, the device's slope tensor size
+    otherwise."""
+    return geo.block if device == "numpy" else torch_ops.slope_block(geo.k, device)
 
 
 def _transposed(updates: np.ndarray, cols: slice) -> np.ndarray:
@@ -217,15 +235,16 @@ def repeated_median(updates: np.ndarray, ctx: AggregationContext) -> Aggregation
     geo = _Geometry.for_clients(k)
     centre = 0.5 * (k + 1)
     vector = np.empty(d, dtype=np.float32)
-    buffers = _Buffers(geo)
+    buffers = _Buffers(geo, ctx.device)
 
     def work(cols: slice) -> np.ndarray:
-        fit = _fit_block(_transposed(updates, cols), geo, buffers.slopes)
+        fit = _fit_block(_transposed(updates, cols), geo, buffers.slopes, ctx.device)
         vector[cols] = fit.beta0 + fit.beta1 * centre
         resid = np.abs(fit.ys - fit.beta0[:, None] - fit.beta1[:, None] * geo.x)
         return _per_client_sum(fit.order.ravel(), resid, k)
 
-    abs_resid = np.sum(map_column_blocks(work, d, geo.block), axis=0) / d
+    blocks = torch_ops.map_blocks(work, d, _block_size(geo, ctx.device), ctx.device)
+    abs_resid = np.sum(blocks, axis=0) / d
     verdicts = tuple(
         Verdict(True, 1.0 / k, float(abs_resid[i]), "repeated_median: point in every line fit")
         for i in range(k)
@@ -348,12 +367,12 @@ def residual_reweighting(
     z = lam * math.sqrt(2.0 / k)
     tau_factor = gamma * (1.0 + 5.0 / (k - 1))
     corrected = np.empty((k, d), dtype=np.float32)
-    buffers = _Buffers(geo)
+    buffers = _Buffers(geo, ctx.device)
 
     centre_rank = 0.5 * (k + 1)  # median of the ranks 1..K
 
     def work(cols: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        fit = _fit_block(_transposed(updates, cols), geo, buffers.slopes)
+        fit = _fit_block(_transposed(updates, cols), geo, buffers.slopes, ctx.device)
         # The authors' line goes through the point of medians (ys is sorted).
         beta0 = _row_median(fit.ys) - fit.beta1 * centre_rank if authors else fit.beta0
         line = beta0[:, None] + fit.beta1[:, None] * geo.x
@@ -380,7 +399,7 @@ def residual_reweighting(
         replaced = _per_client_sum(clients, ~keep, k)
         return weighted, plain, replaced
 
-    parts = map_column_blocks(work, d, geo.block)
+    parts = torch_ops.map_blocks(work, d, _block_size(geo, ctx.device), ctx.device)
     raw = np.sum([p[0] for p in parts], axis=0)
     mean_conf = np.sum([p[1] for p in parts], axis=0) / d
     replaced = np.sum([p[2] for p in parts], axis=0).astype(np.int64)

@@ -8,6 +8,9 @@ Stated distance for the robustness property: honest updates are ``mu + sigma * z
 sign-flipped and boosted by -4 or send ``mu + 10 z`` (large noise). A robust rule's aggregate must
 lie within ``2 sigma sqrt(d)`` of the honest mean (about twice the spread of a single honest
 update around it); FedAvg ends at least ``5 sigma sqrt(d)`` away.
+
+Every property is also checked for the rules of :data:`DEVICE_RULES` with their heavy part on
+PyTorch's CPU device (ids ending in ``-torch-cpu``; skipped when PyTorch is not installed).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from coordinator.aggregators import REGISTRY, aggregate
+from coordinator.aggregators.devices import DEVICE_RULES, torch_module
 from coordinator.errors import ByzantineBoundError
 
 Params = Callable[[int, int, np.ndarray], dict[str, Any]]
@@ -132,16 +136,36 @@ def shapes(draw: st.DrawFn, min_d: int = 1, max_d: int = 24) -> tuple[int, int, 
 
 
 RULES = sorted(PARAMS)
+NEEDS_TORCH = pytest.mark.skipif(
+    torch_module() is None, reason="PyTorch is not installed (the torch extra)"
+)
 
 
-def _call(name: str, x: np.ndarray, f: int, server: np.ndarray) -> Any:
-    return aggregate(name, x, **PARAMS[name](x.shape[0], f, server))
+def on_devices(names: Any) -> list[Any]:
+    """``(name, device)`` parameters: every rule on numpy, the device rules on torch's CPU."""
+    out = [pytest.param(n, "numpy", id=n) for n in sorted(names)]
+    out += [
+        pytest.param(n, "cpu", id=f"{n}-torch-cpu", marks=NEEDS_TORCH)
+        for n in sorted(names)
+        if n in DEVICE_RULES
+    ]
+    return out
 
 
-@pytest.mark.parametrize("name", RULES)
+def _call(name: str, x: np.ndarray, f: int, server: np.ndarray, device: str = "numpy") -> Any:
+    return aggregate(name, x, device=device, **PARAMS[name](x.shape[0], f, server))
+
+
+def test_every_device_rule_is_registered() -> None:
+    assert set(DEVICE_RULES) <= set(REGISTRY)
+
+
+@pytest.mark.parametrize(("name", "device"), on_devices(RULES))
 @FAST
 @given(shape=shapes())
-def test_client_order_does_not_matter(name: str, shape: tuple[int, int, int, int]) -> None:
+def test_client_order_does_not_matter(
+    name: str, device: str, shape: tuple[int, int, int, int]
+) -> None:
     # Continuous random values: exact ties (where documented tie-breaking applies) have
     # probability zero, except Krum scores with a single neighbour, which K >= 4f+3 avoids.
     f, k, d, seed = shape
@@ -149,8 +173,8 @@ def test_client_order_does_not_matter(name: str, shape: tuple[int, int, int, int
     x = rng.standard_normal((k, d)).astype(np.float32)
     server = rng.standard_normal(d).astype(np.float32)
     perm = rng.permutation(k)
-    a = _call(name, x, f, server)
-    b = _call(name, x[perm], f, server)
+    a = _call(name, x, f, server, device)
+    b = _call(name, x[perm], f, server, device)
     # PDRR-Krum re-aggregates the clients left after removal with Krum; when few are left it
     # scores with a single neighbour, where two mutual nearest neighbours tie by construction.
     assume(a.info.get("reaggregate_neighbours", 2) >= 2)
@@ -161,26 +185,26 @@ def test_client_order_does_not_matter(name: str, shape: tuple[int, int, int, int
     assert [v.kept for v in b.verdicts] == [a.verdicts[i].kept for i in perm]
 
 
-@pytest.mark.parametrize("name", RULES)
+@pytest.mark.parametrize(("name", "device"), on_devices(RULES))
 @FAST
 @given(shape=shapes(), scale=st.sampled_from([1e-3, 1.0, 1e3]))
 def test_identical_updates_give_that_update(
-    name: str, shape: tuple[int, int, int, int], scale: float
+    name: str, device: str, shape: tuple[int, int, int, int], scale: float
 ) -> None:
     f, k, d, seed = shape
     rng = np.random.default_rng(seed)
     x = (scale * rng.standard_normal(d)).astype(np.float32)
-    result = _call(name, np.tile(x, (k, 1)), f, x)
+    result = _call(name, np.tile(x, (k, 1)), f, x, device)
     assert result.vector.shape == (d,)
     assert result.vector.dtype == np.float32
     np.testing.assert_allclose(result.vector, x, rtol=1e-5, atol=1e-6 * scale)
     assert len(result.verdicts) == k
 
 
-@pytest.mark.parametrize("name", RULES)
+@pytest.mark.parametrize(("name", "device"), on_devices(RULES))
 @FAST
 @given(shape=shapes())
-def test_input_is_left_unchanged(name: str, shape: tuple[int, int, int, int]) -> None:
+def test_input_is_left_unchanged(name: str, device: str, shape: tuple[int, int, int, int]) -> None:
     f, k, d, seed = shape
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((k, d)).astype(np.float32)
@@ -188,7 +212,7 @@ def test_input_is_left_unchanged(name: str, shape: tuple[int, int, int, int]) ->
     server = rng.standard_normal(d).astype(np.float32)
     weights = rng.integers(1, 100, size=k).astype(np.float64)
     kept_x, kept_s, kept_w = x.copy(), server.copy(), weights.copy()
-    result = aggregate(name, x, weights=weights, **PARAMS[name](k, f, server))
+    result = aggregate(name, x, weights=weights, device=device, **PARAMS[name](k, f, server))
     assert np.array_equal(x, kept_x)
     assert np.array_equal(server, kept_s)
     assert np.array_equal(weights, kept_w)
@@ -199,14 +223,14 @@ def test_input_is_left_unchanged(name: str, shape: tuple[int, int, int, int]) ->
         assert v.kept or v.weight == 0.0
 
 
-@pytest.mark.parametrize("name", sorted(VIOLATIONS))
+@pytest.mark.parametrize(("name", "device"), on_devices(VIOLATIONS))
 @settings(max_examples=5, deadline=None)
 @given(f=st.integers(1, 4), d=st.integers(1, 6))
-def test_bound_violations_raise_with_the_numbers(name: str, f: int, d: int) -> None:
+def test_bound_violations_raise_with_the_numbers(name: str, device: str, f: int, d: int) -> None:
     k, params = VIOLATIONS[name](f)
     x = np.random.default_rng(f * 31 + d).standard_normal((k, d)).astype(np.float32)
     with pytest.raises(ByzantineBoundError, match=rf"K >= .*got K={k}\b"):
-        aggregate(name, x, **params)
+        aggregate(name, x, device=device, **params)
 
 
 def _attacked(
@@ -230,10 +254,12 @@ def _attacked(
     return x, honest.mean(axis=0), server
 
 
-def _distance(name: str, shape: tuple[int, int, int, int], attack: str, **extra: Any) -> float:
+def _distance(
+    name: str, shape: tuple[int, int, int, int], attack: str, device: str = "numpy", **extra: Any
+) -> float:
     f, _, d, _ = shape
     x, honest_mean, server = _attacked(shape, attack)
-    result = aggregate(name, x, **PARAMS[name](x.shape[0], f, server), **extra)
+    result = aggregate(name, x, device=device, **PARAMS[name](x.shape[0], f, server), **extra)
     return float(np.linalg.norm(result.vector - honest_mean) / (SIGMA * np.sqrt(d)))
 
 
@@ -245,13 +271,13 @@ ROBUST_EXTRA: dict[str, dict[str, Any]] = {"pdrr_krum": {"fallback": True}}
 
 
 @pytest.mark.parametrize("attack", ["sign_flip", "noise"])
-@pytest.mark.parametrize("name", sorted(ROBUST))
+@pytest.mark.parametrize(("name", "device"), on_devices(ROBUST))
 @FAST
 @given(shape=shapes(min_d=8, max_d=40))
 def test_robust_rules_stay_near_the_honest_mean(
-    name: str, attack: str, shape: tuple[int, int, int, int]
+    name: str, device: str, attack: str, shape: tuple[int, int, int, int]
 ) -> None:
-    assert _distance(name, shape, attack, **ROBUST_EXTRA.get(name, {})) <= 2.0
+    assert _distance(name, shape, attack, device, **ROBUST_EXTRA.get(name, {})) <= 2.0
 
 
 def test_pdrr_krum_as_published_removes_honest_updates_that_agree_in_sign() -> None:
@@ -270,11 +296,13 @@ def test_fedavg_is_pulled_away(attack: str, shape: tuple[int, int, int, int]) ->
     assert _distance("fedavg", shape, attack) >= 5.0
 
 
-@pytest.mark.parametrize("name", [n for n, m in OTHER_THREAT_MODEL.items() if m == "sybil"])
+@pytest.mark.parametrize(
+    ("name", "device"), on_devices(n for n, m in OTHER_THREAT_MODEL.items() if m == "sybil")
+)
 @FAST
 @given(shape=shapes(min_d=8, max_d=40), extra=st.integers(0, 1))
 def test_sybil_defences_give_identical_attackers_no_weight(
-    name: str, shape: tuple[int, int, int, int], extra: int
+    name: str, device: str, shape: tuple[int, int, int, int], extra: int
 ) -> None:
     # FoolsGold's setting: diverse (non-IID) honest updates, >= 2 attackers sending the same
     # sign-flipped, boosted vector. The attackers' total weight must vanish.
@@ -285,7 +313,7 @@ def test_sybil_defences_give_identical_attackers_no_weight(
     bad = np.tile(-4.0 * rng.standard_normal(d), (f, 1))
     order = rng.permutation(k)
     x = np.vstack([bad, honest]).astype(np.float32)[order]
-    result = _call(name, x, f, x[0])
+    result = _call(name, x, f, x[0], device)
     attackers = np.flatnonzero(order < f)
     assert sum(result.verdicts[i].weight for i in attackers) <= 1e-6
     assert sum(v.weight for v in result.verdicts) == pytest.approx(1.0)
