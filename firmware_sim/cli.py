@@ -12,6 +12,7 @@ from firmware_sim.options import (
     check_config,
     config_from_args,
     describe_attack,
+    describe_device,
     describe_sampling,
     format_round,
     warn_about_data_dir,
@@ -402,7 +403,7 @@ def _run(args: argparse.Namespace) -> int:
     print(
         f"siren sim run: {config.clients} boards, {config.rounds} rounds"
         f"{describe_sampling(config)}, "
-        f"aggregator {config.aggregator}, {describe_attack(config)}, "
+        f"aggregator {config.aggregator}{describe_device(config)}, {describe_attack(config)}, "
         f"dataset {describe_dataset(config.dataset)}",
         flush=True,
     )

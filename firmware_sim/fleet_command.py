@@ -28,6 +28,7 @@ from firmware_sim.options import (
     check_config,
     config_from_args,
     describe_attack,
+    describe_device,
     describe_sampling,
     format_round,
     warn_about_data_dir,
@@ -188,8 +189,8 @@ def fleet_command(args: argparse.Namespace) -> int:
         f"siren sim fleet: {config.clients} boards on {options.workers} worker(s)"
         + (f" as Ray actors (--ray {ray})" if ray is not None else "")
         + ", "
-        f"{config.rounds} rounds{describe_sampling(config)}, aggregator {config.aggregator}, "
-        f"{describe_attack(config)}, "
+        f"{config.rounds} rounds{describe_sampling(config)}, aggregator {config.aggregator}"
+        f"{describe_device(config)}, {describe_attack(config)}, "
         f"dataset {describe_dataset(config.dataset)}, broker {_describe_broker(options.broker)}",
         flush=True,
     )

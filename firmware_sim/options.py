@@ -260,6 +260,24 @@ def describe_sampling(config: Any) -> str:
     return f", {sampling.per_round(config.clients)} of {config.clients} boards drawn per round"
 
 
+def describe_device(config: Any) -> str:
+    """Where the heavy aggregators run, for a run's header: ``""`` on the numpy default,
+    ``", device cpu"``, ``", device auto: numpy"`` (what ``auto`` picked), or ``", device cpu
+    unused (siren has no device path)"`` for a rule that runs numpy whatever the device.
+
+    Call it after :func:`check_config`, which refuses a device this machine cannot provide.
+    """
+    device = getattr(config, "device", "numpy") or "numpy"
+    if device == "numpy":
+        return ""
+    from coordinator.aggregators.devices import DEVICE_RULES, resolve_device
+
+    if config.aggregator not in DEVICE_RULES:
+        return f", device {device} unused ({config.aggregator} has no device path)"
+    resolved = resolve_device(device)
+    return f", device {device}" + (f": {resolved}" if resolved != device else "")
+
+
 def warn_about_data_dir(config: Any) -> None:
     """Print a warning when ``$SIREN_DATA_DIR`` is set but cannot be used and the run may need
     Fashion-MNIST (the search then goes on without it)."""
