@@ -214,7 +214,8 @@ COMMENTS: dict[str, dict[str, str]] = {
         "of the close (Gram rows, server-update dots); false: the batch rules at close. "
         "Synchronous rounds only: an asynchronous buffer of B updates runs the batch rules",
         "shards": "processes that verify and decode updates, sharing the update topic through "
-        "an MQTT v5 shared subscription (0: the coordinator's own process does it)",
+        "an MQTT v5 shared subscription (0: the coordinator's own process does it); "
+        "synchronous rounds only: 0 with mode = async",
         "share_group": 'group of the shared subscription ("" = siren-<run>)',
     },
     "simulation": {
