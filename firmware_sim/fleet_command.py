@@ -18,6 +18,7 @@ import shutil
 import signal
 import sys
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +148,16 @@ def _describe_broker(broker: str) -> str:
     return f"mosquitto ({'auto: ' if broker == 'auto' else ''}{binary or 'not found'})"
 
 
+def describe_rejections(rejected: Mapping[str, int]) -> str:
+    """The refused messages of a round's ``network.rejected`` counts for its progress line,
+    by reason (``"  rejected 3 (buffered 2, stale_round 1)"``), or ``""`` when none were."""
+    counts = {reason: n for reason, n in sorted(rejected.items()) if n}
+    if not counts:
+        return ""
+    reasons = ", ".join(f"{reason} {n}" for reason, n in counts.items())
+    return f"  rejected {sum(counts.values())} ({reasons})"
+
+
 def fleet_command(args: argparse.Namespace) -> int:
     """Handler of ``siren sim fleet``."""
     from firmware_sim.broker import BrokerError
@@ -200,9 +211,7 @@ def fleet_command(args: argparse.Namespace) -> int:
         net = record.get("network", {})
         line = format_round(record, config.rounds)
         line += f"  {net.get('bytes_total', 0) / 1e6:.2f} MB"
-        rejected = sum(net.get("rejected", {}).values())
-        if rejected:
-            line += f"  rejected {rejected}"
+        line += describe_rejections(net.get("rejected", {}))
         if record.get("dropped"):
             line += f"  dropped {len(record['dropped'])}"
         if record.get("sat_out"):

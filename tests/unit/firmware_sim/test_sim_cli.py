@@ -14,7 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from firmware_sim.fleet_command import RUN_FILES, fleet_out_dir, holds_run, linger_seconds
+from firmware_sim.fleet_command import (
+    RUN_FILES,
+    describe_rejections,
+    fleet_out_dir,
+    holds_run,
+    linger_seconds,
+)
 from siren_cli.errors import CommandError
 from siren_cli.main import main
 
@@ -293,3 +299,11 @@ def test_the_dashboard_lingers_only_when_asked_or_watched() -> None:
         linger_seconds(30.0, None, interactive=True)
     with pytest.raises(CommandError, match="--linger must be >= 0"):
         linger_seconds(-1.0, 8080, interactive=True)
+
+
+def test_a_fleet_round_line_names_the_reasons_of_refused_messages() -> None:
+    assert describe_rejections({}) == ""
+    assert describe_rejections({"buffered": 0}) == ""
+    assert describe_rejections({"stale_round": 1, "buffered": 2}) == (
+        "  rejected 3 (buffered 2, stale_round 1)"
+    )
