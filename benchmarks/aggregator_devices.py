@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks import help_description
 from coordinator.aggregators import aggregate
 from coordinator.aggregators.devices import available_devices, device_description, torch_module
 from coordinator.errors import DeviceUnavailableError, InvalidParameterError
@@ -406,7 +407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the grid and write the report (``siren bench aggregator-devices``)."""
     args_list = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(
-        prog="siren bench aggregator-devices", description=(__doc__ or "").split("\n")[0]
+        prog="siren bench aggregator-devices", description=help_description(__doc__)
     )
     p.add_argument(
         "--k",

@@ -41,6 +41,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks import help_description
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 #: Fleet sizes tried by default, smallest first; each mode stops at the first that fails.
@@ -286,9 +288,7 @@ def _save_partial(result: dict[str, Any], args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the fleets for growing sizes in each mode; print the table and write the report."""
-    p = argparse.ArgumentParser(
-        prog="siren bench fleet-ray", description=(__doc__ or "").split("\n\n")[0]
-    )
+    p = argparse.ArgumentParser(prog="siren bench fleet-ray", description=help_description(__doc__))
     p.add_argument(
         "--sizes",
         default=",".join(str(n) for n in DEFAULT_SIZES),

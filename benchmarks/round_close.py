@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks import help_description
 from coordinator.aggregators import aggregate
 from coordinator.aggregators.base import map_column_blocks
 from coordinator.siren import cosine
@@ -334,7 +335,9 @@ def _mqtt_size(value: str) -> tuple[int, int]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``siren bench round-close``."""
-    p = argparse.ArgumentParser(prog="siren bench round-close", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="siren bench round-close", description=help_description(__doc__)
+    )
     p.add_argument(
         "--k",
         type=int,

@@ -7,6 +7,7 @@ import importlib
 
 import pytest
 
+from benchmarks import help_description
 from benchmarks.cli import BENCHMARKS
 
 HELP_ARGV = [(name, ["--help"]) for name in BENCHMARKS] + [
@@ -24,4 +25,15 @@ def test_every_benchmark_prints_its_help(
     with pytest.raises(SystemExit) as exited:
         module.main(argv)
     assert exited.value.code == 0
-    assert "usage: siren bench" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "usage: siren bench" in text
+    assert "``" not in text and ":mod:" not in text and ":func:" not in text  # plain text
+
+
+def test_help_description_is_the_first_paragraph_in_plain_text() -> None:
+    doc = """Cost of the alarm (``siren bench
+    alarm``), with :func:`~models.trainer.fit` and ``numpy``.
+
+    Details."""
+    assert help_description(doc) == "Cost of the alarm, with models.trainer.fit and numpy."
+    assert help_description(None) == ""
