@@ -175,9 +175,16 @@ def _check_strategy(config: Any) -> None:
     """Build the run's strategy and try a rule once on random updates of the round's size."""
     import numpy as np
 
-    from coordinator.errors import CoordinatorError, DeviceUnavailableError
+    from coordinator.aggregators.devices import resolve_device
+    from coordinator.errors import CoordinatorError, DeviceUnavailableError, InvalidParameterError
     from coordinator.rounds import REFUSALS, make_strategy
     from coordinator.strategy import Submission
+
+    device = getattr(config, "device", "numpy")
+    try:
+        resolve_device(device)
+    except (InvalidParameterError, DeviceUnavailableError) as exc:
+        raise CommandError(f"--device {device}: {message_of(exc)}") from exc
 
     asynchronous = getattr(config, "mode", "sync") == "async"
     participants = config.buffer_size if asynchronous else config.sampling.per_round(config.clients)
@@ -190,10 +197,8 @@ def _check_strategy(config: Any) -> None:
             num_rounds=config.rounds,
             profile=config.siren_profile,
             seed=config.seed,
-            device=getattr(config, "device", "numpy"),
+            device=device,
         )
-    except DeviceUnavailableError as exc:
-        raise CommandError(f"--device {config.device}: {message_of(exc)}") from exc
     except (CoordinatorError, ValueError, KeyError, TypeError) as exc:
         raise CommandError(message_of(exc)) from exc
     if config.aggregator == "siren":

@@ -160,6 +160,8 @@ BAD_OPTIONS = [
     ),
     (["--model", "siren-cnn"], "model 'siren-cnn' needs images of at least 10x10"),
     (["--batch-size", "0"], "batch size must be >= 1"),
+    (["--device", "GPU"], "--device GPU: unknown aggregation device 'GPU'"),
+    (["--device", "cuda:x"], "--device cuda:x: device 'cuda:x': expected cuda:N"),
     (
         ["--partition", "classes", "--classes-per-board", "11"],
         "--classes-per-board must be in [1, 10]",
