@@ -14,6 +14,7 @@ from firmware_sim.options import (
     describe_attack,
     describe_device,
     describe_sampling,
+    describe_siren_threshold,
     format_round,
     warn_about_data_dir,
 )
@@ -403,7 +404,8 @@ def _run(args: argparse.Namespace) -> int:
     print(
         f"siren sim run: {config.clients} boards, {config.rounds} rounds"
         f"{describe_sampling(config)}, "
-        f"aggregator {config.aggregator}{describe_device(config)}, {describe_attack(config)}, "
+        f"aggregator {config.aggregator}{describe_siren_threshold(config)}"
+        f"{describe_device(config)}, {describe_attack(config)}, "
         f"dataset {describe_dataset(config.dataset)}",
         flush=True,
     )

@@ -31,6 +31,7 @@ from firmware_sim.options import (
     describe_attack,
     describe_device,
     describe_sampling,
+    describe_siren_threshold,
     format_round,
     warn_about_data_dir,
 )
@@ -201,7 +202,7 @@ def fleet_command(args: argparse.Namespace) -> int:
         + (f" as Ray actors (--ray {ray})" if ray is not None else "")
         + ", "
         f"{config.rounds} rounds{describe_sampling(config)}, aggregator {config.aggregator}"
-        f"{describe_device(config)}, {describe_attack(config)}, "
+        f"{describe_siren_threshold(config)}{describe_device(config)}, {describe_attack(config)}, "
         f"dataset {describe_dataset(config.dataset)}, broker {_describe_broker(options.broker)}",
         flush=True,
     )

@@ -265,6 +265,29 @@ def describe_sampling(config: Any) -> str:
     return f", {sampling.per_round(config.clients)} of {config.clients} boards drawn per round"
 
 
+def describe_siren_threshold(config: Any) -> str:
+    """SIREN's penalty threshold for a run's header, ``" (ban above C_p = 4 penalties)"``
+    (``int(0.45·T)`` in the default profile, so a short run bans early), else ``""``.
+
+    Call it after :func:`check_config`, which refuses SIREN parameters it cannot use.
+    """
+    if config.aggregator != "siren":
+        return ""
+    from coordinator.rounds import make_strategy
+
+    strategy = make_strategy(
+        "siren",
+        dict(config.aggregator_params),
+        oracle=_NoRootSet(),
+        num_clients=config.clients,
+        num_rounds=config.rounds,
+        profile=config.siren_profile,
+        seed=config.seed,
+    )
+    c_p = float(getattr(strategy, "c_p", 0.0))
+    return f" (ban above C_p = {c_p:g} {'penalty' if c_p == 1 else 'penalties'})"
+
+
 def describe_device(config: Any) -> str:
     """Where the heavy aggregators run, for a run's header: ``""`` on the numpy default,
     ``", device cpu"``, ``", device auto: numpy"`` (what ``auto`` picked), or ``", device cpu

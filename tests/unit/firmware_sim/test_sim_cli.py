@@ -121,6 +121,21 @@ def test_the_header_counts_the_attackers() -> None:
     assert describe_attack(SimConfig(attack="none")) == "attack none"
 
 
+def test_the_header_gives_sirens_penalty_threshold() -> None:
+    from firmware_sim.engine import SimConfig
+    from firmware_sim.options import describe_siren_threshold
+
+    assert describe_siren_threshold(SimConfig(aggregator="siren", rounds=10)) == (
+        " (ban above C_p = 4 penalties)"  # int(0.45 * 10)
+    )
+    assert describe_siren_threshold(SimConfig(aggregator="siren", rounds=3)) == (
+        " (ban above C_p = 1 penalty)"  # a short run bans at the second penalty
+    )
+    explicit = SimConfig(aggregator="siren", rounds=3, aggregator_params={"c_p": 2})
+    assert describe_siren_threshold(explicit) == " (ban above C_p = 2 penalties)"
+    assert describe_siren_threshold(SimConfig(aggregator="median")) == ""
+
+
 # -- 3. and 4. every option is checked before anything loads, in one line -----------------------
 
 
