@@ -40,8 +40,10 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks import help_description
 from coordinator.aggregators import aggregate
 from coordinator.aggregators.devices import available_devices, device_description, torch_module
+from coordinator.errors import DeviceUnavailableError, InvalidParameterError
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_OUT = RESULTS / "aggregator-devices.md"
@@ -363,24 +365,78 @@ def write_report(
     return text
 
 
-def _sizes(values: Sequence[str]) -> list[int]:
-    return [int(float(v)) for v in values]
+def _size(value: str) -> int:
+    """A board count or update size from the command line: ``100``, ``1e6`` or ``1000000``.
+
+    Raises
+    ------
+    argparse.ArgumentTypeError
+        When ``value`` is not a positive whole number.
+    """
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if not number.is_integer() or number < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {value!r}")
+    return int(number)
+
+
+def _devices(requested: Sequence[str] | None) -> list[str]:
+    """The devices to time: numpy first, then each requested device as it resolves here
+    (``auto`` to ``cuda`` or ``numpy``), once each; by default every device found.
+
+    Raises
+    ------
+    coordinator.errors.InvalidParameterError
+        When a device is unknown.
+    coordinator.errors.DeviceUnavailableError
+        When this machine cannot provide a device (the message says why).
+    """
+    from coordinator.aggregators.devices import resolve_device
+
+    devices = ["numpy"]
+    for name in requested or available_devices():
+        resolved = resolve_device(name)
+        if resolved not in devices:
+            devices.append(resolved)
+    return devices
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the grid and write the report (``siren bench aggregator-devices``)."""
     args_list = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(
-        prog="siren bench aggregator-devices", description=(__doc__ or "").split("\n")[0]
+        prog="siren bench aggregator-devices", description=help_description(__doc__)
     )
-    p.add_argument("--k", nargs="+", default=[str(k) for k in DEFAULT_K], help="board counts")
-    p.add_argument("--d", nargs="+", default=[str(d) for d in DEFAULT_D], help="update sizes")
-    p.add_argument("--rules", nargs="+", default=list(RULES), choices=RULES, metavar="RULE")
+    p.add_argument(
+        "--k",
+        nargs="+",
+        type=_size,
+        default=list(DEFAULT_K),
+        help=f"board counts (default: {' '.join(str(k) for k in DEFAULT_K)})",
+    )
+    p.add_argument(
+        "--d",
+        nargs="+",
+        type=_size,
+        default=list(DEFAULT_D),
+        help="update sizes, e.g. 1e6 (default: 1e6 1e7)",
+    )
+    p.add_argument(
+        "--rules",
+        nargs="+",
+        default=list(RULES),
+        choices=RULES,
+        metavar="RULE",
+        help=f"rules to time: {', '.join(RULES)} (default: all)",
+    )
     p.add_argument(
         "--devices",
         nargs="+",
         default=None,
-        help="devices to time (default: numpy and every torch device found)",
+        help="devices to time besides numpy: cpu, cuda, cuda:N or auto "
+        "(default: every torch device found)",
     )
     p.add_argument(
         "--budget",
@@ -388,18 +444,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=300.0,
         help="seconds per rule and device beyond which a projected run is skipped (300)",
     )
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="Markdown report")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        help="Markdown report, overwritten (default: the repository's "
+        "benchmarks/results/aggregator-devices.md)",
+    )
     args = p.parse_args(args_list)
-    devices = args.devices or available_devices()
-    if "numpy" not in devices:
-        devices = ["numpy", *devices]
+    try:
+        devices = _devices(args.devices)
+    except (InvalidParameterError, DeviceUnavailableError) as exc:
+        p.error(f"--devices: {exc}")
     started = machine()
     print(f"devices: {', '.join(devices)}", flush=True)
-    cells = [
-        measure_cell(k, d, args.rules, devices, args.budget)
-        for k in _sizes(args.k)
-        for d in _sizes(args.d)
-    ]
+    cells = [measure_cell(k, d, args.rules, devices, args.budget) for k in args.k for d in args.d]
     write_report(cells, devices, args.out, args_list, args.budget, started)
     print(f"wrote {args.out}", flush=True)
     return 0

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks import help_description
 from benchmarks.board_data import MODELS, load_npz
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -420,7 +421,7 @@ def format_telemetry(results: list[dict]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark (or, with ``--worker``, one measurement) and write the results."""
-    p = argparse.ArgumentParser(prog="siren bench alarm", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="siren bench alarm", description=help_description(__doc__))
     p.add_argument(
         "--models",
         default=None,

@@ -41,6 +41,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks import help_description
+
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
 EMULATED = (
@@ -655,7 +657,7 @@ def write_results(facts: dict[str, Any], out: Path, argv: Sequence[str]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the check and write the result file."""
     p = argparse.ArgumentParser(
-        prog="siren bench board-aarch64", description=__doc__.split("\n\n")[0]
+        prog="siren bench board-aarch64", description=help_description(__doc__)
     )
     p.add_argument("--rounds", type=int, default=4, help="rounds of the run (default: 4)")
     p.add_argument(

@@ -29,6 +29,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks import help_description
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 #: One board's round in a fresh process: prints the peak RSS and the phases' times as JSON.
@@ -199,7 +201,7 @@ def format_results(facts: dict[str, Any], argv: Sequence[str]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Measure and write the result file."""
     p = argparse.ArgumentParser(
-        prog="siren bench board-footprint", description=__doc__.split("\n\n")[0]
+        prog="siren bench board-footprint", description=help_description(__doc__)
     )
     p.add_argument("--out", type=Path, default=RESULTS / "board-footprint.md")
     p.add_argument(

@@ -51,6 +51,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks import help_description
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 #: Fleet sizes tried by default, smallest first; the run stops at the first size that fails.
@@ -370,9 +372,7 @@ def write_report(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the fleet benchmark for growing N; print the table and write the report."""
-    p = argparse.ArgumentParser(
-        prog="siren bench fleet", description=(__doc__ or "").split("\n\n")[0]
-    )
+    p = argparse.ArgumentParser(prog="siren bench fleet", description=help_description(__doc__))
     p.add_argument(
         "--sizes",
         default=",".join(str(n) for n in DEFAULT_SIZES),

@@ -1,5 +1,5 @@
 """The largest simulated fleet this machine completes, with the boards' workers as local
-processes and as Ray actors on a two-node Ray cluster (``siren bench fleet-ray``).
+processes and as Ray actors on a two-node Ray cluster.
 
 For each fleet size and mode (``local``: ``--workers`` worker processes; ``ray``: the same
 number of workers as Ray actors, one per node of a cluster of ``--nodes`` raylets started here on
@@ -19,9 +19,10 @@ With several workers the boards of different workers compute at the same time, s
 compute* (the sum of every board's time, clipped to the compute window of the round) can exceed
 the window's share of the wall time; the parts then no longer tile the round exactly.
 
-A second, quick measurement (``--probe``) finds what limits Mosquitto's connections: the same
-private Mosquitto started with the open-files limit at 1,024 (a common default) and at this
-process's hard limit, and raw MQTT v5 connections opened until it refuses one.
+A second, quick measurement (skipped with ``--no-probe``) finds what limits Mosquitto's
+connections: the same private Mosquitto started with the open-files limit at 1,024 (a common
+default) and at this process's hard limit, and raw MQTT v5 connections opened until it refuses
+one.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from benchmarks import help_description
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -285,32 +288,51 @@ def _save_partial(result: dict[str, Any], args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the fleets for growing sizes in each mode; print the table and write the report."""
-    p = argparse.ArgumentParser(
-        prog="siren bench fleet-ray", description=(__doc__ or "").split("\n\n")[0]
-    )
+    p = argparse.ArgumentParser(prog="siren bench fleet-ray", description=help_description(__doc__))
     p.add_argument(
         "--sizes",
         default=",".join(str(n) for n in DEFAULT_SIZES),
         help="comma-separated fleet sizes, tried in increasing order until one fails "
         f"(default: {','.join(str(n) for n in DEFAULT_SIZES)})",
     )
-    p.add_argument("--modes", default="ray,local", help="ray, local or both (default: ray,local)")
+    p.add_argument(
+        "--modes",
+        default="ray,local",
+        help="comma-separated: ray, local, or both as ray,local (default: ray,local)",
+    )
     p.add_argument("--rounds", type=int, default=3, help="rounds per fleet (default: 3)")
     p.add_argument("--workers", type=int, default=2, help="workers hosting the boards (default: 2)")
     p.add_argument(
-        "--nodes", type=int, default=2, help="nodes of the local Ray cluster (default 2)"
+        "--nodes", type=int, default=2, help="nodes of the Ray cluster started here (default: 2)"
     )
     p.add_argument(
-        "--ray", default=None, help="address of a running cluster instead of the local one"
+        "--ray",
+        default=None,
+        help="address of a running Ray cluster to use instead of starting one here "
+        "(--nodes is then unused)",
     )
     p.add_argument("--aggregator", default="siren", help="server rule (default: siren)")
     p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     p.add_argument(
-        "--timeout", type=float, default=3600.0, help="give up on a fleet after this many seconds"
+        "--timeout",
+        type=float,
+        default=3600.0,
+        help="give up on a fleet after this many seconds (default: 3600)",
     )
-    p.add_argument("--no-probe", dest="probe", action="store_false", help="skip the fd probe")
+    p.add_argument(
+        "--no-probe",
+        dest="probe",
+        action="store_false",
+        help="skip the connection probe (how many MQTT connections Mosquitto accepts with "
+        "an open-files limit of 1,024 and of this process's hard limit)",
+    )
     p.add_argument("--workdir", default=None, help="fleet files (default: a temporary directory)")
-    p.add_argument("--out", default=str(RESULTS / "fleet-ray.md"), help="Markdown output file")
+    p.add_argument(
+        "--out",
+        default=str(RESULTS / "fleet-ray.md"),
+        help="Markdown report, overwritten (default: the repository's "
+        "benchmarks/results/fleet-ray.md)",
+    )
     args = p.parse_args(argv)
     try:
         sizes = sorted({int(s) for s in args.sizes.split(",") if s.strip()})

@@ -54,6 +54,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks import help_description
+
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
 EMULATED = (
@@ -594,7 +596,9 @@ def write_results(facts: dict[str, Any], out: Path, argv: Sequence[str]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the check and write the result file."""
-    p = argparse.ArgumentParser(prog="siren bench image-boot", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="siren bench image-boot", description=help_description(__doc__)
+    )
     p.add_argument("--image", type=Path, help="a built image (default: build one now)")
     p.add_argument("--machine", choices=("virt", "raspi3b"), default="virt")
     p.add_argument("--rounds", type=int, default=3, help="rounds of the run (default 3)")

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks import help_description
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 #: zoo model -> input shape of one sample.
@@ -128,7 +130,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Convert every zoo model both ways and write the results."""
     p = argparse.ArgumentParser(
-        prog="siren bench litert-builtins", description=__doc__.split("\n\n")[0]
+        prog="siren bench litert-builtins", description=help_description(__doc__)
     )
     p.add_argument("--models", default=",".join(INPUT_SHAPES), help="comma-separated zoo models")
     p.add_argument(

@@ -22,6 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks import help_description
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -82,7 +84,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the comparisons and write the results."""
     p = argparse.ArgumentParser(
-        prog="siren bench litert-runs", description=__doc__.split("\n\n")[0]
+        prog="siren bench litert-runs", description=help_description(__doc__)
     )
     p.add_argument("--dataset", default="fashion-mnist", choices=["fashion-mnist", "digits"])
     p.add_argument("--aggregators", default="fedavg,siren", help="comma-separated")

@@ -27,6 +27,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks import help_description
+
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
 #: What the ``tflite-runtime`` environment gets.
@@ -174,7 +176,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         artifact, side, out = argv[1], int(argv[2]), argv[3]
         print(json.dumps(train_once(artifact, side, out)))
         return 0
-    p = argparse.ArgumentParser(prog="siren bench litert-runtimes", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="siren bench litert-runtimes", description=help_description(__doc__)
+    )
     p.add_argument(
         "--out",
         default=str(RESULTS / "litert-runtimes.md"),

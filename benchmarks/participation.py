@@ -1,7 +1,7 @@
 """Partial participation with SIREN: client sampling in the README's demo
 (``siren bench participation sampling``); synchronous, sampled and buffered asynchronous rounds
-on an uneven fleet are ``siren bench participation compare`` (:mod:`benchmarks.
-participation_compare`).
+on an uneven fleet are ``siren bench participation compare``
+(:mod:`benchmarks.participation_compare`).
 
 The demo is what ``siren sim fleet`` runs without options: 10 boards of Fashion-MNIST, 4 of them
 flipping signs (boost −4), SIREN's default profile on the server and the alarm on the boards,
@@ -261,7 +261,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``siren bench participation sampling [options]``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(
-        prog="siren bench participation", description=(__doc__ or "").split("\n\n")[0]
+        prog="siren bench participation",
+        description="Partial participation with SIREN: client sampling in the README's demo "
+        "(sampling); synchronous, sampled and buffered asynchronous rounds on an uneven fleet "
+        "(compare); buffered asynchronous rounds in process and over MQTT (transports).",
     )
     sub = p.add_subparsers(dest="part", required=True, metavar="PART")
     s = sub.add_parser("sampling", help="client sampling with SIREN in the README's demo")

@@ -334,14 +334,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clients", type=int, default=50, help="boards (default: 50)")
     p.add_argument("--rounds", type=int, default=10, help="synchronous rounds T (default: 10)")
     p.add_argument("--buffer-size", type=int, default=25, help="async buffer B (default: 25)")
-    p.add_argument("--staleness", type=int, default=10, help="async staleness bound S (default 10)")
+    p.add_argument(
+        "--staleness", type=int, default=10, help="async staleness bound S (default: 10)"
+    )
     p.add_argument("--profile", default="mixed", help="device profile mix (default: mixed)")
     p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     p.add_argument(
         "--cells",
         default=",".join(str(i) for i in range(len(CELLS))),
         help="cells to run, by number: "
-        + "; ".join(f"{i} {c[0]}" for i, c in enumerate(CELLS))
+        + "; ".join(f"{i} {c[0]}" for i, c in enumerate(CELLS)).replace("%", "%%")  # argparse
         + " (default: all)",
     )
     p.add_argument(

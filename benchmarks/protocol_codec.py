@@ -29,6 +29,7 @@ from pathlib import Path
 import nacl
 import numpy as np
 
+from benchmarks import help_description
 from protocol import (
     Admission,
     AdmissionPolicy,
@@ -193,7 +194,7 @@ def render_markdown(results: dict[str, dict[str, float]], repeats: int, command:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark, print the table, write ``benchmarks/results/protocol.md``."""
     parser = argparse.ArgumentParser(
-        prog="siren bench protocol", description=__doc__.splitlines()[0] if __doc__ else None
+        prog="siren bench protocol", description=help_description(__doc__)
     )
     parser.add_argument("--repeats", type=int, default=50, help="timed repeats per operation")
     parser.add_argument(

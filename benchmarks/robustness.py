@@ -44,6 +44,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks import help_description
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -864,7 +866,9 @@ def malicious_index_links(cells: list[Cell], root: Path) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run (or resume) a grid and write its summary."""
-    p = argparse.ArgumentParser(prog="siren bench robustness", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="siren bench robustness", description=help_description(__doc__)
+    )
     p.add_argument("--preset", default="quick", choices=sorted(PRESETS))
     p.add_argument(
         "--defenses",

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks import help_description
 from coordinator.aggregators import aggregate
 from coordinator.aggregators.base import map_column_blocks
 from coordinator.siren import cosine
@@ -318,22 +319,78 @@ def _targets(cells: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def _mqtt_size(value: str) -> tuple[int, int]:
+    """An admission run's size from the command line: ``KxD`` (boards x parameters).
+
+    Raises
+    ------
+    argparse.ArgumentTypeError
+        When ``value`` is not two whole numbers >= 1 joined by ``x``.
+    """
+    parts = value.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) >= 1 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected KxD such as 1000x100000, got {value!r}")
+    return int(parts[0]), int(parts[1])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``siren bench round-close``."""
-    p = argparse.ArgumentParser(prog="siren bench round-close", description=__doc__.split("\n")[0])
-    p.add_argument("--k", type=int, nargs="+", default=list(DEFAULT_K))
-    p.add_argument("--d", type=int, nargs="+", default=list(DEFAULT_D))
-    p.add_argument("--rules", nargs="+", default=list(RULES), choices=RULES)
+    p = argparse.ArgumentParser(
+        prog="siren bench round-close", description=help_description(__doc__)
+    )
+    p.add_argument(
+        "--k",
+        type=int,
+        nargs="+",
+        default=list(DEFAULT_K),
+        help=f"board counts of the in-process part (default: {' '.join(map(str, DEFAULT_K))})",
+    )
+    p.add_argument(
+        "--d",
+        type=int,
+        nargs="+",
+        default=list(DEFAULT_D),
+        help=f"update sizes of the in-process part (default: {' '.join(map(str, DEFAULT_D))})",
+    )
+    p.add_argument(
+        "--rules",
+        nargs="+",
+        default=list(RULES),
+        choices=RULES,
+        metavar="RULE",
+        help=f"rules to close both ways: {', '.join(RULES)} (siren_wa: SIREN's weight "
+        "analysis) (default: all)",
+    )
     p.add_argument("--skip-mqtt", action="store_true", help="only the in-process part")
     p.add_argument(
         "--mqtt",
         nargs="+",
-        default=["1000x100000", "200x1000000"],
-        help="KxD sizes of the admission runs (default: 1000x100000 200x1000000)",
+        type=_mqtt_size,
+        default=[(1000, 100_000), (200, 1_000_000)],
+        metavar="KxD",
+        help="sizes of the admission runs over MQTT (default: 1000x100000 200x1000000)",
     )
-    p.add_argument("--shards", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--out", type=Path, default=RESULTS / "round-close.md")
+    p.add_argument(
+        "--shards",
+        type=int,
+        nargs="+",
+        default=[0, 1, 2],
+        help="admission processes of the MQTT runs, one run per value (0: admission in the "
+        "coordinator's own process); a run with streaming admission off (the batch rules) "
+        "is always added (default: 0 1 2)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=RESULTS / "round-close.md",
+        help="Markdown report, overwritten after every cell (default: the repository's "
+        "benchmarks/results/round-close.md)",
+    )
     args = p.parse_args(argv)
+    if any(v < 1 for v in [*args.k, *args.d]):
+        p.error("--k and --d must be >= 1")
+    if any(s < 0 for s in args.shards):
+        p.error(f"--shards must be >= 0, got {' '.join(map(str, args.shards))}")
     warm_up()
     warm_up_select()
     warm_up_buckets()
@@ -347,8 +404,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.skip_mqtt:
         from benchmarks.round_close_mqtt import measure_admission
 
-        for size in args.mqtt:
-            k, d = (int(v) for v in size.lower().split("x"))
+        for k, d in args.mqtt:
             for shards in args.shards:
                 print(f"MQTT K={k} d={d} shards={shards}...", flush=True)
                 admission.append(measure_admission(k=k, d=d, shards=shards))

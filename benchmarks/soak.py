@@ -55,6 +55,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks import help_description
 from benchmarks.soak_messages import (
     FUZZ,
     STATUS,
@@ -1108,9 +1109,7 @@ def _load() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the soak, print the tables, write the report; exit status 1 if a check fails."""
-    p = argparse.ArgumentParser(
-        prog="siren bench soak", description=(__doc__ or "").split("\n\n")[0]
-    )
+    p = argparse.ArgumentParser(prog="siren bench soak", description=help_description(__doc__))
     d = SoakSettings()
     p.add_argument("--boards", type=int, default=None, help=f"honest boards (default: {d.boards})")
     p.add_argument("--rounds", type=int, default=None, help=f"rounds (default: {d.rounds})")

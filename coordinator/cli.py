@@ -28,9 +28,15 @@ def _run(args: argparse.Namespace) -> int:
     try:
         config = CoordinatorConfig.load(args.config)
         if args.device is not None:
-            config = dataclasses.replace(
-                config, aggregator=dataclasses.replace(config.aggregator, device=args.device)
-            )
+            try:
+                config = dataclasses.replace(
+                    config, aggregator=dataclasses.replace(config.aggregator, device=args.device)
+                )
+                config.aggregator.resolved_device()  # PyTorch and its GPU, before TensorFlow
+            except ConfigError as exc:
+                raise ConfigError(f"--device {args.device}: {exc}") from None
+        else:
+            config.aggregator.resolved_device()
         signing_key = load_signing_key(config.key_dir)
         store = CoordinatorStore(config.db)
         store.check_run(config.run)  # before TensorFlow loads: a mistake costs a second

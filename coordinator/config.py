@@ -214,7 +214,8 @@ COMMENTS: dict[str, dict[str, str]] = {
         "of the close (Gram rows, server-update dots); false: the batch rules at close. "
         "Synchronous rounds only: an asynchronous buffer of B updates runs the batch rules",
         "shards": "processes that verify and decode updates, sharing the update topic through "
-        "an MQTT v5 shared subscription (0: the coordinator's own process does it)",
+        "an MQTT v5 shared subscription (0: the coordinator's own process does it); "
+        "synchronous rounds only: 0 with mode = async",
         "share_group": 'group of the shared subscription ("" = siren-<run>)',
     },
     "simulation": {
@@ -463,6 +464,10 @@ class CoordinatorConfig:
             raise ConfigError(
                 f"coordinator.run {self.run!r} must be 1-64 characters from [A-Za-z0-9_.-]"
             )
+        if not isinstance(self.exit_when_done, bool):
+            raise ConfigError(
+                f"coordinator.exit_when_done must be true or false, got {self.exit_when_done!r}"
+            )
         bad = [c for c in self.clients if not is_valid_id(c)]
         if bad:
             raise ConfigError(f"coordinator.clients holds invalid client ids {bad}")
@@ -598,7 +603,7 @@ class CoordinatorConfig:
                 "resend_interval": float(main.pop("resend_interval", 30.0)),
                 "max_message_bytes": int(main.pop("max_message_bytes", 0)) or None,
                 "max_samples": int(main.pop("max_samples", 0)) or None,
-                "exit_when_done": bool(main.pop("exit_when_done", True)),
+                "exit_when_done": main.pop("exit_when_done", True),
                 "defense_start_round": int(main.pop("defense_start_round", 1)),
             }
             if main:

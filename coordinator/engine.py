@@ -219,7 +219,11 @@ class RoundEngine(OperatorActions):
             self.finished = True
             self.final = store.global_version(current)
             self.state = None
-            logger.info("run %s is finished (final model of round %d)", self.config.run, current)
+            logger.info(
+                "run %s is finished: %d round(s) closed, serving the final global model",
+                self.config.run,
+                current - 1,
+            )
             return self.final.message
         glob = store.global_version(current)
         row = store.round_row(current)

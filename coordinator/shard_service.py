@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 from coordinator.engine import RoundEngine
@@ -23,6 +24,8 @@ from protocol.topics import status_subscription, update_subscription
 logger = logging.getLogger(__name__)
 
 QOS = 1
+#: Seconds to wait for every admission process to subscribe before announcing rounds anyway.
+SUBSCRIBE_WAIT = 60.0
 
 
 class ShardedEngineMixin:
@@ -117,12 +120,21 @@ class ShardedService(CoordinatorService):
             self._deliver,
         )
         self.pool = pool
+        stop = stop or threading.Event()
         pool.start()
-        # Announce rounds only once every process is subscribed: an update published to a
-        # shared subscription without members is dropped by the broker.
-        if not pool.ready.wait(60.0):
-            logger.warning("not every admission process subscribed within 60 s; serving anyway")
         try:
+            # Announce rounds only once every process is subscribed: an update published to a
+            # shared subscription without members is dropped by the broker. A stop request
+            # (Ctrl-C, SIGTERM) ends the wait at once.
+            deadline = time.monotonic() + SUBSCRIBE_WAIT
+            while not pool.ready.wait(0.1) and not stop.is_set():
+                if time.monotonic() >= deadline:
+                    logger.warning(
+                        "not every admission process subscribed within %.0f s (is the broker "
+                        "reachable?); serving anyway",
+                        SUBSCRIBE_WAIT,
+                    )
+                    break
             return super().run(stop)
         finally:
             pool.stop()

@@ -12,7 +12,9 @@ from firmware_sim.options import (
     check_config,
     config_from_args,
     describe_attack,
+    describe_device,
     describe_sampling,
+    describe_siren_threshold,
     format_round,
     warn_about_data_dir,
 )
@@ -402,7 +404,8 @@ def _run(args: argparse.Namespace) -> int:
     print(
         f"siren sim run: {config.clients} boards, {config.rounds} rounds"
         f"{describe_sampling(config)}, "
-        f"aggregator {config.aggregator}, {describe_attack(config)}, "
+        f"aggregator {config.aggregator}{describe_siren_threshold(config)}"
+        f"{describe_device(config)}, {describe_attack(config)}, "
         f"dataset {describe_dataset(config.dataset)}",
         flush=True,
     )

@@ -18,6 +18,7 @@ import shutil
 import signal
 import sys
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,9 @@ from firmware_sim.options import (
     check_config,
     config_from_args,
     describe_attack,
+    describe_device,
     describe_sampling,
+    describe_siren_threshold,
     format_round,
     warn_about_data_dir,
 )
@@ -146,6 +149,16 @@ def _describe_broker(broker: str) -> str:
     return f"mosquitto ({'auto: ' if broker == 'auto' else ''}{binary or 'not found'})"
 
 
+def describe_rejections(rejected: Mapping[str, int]) -> str:
+    """The refused messages of a round's ``network.rejected`` counts for its progress line,
+    by reason (``"  rejected 3 (buffered 2, stale_round 1)"``), or ``""`` when none were."""
+    counts = {reason: n for reason, n in sorted(rejected.items()) if n}
+    if not counts:
+        return ""
+    reasons = ", ".join(f"{reason} {n}" for reason, n in counts.items())
+    return f"  rejected {sum(counts.values())} ({reasons})"
+
+
 def fleet_command(args: argparse.Namespace) -> int:
     """Handler of ``siren sim fleet``."""
     from firmware_sim.broker import BrokerError
@@ -188,8 +201,8 @@ def fleet_command(args: argparse.Namespace) -> int:
         f"siren sim fleet: {config.clients} boards on {options.workers} worker(s)"
         + (f" as Ray actors (--ray {ray})" if ray is not None else "")
         + ", "
-        f"{config.rounds} rounds{describe_sampling(config)}, aggregator {config.aggregator}, "
-        f"{describe_attack(config)}, "
+        f"{config.rounds} rounds{describe_sampling(config)}, aggregator {config.aggregator}"
+        f"{describe_siren_threshold(config)}{describe_device(config)}, {describe_attack(config)}, "
         f"dataset {describe_dataset(config.dataset)}, broker {_describe_broker(options.broker)}",
         flush=True,
     )
@@ -199,9 +212,7 @@ def fleet_command(args: argparse.Namespace) -> int:
         net = record.get("network", {})
         line = format_round(record, config.rounds)
         line += f"  {net.get('bytes_total', 0) / 1e6:.2f} MB"
-        rejected = sum(net.get("rejected", {}).values())
-        if rejected:
-            line += f"  rejected {rejected}"
+        line += describe_rejections(net.get("rejected", {}))
         if record.get("dropped"):
             line += f"  dropped {len(record['dropped'])}"
         if record.get("sat_out"):

@@ -175,9 +175,16 @@ def _check_strategy(config: Any) -> None:
     """Build the run's strategy and try a rule once on random updates of the round's size."""
     import numpy as np
 
-    from coordinator.errors import CoordinatorError, DeviceUnavailableError
+    from coordinator.aggregators.devices import resolve_device
+    from coordinator.errors import CoordinatorError, DeviceUnavailableError, InvalidParameterError
     from coordinator.rounds import REFUSALS, make_strategy
     from coordinator.strategy import Submission
+
+    device = getattr(config, "device", "numpy")
+    try:
+        resolve_device(device)
+    except (InvalidParameterError, DeviceUnavailableError) as exc:
+        raise CommandError(f"--device {device}: {message_of(exc)}") from exc
 
     asynchronous = getattr(config, "mode", "sync") == "async"
     participants = config.buffer_size if asynchronous else config.sampling.per_round(config.clients)
@@ -190,10 +197,8 @@ def _check_strategy(config: Any) -> None:
             num_rounds=config.rounds,
             profile=config.siren_profile,
             seed=config.seed,
-            device=getattr(config, "device", "numpy"),
+            device=device,
         )
-    except DeviceUnavailableError as exc:
-        raise CommandError(f"--device {config.device}: {message_of(exc)}") from exc
     except (CoordinatorError, ValueError, KeyError, TypeError) as exc:
         raise CommandError(message_of(exc)) from exc
     if config.aggregator == "siren":
@@ -258,6 +263,47 @@ def describe_sampling(config: Any) -> str:
     if not sampling.active:
         return ""
     return f", {sampling.per_round(config.clients)} of {config.clients} boards drawn per round"
+
+
+def describe_siren_threshold(config: Any) -> str:
+    """SIREN's penalty threshold for a run's header, ``" (ban above C_p = 4 penalties)"``
+    (``int(0.45·T)`` in the default profile, so a short run bans early), else ``""``.
+
+    Call it after :func:`check_config`, which refuses SIREN parameters it cannot use.
+    """
+    if config.aggregator != "siren":
+        return ""
+    from coordinator.rounds import make_strategy
+
+    strategy = make_strategy(
+        "siren",
+        dict(config.aggregator_params),
+        oracle=_NoRootSet(),
+        num_clients=config.clients,
+        num_rounds=config.rounds,
+        profile=config.siren_profile,
+        seed=config.seed,
+    )
+    c_p = float(getattr(strategy, "c_p", 0.0))
+    return f" (ban above C_p = {c_p:g} {'penalty' if c_p == 1 else 'penalties'})"
+
+
+def describe_device(config: Any) -> str:
+    """Where the heavy aggregators run, for a run's header: ``""`` on the numpy default,
+    ``", device cpu"``, ``", device auto: numpy"`` (what ``auto`` picked), or ``", device cpu
+    unused (siren has no device path)"`` for a rule that runs numpy whatever the device.
+
+    Call it after :func:`check_config`, which refuses a device this machine cannot provide.
+    """
+    device = getattr(config, "device", "numpy") or "numpy"
+    if device == "numpy":
+        return ""
+    from coordinator.aggregators.devices import DEVICE_RULES, resolve_device
+
+    if config.aggregator not in DEVICE_RULES:
+        return f", device {device} unused ({config.aggregator} has no device path)"
+    resolved = resolve_device(device)
+    return f", device {device}" + (f": {resolved}" if resolved != device else "")
 
 
 def warn_about_data_dir(config: Any) -> None:

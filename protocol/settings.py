@@ -70,14 +70,15 @@ def build_section(
 
     Fields typed ``Path`` are resolved with :func:`resolve_path` (empty: ``None``); a field typed
     ``... | None`` given ``0`` or ``""`` is ``None``; a key in ``optional_zero`` given any false
-    value is ``None``. Everything else is passed through to ``cls``, whose ``__post_init__``
-    validates it.
+    value is ``None``; a field typed ``bool`` must be a TOML boolean (``"false"`` is text, which
+    Python would read as true). Everything else is passed through to ``cls``, whose
+    ``__post_init__`` validates it.
 
     Raises
     ------
     error
-        If the table has a key that is not a field of ``cls``; the message names the keys, the
-        section and the valid keys.
+        If the table has a key that is not a field of ``cls`` (the message names the keys, the
+        section and the valid keys), or a ``bool`` field is not ``true`` or ``false``.
     """
     known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
     unknown = set(values) - set(known)
@@ -86,6 +87,8 @@ def build_section(
     out: dict[str, Any] = {}
     for key, value in values.items():
         ftype = str(known[key].type)
+        if ftype == "bool" and not isinstance(value, bool):
+            raise error(f"{section}.{key} must be true or false, got {value!r}")
         if "Path" in ftype:
             out[key] = resolve_path(value, base_dir) if value else None
         elif key in optional_zero or (ftype.endswith("| None") and value in ("", 0)):

@@ -9,6 +9,7 @@ import pytest
 
 from benchmarks import aggregator_devices as bench
 from benchmarks.cli import BENCHMARKS
+from coordinator.aggregators.devices import resolve_device
 
 
 def test_a_small_cell_times_every_rule_and_agrees_with_numpy() -> None:
@@ -54,3 +55,29 @@ def test_the_cli_writes_the_report(tmp_path: Path) -> None:
     assert "| 8 | 1e+03 | krum |" in text and "| 8 | 1e+03 | median |" in text
     assert "siren bench aggregator-devices --k 8" in text
     assert BENCHMARKS["aggregator-devices"][0] == "benchmarks.aggregator_devices"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--k", "abc"], "argument --k: not a number: 'abc'"),
+        (["--d", "1.5"], "argument --d: must be a whole number >= 1, got '1.5'"),
+        (["--k", "0"], "argument --k: must be a whole number >= 1, got '0'"),
+        (["--devices", "gpu"], "--devices: unknown aggregation device 'gpu'"),
+    ],
+)
+def test_bad_sizes_and_devices_are_one_line_errors(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        bench.main([*argv, "--out", str(tmp_path / "devices.md")])
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "devices.md").exists()
+
+
+def test_sizes_take_exponents_and_devices_resolve_once_each() -> None:
+    assert bench._size("1e6") == 1_000_000 and bench._size("100") == 100
+    auto = resolve_device("auto")  # numpy without a GPU
+    assert bench._devices(["numpy", "auto", "numpy"]) == list(dict.fromkeys(["numpy", auto]))
+    assert bench._devices(None)[0] == "numpy"

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from benchmarks.cli import BENCHMARKS
-from benchmarks.round_close import RULES, main, measure_cell, write_report
+from benchmarks.round_close import RULES, _mqtt_size, main, measure_cell, write_report
 
 
 def test_a_small_cell_measures_every_rule_and_agrees_with_the_batch_rules() -> None:
@@ -38,3 +40,27 @@ def test_report_tables_and_cli(tmp_path: Path) -> None:
     assert "- krum: close 0.050 s (< 1 s: met)" in text
     assert "median: 0.900 s = 4.5x the read pass of 0.200 s (<= 3x: NOT met)" in text
     assert BENCHMARKS["round-close"][0] == "benchmarks.round_close"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--mqtt", "100"], "argument --mqtt: expected KxD such as 1000x100000, got '100'"),
+        (["--mqtt", "10x0"], "argument --mqtt: expected KxD such as 1000x100000, got '10x0'"),
+        (["--shards", "-1"], "--shards must be >= 0, got -1"),
+        (["--k", "0"], "--k and --d must be >= 1"),
+    ],
+)
+def test_bad_sizes_are_one_line_errors_before_any_measurement(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main([*argv, "--out", str(tmp_path / "rc.md")])
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "rc.md").exists()
+
+
+def test_mqtt_sizes_parse_as_boards_by_parameters() -> None:
+    assert _mqtt_size("1000x100000") == (1000, 100_000)
+    assert _mqtt_size("200X1000000") == (200, 1_000_000)

@@ -111,3 +111,21 @@ def test_config_template_is_a_complete_commented_coord_toml(tmp_path: Path, caps
     loaded = CoordinatorConfig.load(tmp_path / "coord.toml")
     assert loaded.run == "field-1" and loaded.aggregator.name == "siren"
     assert loaded.data.evaluate and loaded.data.root == "split"
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("streaming = true", 'streaming = "false"', "admission.streaming must be true or false"),
+        ("exit_when_done = true", 'exit_when_done = "no"', "coordinator.exit_when_done must be"),
+        ("enabled = false", "enabled = 0", "api.enabled must be true or false, got 0"),
+    ],
+)
+def test_a_flag_written_as_text_or_a_number_is_refused(
+    tmp_path: Path, old: str, new: str, message: str
+) -> None:
+    text = _config(tmp_path).to_toml(relative_to=tmp_path)
+    assert old in text
+    (tmp_path / "coord.toml").write_text(text.replace(old, new, 1))
+    with pytest.raises(ConfigError, match=message):
+        CoordinatorConfig.load(tmp_path / "coord.toml")

@@ -187,7 +187,9 @@ def test_deadline_closes_with_a_quorum_only(tmp_path: Path) -> None:
     assert record["missing"] == ["b2"] and record["close_reason"] == "deadline"
 
 
-def test_final_round_finishes_the_run_and_restart_keeps_it_finished(tmp_path: Path) -> None:
+def test_final_round_finishes_the_run_and_restart_keeps_it_finished(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     engine = _engine(tmp_path, rounds=1)
     engine.start()
     for c in BOARDS:
@@ -197,7 +199,9 @@ def test_final_round_finishes_the_run_and_restart_keeps_it_finished(tmp_path: Pa
     assert check_global(final, COORD.verify_key, run="demo").round == 2
     assert engine.store.model_rounds() == [1, 2]
     again = _engine(tmp_path, rounds=1)
-    assert again.start() == final and again.finished
+    with caplog.at_level("INFO", logger="coordinator.engine"):
+        assert again.start() == final and again.finished
+    assert "run demo is finished: 1 round(s) closed, serving the final global model" in caplog.text
     assert again.handle_update(b"late").reason is Reason.STALE_ROUND
 
 

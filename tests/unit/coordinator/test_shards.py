@@ -4,12 +4,15 @@ boards' keys of the moment."""
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from nacl.signing import SigningKey
 
+from coordinator import shard_service
 from coordinator.config import AdmissionSettings, AggregatorSettings, CoordinatorConfig
 from coordinator.rounds import make_strategy
 from coordinator.runtime import CoordinatorRuntime
@@ -134,3 +137,33 @@ def test_sharded_engine_admits_counts_and_closes(tmp_path: Path, streaming: bool
     assert engine.store.decision_counts() == {"accepted": 2, "duplicate": 2, "banned": 1}
     assert service_class(2).__name__ == "ShardedService"
     assert service_class(0).__name__ == "CoordinatorService"
+
+
+class _SilentPool:
+    """A :class:`coordinator.shards.ShardPool` whose processes never subscribe."""
+
+    def __init__(self, *args: object) -> None:
+        self.ready = threading.Event()
+        self.received = [0, 0]
+        self.stopped = False
+
+    def start(self) -> None:
+        """Start nothing."""
+
+    def stop(self) -> None:
+        """Record the stop."""
+        self.stopped = True
+
+
+def test_a_stop_request_ends_the_wait_for_the_admission_processes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(shard_service, "ShardPool", _SilentPool)
+    engine = _engine(tmp_path, True)
+    service = shard_service.ShardedService(engine.config, engine)
+    stop = threading.Event()
+    threading.Timer(0.3, stop.set).start()  # Ctrl-C while the processes are not subscribed
+    started = time.monotonic()
+    assert service.run(stop) == 0
+    assert time.monotonic() - started < 10  # not the 60 s of shard_service.SUBSCRIBE_WAIT
+    assert isinstance(service.pool, _SilentPool) and service.pool.stopped

@@ -14,7 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from firmware_sim.fleet_command import RUN_FILES, fleet_out_dir, holds_run, linger_seconds
+from firmware_sim.fleet_command import (
+    RUN_FILES,
+    describe_rejections,
+    fleet_out_dir,
+    holds_run,
+    linger_seconds,
+)
 from siren_cli.errors import CommandError
 from siren_cli.main import main
 
@@ -115,6 +121,21 @@ def test_the_header_counts_the_attackers() -> None:
     assert describe_attack(SimConfig(attack="none")) == "attack none"
 
 
+def test_the_header_gives_sirens_penalty_threshold() -> None:
+    from firmware_sim.engine import SimConfig
+    from firmware_sim.options import describe_siren_threshold
+
+    assert describe_siren_threshold(SimConfig(aggregator="siren", rounds=10)) == (
+        " (ban above C_p = 4 penalties)"  # int(0.45 * 10)
+    )
+    assert describe_siren_threshold(SimConfig(aggregator="siren", rounds=3)) == (
+        " (ban above C_p = 1 penalty)"  # a short run bans at the second penalty
+    )
+    explicit = SimConfig(aggregator="siren", rounds=3, aggregator_params={"c_p": 2})
+    assert describe_siren_threshold(explicit) == " (ban above C_p = 2 penalties)"
+    assert describe_siren_threshold(SimConfig(aggregator="median")) == ""
+
+
 # -- 3. and 4. every option is checked before anything loads, in one line -----------------------
 
 
@@ -154,6 +175,8 @@ BAD_OPTIONS = [
     ),
     (["--model", "siren-cnn"], "model 'siren-cnn' needs images of at least 10x10"),
     (["--batch-size", "0"], "batch size must be >= 1"),
+    (["--device", "GPU"], "--device GPU: unknown aggregation device 'GPU'"),
+    (["--device", "cuda:x"], "--device cuda:x: device 'cuda:x': expected cuda:N"),
     (
         ["--partition", "classes", "--classes-per-board", "11"],
         "--classes-per-board must be in [1, 10]",
@@ -293,3 +316,11 @@ def test_the_dashboard_lingers_only_when_asked_or_watched() -> None:
         linger_seconds(30.0, None, interactive=True)
     with pytest.raises(CommandError, match="--linger must be >= 0"):
         linger_seconds(-1.0, 8080, interactive=True)
+
+
+def test_a_fleet_round_line_names_the_reasons_of_refused_messages() -> None:
+    assert describe_rejections({}) == ""
+    assert describe_rejections({"buffered": 0}) == ""
+    assert describe_rejections({"stale_round": 1, "buffered": 2}) == (
+        "  rejected 3 (buffered 2, stale_round 1)"
+    )

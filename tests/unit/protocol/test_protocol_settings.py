@@ -23,6 +23,11 @@ class _Table:
     file: Path | None = None
 
 
+@dataclass(frozen=True)
+class _Flags:
+    enabled: bool = False
+
+
 def test_build_section_resolves_paths_and_reads_zero_as_unset(tmp_path: Path) -> None:
     table = build_section(
         _Table, {"name": "a", "count": 0, "rate": 0.5, "file": "f.txt"}, "t", _Error, tmp_path
@@ -68,3 +73,10 @@ def test_dumps_toml_writes_infinity_as_toml_inf() -> None:
 def test_dumps_toml_refuses_what_toml_should_not_hold(value: object, match: str) -> None:
     with pytest.raises(_Error, match=match):
         dumps_toml({"a": {"v": value}}, _Error)
+
+
+@pytest.mark.parametrize("value", ["false", "no", 0, 1])
+def test_a_bool_field_takes_only_a_toml_boolean(value: object) -> None:
+    with pytest.raises(_Error, match=rf"^t\.enabled must be true or false, got {value!r}$"):
+        build_section(_Flags, {"enabled": value}, "t", _Error)
+    assert build_section(_Flags, {"enabled": True}, "t", _Error).enabled is True

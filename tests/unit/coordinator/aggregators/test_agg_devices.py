@@ -276,3 +276,26 @@ def test_sim_run_device_option_reaches_the_config_and_is_checked(
     monkeypatch.setattr(devices, "torch_module", lambda: None)
     with pytest.raises(CommandError, match=r"--device cpu: .*siren-edge\[torch\]"):
         check_config(config)
+
+
+def test_the_run_header_says_where_the_heavy_rules_run() -> None:
+    import argparse
+
+    from firmware_sim.cli import add_run_options
+    from firmware_sim.options import config_from_args, describe_device
+
+    parser = argparse.ArgumentParser()
+    add_run_options(parser)
+
+    def header(*argv: str) -> str:
+        return describe_device(config_from_args(parser.parse_args(list(argv))))
+
+    assert header("--aggregator", "median") == ""  # numpy, the default: nothing to say
+    auto = resolve_device("auto")
+    assert header("--aggregator", "median", "--device", "auto") == f", device auto: {auto}"
+    assert header("--device", "cpu") == ", device cpu unused (fedavg has no device path)"
+    assert header("--aggregator", "siren", "--device", "auto") == (
+        ", device auto unused (siren has no device path)"
+    )
+    if torch_module() is not None:
+        assert header("--aggregator", "median", "--device", "cpu") == ", device cpu"
