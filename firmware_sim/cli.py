@@ -11,6 +11,7 @@ from typing import Any
 from firmware_sim.options import (
     check_config,
     config_from_args,
+    count,
     describe_attack,
     describe_device,
     describe_sampling,
@@ -402,7 +403,7 @@ def _run(args: argparse.Namespace) -> int:
 
     warn_about_data_dir(config)
     print(
-        f"siren sim run: {config.clients} boards, {config.rounds} rounds"
+        f"siren sim run: {config.clients} boards, {count(config.rounds, 'round')}"
         f"{describe_sampling(config)}, "
         f"aggregator {config.aggregator}{describe_siren_threshold(config)}"
         f"{describe_device(config)}, {describe_attack(config)}, "

@@ -28,6 +28,7 @@ from firmware_sim.fleet_spec import FleetOptions
 from firmware_sim.options import (
     check_config,
     config_from_args,
+    count,
     describe_attack,
     describe_device,
     describe_sampling,
@@ -201,8 +202,9 @@ def fleet_command(args: argparse.Namespace) -> int:
         f"siren sim fleet: {config.clients} boards on {options.workers} worker(s)"
         + (f" as Ray actors (--ray {ray})" if ray is not None else "")
         + ", "
-        f"{config.rounds} rounds{describe_sampling(config)}, aggregator {config.aggregator}"
-        f"{describe_siren_threshold(config)}{describe_device(config)}, {describe_attack(config)}, "
+        f"{count(config.rounds, 'round')}{describe_sampling(config)}, "
+        f"aggregator {config.aggregator}{describe_siren_threshold(config)}"
+        f"{describe_device(config)}, {describe_attack(config)}, "
         f"dataset {describe_dataset(config.dataset)}, broker {_describe_broker(options.broker)}",
         flush=True,
     )

@@ -250,6 +250,11 @@ def describe_attack(config: Any) -> str:
     return f"attack {config.attack} by {len(ids)} of {config.clients} boards"
 
 
+def count(n: int, noun: str) -> str:
+    """``n`` and ``noun``, with an ``s`` unless ``n`` is 1 (``1 round``, ``3 rounds``)."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def describe_sampling(config: Any) -> str:
     """``", 5 of 10 boards drawn per round"`` with client sampling, ``", buffered async
     (B=10, S=4, poly:0.5)"`` in buffered asynchronous mode, else ``""``."""
