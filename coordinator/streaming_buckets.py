@@ -49,6 +49,7 @@ from typing import Any
 
 import numpy as np
 from llvmlite import ir
+from llvmlite.binding import llvm_version_info
 from numba import njit, types
 from numba.extending import intrinsic
 
@@ -136,7 +137,80 @@ def _inside8_typer(typingctx: Any, row: Any, low: Any, high: Any, off: Any) -> A
     return sig, codegen
 
 
+#: Whether LLVM has ``llvm.experimental.vector.compress`` (LLVM 19 and later): a compress into a
+#: register and a plain store, faster than ``llvm.masked.compressstore`` on some processors.
+_VECTOR_COMPRESS = llvm_version_info >= (19,)
+
+
+def _split16_typer(
+    typingctx: Any,
+    src: Any,
+    off: Any,
+    count: Any,
+    pivot: Any,
+    left: Any,
+    nl: Any,
+    right: Any,
+    nr: Any,
+) -> Any:
+    """Of the first ``count`` (at most 16) keys of ``src[off:]``, those ``< pivot`` are packed
+    in order to ``left[nl:]`` and the others to ``right[nr:]``; returns how many went left.
+
+    One 16-lane compare and two compresses (``vpcompressd`` with AVX-512). All 16 lanes of
+    ``src[off:]`` are loaded, and with LLVM 19 or later all 16 lanes are stored at
+    ``left[nl:]`` and ``right[nr:]``: the three arrays need 16 elements of slack past their
+    used part (the lanes past ``count`` are ignored, the stored lanes past the packed ones are
+    overwritten or never read)."""
+    sig = types.int64(src, off, count, pivot, left, nl, right, nr)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        i32 = ir.IntType(32)
+        v16 = ir.VectorType(i32, 16)
+        b16 = ir.VectorType(ir.IntType(1), 16)
+
+        def ptr(k: int, idx: Any) -> Any:
+            ary = context.make_array(signature.args[k])(context, builder, args[k])
+            return builder.gep(ary.data, [idx])
+
+        def splat(value: Any) -> Any:
+            if value.type != i32:
+                value = builder.trunc(value, i32)
+            one = builder.insert_element(ir.Constant(v16, ir.Undefined), value, i32(0))
+            return builder.shuffle_vector(
+                one, ir.Constant(v16, ir.Undefined), ir.Constant(v16, [0] * 16)
+            )
+
+        v = builder.load(builder.bitcast(ptr(0, args[1]), v16.as_pointer()), align=4)
+        valid = builder.icmp_signed("<", ir.Constant(v16, list(range(16))), splat(args[2]))
+        below = builder.icmp_signed("<", v, splat(args[3]))
+        to_left = builder.and_(below, valid)
+        to_right = builder.and_(builder.not_(below), valid)
+        module = builder.module
+        if _VECTOR_COMPRESS:
+            name = "llvm.experimental.vector.compress.v16i32"
+            fn = module.globals.get(name) or ir.Function(
+                module, ir.FunctionType(v16, [v16, b16, v16]), name
+            )
+            undef = ir.Constant(v16, ir.Undefined)
+            for mask, k, at in ((to_left, 4, args[5]), (to_right, 6, args[7])):
+                packed = builder.call(fn, [v, mask, undef])
+                builder.store(packed, builder.bitcast(ptr(k, at), v16.as_pointer()), align=4)
+        else:
+            name = "llvm.masked.compressstore.v16i32"
+            fn = module.globals.get(name) or ir.Function(
+                module, ir.FunctionType(ir.VoidType(), [v16, ir.PointerType(i32), b16]), name
+            )
+            builder.call(fn, [v, ptr(4, args[5]), to_left])
+            builder.call(fn, [v, ptr(6, args[7]), to_right])
+        popcount = module.declare_intrinsic("llvm.ctpop", [ir.IntType(16)])
+        n = builder.call(popcount, [builder.bitcast(to_left, ir.IntType(16))])
+        return builder.zext(n, ir.IntType(64))
+
+    return sig, codegen
+
+
 _prefetch: Any = intrinsic(_prefetch_typer)
+_split16: Any = intrinsic(_split16_typer)
 _trailing_zeros: Any = intrinsic(_trailing_zeros_typer)
 _inside8: Any = intrinsic(_inside8_typer)
 
@@ -278,50 +352,69 @@ def _locate(
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _partition(vals: np.ndarray, lo: int, hi: int, p: np.int32, strict: bool) -> int:
-    """Branchless Lomuto partition of ``vals[lo:hi]``: the elements ``< p`` (``strict``) or
-    ``<= p`` first; returns where the others start."""
-    cut = lo
-    for i in range(lo, hi):
-        v = vals[i]
-        vals[i] = vals[cut]
-        vals[cut] = v
-        cut += np.int64((v < p) if strict else (v <= p))
-    return cut
+def _split(src: np.ndarray, size: int, p: np.int32, left: np.ndarray, right: np.ndarray) -> int:
+    """``src[:size]`` split by ``< p`` into ``left`` and the rest into ``right`` (order kept);
+    returns how many went left. 16 elements of slack past ``size`` in the three arrays
+    (:func:`_split16_typer`)."""
+    nl = 0
+    for off in range(0, size, 16):
+        lanes = min(16, size - off)
+        c = _split16(src, off, lanes, p, left, nl, right, off - nl)
+        nl += c
+    return nl
 
 
 @njit(nogil=True, cache=True)
-def _pick(vals: np.ndarray, r: int, want_next: bool) -> tuple[np.int32, np.int32]:
-    """The elements of ranks ``r`` and (with ``want_next``) ``r + 1`` (0-based) of ``vals``
-    (reordered in place): quickselect with a median-of-three pivot and branchless partitions
-    (below the pivot, equal to it, above it: runs of equal keys end it); rank ``r + 1`` is then
-    the pivot or the smallest element above it."""
-    n = vals.shape[0]
-    lo = 0
-    hi = n  # the rank lies in [lo, hi)
-    while True:
-        if hi - lo == 1:
-            p = vals[lo]
-            above = hi
-            break
-        a = vals[lo]
-        b = vals[(lo + hi) >> 1]
-        c = vals[hi - 1]
+def _pick(
+    vals: np.ndarray, r: int, want_next: bool, scratch: np.ndarray
+) -> tuple[np.int32, np.int32]:
+    """The elements of ranks ``r`` and (with ``want_next``) ``r + 1`` (0-based) of ``vals``,
+    which is left as it is (it must be readable 16 elements past its end).
+
+    Quickselect with a median-of-three pivot whose partitions are 16-lane compares and
+    compresses (:func:`_split`) between the three rows of ``scratch`` (``(3, >= n + 16)``
+    int32): each step keeps the side holding the rank; when nothing lies below the pivot, the
+    run of keys equal to it is split off (runs of equal keys end it). Rank ``r + 1`` is the
+    least of what was set aside above the rank, or the next element of the run."""
+    nxt = np.int32(_INT32_MAX)
+    cur = -1  # vals, then a row of scratch
+    size = vals.shape[0]
+    while size > 1:
+        src = vals if cur < 0 else scratch[cur]
+        a = src[0]
+        b = src[size >> 1]
+        c = src[size - 1]
         p = max(min(a, b), min(max(a, b), c))
-        lt = _partition(vals, lo, hi, p, True)
-        if r < lt:
-            hi = lt
-            continue
-        above = _partition(vals, lt, hi, p, False)
-        if r < above:
-            break
-        lo = above
-    nxt = p
-    if want_next and r + 1 >= above:
-        nxt = vals[above]
-        for i in range(above + 1, n):
-            nxt = min(nxt, vals[i])
-    return p, nxt
+        free = 2 if cur < 0 else cur  # the row not written by this step's split
+        il = 1 if free == 0 else 0
+        ir_ = 1 if free == 2 else 2
+        nl = _split(src, size, p, scratch[il], scratch[ir_])
+        if nl == 0:  # p is the least key left: split off its run
+            ne = _split(scratch[ir_], size, p + np.int32(1), scratch[il], scratch[free])
+            if r < ne:
+                if want_next:
+                    if r + 1 < ne:
+                        return p, p
+                    rest = scratch[free]
+                    for i in range(size - ne):
+                        nxt = min(nxt, rest[i])
+                return p, nxt
+            r -= ne
+            size -= ne
+            cur = free
+        elif r < nl:
+            if want_next:
+                above = scratch[ir_]
+                for i in range(size - nl):
+                    nxt = min(nxt, above[i])
+            size = nl
+            cur = il
+        else:
+            r -= nl
+            size -= nl
+            cur = ir_
+    src = vals if cur < 0 else scratch[cur]
+    return src[0], nxt
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -392,7 +485,8 @@ def bucket_block(
     shared = np.zeros(TILE, dtype=np.uint8)
     start = np.empty((2, TILE + 1), dtype=np.int64)  # each column's segment of the box
     fill = np.empty((2, TILE), dtype=np.int64)
-    box = np.empty((2, TILE * GATHER_LIMIT), dtype=np.int32)
+    box = np.empty((2, TILE * GATHER_LIMIT + 16), dtype=np.int32)  # slack: _pick reads past
+    work = np.empty((3, COLUMN_LIMIT + 16), dtype=np.int32)  # _pick's rows
     result = np.empty((2, 2, TILE), dtype=np.int64)
     low = np.empty(TILE, dtype=np.float32)
     high = np.empty(TILE, dtype=np.float32)
@@ -491,7 +585,7 @@ def bucket_block(
                         continue  # read with rank 0, from the same values
                     seg = box[q, start[q, j] : start[q, j + 1]]
                     adjacent = q == 0 and shared[j] == 1 and ranks[1] == ranks[0] + 1
-                    first, second = _pick(seg, ranks[q] - below[q, j], adjacent)
+                    first, second = _pick(seg, ranks[q] - below[q, j], adjacent, work)
                     result[q, 0, j] = first
                     if q == 0 and shared[j]:
                         if ranks[1] == ranks[0]:
@@ -499,7 +593,7 @@ def bucket_block(
                         elif adjacent:
                             result[1, 0, j] = second
                         else:
-                            result[1, 0, j] = _pick(seg, ranks[1] - below[0, j], False)[0]
+                            result[1, 0, j] = _pick(seg, ranks[1] - below[0, j], False, work)[0]
         lw = low[:w]
         hw = high[:w]
         _tile_values(result, 0, 0, lw)
