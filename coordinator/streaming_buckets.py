@@ -76,6 +76,8 @@ COLUMN_LIMIT = 4096
 BOUNDS_BLOCK = 256
 #: Coordinates per task of the admission counting and of the close (thread pool).
 _TASK = 1 << 14
+# The close's tiles start on a block of the boundaries and counts (:func:`_locate`).
+assert TILE % BOUNDS_BLOCK == 0 and _TASK % TILE == 0
 _INT32_MIN = -(2**31)
 _INT32_MAX = 2**31 - 1
 
@@ -262,9 +264,9 @@ def _bounds_block(x: np.ndarray, rows: np.ndarray, c0: int, c1: int, bounds: np.
 def _count_block(
     x: np.ndarray, rows: np.ndarray, c0: int, c1: int, bounds: np.ndarray, counts: np.ndarray
 ) -> None:
-    """Add the bucket of every value ``x[r, j]``, ``r`` in ``rows``, ``j`` in ``[c0, c1)``
-    (whole blocks) to ``counts[j]`` (module docstring: buckets ``2t`` open, ``2t + 1`` the key
-    ``s_t``).
+    """Add the bucket ``u`` of every value ``x[r, j]``, ``r`` in ``rows``, ``j`` in
+    ``[c0, c1)`` (whole blocks) to ``counts[j // BOUNDS_BLOCK, u, j % BOUNDS_BLOCK]`` (module
+    docstring: buckets ``2t`` open, ``2t + 1`` the key ``s_t``).
 
     The bucket is found by counting the boundaries below each value, vectorised across the
     block's columns (``m`` compares per value; a binary search's branches cannot be predicted
@@ -277,6 +279,7 @@ def _count_block(
         t1 = min(t0 + bw, d)
         w = t1 - t0
         blk = bounds[t0 // bw]
+        cnt = counts[t0 // bw]
         for r in rows:
             bits = x[r, t0:t1].view(np.int32)
             for j in range(w):
@@ -290,7 +293,7 @@ def _count_block(
                 point = 0
                 if i < m:
                     point = np.int32(blk[i, j] == _key(bits[j]))
-                counts[t0 + j, 2 * i + point] += np.uint16(1)
+                cnt[2 * i + point, j] += np.uint16(1)
 
 
 @njit(nogil=True, cache=True)
@@ -306,49 +309,65 @@ def _locate(
     below: np.ndarray,
     size: np.ndarray,
 ) -> None:
-    """For each rank ``q`` and column ``j`` of the tile at ``t0``: the inclusive key range
-    ``[lo, hi]`` of the bucket holding it, the number of values below that bucket and the
-    bucket's count (``k`` values counted per column). The counts are summed from the end
-    nearer to the rank (a trimmed mean's ranks are near both ends); ranks in increasing order,
-    the next one (median) from where the last one was found."""
+    """For each rank ``q`` and column ``j`` of the tile at ``t0`` (whole blocks of
+    :data:`BOUNDS_BLOCK` from ``t0``): the inclusive key range ``[lo, hi]`` of the bucket
+    holding it, the number of values below that bucket and the bucket's count (``k`` values
+    counted per column).
+
+    The counts are stored bucket-major per block, so the running sums over the buckets are
+    vectorised across the block's columns: the buckets are visited in order until every
+    column's running sum exceeds the largest rank, and the one where a column's sum first
+    exceeds a rank is kept, without branches."""
     m = bounds.shape[1]
     bw = bounds.shape[2]
     nb = counts.shape[1]
     nq = ranks.shape[0]
-    for j in range(w):
-        cnt = counts[t0 + j]
-        blk = bounds[(t0 + j) // bw]
-        col = (t0 + j) % bw
-        cum = np.int64(0)
-        u = 0
+    cum = np.empty(bw, dtype=np.int32)
+    at = np.empty((nq, bw), dtype=np.int32)
+    before = np.empty((nq, bw), dtype=np.int32)
+    n = np.empty((nq, bw), dtype=np.int32)
+    last = np.int32(ranks.max())
+    for h0 in range(0, w, bw):
+        wb = min(bw, w - h0)
+        blk = bounds[(t0 + h0) // bw]
+        cnt = counts[(t0 + h0) // bw]
+        for j in range(wb):
+            cum[j] = 0
+            for q in range(nq):
+                at[q, j] = 0
+                before[q, j] = 0
+                n[q, j] = 0
+        for u in range(nb):
+            c = cnt[u]
+            for q in range(nq):
+                r = np.int32(ranks[q])
+                aq = at[q]
+                bq = before[q]
+                nq_ = n[q]
+                for j in range(wb):
+                    here = np.int32(c[j])
+                    hit = (cum[j] <= r) & (cum[j] + here > r)
+                    aq[j] = u if hit else aq[j]
+                    bq[j] = cum[j] if hit else bq[j]
+                    nq_[j] = here if hit else nq_[j]
+            least = np.int32(k)
+            for j in range(wb):
+                cum[j] += np.int32(c[j])
+                least = min(least, cum[j])
+            if least > last:
+                break  # every column is past every rank
         for q in range(nq):
-            r = ranks[q]
-            if q > 0 and r - ranks[q - 1] <= 1:  # the median's next rank: go on from the last
-                while cum + np.int64(cnt[u]) <= r:
-                    cum += np.int64(cnt[u])
-                    u += 1
-            elif 2 * r < k:
-                cum = np.int64(0)
-                u = 0
-                while cum + np.int64(cnt[u]) <= r:
-                    cum += np.int64(cnt[u])
-                    u += 1
-            else:
-                above = np.int64(0)
-                u = nb - 1
-                while k - above - np.int64(cnt[u]) > r:
-                    above += np.int64(cnt[u])
-                    u -= 1
-                cum = k - above - np.int64(cnt[u])
-            t = u >> 1
-            if u & 1:
-                lo[q, j] = blk[t, col]
-                hi[q, j] = blk[t, col]
-            else:
-                lo[q, j] = blk[t - 1, col] + 1 if t > 0 else _INT32_MIN
-                hi[q, j] = blk[t, col] - 1 if t < m else _INT32_MAX
-            below[q, j] = cum
-            size[q, j] = cnt[u]
+            for j in range(wb):
+                u = at[q, j]
+                t = u >> 1
+                if u & 1:
+                    lo[q, h0 + j] = blk[t, j]
+                    hi[q, h0 + j] = blk[t, j]
+                else:
+                    lo[q, h0 + j] = blk[t - 1, j] + 1 if t > 0 else _INT32_MIN
+                    hi[q, h0 + j] = blk[t, j] - 1 if t < m else _INT32_MAX
+                below[q, h0 + j] = before[q, j]
+                size[q, h0 + j] = n[q, j]
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -458,8 +477,9 @@ def bucket_block(
     out: np.ndarray,
     used: np.ndarray,
 ) -> int:
-    """Median (``trim < 0``) or trimmed mean (``trim >= 0``) of columns ``[c0, c1)`` of the
-    finite float32 rows ``x[rows]``, from bucket counts of exactly those rows.
+    """Median (``trim < 0``) or trimmed mean (``trim >= 0``) of columns ``[c0, c1)`` (``c0`` a
+    multiple of :data:`TILE`) of the finite float32 rows ``x[rows]``, from bucket counts of
+    exactly those rows.
 
     Writes ``out[c0:c1]`` and adds to ``used`` (``(K,)``, in the order of ``rows``) the per-row
     counts of :func:`coordinator.streaming_select.coordinatewise_block`. Returns the number of
@@ -678,7 +698,7 @@ class BucketCounts:
             if self.bounds is None or self.counts is None or self.bounds.shape[1] != m:
                 blocks = -(-self.d // BOUNDS_BLOCK)
                 self.bounds = np.empty((blocks, m, BOUNDS_BLOCK), dtype=np.int32)
-                self.counts = np.zeros((self.d, 2 * m + 1), dtype=np.uint16)
+                self.counts = np.zeros((blocks, 2 * m + 1, BOUNDS_BLOCK), dtype=np.uint16)
             else:
                 self.counts.fill(0)
             sample = np.asarray(self.order[:m], dtype=np.int64)

@@ -248,3 +248,37 @@ def test_split_packs_both_sides_in_order(
         assert nl == int((vals < 3).sum())
         assert np.array_equal(left[:nl], vals[vals < 3])
         assert np.array_equal(right[: size - nl], vals[vals >= 3])
+
+
+def test_locate_finds_each_ranks_bucket_from_bucket_major_counts() -> None:
+    """The vectorised scan of the counts (stored bucket-major per block) against a cumulative
+    sum per column, on a tile whose last block is partial."""
+    rng = np.random.default_rng(3)
+    m = SAMPLE_ROWS
+    bw = streaming_buckets.BOUNDS_BLOCK
+    k, w = 600, bw + 100
+    bounds = np.sort(rng.integers(-1000, 1000, size=(2, m, bw)).astype(np.int32), axis=1)
+    counts = np.zeros((2, 2 * m + 1, bw), dtype=np.uint16)
+    for j in range(w):
+        buckets = rng.integers(0, 2 * m + 1, size=k)
+        buckets[: k // 3] = rng.integers(0, 3)  # a crowded bucket at the low end
+        counts[j // bw, :, j % bw] = np.bincount(buckets, minlength=2 * m + 1)
+    ranks = np.array([60, 539], dtype=np.int64)
+    lo = np.empty((2, w), dtype=np.int32)
+    hi = np.empty((2, w), dtype=np.int32)
+    below = np.empty((2, w), dtype=np.int64)
+    size = np.empty((2, w), dtype=np.int64)
+    streaming_buckets._locate(bounds, counts, 0, w, ranks, k, lo, hi, below, size)
+    for j in range(w):
+        col = counts[j // bw, :, j % bw].astype(np.int64)
+        cum = np.cumsum(col)
+        keys = bounds[j // bw, :, j % bw].astype(np.int64)
+        for q, r in enumerate(ranks):
+            u = int(np.searchsorted(cum, r, side="right"))
+            assert below[q, j] == cum[u] - col[u] and size[q, j] == col[u]
+            t = u // 2
+            if u % 2:
+                assert lo[q, j] == hi[q, j] == keys[t]
+            else:
+                assert lo[q, j] == (keys[t - 1] + 1 if t > 0 else -(2**31))
+                assert hi[q, j] == (keys[t] - 1 if t < m else 2**31 - 1)
