@@ -49,6 +49,7 @@ from typing import Any
 
 import numpy as np
 from llvmlite import ir
+from llvmlite.binding import llvm_version_info
 from numba import njit, types
 from numba.extending import intrinsic
 
@@ -75,6 +76,8 @@ COLUMN_LIMIT = 4096
 BOUNDS_BLOCK = 256
 #: Coordinates per task of the admission counting and of the close (thread pool).
 _TASK = 1 << 14
+# The close's tiles start on a block of the boundaries and counts (:func:`_locate`).
+assert TILE % BOUNDS_BLOCK == 0 and _TASK % TILE == 0
 _INT32_MIN = -(2**31)
 _INT32_MAX = 2**31 - 1
 
@@ -136,7 +139,80 @@ def _inside8_typer(typingctx: Any, row: Any, low: Any, high: Any, off: Any) -> A
     return sig, codegen
 
 
+#: Whether LLVM has ``llvm.experimental.vector.compress`` (LLVM 19 and later): a compress into a
+#: register and a plain store, faster than ``llvm.masked.compressstore`` on some processors.
+_VECTOR_COMPRESS = llvm_version_info >= (19,)
+
+
+def _split16_typer(
+    typingctx: Any,
+    src: Any,
+    off: Any,
+    count: Any,
+    pivot: Any,
+    left: Any,
+    nl: Any,
+    right: Any,
+    nr: Any,
+) -> Any:
+    """Of the first ``count`` (at most 16) keys of ``src[off:]``, those ``< pivot`` are packed
+    in order to ``left[nl:]`` and the others to ``right[nr:]``; returns how many went left.
+
+    One 16-lane compare and two compresses (``vpcompressd`` with AVX-512). All 16 lanes of
+    ``src[off:]`` are loaded, and with LLVM 19 or later all 16 lanes are stored at
+    ``left[nl:]`` and ``right[nr:]``: the three arrays need 16 elements of slack past their
+    used part (the lanes past ``count`` are ignored, the stored lanes past the packed ones are
+    overwritten or never read)."""
+    sig = types.int64(src, off, count, pivot, left, nl, right, nr)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        i32 = ir.IntType(32)
+        v16 = ir.VectorType(i32, 16)
+        b16 = ir.VectorType(ir.IntType(1), 16)
+
+        def ptr(k: int, idx: Any) -> Any:
+            ary = context.make_array(signature.args[k])(context, builder, args[k])
+            return builder.gep(ary.data, [idx])
+
+        def splat(value: Any) -> Any:
+            if value.type != i32:
+                value = builder.trunc(value, i32)
+            one = builder.insert_element(ir.Constant(v16, ir.Undefined), value, i32(0))
+            return builder.shuffle_vector(
+                one, ir.Constant(v16, ir.Undefined), ir.Constant(v16, [0] * 16)
+            )
+
+        v = builder.load(builder.bitcast(ptr(0, args[1]), v16.as_pointer()), align=4)
+        valid = builder.icmp_signed("<", ir.Constant(v16, list(range(16))), splat(args[2]))
+        below = builder.icmp_signed("<", v, splat(args[3]))
+        to_left = builder.and_(below, valid)
+        to_right = builder.and_(builder.not_(below), valid)
+        module = builder.module
+        if _VECTOR_COMPRESS:
+            name = "llvm.experimental.vector.compress.v16i32"
+            fn = module.globals.get(name) or ir.Function(
+                module, ir.FunctionType(v16, [v16, b16, v16]), name
+            )
+            undef = ir.Constant(v16, ir.Undefined)
+            for mask, k, at in ((to_left, 4, args[5]), (to_right, 6, args[7])):
+                packed = builder.call(fn, [v, mask, undef])
+                builder.store(packed, builder.bitcast(ptr(k, at), v16.as_pointer()), align=4)
+        else:
+            name = "llvm.masked.compressstore.v16i32"
+            fn = module.globals.get(name) or ir.Function(
+                module, ir.FunctionType(ir.VoidType(), [v16, ir.PointerType(i32), b16]), name
+            )
+            builder.call(fn, [v, ptr(4, args[5]), to_left])
+            builder.call(fn, [v, ptr(6, args[7]), to_right])
+        popcount = module.declare_intrinsic("llvm.ctpop", [ir.IntType(16)])
+        n = builder.call(popcount, [builder.bitcast(to_left, ir.IntType(16))])
+        return builder.zext(n, ir.IntType(64))
+
+    return sig, codegen
+
+
 _prefetch: Any = intrinsic(_prefetch_typer)
+_split16: Any = intrinsic(_split16_typer)
 _trailing_zeros: Any = intrinsic(_trailing_zeros_typer)
 _inside8: Any = intrinsic(_inside8_typer)
 
@@ -188,9 +264,9 @@ def _bounds_block(x: np.ndarray, rows: np.ndarray, c0: int, c1: int, bounds: np.
 def _count_block(
     x: np.ndarray, rows: np.ndarray, c0: int, c1: int, bounds: np.ndarray, counts: np.ndarray
 ) -> None:
-    """Add the bucket of every value ``x[r, j]``, ``r`` in ``rows``, ``j`` in ``[c0, c1)``
-    (whole blocks) to ``counts[j]`` (module docstring: buckets ``2t`` open, ``2t + 1`` the key
-    ``s_t``).
+    """Add the bucket ``u`` of every value ``x[r, j]``, ``r`` in ``rows``, ``j`` in
+    ``[c0, c1)`` (whole blocks) to ``counts[j // BOUNDS_BLOCK, u, j % BOUNDS_BLOCK]`` (module
+    docstring: buckets ``2t`` open, ``2t + 1`` the key ``s_t``).
 
     The bucket is found by counting the boundaries below each value, vectorised across the
     block's columns (``m`` compares per value; a binary search's branches cannot be predicted
@@ -203,6 +279,7 @@ def _count_block(
         t1 = min(t0 + bw, d)
         w = t1 - t0
         blk = bounds[t0 // bw]
+        cnt = counts[t0 // bw]
         for r in rows:
             bits = x[r, t0:t1].view(np.int32)
             for j in range(w):
@@ -216,7 +293,7 @@ def _count_block(
                 point = 0
                 if i < m:
                     point = np.int32(blk[i, j] == _key(bits[j]))
-                counts[t0 + j, 2 * i + point] += np.uint16(1)
+                cnt[2 * i + point, j] += np.uint16(1)
 
 
 @njit(nogil=True, cache=True)
@@ -232,96 +309,131 @@ def _locate(
     below: np.ndarray,
     size: np.ndarray,
 ) -> None:
-    """For each rank ``q`` and column ``j`` of the tile at ``t0``: the inclusive key range
-    ``[lo, hi]`` of the bucket holding it, the number of values below that bucket and the
-    bucket's count (``k`` values counted per column). The counts are summed from the end
-    nearer to the rank (a trimmed mean's ranks are near both ends); ranks in increasing order,
-    the next one (median) from where the last one was found."""
+    """For each rank ``q`` and column ``j`` of the tile at ``t0`` (whole blocks of
+    :data:`BOUNDS_BLOCK` from ``t0``): the inclusive key range ``[lo, hi]`` of the bucket
+    holding it, the number of values below that bucket and the bucket's count (``k`` values
+    counted per column).
+
+    The counts are stored bucket-major per block, so the running sums over the buckets are
+    vectorised across the block's columns: the buckets are visited in order until every
+    column's running sum exceeds the largest rank, and the one where a column's sum first
+    exceeds a rank is kept, without branches."""
     m = bounds.shape[1]
     bw = bounds.shape[2]
     nb = counts.shape[1]
     nq = ranks.shape[0]
-    for j in range(w):
-        cnt = counts[t0 + j]
-        blk = bounds[(t0 + j) // bw]
-        col = (t0 + j) % bw
-        cum = np.int64(0)
-        u = 0
+    cum = np.empty(bw, dtype=np.int32)
+    at = np.empty((nq, bw), dtype=np.int32)
+    before = np.empty((nq, bw), dtype=np.int32)
+    n = np.empty((nq, bw), dtype=np.int32)
+    last = np.int32(ranks.max())
+    for h0 in range(0, w, bw):
+        wb = min(bw, w - h0)
+        blk = bounds[(t0 + h0) // bw]
+        cnt = counts[(t0 + h0) // bw]
+        for j in range(wb):
+            cum[j] = 0
+            for q in range(nq):
+                at[q, j] = 0
+                before[q, j] = 0
+                n[q, j] = 0
+        for u in range(nb):
+            c = cnt[u]
+            for q in range(nq):
+                r = np.int32(ranks[q])
+                aq = at[q]
+                bq = before[q]
+                nq_ = n[q]
+                for j in range(wb):
+                    here = np.int32(c[j])
+                    hit = (cum[j] <= r) & (cum[j] + here > r)
+                    aq[j] = u if hit else aq[j]
+                    bq[j] = cum[j] if hit else bq[j]
+                    nq_[j] = here if hit else nq_[j]
+            least = np.int32(k)
+            for j in range(wb):
+                cum[j] += np.int32(c[j])
+                least = min(least, cum[j])
+            if least > last:
+                break  # every column is past every rank
         for q in range(nq):
-            r = ranks[q]
-            if q > 0 and r - ranks[q - 1] <= 1:  # the median's next rank: go on from the last
-                while cum + np.int64(cnt[u]) <= r:
-                    cum += np.int64(cnt[u])
-                    u += 1
-            elif 2 * r < k:
-                cum = np.int64(0)
-                u = 0
-                while cum + np.int64(cnt[u]) <= r:
-                    cum += np.int64(cnt[u])
-                    u += 1
-            else:
-                above = np.int64(0)
-                u = nb - 1
-                while k - above - np.int64(cnt[u]) > r:
-                    above += np.int64(cnt[u])
-                    u -= 1
-                cum = k - above - np.int64(cnt[u])
-            t = u >> 1
-            if u & 1:
-                lo[q, j] = blk[t, col]
-                hi[q, j] = blk[t, col]
-            else:
-                lo[q, j] = blk[t - 1, col] + 1 if t > 0 else _INT32_MIN
-                hi[q, j] = blk[t, col] - 1 if t < m else _INT32_MAX
-            below[q, j] = cum
-            size[q, j] = cnt[u]
+            for j in range(wb):
+                u = at[q, j]
+                t = u >> 1
+                if u & 1:
+                    lo[q, h0 + j] = blk[t, j]
+                    hi[q, h0 + j] = blk[t, j]
+                else:
+                    lo[q, h0 + j] = blk[t - 1, j] + 1 if t > 0 else _INT32_MIN
+                    hi[q, h0 + j] = blk[t, j] - 1 if t < m else _INT32_MAX
+                below[q, h0 + j] = before[q, j]
+                size[q, h0 + j] = n[q, j]
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _partition(vals: np.ndarray, lo: int, hi: int, p: np.int32, strict: bool) -> int:
-    """Branchless Lomuto partition of ``vals[lo:hi]``: the elements ``< p`` (``strict``) or
-    ``<= p`` first; returns where the others start."""
-    cut = lo
-    for i in range(lo, hi):
-        v = vals[i]
-        vals[i] = vals[cut]
-        vals[cut] = v
-        cut += np.int64((v < p) if strict else (v <= p))
-    return cut
+def _split(src: np.ndarray, size: int, p: np.int32, left: np.ndarray, right: np.ndarray) -> int:
+    """``src[:size]`` split by ``< p`` into ``left`` and the rest into ``right`` (order kept);
+    returns how many went left. 16 elements of slack past ``size`` in the three arrays
+    (:func:`_split16_typer`)."""
+    nl = 0
+    for off in range(0, size, 16):
+        lanes = min(16, size - off)
+        c = _split16(src, off, lanes, p, left, nl, right, off - nl)
+        nl += c
+    return nl
 
 
 @njit(nogil=True, cache=True)
-def _pick(vals: np.ndarray, r: int, want_next: bool) -> tuple[np.int32, np.int32]:
-    """The elements of ranks ``r`` and (with ``want_next``) ``r + 1`` (0-based) of ``vals``
-    (reordered in place): quickselect with a median-of-three pivot and branchless partitions
-    (below the pivot, equal to it, above it: runs of equal keys end it); rank ``r + 1`` is then
-    the pivot or the smallest element above it."""
-    n = vals.shape[0]
-    lo = 0
-    hi = n  # the rank lies in [lo, hi)
-    while True:
-        if hi - lo == 1:
-            p = vals[lo]
-            above = hi
-            break
-        a = vals[lo]
-        b = vals[(lo + hi) >> 1]
-        c = vals[hi - 1]
+def _pick(
+    vals: np.ndarray, r: int, want_next: bool, scratch: np.ndarray
+) -> tuple[np.int32, np.int32]:
+    """The elements of ranks ``r`` and (with ``want_next``) ``r + 1`` (0-based) of ``vals``,
+    which is left as it is (it must be readable 16 elements past its end).
+
+    Quickselect with a median-of-three pivot whose partitions are 16-lane compares and
+    compresses (:func:`_split`) between the three rows of ``scratch`` (``(3, >= n + 16)``
+    int32): each step keeps the side holding the rank; when nothing lies below the pivot, the
+    run of keys equal to it is split off (runs of equal keys end it). Rank ``r + 1`` is the
+    least of what was set aside above the rank, or the next element of the run."""
+    nxt = np.int32(_INT32_MAX)
+    cur = -1  # vals, then a row of scratch
+    size = vals.shape[0]
+    while size > 1:
+        src = vals if cur < 0 else scratch[cur]
+        a = src[0]
+        b = src[size >> 1]
+        c = src[size - 1]
         p = max(min(a, b), min(max(a, b), c))
-        lt = _partition(vals, lo, hi, p, True)
-        if r < lt:
-            hi = lt
-            continue
-        above = _partition(vals, lt, hi, p, False)
-        if r < above:
-            break
-        lo = above
-    nxt = p
-    if want_next and r + 1 >= above:
-        nxt = vals[above]
-        for i in range(above + 1, n):
-            nxt = min(nxt, vals[i])
-    return p, nxt
+        free = 2 if cur < 0 else cur  # the row not written by this step's split
+        il = 1 if free == 0 else 0
+        ir_ = 1 if free == 2 else 2
+        nl = _split(src, size, p, scratch[il], scratch[ir_])
+        if nl == 0:  # p is the least key left: split off its run
+            ne = _split(scratch[ir_], size, p + np.int32(1), scratch[il], scratch[free])
+            if r < ne:
+                if want_next:
+                    if r + 1 < ne:
+                        return p, p
+                    rest = scratch[free]
+                    for i in range(size - ne):
+                        nxt = min(nxt, rest[i])
+                return p, nxt
+            r -= ne
+            size -= ne
+            cur = free
+        elif r < nl:
+            if want_next:
+                above = scratch[ir_]
+                for i in range(size - nl):
+                    nxt = min(nxt, above[i])
+            size = nl
+            cur = il
+        else:
+            r -= nl
+            size -= nl
+            cur = ir_
+    src = vals if cur < 0 else scratch[cur]
+    return src[0], nxt
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -365,8 +477,9 @@ def bucket_block(
     out: np.ndarray,
     used: np.ndarray,
 ) -> int:
-    """Median (``trim < 0``) or trimmed mean (``trim >= 0``) of columns ``[c0, c1)`` of the
-    finite float32 rows ``x[rows]``, from bucket counts of exactly those rows.
+    """Median (``trim < 0``) or trimmed mean (``trim >= 0``) of columns ``[c0, c1)`` (``c0`` a
+    multiple of :data:`TILE`) of the finite float32 rows ``x[rows]``, from bucket counts of
+    exactly those rows.
 
     Writes ``out[c0:c1]`` and adds to ``used`` (``(K,)``, in the order of ``rows``) the per-row
     counts of :func:`coordinator.streaming_select.coordinatewise_block`. Returns the number of
@@ -392,7 +505,8 @@ def bucket_block(
     shared = np.zeros(TILE, dtype=np.uint8)
     start = np.empty((2, TILE + 1), dtype=np.int64)  # each column's segment of the box
     fill = np.empty((2, TILE), dtype=np.int64)
-    box = np.empty((2, TILE * GATHER_LIMIT), dtype=np.int32)
+    box = np.empty((2, TILE * GATHER_LIMIT + 16), dtype=np.int32)  # slack: _pick reads past
+    work = np.empty((3, COLUMN_LIMIT + 16), dtype=np.int32)  # _pick's rows
     result = np.empty((2, 2, TILE), dtype=np.int64)
     low = np.empty(TILE, dtype=np.float32)
     high = np.empty(TILE, dtype=np.float32)
@@ -491,7 +605,7 @@ def bucket_block(
                         continue  # read with rank 0, from the same values
                     seg = box[q, start[q, j] : start[q, j + 1]]
                     adjacent = q == 0 and shared[j] == 1 and ranks[1] == ranks[0] + 1
-                    first, second = _pick(seg, ranks[q] - below[q, j], adjacent)
+                    first, second = _pick(seg, ranks[q] - below[q, j], adjacent, work)
                     result[q, 0, j] = first
                     if q == 0 and shared[j]:
                         if ranks[1] == ranks[0]:
@@ -499,7 +613,7 @@ def bucket_block(
                         elif adjacent:
                             result[1, 0, j] = second
                         else:
-                            result[1, 0, j] = _pick(seg, ranks[1] - below[0, j], False)[0]
+                            result[1, 0, j] = _pick(seg, ranks[1] - below[0, j], False, work)[0]
         lw = low[:w]
         hw = high[:w]
         _tile_values(result, 0, 0, lw)
@@ -584,7 +698,7 @@ class BucketCounts:
             if self.bounds is None or self.counts is None or self.bounds.shape[1] != m:
                 blocks = -(-self.d // BOUNDS_BLOCK)
                 self.bounds = np.empty((blocks, m, BOUNDS_BLOCK), dtype=np.int32)
-                self.counts = np.zeros((self.d, 2 * m + 1), dtype=np.uint16)
+                self.counts = np.zeros((blocks, 2 * m + 1, BOUNDS_BLOCK), dtype=np.uint16)
             else:
                 self.counts.fill(0)
             sample = np.asarray(self.order[:m], dtype=np.int64)

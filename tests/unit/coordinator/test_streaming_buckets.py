@@ -200,3 +200,85 @@ def test_a_new_round_recounts_from_its_own_sample() -> None:
     assert buckets.counts is not None and int(buckets.counts.sum()) == MIN_ROWS * D
     got, _ = bucket_median(stream.buffer, list(range(MIN_ROWS)), buckets)
     np.testing.assert_array_equal(got, coordinate_median(y)[0])
+
+
+@pytest.mark.parametrize("spread", [3, 40, 100_000])
+def test_pick_gives_both_ranks_and_leaves_its_values(spread: int) -> None:
+    """The compress-based quickselect against a sort, on sizes around the 16-lane groups and
+    runs of equal keys; the values it reads are left as they were."""
+    rng = np.random.default_rng(spread)
+    work = np.empty((3, 300 + 16), dtype=np.int32)
+    for n in [1, 2, 15, 16, 17, 31, 32, 33, 64, 150, 300]:
+        for _ in range(20):
+            buf = np.zeros(n + 16, dtype=np.int32)
+            buf[:n] = rng.integers(-spread, spread, size=n)
+            kept = buf.copy()
+            r = int(rng.integers(0, n))
+            want_next = r + 1 < n and bool(rng.integers(0, 2))
+            first, second = streaming_buckets._pick(buf[:n], r, want_next, work)
+            want = np.sort(kept[:n])
+            assert first == want[r]
+            if want_next:
+                assert second == want[r + 1]
+            assert np.array_equal(buf, kept)
+
+
+@pytest.mark.parametrize("vector_compress", [True, False])
+def test_split_packs_both_sides_in_order(
+    vector_compress: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both code paths of the 16-lane split (a compress into a register and a plain store with
+    LLVM 19 or later, ``llvm.masked.compressstore`` otherwise) pack each side in order."""
+    from numba import njit
+
+    monkeypatch.setattr(streaming_buckets, "_VECTOR_COMPRESS", vector_compress)
+
+    @njit
+    def split(src: np.ndarray, size: int, p: int, left: np.ndarray, right: np.ndarray) -> int:
+        return streaming_buckets._split(src, size, np.int32(p), left, right)
+
+    rng = np.random.default_rng(7)
+    for size in [1, 5, 16, 17, 40]:
+        src = np.zeros(size + 16, dtype=np.int32)
+        src[:size] = rng.integers(-50, 50, size=size)
+        left = np.zeros(size + 16, dtype=np.int32)
+        right = np.zeros(size + 16, dtype=np.int32)
+        nl = split(src, size, 3, left, right)
+        vals = src[:size]
+        assert nl == int((vals < 3).sum())
+        assert np.array_equal(left[:nl], vals[vals < 3])
+        assert np.array_equal(right[: size - nl], vals[vals >= 3])
+
+
+def test_locate_finds_each_ranks_bucket_from_bucket_major_counts() -> None:
+    """The vectorised scan of the counts (stored bucket-major per block) against a cumulative
+    sum per column, on a tile whose last block is partial."""
+    rng = np.random.default_rng(3)
+    m = SAMPLE_ROWS
+    bw = streaming_buckets.BOUNDS_BLOCK
+    k, w = 600, bw + 100
+    bounds = np.sort(rng.integers(-1000, 1000, size=(2, m, bw)).astype(np.int32), axis=1)
+    counts = np.zeros((2, 2 * m + 1, bw), dtype=np.uint16)
+    for j in range(w):
+        buckets = rng.integers(0, 2 * m + 1, size=k)
+        buckets[: k // 3] = rng.integers(0, 3)  # a crowded bucket at the low end
+        counts[j // bw, :, j % bw] = np.bincount(buckets, minlength=2 * m + 1)
+    ranks = np.array([60, 539], dtype=np.int64)
+    lo = np.empty((2, w), dtype=np.int32)
+    hi = np.empty((2, w), dtype=np.int32)
+    below = np.empty((2, w), dtype=np.int64)
+    size = np.empty((2, w), dtype=np.int64)
+    streaming_buckets._locate(bounds, counts, 0, w, ranks, k, lo, hi, below, size)
+    for j in range(w):
+        col = counts[j // bw, :, j % bw].astype(np.int64)
+        cum = np.cumsum(col)
+        keys = bounds[j // bw, :, j % bw].astype(np.int64)
+        for q, r in enumerate(ranks):
+            u = int(np.searchsorted(cum, r, side="right"))
+            assert below[q, j] == cum[u] - col[u] and size[q, j] == col[u]
+            t = u // 2
+            if u % 2:
+                assert lo[q, j] == hi[q, j] == keys[t]
+            else:
+                assert lo[q, j] == (keys[t - 1] + 1 if t > 0 else -(2**31))
+                assert hi[q, j] == (keys[t] - 1 if t < m else 2**31 - 1)
