@@ -45,16 +45,15 @@ Memory: ``d m`` int32 boundaries and ``d (2m + 1)`` uint16 counts (``m = 63``, `
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
-from llvmlite import ir
-from llvmlite.binding import llvm_version_info
-from numba import njit, types
-from numba.extending import intrinsic
+from numba import njit
 
 from coordinator.aggregators.base import map_column_blocks, parallel_map
 from coordinator.streaming_select import _refine, _tile_values
+from coordinator.streaming_simd import inside8 as _inside8
+from coordinator.streaming_simd import prefetch as _prefetch
+from coordinator.streaming_simd import split16 as _split16
+from coordinator.streaming_simd import trailing_zeros as _trailing_zeros
 
 #: Updates whose values set the bucket boundaries.
 SAMPLE_ROWS = 63
@@ -80,141 +79,6 @@ _TASK = 1 << 14
 assert TILE % BOUNDS_BLOCK == 0 and _TASK % TILE == 0
 _INT32_MIN = -(2**31)
 _INT32_MAX = 2**31 - 1
-
-
-def _prefetch_typer(typingctx: Any, arr: Any, index: Any) -> Any:
-    """Hint the processor to load ``arr[index]``'s cache line (``llvm.prefetch``, read, into
-    all cache levels): the rows of a tile are far apart in memory, which the hardware
-    prefetcher does not anticipate."""
-    sig = types.void(arr, index)
-
-    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-        ary = context.make_array(signature.args[0])(context, builder, args[0])
-        ptr = builder.gep(ary.data, [args[1]])
-        byte_ptr = ir.IntType(8).as_pointer()
-        i32 = ir.IntType(32)
-        fn = builder.module.declare_intrinsic(
-            "llvm.prefetch", fnty=ir.FunctionType(ir.VoidType(), [byte_ptr, i32, i32, i32])
-        )
-        builder.call(fn, [builder.bitcast(ptr, byte_ptr), i32(0), i32(3), i32(1)])
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-def _trailing_zeros_typer(typingctx: Any, word: Any) -> Any:
-    """Number of trailing zero bits of a nonzero uint64 (``llvm.cttz``)."""
-    sig = types.uint64(types.uint64)
-
-    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-        i64 = ir.IntType(64)
-        fn = builder.module.declare_intrinsic(
-            "llvm.cttz", [i64], fnty=ir.FunctionType(i64, [i64, ir.IntType(1)])
-        )
-        return builder.call(fn, [args[0], ir.IntType(1)(1)])
-
-    return sig, codegen
-
-
-def _inside8_typer(typingctx: Any, row: Any, low: Any, high: Any, off: Any) -> Any:
-    """Bits ``u = 0..7`` set where ``low[off + u] <= row[off + u] <= high[off + u]`` (three
-    contiguous float32 arrays, eight elements each from ``off``): one vector compare of eight
-    lanes and a move of their sign bits (``vcmpps`` / ``vmovmskps`` on x86-64)."""
-    sig = types.uint64(row, low, high, off)
-
-    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-        vec = ir.VectorType(ir.FloatType(), 8)
-
-        def load(aty: Any, arr: Any) -> Any:
-            ary = context.make_array(aty)(context, builder, arr)
-            ptr = builder.gep(ary.data, [args[3]])
-            return builder.load(builder.bitcast(ptr, vec.as_pointer()), align=4)
-
-        v = load(signature.args[0], args[0])
-        ge = builder.fcmp_ordered(">=", v, load(signature.args[1], args[1]))
-        le = builder.fcmp_ordered("<=", v, load(signature.args[2], args[2]))
-        lanes = builder.bitcast(builder.and_(ge, le), ir.IntType(8))
-        return builder.zext(lanes, ir.IntType(64))
-
-    return sig, codegen
-
-
-#: Whether LLVM has ``llvm.experimental.vector.compress`` (LLVM 19 and later): a compress into a
-#: register and a plain store, faster than ``llvm.masked.compressstore`` on some processors.
-_VECTOR_COMPRESS = llvm_version_info >= (19,)
-
-
-def _split16_typer(
-    typingctx: Any,
-    src: Any,
-    off: Any,
-    count: Any,
-    pivot: Any,
-    left: Any,
-    nl: Any,
-    right: Any,
-    nr: Any,
-) -> Any:
-    """Of the first ``count`` (at most 16) keys of ``src[off:]``, those ``< pivot`` are packed
-    in order to ``left[nl:]`` and the others to ``right[nr:]``; returns how many went left.
-
-    One 16-lane compare and two compresses (``vpcompressd`` with AVX-512). All 16 lanes of
-    ``src[off:]`` are loaded, and with LLVM 19 or later all 16 lanes are stored at
-    ``left[nl:]`` and ``right[nr:]``: the three arrays need 16 elements of slack past their
-    used part (the lanes past ``count`` are ignored, the stored lanes past the packed ones are
-    overwritten or never read)."""
-    sig = types.int64(src, off, count, pivot, left, nl, right, nr)
-
-    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-        i32 = ir.IntType(32)
-        v16 = ir.VectorType(i32, 16)
-        b16 = ir.VectorType(ir.IntType(1), 16)
-
-        def ptr(k: int, idx: Any) -> Any:
-            ary = context.make_array(signature.args[k])(context, builder, args[k])
-            return builder.gep(ary.data, [idx])
-
-        def splat(value: Any) -> Any:
-            if value.type != i32:
-                value = builder.trunc(value, i32)
-            one = builder.insert_element(ir.Constant(v16, ir.Undefined), value, i32(0))
-            return builder.shuffle_vector(
-                one, ir.Constant(v16, ir.Undefined), ir.Constant(v16, [0] * 16)
-            )
-
-        v = builder.load(builder.bitcast(ptr(0, args[1]), v16.as_pointer()), align=4)
-        valid = builder.icmp_signed("<", ir.Constant(v16, list(range(16))), splat(args[2]))
-        below = builder.icmp_signed("<", v, splat(args[3]))
-        to_left = builder.and_(below, valid)
-        to_right = builder.and_(builder.not_(below), valid)
-        module = builder.module
-        if _VECTOR_COMPRESS:
-            name = "llvm.experimental.vector.compress.v16i32"
-            fn = module.globals.get(name) or ir.Function(
-                module, ir.FunctionType(v16, [v16, b16, v16]), name
-            )
-            undef = ir.Constant(v16, ir.Undefined)
-            for mask, k, at in ((to_left, 4, args[5]), (to_right, 6, args[7])):
-                packed = builder.call(fn, [v, mask, undef])
-                builder.store(packed, builder.bitcast(ptr(k, at), v16.as_pointer()), align=4)
-        else:
-            name = "llvm.masked.compressstore.v16i32"
-            fn = module.globals.get(name) or ir.Function(
-                module, ir.FunctionType(ir.VoidType(), [v16, ir.PointerType(i32), b16]), name
-            )
-            builder.call(fn, [v, ptr(4, args[5]), to_left])
-            builder.call(fn, [v, ptr(6, args[7]), to_right])
-        popcount = module.declare_intrinsic("llvm.ctpop", [ir.IntType(16)])
-        n = builder.call(popcount, [builder.bitcast(to_left, ir.IntType(16))])
-        return builder.zext(n, ir.IntType(64))
-
-    return sig, codegen
-
-
-_prefetch: Any = intrinsic(_prefetch_typer)
-_split16: Any = intrinsic(_split16_typer)
-_trailing_zeros: Any = intrinsic(_trailing_zeros_typer)
-_inside8: Any = intrinsic(_inside8_typer)
 
 
 @njit(nogil=True, cache=True, inline="always")

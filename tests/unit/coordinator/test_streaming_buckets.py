@@ -231,7 +231,9 @@ def test_split_packs_both_sides_in_order(
     LLVM 19 or later, ``llvm.masked.compressstore`` otherwise) pack each side in order."""
     from numba import njit
 
-    monkeypatch.setattr(streaming_buckets, "_VECTOR_COMPRESS", vector_compress)
+    from coordinator import streaming_simd
+
+    monkeypatch.setattr(streaming_simd, "_VECTOR_COMPRESS", vector_compress)
 
     @njit
     def split(src: np.ndarray, size: int, p: int, left: np.ndarray, right: np.ndarray) -> int:
