@@ -44,7 +44,7 @@ from coordinator.aggregators import aggregate
 from coordinator.aggregators.base import map_column_blocks
 from coordinator.siren import cosine
 from coordinator.streaming import GROUP, StreamingRound, warm_up
-from coordinator.streaming_buckets import warm_up as warm_up_buckets
+from coordinator.streaming_bucket_close import warm_up as warm_up_buckets
 from coordinator.streaming_rules import StreamedClose, StreamingCosines
 from coordinator.streaming_select import warm_up as warm_up_select
 from firmware_sim.loadgen import synthetic_updates
