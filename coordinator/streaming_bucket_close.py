@@ -39,6 +39,9 @@ from coordinator.streaming_select import _refine, _tile_values
 from coordinator.streaming_simd import equal64 as _equal64
 from coordinator.streaming_simd import popcount as _popcount
 from coordinator.streaming_simd import prefetch as _prefetch
+from coordinator.streaming_simd import sort16 as _sort16
+from coordinator.streaming_simd import sort32 as _sort32
+from coordinator.streaming_simd import sort64 as _sort64
 from coordinator.streaming_simd import split16 as _split16
 from coordinator.streaming_simd import trailing_zeros as _trailing_zeros
 from coordinator.streaming_simd import within16 as _within16
@@ -49,6 +52,8 @@ GATHER_LIMIT = 256
 #: Values of one column's wanted open bucket above which its tile uses the counting selection
 #: (a quickselect's time is then no longer small next to the tile's read).
 COLUMN_LIMIT = 4096
+#: Keys sorted by a bitonic network instead of partitioned further (16, 32 or 64).
+NETWORK = 64
 #: Rows ahead whose labels are compared (and their values' cache lines prefetched) before a
 #: row's values are gathered, and whose tile segment is prefetched while a row is summed.
 AHEAD = 4
@@ -81,15 +86,33 @@ def _pick(
     which is left as it is (it must be readable 16 elements past its end).
 
     Quickselect with a median-of-three pivot whose partitions are 16-lane compares and
-    compresses (:func:`_split`) between the three rows of ``scratch`` (``(3, >= n + 16)``
-    int32): each step keeps the side holding the rank; when nothing lies below the pivot, the
-    run of keys equal to it is split off (runs of equal keys end it). Rank ``r + 1`` is the
-    least of what was set aside above the rank, or the next element of the run."""
+    compresses (:func:`_split`) between the first three rows of ``scratch`` (``(4, >= n +
+    16)`` int32, at least 64 wide): each step keeps the side holding the rank; when nothing
+    lies below the pivot, the run of keys equal to it is split off (runs of equal keys end
+    it). At most :data:`NETWORK` keys left are sorted by a bitonic network in vector registers
+    (in the fourth row). Rank ``r + 1`` is the least of what was set aside above the rank, or
+    the next element of the run or of the sorted keys."""
     nxt = np.int32(_INT32_MAX)
     cur = -1  # vals, then a row of scratch
     size = vals.shape[0]
     while size > 1:
         src = vals if cur < 0 else scratch[cur]
+        if size <= NETWORK:
+            net = scratch[3]
+            lanes = 16 if size <= 16 else (32 if size <= 32 else 64)
+            for t in range(size):
+                net[t] = src[t]
+            for t in range(size, lanes):
+                net[t] = np.int32(_INT32_MAX)
+            if lanes == 16:
+                _sort16(net)
+            elif lanes == 32:
+                _sort32(net)
+            else:
+                _sort64(net)
+            if want_next and r + 1 < size:
+                nxt = min(nxt, net[r + 1])
+            return net[r], nxt
         a = src[0]
         b = src[size >> 1]
         c = src[size - 1]
@@ -178,7 +201,7 @@ def bucket_block(
     fill = np.empty((2, TILE), dtype=np.int64)
     box = np.empty((2, TILE * GATHER_LIMIT + 16), dtype=np.int32)  # slack: _pick reads past
     who = np.empty((2, TILE * GATHER_LIMIT if median else 0), dtype=np.int32)  # rows (median)
-    work = np.empty((3, COLUMN_LIMIT + 16), dtype=np.int32)  # _pick's rows
+    work = np.empty((4, COLUMN_LIMIT + 16), dtype=np.int32)  # _pick's rows
     result = np.empty((2, 2, TILE), dtype=np.int64)
     low = np.empty(TILE, dtype=np.float32)
     high = np.empty(TILE, dtype=np.float32)
@@ -349,12 +372,31 @@ def bucket_block(
             aw = acc[:w]
             for j in range(w):
                 aw[j] = 0.0
-            for i in range(k):
-                if i + AHEAD < k:
-                    ahead = x[rows[i + AHEAD], t0:t1]
-                    for off in range(0, w, 16):
-                        _prefetch(ahead, off)
-                row = x[rows[i], t0:t1]
+            # Two rows per sweep of the accumulators, each column still summed in row order.
+            for i in range(0, k - 1, 2):
+                for two in range(2):
+                    if i + AHEAD + two < k:
+                        ahead = x[rows[i + AHEAD + two], t0:t1]
+                        for off in range(0, w, 16):
+                            _prefetch(ahead, off)
+                row0 = x[rows[i], t0:t1]
+                row1 = x[rows[i + 1], t0:t1]
+                n0 = np.int64(0)
+                n1 = np.int64(0)
+                for j in range(w):
+                    v0 = row0[j]
+                    v1 = row1[j]
+                    cl0 = lw[j] if v0 < lw[j] else v0
+                    cl0 = hw[j] if cl0 > hw[j] else cl0
+                    cl1 = lw[j] if v1 < lw[j] else v1
+                    cl1 = hw[j] if cl1 > hw[j] else cl1
+                    aw[j] = (aw[j] + np.float64(cl0)) + np.float64(cl1)
+                    n0 += np.int64(cl0 == v0)
+                    n1 += np.int64(cl1 == v1)
+                used[i] += n0
+                used[i + 1] += n1
+            if k % 2:
+                row = x[rows[k - 1], t0:t1]
                 n = np.int64(0)
                 for j in range(w):
                     v = row[j]
@@ -362,7 +404,7 @@ def bucket_block(
                     c = hw[j] if c > hw[j] else c
                     aw[j] += np.float64(c)
                     n += np.int64(c == v)
-                used[i] += n
+                used[k - 1] += n
             for j in range(w):
                 s = aw[j] - trim * (np.float64(lw[j]) + np.float64(hw[j]))
                 out[t0 + j] = np.float32(s / kept)

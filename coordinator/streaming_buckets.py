@@ -186,9 +186,10 @@ def _locate(
     column).
 
     The counts are stored bucket-major per block, so the running sums over the buckets are
-    vectorised across the block's columns: the buckets are visited in order until every
-    column's running sum exceeds the largest rank, and the one where a column's sum first
-    exceeds a rank is kept, without branches."""
+    vectorised across the block's columns: the buckets are visited in order, from the bottom
+    for the ranks in the lower half and from the top for the others, until every column's
+    running sum is past every rank of that side, and the one where a column's sum first passes
+    a rank is kept, without branches."""
     m = bounds.shape[1]
     bw = bounds.shape[2]
     nb = counts.shape[1]
@@ -197,36 +198,44 @@ def _locate(
     at = np.empty((nq, bw), dtype=np.int32)
     before = np.empty((nq, bw), dtype=np.int32)
     n = np.empty((nq, bw), dtype=np.int32)
-    last = np.int32(ranks.max())
     for h0 in range(0, w, bw):
         wb = min(bw, w - h0)
         blk = bounds[(t0 + h0) // bw]
         cnt = counts[(t0 + h0) // bw]
-        for j in range(wb):
-            cum[j] = 0
+        for side in range(2):  # 0: from the bottom, 1: from the top
+            last = np.int32(-1)
             for q in range(nq):
-                at[q, j] = 0
-                before[q, j] = 0
-                n[q, j] = 0
-        for u in range(nb):
-            c = cnt[u]
-            for q in range(nq):
-                r = np.int32(ranks[q])
-                aq = at[q]
-                bq = before[q]
-                nq_ = n[q]
-                for j in range(wb):
-                    here = np.int32(c[j])
-                    hit = (cum[j] <= r) & (cum[j] + here > r)
-                    aq[j] = u if hit else aq[j]
-                    bq[j] = cum[j] if hit else bq[j]
-                    nq_[j] = here if hit else nq_[j]
-            least = np.int32(k)
+                top = np.int32(k - 1 - ranks[q])
+                if (side == 1) == (top < ranks[q]):
+                    last = max(last, top if side else np.int32(ranks[q]))
+            if last < 0:
+                continue
             for j in range(wb):
-                cum[j] += np.int32(c[j])
-                least = min(least, cum[j])
-            if least > last:
-                break  # every column is past every rank
+                cum[j] = 0
+            for step in range(nb):
+                u = step if side == 0 else nb - 1 - step
+                c = cnt[u]
+                for q in range(nq):
+                    top = np.int32(k - 1 - ranks[q])
+                    if (side == 1) != (top < ranks[q]):
+                        continue
+                    r = top if side else np.int32(ranks[q])
+                    aq = at[q]
+                    bq = before[q]
+                    nq_ = n[q]
+                    for j in range(wb):
+                        here = np.int32(c[j])
+                        hit = (cum[j] <= r) & (cum[j] + here > r)
+                        aq[j] = u if hit else aq[j]
+                        below_it = k - cum[j] - here if side else cum[j]
+                        bq[j] = below_it if hit else bq[j]
+                        nq_[j] = here if hit else nq_[j]
+                least = np.int32(k)
+                for j in range(wb):
+                    cum[j] += np.int32(c[j])
+                    least = min(least, cum[j])
+                if least > last:
+                    break  # every column is past every rank of this side
         for q in range(nq):
             for j in range(wb):
                 u = at[q, j]

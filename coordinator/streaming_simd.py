@@ -123,6 +123,47 @@ def _within16_typer(typingctx: Any, src: Any, off: Any, low: Any, high: Any) -> 
     return sig, codegen
 
 
+def _sorter(lanes: int) -> Any:
+    """Typer of an in-place ascending sort of ``buf[:lanes]`` (int32, signed) in vector
+    registers: a bitonic network of ``log2(lanes) (log2(lanes) + 1) / 2`` compare-exchange
+    stages, each a lane permutation, a min, a max and a blend (no branches, no memory in
+    between)."""
+
+    def typer(typingctx: Any, buf: Any) -> Any:
+        sig = types.void(buf)
+
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            i32 = ir.IntType(32)
+            vec = ir.VectorType(i32, lanes)
+            ary = context.make_array(signature.args[0])(context, builder, args[0])
+            ptr = builder.bitcast(ary.data, vec.as_pointer())
+            v = builder.load(ptr, align=4)
+            undef = ir.Constant(vec, ir.Undefined)
+            k = 2
+            while k <= lanes:
+                j = k // 2
+                while j >= 1:
+                    other = builder.shuffle_vector(
+                        v, undef, ir.Constant(vec, [u ^ j for u in range(lanes)])
+                    )
+                    less = builder.icmp_signed("<", v, other)
+                    low = builder.select(less, v, other)
+                    high = builder.select(less, other, v)
+                    take_low = [((u & j) == 0) == ((u & k) == 0) for u in range(lanes)]
+                    keep = ir.Constant(
+                        ir.VectorType(ir.IntType(1), lanes), [int(t) for t in take_low]
+                    )
+                    v = builder.select(keep, low, high)
+                    j //= 2
+                k *= 2
+            builder.store(v, ptr, align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return typer
+
+
 def _popcount_typer(typingctx: Any, word: Any) -> Any:
     """Number of set bits of a uint64 (``llvm.ctpop``)."""
     sig = types.uint64(types.uint64)
@@ -213,3 +254,6 @@ inside8: Any = intrinsic(_inside8_typer)
 equal64: Any = intrinsic(_equal64_typer)
 popcount: Any = intrinsic(_popcount_typer)
 within16: Any = intrinsic(_within16_typer)
+sort16: Any = intrinsic(_sorter(16))
+sort32: Any = intrinsic(_sorter(32))
+sort64: Any = intrinsic(_sorter(64))

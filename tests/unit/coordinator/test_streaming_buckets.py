@@ -202,7 +202,7 @@ def test_pick_gives_both_ranks_and_leaves_its_values(spread: int) -> None:
     """The compress-based quickselect against a sort, on sizes around the 16-lane groups and
     runs of equal keys; the values it reads are left as they were."""
     rng = np.random.default_rng(spread)
-    work = np.empty((3, 300 + 16), dtype=np.int32)
+    work = np.empty((4, 300 + 16), dtype=np.int32)
     for n in [1, 2, 15, 16, 17, 31, 32, 33, 64, 150, 300]:
         for _ in range(20):
             buf = np.zeros(n + 16, dtype=np.int32)
