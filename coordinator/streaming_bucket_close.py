@@ -284,10 +284,9 @@ def bucket_block(
                             singles += _popcount(
                                 _equal64(lab, off, s0, off) | _equal64(lab, off, s1, off)
                             )
-                        if True:
-                            for line in range(4):
-                                if off + 16 * line < w:
-                                    _prefetch(ahead, off + 16 * line)
+                        for line in range(4):
+                            if off + 16 * line < w:
+                                _prefetch(ahead, off + 16 * line)
                     used[ii] += np.int64(singles)
                 i = ii - AHEAD
                 if i < 0:
