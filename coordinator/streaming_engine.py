@@ -50,7 +50,7 @@ def needs_gram(strategy: Any) -> bool:
 
 def needs_buckets(strategy: Any) -> bool:
     """Whether closing with ``strategy`` reads per-coordinate bucket counts (median, trimmed
-    mean: :mod:`coordinator.streaming_buckets`)."""
+    mean: :mod:`coordinator.streaming_bucket_close`)."""
     return isinstance(strategy, RuleStrategy) and strategy.name in ("median", "trimmed_mean")
 
 
@@ -149,12 +149,12 @@ class StreamingRoundEngine(RoundEngine):
     def start(self) -> bytes:
         """:meth:`RoundEngine.start`, with the streaming kernels compiled (or loaded from
         numba's cache) before the first update arrives."""
-        from coordinator import streaming, streaming_buckets, streaming_select
+        from coordinator import streaming, streaming_bucket_close, streaming_select
 
         streaming.warm_up()
         if needs_buckets(self.runtime.strategy):
             streaming_select.warm_up()
-            streaming_buckets.warm_up()
+            streaming_bucket_close.warm_up()
         return super().start()
 
     def _load(self) -> bytes:

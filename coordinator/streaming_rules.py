@@ -66,7 +66,7 @@ from coordinator.aggregators.krum import (
     rank_by_score,
 )
 from coordinator.streaming import StreamingRound, dot_error_factor, pair_dots
-from coordinator.streaming_buckets import bucket_median, bucket_trimmed_mean
+from coordinator.streaming_bucket_close import bucket_median, bucket_trimmed_mean
 from coordinator.streaming_select import median_of_columns
 
 _UNIT = 2.0**-53

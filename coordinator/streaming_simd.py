@@ -75,6 +75,106 @@ def _inside8_typer(typingctx: Any, row: Any, low: Any, high: Any, off: Any) -> A
     return sig, codegen
 
 
+def _equal64_typer(typingctx: Any, a: Any, ia: Any, b: Any, ib: Any) -> Any:
+    """Bits ``u = 0..63`` set where ``a[ia + u] == b[ib + u]`` (two contiguous uint8 arrays,
+    64 elements each from the offsets): one 64-lane byte compare into a mask (``vpcmpeqb``
+    into a mask register with AVX-512BW, two ``vpcmpeqb`` / ``vpmovmskb`` with AVX2)."""
+    sig = types.uint64(a, ia, b, ib)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        vec = ir.VectorType(ir.IntType(8), 64)
+
+        def load(k: int) -> Any:
+            ary = context.make_array(signature.args[k])(context, builder, args[k])
+            ptr = builder.gep(ary.data, [args[k + 1]])
+            return builder.load(builder.bitcast(ptr, vec.as_pointer()), align=1)
+
+        same = builder.icmp_unsigned("==", load(0), load(2))
+        return builder.bitcast(same, ir.IntType(64))
+
+    return sig, codegen
+
+
+def _within16_typer(typingctx: Any, src: Any, off: Any, low: Any, high: Any) -> Any:
+    """Bits ``u = 0..15`` set where ``low <= src[off + u] <= high`` (int32 keys, signed): one
+    16-lane compare pair into a mask. ``src`` must be readable 16 elements from ``off``."""
+    sig = types.uint64(src, off, low, high)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        i32 = ir.IntType(32)
+        v16 = ir.VectorType(i32, 16)
+
+        def splat(value: Any) -> Any:
+            if value.type != i32:
+                value = builder.trunc(value, i32)
+            one = builder.insert_element(ir.Constant(v16, ir.Undefined), value, i32(0))
+            return builder.shuffle_vector(
+                one, ir.Constant(v16, ir.Undefined), ir.Constant(v16, [0] * 16)
+            )
+
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        ptr = builder.gep(ary.data, [args[1]])
+        v = builder.load(builder.bitcast(ptr, v16.as_pointer()), align=4)
+        ge = builder.icmp_signed(">=", v, splat(args[2]))
+        le = builder.icmp_signed("<=", v, splat(args[3]))
+        lanes = builder.bitcast(builder.and_(ge, le), ir.IntType(16))
+        return builder.zext(lanes, ir.IntType(64))
+
+    return sig, codegen
+
+
+def _sorter(lanes: int) -> Any:
+    """Typer of an in-place ascending sort of ``buf[:lanes]`` (int32, signed) in vector
+    registers: a bitonic network of ``log2(lanes) (log2(lanes) + 1) / 2`` compare-exchange
+    stages, each a lane permutation, a min, a max and a blend (no branches, no memory in
+    between)."""
+
+    def typer(typingctx: Any, buf: Any) -> Any:
+        sig = types.void(buf)
+
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            i32 = ir.IntType(32)
+            vec = ir.VectorType(i32, lanes)
+            ary = context.make_array(signature.args[0])(context, builder, args[0])
+            ptr = builder.bitcast(ary.data, vec.as_pointer())
+            v = builder.load(ptr, align=4)
+            undef = ir.Constant(vec, ir.Undefined)
+            k = 2
+            while k <= lanes:
+                j = k // 2
+                while j >= 1:
+                    other = builder.shuffle_vector(
+                        v, undef, ir.Constant(vec, [u ^ j for u in range(lanes)])
+                    )
+                    less = builder.icmp_signed("<", v, other)
+                    low = builder.select(less, v, other)
+                    high = builder.select(less, other, v)
+                    take_low = [((u & j) == 0) == ((u & k) == 0) for u in range(lanes)]
+                    keep = ir.Constant(
+                        ir.VectorType(ir.IntType(1), lanes), [int(t) for t in take_low]
+                    )
+                    v = builder.select(keep, low, high)
+                    j //= 2
+                k *= 2
+            builder.store(v, ptr, align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return typer
+
+
+def _popcount_typer(typingctx: Any, word: Any) -> Any:
+    """Number of set bits of a uint64 (``llvm.ctpop``)."""
+    sig = types.uint64(types.uint64)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        fn = builder.module.declare_intrinsic("llvm.ctpop", [ir.IntType(64)])
+        return builder.call(fn, [args[0]])
+
+    return sig, codegen
+
+
 #: Whether LLVM has ``llvm.experimental.vector.compress`` (LLVM 19 and later): a compress into a
 #: register and a plain store, faster than ``llvm.masked.compressstore`` on some processors.
 _VECTOR_COMPRESS = llvm_version_info >= (19,)
@@ -151,3 +251,9 @@ prefetch: Any = intrinsic(_prefetch_typer)
 split16: Any = intrinsic(_split16_typer)
 trailing_zeros: Any = intrinsic(_trailing_zeros_typer)
 inside8: Any = intrinsic(_inside8_typer)
+equal64: Any = intrinsic(_equal64_typer)
+popcount: Any = intrinsic(_popcount_typer)
+within16: Any = intrinsic(_within16_typer)
+sort16: Any = intrinsic(_sorter(16))
+sort32: Any = intrinsic(_sorter(32))
+sort64: Any = intrinsic(_sorter(64))

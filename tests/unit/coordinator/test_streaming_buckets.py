@@ -1,5 +1,6 @@
-"""Bucket counts kept on admission (coordinator.streaming_buckets): the median and the trimmed
-mean closed from them equal the batch rules on random and adversarial rounds.
+"""Bucket counts and labels kept on admission (coordinator.streaming_buckets): the median and
+the trimmed mean closed from them (coordinator.streaming_bucket_close) equal the batch rules on
+random and adversarial rounds.
 
 Compared bit for bit: the trimmed mean's float32 bits and every row's usage count; the median's
 values with ``==`` (a zero median may carry either sign).
@@ -12,18 +13,12 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from coordinator import streaming_buckets
+from coordinator import streaming_bucket_close, streaming_buckets
 from coordinator.aggregators import aggregate
 from coordinator.aggregators.coordinatewise import coordinate_median, coordinate_trimmed_mean
 from coordinator.streaming import StreamingRound
-from coordinator.streaming_buckets import (
-    GATHER_LIMIT,
-    MIN_ROWS,
-    SAMPLE_ROWS,
-    BucketCounts,
-    bucket_median,
-    bucket_trimmed_mean,
-)
+from coordinator.streaming_bucket_close import GATHER_LIMIT, bucket_median, bucket_trimmed_mean
+from coordinator.streaming_buckets import MIN_ROWS, SAMPLE_ROWS, BucketCounts
 from coordinator.streaming_rules import StreamedClose
 
 D = 700  # two tiles, the second one partial
@@ -157,7 +152,7 @@ def _stream(k: int, capacity: int | None = None) -> tuple[StreamingRound, np.nda
 def test_the_close_uses_the_buckets_from_min_rows(k: int, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
     for name in ("bucket_median", "bucket_trimmed_mean"):
-        real = getattr(streaming_buckets, name)
+        real = getattr(streaming_bucket_close, name)
 
         def spy(*args: object, _real: Callable[..., object] = real, _n: str = name) -> object:
             calls.append(_n)
@@ -207,7 +202,7 @@ def test_pick_gives_both_ranks_and_leaves_its_values(spread: int) -> None:
     """The compress-based quickselect against a sort, on sizes around the 16-lane groups and
     runs of equal keys; the values it reads are left as they were."""
     rng = np.random.default_rng(spread)
-    work = np.empty((3, 300 + 16), dtype=np.int32)
+    work = np.empty((4, 300 + 16), dtype=np.int32)
     for n in [1, 2, 15, 16, 17, 31, 32, 33, 64, 150, 300]:
         for _ in range(20):
             buf = np.zeros(n + 16, dtype=np.int32)
@@ -215,7 +210,7 @@ def test_pick_gives_both_ranks_and_leaves_its_values(spread: int) -> None:
             kept = buf.copy()
             r = int(rng.integers(0, n))
             want_next = r + 1 < n and bool(rng.integers(0, 2))
-            first, second = streaming_buckets._pick(buf[:n], r, want_next, work)
+            first, second = streaming_bucket_close._pick(buf[:n], r, want_next, work)
             want = np.sort(kept[:n])
             assert first == want[r]
             if want_next:
@@ -237,7 +232,7 @@ def test_split_packs_both_sides_in_order(
 
     @njit
     def split(src: np.ndarray, size: int, p: int, left: np.ndarray, right: np.ndarray) -> int:
-        return streaming_buckets._split(src, size, np.int32(p), left, right)
+        return streaming_bucket_close._split(src, size, np.int32(p), left, right)
 
     rng = np.random.default_rng(7)
     for size in [1, 5, 16, 17, 40]:
@@ -270,14 +265,15 @@ def test_locate_finds_each_ranks_bucket_from_bucket_major_counts() -> None:
     hi = np.empty((2, w), dtype=np.int32)
     below = np.empty((2, w), dtype=np.int64)
     size = np.empty((2, w), dtype=np.int64)
-    streaming_buckets._locate(bounds, counts, 0, w, ranks, k, lo, hi, below, size)
+    bucket = np.empty((2, w), dtype=np.int32)
+    streaming_buckets._locate(bounds, counts, 0, w, ranks, k, lo, hi, below, size, bucket)
     for j in range(w):
         col = counts[j // bw, :, j % bw].astype(np.int64)
         cum = np.cumsum(col)
         keys = bounds[j // bw, :, j % bw].astype(np.int64)
         for q, r in enumerate(ranks):
             u = int(np.searchsorted(cum, r, side="right"))
-            assert below[q, j] == cum[u] - col[u] and size[q, j] == col[u]
+            assert below[q, j] == cum[u] - col[u] and size[q, j] == col[u] and bucket[q, j] == u
             t = u // 2
             if u % 2:
                 assert lo[q, j] == hi[q, j] == keys[t]

@@ -199,19 +199,19 @@ def test_a_restart_mid_round_rebuilds_the_streaming_state(tmp_path: Path) -> Non
 def test_a_restart_rebuilds_the_bucket_counts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, params: dict[str, Any]
 ) -> None:
-    from coordinator import streaming_buckets
+    from coordinator import streaming_bucket_close, streaming_buckets
 
     # Buckets from 3 sample updates for rounds of 5 or more (the defaults need 252 boards).
     monkeypatch.setattr(streaming_buckets, "SAMPLE_ROWS", 3)
     monkeypatch.setattr(streaming_buckets, "MIN_ROWS", 5)
     closes: list[int] = []
-    real = streaming_buckets._close
+    real = streaming_bucket_close._close
 
     def spy(buffer: np.ndarray, rows: list[int], buckets: Any, trim: int) -> Any:
         closes.append(len(rows))
         return real(buffer, rows, buckets, trim)
 
-    monkeypatch.setattr(streaming_buckets, "_close", spy)
+    monkeypatch.setattr(streaming_bucket_close, "_close", spy)
     want = _run(_engine(RoundEngine, tmp_path / "ref", name, params), order_seed=3)
 
     first = _engine(StreamingRoundEngine, tmp_path, name, params)
