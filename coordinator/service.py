@@ -189,9 +189,22 @@ class CoordinatorService:
         engine.start()
         freeze_startup_objects()
         s = self.config.broker
+        # A finished run started again only announces its final model once more: one probe
+        # of the broker, not a wait for it (no process left hanging on a broker that is gone).
+        done = engine.finished and self.config.exit_when_done
         if not wait_for_broker(
-            s, stop, lambda m: logger.error("broker %s:%d: %s", s.host, s.port, m)
+            s,
+            stop,
+            lambda m: logger.error("broker %s:%d: %s", s.host, s.port, m),
+            attempts=1 if done else None,
         ):
+            if done and not stop.is_set():
+                logger.warning(
+                    "run %s is finished and the broker did not answer: its final model was "
+                    "not announced again (the broker keeps the one announced when the run "
+                    "finished, unless it lost its retained messages)",
+                    self.config.run,
+                )
             return 0
         self._client = self._make_client(resumed)
         self._last_progress = time.monotonic()
@@ -266,7 +279,7 @@ class CoordinatorService:
                 answer.put((False, exc))
 
     def _flushed(self, done_at: float) -> bool:
-        """The final model was acknowledged by the broker (or 10 s passed)."""
+        """The final model was acknowledged by the broker (or 30 s passed)."""
         info = self._last_info
         if info is not None and info.rc == 0 and info.is_published():
             return True

@@ -280,18 +280,25 @@ def wait_for_broker(
     first_delay: float = 1.0,
     max_delay: float = 30.0,
     timeout: float = 5.0,
+    attempts: int | None = None,
 ) -> bool:
-    """Probe the broker (:func:`broker_problem`) until it answers or ``stop`` (an Event) is set.
+    """Probe the broker (:func:`broker_problem`) until it answers, ``stop`` (an Event) is set or
+    ``attempts`` probes (when given) failed.
 
     Every failed attempt is reported once through ``report(message)`` with the wait before the
     next one; waits double from ``first_delay`` up to ``max_delay``. Returns whether the broker
-    answered (False: stopped first).
+    answered (False: stopped or out of attempts first).
     """
     delay = first_delay
+    tried = 0
     while not stop.is_set():
         problem = broker_problem(settings, timeout=timeout)
         if problem is None:
             return True
+        tried += 1
+        if attempts is not None and tried >= attempts:
+            report(problem)
+            return False
         report(f"{problem}; retrying in {delay:g} s")
         if stop.wait(delay):
             break

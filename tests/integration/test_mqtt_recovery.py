@@ -71,6 +71,16 @@ def test_coordinator_killed_mid_round_resumes_without_loss(prepared_run: Prepare
     _assert_complete(run)
     log = (run.workdir / "coordinator.log").read_text()
     assert "resumed round 2 with" in log
+    # The finished run started again with its broker gone: one probe, then it exits with its
+    # summary instead of waiting for the broker for ever.
+    run.broker.stop()
+    again = run.start_coordinator()
+    try:
+        assert again.wait(60) == 0, run.logs()
+    finally:
+        stop_process(again)
+    tail = (run.workdir / "coordinator.log").read_text()[len(log) :]
+    assert "did not answer" in tail and "finished: 3 round(s)" in tail, tail
 
 
 def test_board_killed_and_restarted_rejoins_and_forged_updates_are_counted(
