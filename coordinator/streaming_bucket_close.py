@@ -35,7 +35,7 @@ from numba import njit
 
 from coordinator.aggregators.base import parallel_map
 from coordinator.streaming_buckets import _TASK, MIN_ROWS, TILE, BucketCounts, _key, _locate
-from coordinator.streaming_select import _refine, _tile_values
+from coordinator.streaming_select import _refine, _tile_values, clip_sum_row, inside_row
 from coordinator.streaming_simd import equal64 as _equal64
 from coordinator.streaming_simd import popcount as _popcount
 from coordinator.streaming_simd import prefetch as _prefetch
@@ -295,22 +295,15 @@ def bucket_block(
                 slot = i % RING
                 for g in range(groups):
                     off = 64 * g
-                    p0 = masks[slot, 0, g]
-                    p1 = masks[slot, 1, g]
-                    while p0 != 0:
-                        j = off + np.int64(_trailing_zeros(p0))
-                        p0 &= p0 - np.uint64(1)
-                        box[0, fill[0, j]] = _key(bits[j])
-                        if median:
-                            who[0, fill[0, j]] = i
-                        fill[0, j] += 1
-                    while p1 != 0:
-                        j = off + np.int64(_trailing_zeros(p1))
-                        p1 &= p1 - np.uint64(1)
-                        box[1, fill[1, j]] = _key(bits[j])
-                        if median:
-                            who[1, fill[1, j]] = i
-                        fill[1, j] += 1
+                    for q in range(2):
+                        hits = masks[slot, q, g]
+                        while hits != 0:
+                            j = off + np.int64(_trailing_zeros(hits))
+                            hits &= hits - np.uint64(1)
+                            box[q, fill[q, j]] = _key(bits[j])
+                            if median:
+                                who[q, fill[q, j]] = i
+                            fill[q, j] += 1
             for j in range(w):
                 for q in range(2):
                     if lo[q, j] == hi[q, j]:
@@ -341,12 +334,7 @@ def bucket_block(
                     out[t0 + j] = np.float32(0.5 * (np.float64(lw[j]) + np.float64(hw[j])))
             if crowded:
                 for i in range(k):
-                    row = x[rows[i], t0:t1]
-                    n = np.int64(0)
-                    for j in range(w):
-                        v = row[j]
-                        n += np.int64(lw[j] <= v) & np.int64(v <= hw[j])
-                    used[i] += n
+                    used[i] += inside_row(x[rows[i], t0:t1], lw, hw)
             else:
                 # Values between the two ranks lie in their buckets (the buckets between
                 # adjacent ranks are empty): the single-key ones were counted from the labels,
@@ -371,39 +359,12 @@ def bucket_block(
             aw = acc[:w]
             for j in range(w):
                 aw[j] = 0.0
-            # Two rows per sweep of the accumulators, each column still summed in row order.
-            for i in range(0, k - 1, 2):
-                for two in range(2):
-                    if i + AHEAD + two < k:
-                        ahead = x[rows[i + AHEAD + two], t0:t1]
-                        for off in range(0, w, 16):
-                            _prefetch(ahead, off)
-                row0 = x[rows[i], t0:t1]
-                row1 = x[rows[i + 1], t0:t1]
-                n0 = np.int64(0)
-                n1 = np.int64(0)
-                for j in range(w):
-                    v0 = row0[j]
-                    v1 = row1[j]
-                    cl0 = lw[j] if v0 < lw[j] else v0
-                    cl0 = hw[j] if cl0 > hw[j] else cl0
-                    cl1 = lw[j] if v1 < lw[j] else v1
-                    cl1 = hw[j] if cl1 > hw[j] else cl1
-                    aw[j] = (aw[j] + np.float64(cl0)) + np.float64(cl1)
-                    n0 += np.int64(cl0 == v0)
-                    n1 += np.int64(cl1 == v1)
-                used[i] += n0
-                used[i + 1] += n1
-            if k % 2:
-                row = x[rows[k - 1], t0:t1]
-                n = np.int64(0)
-                for j in range(w):
-                    v = row[j]
-                    c = lw[j] if v < lw[j] else v
-                    c = hw[j] if c > hw[j] else c
-                    aw[j] += np.float64(c)
-                    n += np.int64(c == v)
-                used[k - 1] += n
+            for i in range(k):
+                if i + AHEAD < k:
+                    ahead = x[rows[i + AHEAD], t0:t1]
+                    for off in range(0, w, 16):
+                        _prefetch(ahead, off)
+                used[i] += clip_sum_row(x[rows[i], t0:t1], lw, hw, aw)
             for j in range(w):
                 s = aw[j] - trim * (np.float64(lw[j]) + np.float64(hw[j]))
                 out[t0 + j] = np.float32(s / kept)

@@ -401,6 +401,31 @@ def _tile_values(result: np.ndarray, q: int, side: int, out: np.ndarray) -> None
         bits[j] = k ^ ((k >> 31) & np.int32(0x7FFFFFFF))
 
 
+@njit(nogil=True, cache=True, inline="always")
+def inside_row(row: np.ndarray, lw: np.ndarray, hw: np.ndarray) -> np.int64:
+    """How many values of ``row`` lie in ``[lw, hw]`` (per column): a row's usage count for the
+    median."""
+    n = np.int64(0)
+    for j in range(row.shape[0]):
+        v = row[j]
+        n += np.int64(lw[j] <= v) & np.int64(v <= hw[j])
+    return n
+
+
+@njit(nogil=True, cache=True, inline="always")
+def clip_sum_row(row: np.ndarray, lw: np.ndarray, hw: np.ndarray, acc: np.ndarray) -> np.int64:
+    """Add ``row`` clipped to ``[lw, hw]`` (per column) to the float64 ``acc``; return how many
+    of its values were inside (the trimmed mean's sum in row order and usage count)."""
+    n = np.int64(0)
+    for j in range(row.shape[0]):
+        v = row[j]
+        c = lw[j] if v < lw[j] else v
+        c = hw[j] if c > hw[j] else c
+        acc[j] += np.float64(c)
+        n += np.int64(c == v)
+    return n
+
+
 @njit(nogil=True, cache=True)
 def coordinatewise_block(
     x: np.ndarray,
@@ -455,12 +480,7 @@ def coordinatewise_block(
                 else:
                     out[t0 + j] = np.float32(0.5 * (np.float64(lw[j]) + np.float64(hw[j])))
             for i in range(k):
-                row = x[i, t0:t1]
-                n = np.int64(0)
-                for j in range(w):
-                    v = row[j]
-                    n += np.int64(lw[j] <= v) & np.int64(v <= hw[j])
-                used[i] += n
+                used[i] += inside_row(x[i, t0:t1], lw, hw)
         else:
             _tile_values(result, 0, 0, lw)
             _tile_values(result, 1, 0, hw)
@@ -468,15 +488,7 @@ def coordinatewise_block(
             for j in range(w):
                 aw[j] = 0.0
             for i in range(k):
-                row = x[i, t0:t1]
-                n = np.int64(0)
-                for j in range(w):
-                    v = row[j]
-                    c = lw[j] if v < lw[j] else v
-                    c = hw[j] if c > hw[j] else c
-                    aw[j] += np.float64(c)
-                    n += np.int64(c == v)
-                used[i] += n
+                used[i] += clip_sum_row(x[i, t0:t1], lw, hw, aw)
             for j in range(w):
                 s = aw[j] - trim * (np.float64(lw[j]) + np.float64(hw[j]))
                 out[t0 + j] = np.float32(s / kept)

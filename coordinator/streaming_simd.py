@@ -18,6 +18,16 @@ from numba import types
 from numba.extending import intrinsic
 
 
+def _splat16(builder: Any, value: Any) -> Any:
+    """A 16-lane int32 vector with every lane ``value`` (truncated to int32)."""
+    i32 = ir.IntType(32)
+    v16 = ir.VectorType(i32, 16)
+    if value.type != i32:
+        value = builder.trunc(value, i32)
+    one = builder.insert_element(ir.Constant(v16, ir.Undefined), value, i32(0))
+    return builder.shuffle_vector(one, ir.Constant(v16, ir.Undefined), ir.Constant(v16, [0] * 16))
+
+
 def _prefetch_typer(typingctx: Any, arr: Any, index: Any) -> Any:
     """Hint the processor to load ``arr[index]``'s cache line (``llvm.prefetch``, read, into
     all cache levels): the rows of a tile are far apart in memory, which the hardware
@@ -104,19 +114,11 @@ def _within16_typer(typingctx: Any, src: Any, off: Any, low: Any, high: Any) -> 
         i32 = ir.IntType(32)
         v16 = ir.VectorType(i32, 16)
 
-        def splat(value: Any) -> Any:
-            if value.type != i32:
-                value = builder.trunc(value, i32)
-            one = builder.insert_element(ir.Constant(v16, ir.Undefined), value, i32(0))
-            return builder.shuffle_vector(
-                one, ir.Constant(v16, ir.Undefined), ir.Constant(v16, [0] * 16)
-            )
-
         ary = context.make_array(signature.args[0])(context, builder, args[0])
         ptr = builder.gep(ary.data, [args[1]])
         v = builder.load(builder.bitcast(ptr, v16.as_pointer()), align=4)
-        ge = builder.icmp_signed(">=", v, splat(args[2]))
-        le = builder.icmp_signed("<=", v, splat(args[3]))
+        ge = builder.icmp_signed(">=", v, _splat16(builder, args[2]))
+        le = builder.icmp_signed("<=", v, _splat16(builder, args[3]))
         lanes = builder.bitcast(builder.and_(ge, le), ir.IntType(16))
         return builder.zext(lanes, ir.IntType(64))
 
@@ -210,17 +212,10 @@ def _split16_typer(
             ary = context.make_array(signature.args[k])(context, builder, args[k])
             return builder.gep(ary.data, [idx])
 
-        def splat(value: Any) -> Any:
-            if value.type != i32:
-                value = builder.trunc(value, i32)
-            one = builder.insert_element(ir.Constant(v16, ir.Undefined), value, i32(0))
-            return builder.shuffle_vector(
-                one, ir.Constant(v16, ir.Undefined), ir.Constant(v16, [0] * 16)
-            )
-
         v = builder.load(builder.bitcast(ptr(0, args[1]), v16.as_pointer()), align=4)
-        valid = builder.icmp_signed("<", ir.Constant(v16, list(range(16))), splat(args[2]))
-        below = builder.icmp_signed("<", v, splat(args[3]))
+        lanes = ir.Constant(v16, list(range(16)))
+        valid = builder.icmp_signed("<", lanes, _splat16(builder, args[2]))
+        below = builder.icmp_signed("<", v, _splat16(builder, args[3]))
         to_left = builder.and_(below, valid)
         to_right = builder.and_(builder.not_(below), valid)
         module = builder.module
