@@ -368,7 +368,8 @@ def grid(
     distributions: Sequence[str],
 ) -> list[Cell]:
     """All cells: one no-attack baseline per defense and distribution, then every attack cell
-    (attacks of :data:`ATTACK_FRACTIONS` at their own fractions)."""
+    (attacks of :data:`ATTACK_FRACTIONS` at their own fractions), each cell once (``--attacks
+    none`` names the baselines again)."""
     cells = [Cell(d, "none", 0.0, dist) for dist in distributions for d in defenses]
     cells += [
         Cell(d, a, f, dist)
@@ -386,7 +387,7 @@ def grid(
         for f in ATTACK_FRACTIONS[a]
         for d in defenses
     ]
-    return cells
+    return list(dict.fromkeys(cells))
 
 
 def aggregator_params(cell: Cell, clients: int) -> dict[str, Any] | None:

@@ -31,6 +31,8 @@ def test_grid_has_baselines_then_attack_cells():
     cells = grid(["fedavg", "krum"], ["sign_flip"], [0.4, 0.8], ["iid"])
     assert cells[:2] == [Cell("fedavg", "none", 0.0, "iid"), Cell("krum", "none", 0.0, "iid")]
     assert len(cells) == 2 + 2 * 2
+    # Naming the baselines as an attack lists them once.
+    assert grid(["fedavg"], ["none"], [0.0], ["iid"]) == [Cell("fedavg", "none", 0.0, "iid")]
 
 
 def test_rules_get_the_true_byzantine_count_or_the_largest_their_bound_allows():
