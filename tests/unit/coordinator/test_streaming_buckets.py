@@ -131,6 +131,28 @@ def test_a_few_crowded_columns_are_gathered_without_the_counting_selection() -> 
     assert _check(x) == 0
 
 
+def test_boosted_attackers_outside_the_sample_do_not_share_the_honest_tails_bucket() -> None:
+    """Attackers that arrive after the sample, far outside its range: the tail boundaries put
+    them in buckets of their own, so the trimmed mean's low rank (the least honest value) is
+    gathered from a few honest values instead of a bucket holding every attacker."""
+    k, attackers = 400, 40
+    x = _random(k, 11)
+    x[k - attackers :] = -50.0 + 0.01 * _random(attackers, 12)  # boosted, nearly equal
+    b = _counted(x, list(range(k)))
+    assert b.counts is not None
+    ranks = np.array([attackers, k - 1 - attackers], dtype=np.int64)
+    w = 256
+    lo = np.empty((2, w), dtype=np.int32)
+    hi = np.empty((2, w), dtype=np.int32)
+    below = np.empty((2, w), dtype=np.int64)
+    size = np.empty((2, w), dtype=np.int64)
+    bucket = np.empty((2, w), dtype=np.int32)
+    streaming_buckets._locate(b.bounds, b.counts, 0, w, ranks, k, lo, hi, below, size, bucket)
+    assert (below[0] == attackers).all()  # every attacker lies in lower buckets
+    assert size[0].max() < attackers
+    _check(x, trims=(attackers,))
+
+
 def test_sampled_round_counts_only_its_rows() -> None:
     x = _random(400, 7)
     rows = sorted(np.random.default_rng(7).choice(400, size=MIN_ROWS + 3, replace=False).tolist())
