@@ -217,7 +217,7 @@ class StreamingRound:
         #: Bucket counts of the round's rows (None: not kept, or not for this round).
         self.buckets: BucketCounts | None = None
         self._buckets = (
-            BucketCounts(self.d)
+            BucketCounts(self.d, expected=self.capacity)
             if coordinatewise
             and streaming_buckets.MIN_ROWS <= capacity <= streaming_buckets.MAX_ROWS
             else None
@@ -237,7 +237,7 @@ class StreamingRound:
         if self._buckets is not None and (
             expected is None or expected >= streaming_buckets.MIN_ROWS
         ):
-            self._buckets.reset()
+            self._buckets.reset(self.capacity if expected is None else expected)
             self.buckets = self._buckets
         self.order = []
         self.digests = {}

@@ -5,14 +5,17 @@ the round's ``K`` values. :mod:`coordinator.streaming_select` finds it at close 
 cached tiles (several in-cache passes per tile). Here most of that work is done while the
 updates arrive:
 
-1. **Boundaries.** Once the first :data:`SAMPLE_ROWS` (``m``) updates of the round are admitted,
-   each coordinate's ``m`` values, as order-preserving int32 keys (IEEE-754 bit patterns with
-   the magnitude bits of negative numbers flipped, ``-0.0`` taken as ``+0.0``), are sorted:
-   ``s_0 <= ... <= s_{m-1}``. They cut the coordinate's key line into ``2m + 1`` buckets: the
-   open intervals ``(s_{t-1}, s_t)`` (bucket ``2t``, with ``s_{-1} = -inf``, ``s_m = +inf``)
-   and the single keys ``s_t`` (bucket ``2t + 1``). A value equal to a boundary has a bucket of
-   its own, so identical updates, or attackers sending one value, never crowd an open bucket
-   when one of them is among the first ``m``.
+1. **Boundaries.** Once the first ``m`` updates of the round are admitted (``m`` = 63, 127 or
+   255, the most that is at most a third of the round: :func:`sample_rows`), each
+   coordinate's ``m`` values, as order-preserving int32 keys (IEEE-754 bit patterns with the
+   magnitude bits of negative numbers flipped, ``-0.0`` taken as ``+0.0``), are sorted by a
+   bitonic network in vector registers, and at most :data:`MAX_PICKS` of them, evenly spaced
+   with the least and greatest among them, are kept (:func:`sample_picks`):
+   ``s_0 <= ... <= s_{m-1}`` below. They cut the coordinate's key line into ``2m + 1``
+   buckets: the open intervals ``(s_{t-1}, s_t)`` (bucket ``2t``, with ``s_{-1} = -inf``,
+   ``s_m = +inf``) and the single keys ``s_t`` (bucket ``2t + 1``). A value equal to a
+   boundary has a bucket of its own, so identical updates, or attackers sending one value,
+   never crowd an open bucket when one of them is among the first ``m``.
 2. **Counts.** Every admitted update (the first ``m`` included) adds one to the bucket of each
    of its values: a branchless binary search over the coordinate's ``m`` keys, ``O(d log m)``
    per update, done for the updates admitted since the last :meth:`BucketCounts.flush` in one
@@ -23,9 +26,10 @@ updates arrive:
    (:mod:`coordinator.streaming_bucket_close`) finds the values of a wanted bucket by reading
    bytes and reads only those values.
 
-Memory: ``d m`` int32 boundaries, ``d (2m + 1)`` uint16 counts and ``K d`` byte labels
-(``m = 63``, ``d = 10^6``, ``K = 1000``: 252 MB, 254 MB and 1 GB, a quarter of the updates'
-buffer), allocated when the first boundaries are taken and reused round after round.
+Memory: ``d m`` int32 boundaries, ``d (2m + 1)`` uint16 counts and ``K d`` byte labels (``m``
+the kept keys plus the tails, at most 72; ``d = 10^6``, ``K = 1000``: 288 MB, 290 MB and 1 GB,
+a quarter of the updates' buffer), allocated when the first boundaries are taken and reused
+round after round.
 """
 
 from __future__ import annotations
@@ -34,9 +38,17 @@ import numpy as np
 from numba import njit
 
 from coordinator.aggregators.base import map_column_blocks
+from coordinator.streaming_simd import prefetch as _prefetch
+from coordinator.streaming_simd import sort64 as _sort64
+from coordinator.streaming_simd import sort128 as _sort128
+from coordinator.streaming_simd import sort256 as _sort256
 
-#: Updates whose values set the bucket boundaries.
+#: Least number of updates whose values set the bucket boundaries (rounds of at least
+#: ``3 * 127`` and ``3 * 255`` updates sample 127 and 255: :func:`sample_rows`).
 SAMPLE_ROWS = 63
+#: Most sampled keys kept as boundaries (with the :data:`TAIL` ones on either side, ``2 nb +
+#: 1 <= 254`` buckets: labels are bytes).
+MAX_PICKS = 64
 #: Boundaries added beyond either end of the sample, at these multiples of the sample's spread
 #: (largest minus least value): values far outside the honest updates' range (boosted
 #: attackers) then fall in other buckets than the honest tail next to them.
@@ -53,7 +65,7 @@ BOUNDS_BLOCK = 256
 #: Coordinates per task of the admission counting and of the close (thread pool).
 _TASK = 1 << 14
 # Labels are bytes, 255 meaning none.
-assert 2 * (SAMPLE_ROWS + 2 * TAIL) + 1 <= 255
+assert 2 * (MAX_PICKS + 2 * TAIL) + 1 <= 254
 # The close's tiles start on a block of the boundaries and counts (:func:`_locate`).
 assert TILE % BOUNDS_BLOCK == 0 and _TASK % TILE == 0
 _INT32_MIN = -(2**31)
@@ -68,48 +80,48 @@ def _key(b: np.int32) -> np.int32:
 
 
 @njit(nogil=True, cache=True)
-def _bounds_block(x: np.ndarray, rows: np.ndarray, c0: int, c1: int, bounds: np.ndarray) -> None:
-    """Sorted keys of ``x[rows, j]`` for the columns ``[c0, c1)`` (whole blocks of
-    :data:`BOUNDS_BLOCK`) into ``bounds[j // BOUNDS_BLOCK, TAIL:TAIL + m, j % BOUNDS_BLOCK]``:
-    each key's rank among the column's ``m`` is counted (vectorised across columns) and the key
-    is stored at that rank (ties ordered by row). The :data:`TAIL` boundaries on either side
-    lie :data:`TAIL_STEPS` times the sample's spread beyond its least and greatest value."""
+def _bounds_block(
+    x: np.ndarray, rows: np.ndarray, c0: int, c1: int, picks: np.ndarray, bounds: np.ndarray
+) -> None:
+    """The keys of ``x[rows, j]`` sorted, for the columns ``[c0, c1)`` (whole blocks of
+    :data:`BOUNDS_BLOCK`), and those of ranks ``picks`` (increasing, ``0`` and ``m - 1``
+    among them) stored as ``bounds[j // BOUNDS_BLOCK, TAIL:TAIL + len(picks), j %
+    BOUNDS_BLOCK]``. Each column's ``m <= 256`` keys are sorted by a bitonic network in vector
+    registers (padded with the greatest key). The :data:`TAIL` boundaries on either side lie
+    :data:`TAIL_STEPS` times the sample's spread beyond its least and greatest value."""
     m = rows.shape[0]
-    tail = (bounds.shape[1] - m) // 2
+    npk = picks.shape[0]
+    tail = (bounds.shape[1] - npk) // 2
+    lanes = 64 if m <= 64 else (128 if m <= 128 else 256)
     f32 = np.empty(1, dtype=np.float32)
     fbits = f32.view(np.int32)
     top = np.float64(np.finfo(np.float32).max)
     ends = np.empty(2, dtype=np.float64)
     bw = bounds.shape[2]
     d = x.shape[1]
-    keys = np.empty((m, bw), dtype=np.int32)
-    rank = np.empty(bw, dtype=np.int32)
+    keys = np.empty((bw, lanes), dtype=np.int32)
     for t0 in range(c0, c1, bw):
         t1 = min(t0 + bw, d)
         w = t1 - t0
         blk = bounds[t0 // bw]
         for t in range(m):
             bits = x[rows[t], t0:t1].view(np.int32)
-            kt = keys[t]
             for j in range(w):
-                kt[j] = _key(bits[j])
-        for t in range(m):
-            kt = keys[t]
-            for j in range(w):
-                rank[j] = 0
-            for u in range(m):
-                ku = keys[u]
-                if u < t:
-                    for j in range(w):
-                        rank[j] += np.int32(ku[j] <= kt[j])
-                elif u > t:
-                    for j in range(w):
-                        rank[j] += np.int32(ku[j] < kt[j])
-            for j in range(w):
-                blk[tail + rank[j], j] = kt[j]
+                keys[j, t] = _key(bits[j])
         for j in range(w):
+            kj = keys[j]
+            for t in range(m, lanes):
+                kj[t] = np.int32(_INT32_MAX)
+            if lanes == 64:
+                _sort64(kj)
+            elif lanes == 128:
+                _sort128(kj)
+            else:
+                _sort256(kj)
+            for s in range(npk):
+                blk[tail + s, j] = kj[picks[s]]
             for side in range(2):
-                k = blk[tail + side * (m - 1), j]
+                k = kj[side * (m - 1)]
                 fbits[0] = k ^ ((k >> 31) & np.int32(0x7FFFFFFF))
                 ends[side] = np.float64(f32[0])
             spread = ends[1] - ends[0]
@@ -118,7 +130,7 @@ def _bounds_block(x: np.ndarray, rows: np.ndarray, c0: int, c1: int, bounds: np.
                 f32[0] = np.float32(max(ends[0] - step, -top))
                 blk[tail - 1 - t, j] = min(_key(fbits[0]), blk[tail, j])
                 f32[0] = np.float32(min(ends[1] + step, top))
-                blk[tail + m + t, j] = max(_key(fbits[0]), blk[tail + m - 1, j])
+                blk[tail + npk + t, j] = max(_key(fbits[0]), blk[tail + npk - 1, j])
 
 
 @njit(nogil=True, cache=True)
@@ -186,56 +198,91 @@ def _locate(
     column).
 
     The counts are stored bucket-major per block, so the running sums over the buckets are
-    vectorised across the block's columns: the buckets are visited in order, from the bottom
-    for the ranks in the lower half and from the top for the others, until every column's
-    running sum is past every rank of that side, and the one where a column's sum first passes
-    a rank is kept, without branches."""
+    vectorised across the block's columns: the buckets are visited in order, from the top for
+    the ranks in the top third and from the bottom for the others (the median's two ranks in
+    one sweep), until every column's running sum is past the side's ranks; a rank's bucket is
+    the first whose running sum passes it, found without branches (the buckets passed before
+    it are counted)."""
     m = bounds.shape[1]
     bw = bounds.shape[2]
     nb = counts.shape[1]
     nq = ranks.shape[0]
     cum = np.empty(bw, dtype=np.int32)
+    count_a = np.empty(bw, dtype=np.int32)
+    before_a = np.empty(bw, dtype=np.int32)
+    after_a = np.empty(bw, dtype=np.int32)
+    count_b = np.empty(bw, dtype=np.int32)
+    before_b = np.empty(bw, dtype=np.int32)
+    after_b = np.empty(bw, dtype=np.int32)
     at = np.empty((nq, bw), dtype=np.int32)
-    before = np.empty((nq, bw), dtype=np.int32)
+    under = np.empty((nq, bw), dtype=np.int32)
     n = np.empty((nq, bw), dtype=np.int32)
+    top_side = np.empty(nq, dtype=np.bool_)
+    for q in range(nq):
+        top_side[q] = from_top(ranks[q], k)
     for h0 in range(0, w, bw):
         wb = min(bw, w - h0)
         blk = bounds[(t0 + h0) // bw]
         cnt = counts[(t0 + h0) // bw]
-        for side in range(2):  # 0: from the bottom, 1: from the top
-            last = np.int32(-1)
+        for side in range(2):
+            # The side's ranks, two at most (a second copy of the first when alone).
+            qa = -1
+            qb = -1
             for q in range(nq):
-                top = np.int32(k - 1 - ranks[q])
-                if (side == 1) == (top < ranks[q]):
-                    last = max(last, top if side else np.int32(ranks[q]))
-            if last < 0:
+                if top_side[q] == (side == 1):
+                    if qa < 0:
+                        qa = q
+                    elif qb < 0:
+                        qb = q
+            if qa < 0:
                 continue
+            two = qb >= 0
+            if not two:
+                qb = qa
+            ra = np.int32(k - 1 - ranks[qa] if side else ranks[qa])
+            rb = np.int32(k - 1 - ranks[qb] if side else ranks[qb])
+            last = max(ra, rb)
             for j in range(wb):
                 cum[j] = 0
+                count_a[j] = 0
+                before_a[j] = 0
+                after_a[j] = np.int32(k)
+                count_b[j] = 0
+                before_b[j] = 0
+                after_b[j] = np.int32(k)
+            # The bucket holding rank r (counted from this side) is the first whose running
+            # sum passes r: the buckets whose running sum is still <= r are counted, and the
+            # sums on either side of r kept.
             for step in range(nb):
-                u = step if side == 0 else nb - 1 - step
+                u = nb - 1 - step if side else step
+                if side and u >= 4:
+                    # Descending addresses: the hardware prefetcher does not follow them.
+                    ahead = cnt[u - 4]
+                    for off in range(0, wb, 32):
+                        _prefetch(ahead, off)
                 c = cnt[u]
-                for q in range(nq):
-                    top = np.int32(k - 1 - ranks[q])
-                    if (side == 1) != (top < ranks[q]):
-                        continue
-                    r = top if side else np.int32(ranks[q])
-                    aq = at[q]
-                    bq = before[q]
-                    nq_ = n[q]
-                    for j in range(wb):
-                        here = np.int32(c[j])
-                        hit = (cum[j] <= r) & (cum[j] + here > r)
-                        aq[j] = u if hit else aq[j]
-                        below_it = k - cum[j] - here if side else cum[j]
-                        bq[j] = below_it if hit else bq[j]
-                        nq_[j] = here if hit else nq_[j]
                 least = np.int32(k)
                 for j in range(wb):
-                    cum[j] += np.int32(c[j])
-                    least = min(least, cum[j])
+                    v = cum[j] + np.int32(c[j])
+                    cum[j] = v
+                    count_a[j] += np.int32(v <= ra)
+                    before_a[j] = v if v <= ra else before_a[j]
+                    after_a[j] = min(after_a[j], v) if v > ra else after_a[j]
+                    count_b[j] += np.int32(v <= rb)
+                    before_b[j] = v if v <= rb else before_b[j]
+                    after_b[j] = min(after_b[j], v) if v > rb else after_b[j]
+                    least = min(least, v)
                 if least > last:
-                    break  # every column is past every rank of this side
+                    break  # every column is past the side's ranks
+            for j in range(wb):
+                n[qa, j] = after_a[j] - before_a[j]
+                at[qa, j] = nb - 1 - count_a[j] if side else count_a[j]
+                under[qa, j] = k - after_a[j] if side else before_a[j]
+            if two:
+                for j in range(wb):
+                    n[qb, j] = after_b[j] - before_b[j]
+                    at[qb, j] = nb - 1 - count_b[j] if side else count_b[j]
+                    under[qb, j] = k - after_b[j] if side else before_b[j]
         for q in range(nq):
             for j in range(wb):
                 u = at[q, j]
@@ -246,9 +293,39 @@ def _locate(
                 else:
                     lo[q, h0 + j] = blk[t - 1, j] + 1 if t > 0 else _INT32_MIN
                     hi[q, h0 + j] = blk[t, j] - 1 if t < m else _INT32_MAX
-                below[q, h0 + j] = before[q, j]
+                below[q, h0 + j] = under[q, j]
                 size[q, h0 + j] = n[q, j]
                 bucket[q, h0 + j] = u
+
+
+@njit(nogil=True, cache=True, inline="always")
+def from_top(rank: int, k: int) -> bool:
+    """Whether :func:`_locate` counts ``rank`` (0-based, of ``k``) from the top: in the top
+    third."""
+    return 3 * rank > 2 * (k - 1)
+
+
+def sample_rows(expected: int) -> int:
+    """Rows sampled for the boundaries of a round of ``expected`` updates: 63, 127 or 255, the
+    most that is at most a third of the round (more sampled rows, smaller buckets)."""
+    m = SAMPLE_ROWS
+    while 2 * m + 1 <= 255 and 3 * (2 * m + 1) <= expected:
+        m = 2 * m + 1
+    return m
+
+
+def sample_picks(m: int) -> np.ndarray:
+    """Ranks (increasing) of the ``m`` sorted sampled keys kept as boundaries: all of them up
+    to :data:`MAX_PICKS`, else that many evenly spaced, the least and the greatest among them.
+
+    The open buckets between kept keys then hold about ``K / MAX_PICKS`` values each, as with
+    the smallest sample, while the values beyond the sample's least and greatest (the honest
+    extremes the trimmed mean's ranks fall on when attackers sit outside them) are ``K / (m +
+    1)`` on either side instead of ``K / 64``; the admission's cost per value grows with the
+    number of boundaries, not with ``m``."""
+    if m <= MAX_PICKS:
+        return np.arange(m, dtype=np.int64)
+    return np.round(np.linspace(0, m - 1, MAX_PICKS)).astype(np.int64)
 
 
 class BucketCounts:
@@ -258,6 +335,8 @@ class BucketCounts:
     ----------
     d : int
         Values per update.
+    expected : int, optional
+        Updates a round is expected to bring (:func:`sample_rows`); :meth:`reset` may change it.
 
     Notes
     -----
@@ -265,8 +344,15 @@ class BucketCounts:
     at the first flush that sees :data:`SAMPLE_ROWS` rows). Not thread-safe.
     """
 
-    def __init__(self, d: int) -> None:
+    def __init__(
+        self,
+        d: int,
+        *,
+        expected: int | None = None,
+    ) -> None:
         self.d = int(d)
+        #: Rows sampled for this round's boundaries.
+        self.sample = SAMPLE_ROWS if expected is None else sample_rows(expected)
         self.bounds: np.ndarray | None = None
         self.counts: np.ndarray | None = None
         #: Each counted value's bucket, ``(tiles, rows, TILE)`` uint8 (:func:`_count_block`).
@@ -278,8 +364,11 @@ class BucketCounts:
         #: Tiles of the last close that used the counting selection.
         self.fallback_tiles = 0
 
-    def reset(self) -> None:
-        """Forget the round's rows and boundaries (the arrays are reused)."""
+    def reset(self, expected: int | None = None) -> None:
+        """Forget the round's rows and boundaries (the arrays are reused); ``expected``: the
+        number of updates the new round waits for, when known (:func:`sample_rows`)."""
+        if expected is not None:
+            self.sample = sample_rows(expected)
         self.ready = False
         self.order = []
         self.counted = set()
@@ -294,12 +383,13 @@ class BucketCounts:
         """Take the boundaries once :data:`SAMPLE_ROWS` rows are in, and count every row
         registered since the last flush; return the number of rows counted."""
         if not self.ready:
-            m = SAMPLE_ROWS
+            m = min(self.sample, 256)
             if len(self.order) < m:
                 return 0
-            nb = m + 2 * TAIL
+            picks = sample_picks(m)
+            nb = picks.size + 2 * TAIL
+            blocks = -(-self.d // BOUNDS_BLOCK)
             if self.bounds is None or self.counts is None or self.bounds.shape[1] != nb:
-                blocks = -(-self.d // BOUNDS_BLOCK)
                 self.bounds = np.empty((blocks, nb, BOUNDS_BLOCK), dtype=np.int32)
                 self.counts = np.zeros((blocks, 2 * nb + 1, BOUNDS_BLOCK), dtype=np.uint16)
             else:
@@ -310,7 +400,9 @@ class BucketCounts:
             sample = np.asarray(self.order[:m], dtype=np.int64)
             bounds = self.bounds
             map_column_blocks(
-                lambda c: _bounds_block(buffer, sample, c.start, c.stop, bounds), self.d, _TASK
+                lambda c: _bounds_block(buffer, sample, c.start, c.stop, picks, bounds),
+                self.d,
+                _TASK,
             )
             self.ready = True
             self._pending = list(self.order)

@@ -24,8 +24,10 @@ from coordinator.streaming_rules import StreamedClose
 D = 700  # two tiles, the second one partial
 
 
-def _counted(x: np.ndarray, rows: list[int], burst: int = 7) -> BucketCounts:
-    b = BucketCounts(x.shape[1])
+def _counted(
+    x: np.ndarray, rows: list[int], burst: int = 7, expected: int | None = None
+) -> BucketCounts:
+    b = BucketCounts(x.shape[1], expected=expected)
     for n, r in enumerate(rows):
         b.add(r)
         if n % burst == burst - 1:
@@ -35,11 +37,16 @@ def _counted(x: np.ndarray, rows: list[int], burst: int = 7) -> BucketCounts:
     return b
 
 
-def _check(x: np.ndarray, rows: list[int] | None = None, trims: tuple[int, ...] = ()) -> int:
+def _check(
+    x: np.ndarray,
+    rows: list[int] | None = None,
+    trims: tuple[int, ...] = (),
+    expected: int | None = None,
+) -> int:
     """Both rules from the buckets against the batch functions; returns the tiles that took the
     counting selection."""
     rows = list(range(x.shape[0])) if rows is None else rows
-    b = _counted(x, rows)
+    b = _counted(x, rows, expected=expected)
     sub = x[rows]
     got, used = bucket_median(x, rows, b)
     fallbacks = b.fallback_tiles
@@ -63,6 +70,10 @@ def _random(k: int, seed: int) -> np.ndarray:
 @pytest.mark.parametrize("k", [MIN_ROWS, MIN_ROWS + 1, 301])
 def test_random_rounds_equal_the_batch_rules(k: int) -> None:
     assert _check(_random(k, 1)) == 0
+
+
+def _random_round(k: int) -> np.ndarray:
+    return _random(k, 11)
 
 
 def _ties(k: int) -> np.ndarray:
@@ -122,6 +133,34 @@ def test_adversarial_rounds_equal_the_batch_rules(
         k += GATHER_LIMIT + SAMPLE_ROWS - MIN_ROWS + 8
     fallbacks = _check(make(k))
     assert (fallbacks > 0) == crowded
+
+
+def test_sample_sizes_and_kept_ranks() -> None:
+    assert [streaming_buckets.sample_rows(n) for n in (252, 380, 381, 764, 765, 10**4)] == [
+        63,
+        63,
+        127,
+        127,
+        255,
+        255,
+    ]
+    assert streaming_buckets.sample_picks(63).tolist() == list(range(63))
+    for m in (127, 255):
+        picks = streaming_buckets.sample_picks(m)
+        assert picks.size == streaming_buckets.MAX_PICKS
+        assert picks[0] == 0 and picks[-1] == m - 1 and np.all(np.diff(picks) > 0)
+
+
+@pytest.mark.parametrize("make", [_random_round, _ties, _duplicated, _extreme, _identical])
+@pytest.mark.parametrize(("k", "sample"), [(400, 127), (800, 255)])
+def test_larger_samples_equal_the_batch_rules(
+    make: Callable[[int], np.ndarray], k: int, sample: int
+) -> None:
+    """Rounds of 381 updates or more sample 127 or 255 rows and keep 64 of their keys: the
+    results still equal the batch rules bit for bit."""
+    x = make(k)
+    assert _counted(x, list(range(k)), expected=k).sample == sample
+    assert _check(x, expected=k) == 0
 
 
 def test_a_few_crowded_columns_are_gathered_without_the_counting_selection() -> None:
