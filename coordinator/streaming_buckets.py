@@ -379,10 +379,14 @@ class BucketCounts:
         self.order.append(int(row))
         self._pending.append(int(row))
 
-    def flush(self, buffer: np.ndarray) -> int:
-        """Take the boundaries once :data:`SAMPLE_ROWS` rows are in, and count every row
-        registered since the last flush; return the number of rows counted."""
+    def flush(self, buffer: np.ndarray, *, final: bool = False) -> int:
+        """Take the boundaries once the sampled rows are in, and count every row registered
+        since the last flush; return the number of rows counted. ``final``: no more rows will
+        come (the round closes): a round that brought fewer rows than it was expected to takes
+        its boundaries from the sample its own size allows (:func:`sample_rows`)."""
         if not self.ready:
+            if final and len(self.order) < self.sample:
+                self.sample = sample_rows(len(self.order))
             m = min(self.sample, 256)
             if len(self.order) < m:
                 return 0

@@ -397,7 +397,7 @@ class StreamedClose:
         buckets = self.stream.buckets
         if buckets is None or self.k < streaming_buckets.MIN_ROWS:
             return False
-        buckets.flush(self.stream.buffer)
+        buckets.flush(self.stream.buffer, final=True)
         return buckets.covers(self.rows)
 
     def _median(self, weights: np.ndarray, *, f: int | None = None) -> AggregationResult:

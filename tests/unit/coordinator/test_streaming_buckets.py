@@ -232,6 +232,27 @@ def test_the_close_uses_the_buckets_from_min_rows(k: int, monkeypatch: pytest.Mo
     assert calls == ([] if k < MIN_ROWS else ["bucket_median", "bucket_trimmed_mean"])
 
 
+def test_a_round_smaller_than_its_sample_closes_from_buckets(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A round expected to bring 800 updates (255 sampled rows) that closes with 253: the
+    boundaries are taken from the sample 253 rows allow, and the close still uses buckets."""
+    calls: list[str] = []
+    real = streaming_bucket_close.bucket_median
+
+    def spy(*args: object) -> object:
+        calls.append("bucket_median")
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr("coordinator.streaming_rules.bucket_median", spy)
+    stream, x = _stream(MIN_ROWS + 1, capacity=800)
+    assert stream.buckets is not None and not stream.buckets.ready
+    close = StreamedClose(stream, list(range(MIN_ROWS + 1)))
+    got = close.aggregate("median")
+    np.testing.assert_array_equal(got.vector, aggregate("median", x).vector)
+    assert calls == ["bucket_median"] and stream.buckets.sample == 63
+
+
 def test_small_rounds_and_capacities_keep_no_buckets() -> None:
     assert StreamingRound(MIN_ROWS - 1, 8, coordinatewise=True).buckets is None
     assert StreamingRound(MIN_ROWS, 8, coordinatewise=False).buckets is None
