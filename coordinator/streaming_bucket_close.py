@@ -8,8 +8,9 @@ and, for every admitted value, its bucket as a one-byte label stored tile by til
    ``K//2``; trimmed mean: ``trim`` and ``K-1-trim``) and the rank inside that bucket.
 2. **Gather from the labels.** The tile's labels (``K x TILE`` bytes, contiguous) are compared
    with each column's wanted bucket, 64 columns per compare; only the values whose label
-   matches are read from the matrix (``2K/(m+1)`` per open bucket on average for continuous
-   data). A single-key bucket needs no gather: its key is the order statistic.
+   matches are read from the matrix (about ``2K/(n+1)`` per open bucket for continuous data,
+   ``n`` the kept boundaries between the tails: 63 or 64). A single-key bucket needs no
+   gather: its key is the order statistic.
 3. **Pick** the order statistic among the gathered keys (quickselect with 16-lane compresses).
 4. **Usage counts and sums.** The median's per-row usage counts come from the labels and the
    gathered values (only its two adjacent ranks' buckets can hold values between them), so the
@@ -39,9 +40,7 @@ from coordinator.streaming_select import _refine, _tile_values, clip_sum_row, in
 from coordinator.streaming_simd import equal64 as _equal64
 from coordinator.streaming_simd import popcount as _popcount
 from coordinator.streaming_simd import prefetch as _prefetch
-from coordinator.streaming_simd import sort16 as _sort16
-from coordinator.streaming_simd import sort32 as _sort32
-from coordinator.streaming_simd import sort64 as _sort64
+from coordinator.streaming_simd import sort_padded as _sort_padded
 from coordinator.streaming_simd import split16 as _split16
 from coordinator.streaming_simd import trailing_zeros as _trailing_zeros
 from coordinator.streaming_simd import within16 as _within16
@@ -99,17 +98,9 @@ def _pick(
         src = vals if cur < 0 else scratch[cur]
         if size <= NETWORK:
             net = scratch[3]
-            lanes = 16 if size <= 16 else (32 if size <= 32 else 64)
             for t in range(size):
                 net[t] = src[t]
-            for t in range(size, lanes):
-                net[t] = np.int32(_INT32_MAX)
-            if lanes == 16:
-                _sort16(net)
-            elif lanes == 32:
-                _sort32(net)
-            else:
-                _sort64(net)
+            _sort_padded(net, size)
             if want_next and r + 1 < size:
                 nxt = min(nxt, net[r + 1])
             return net[r], nxt

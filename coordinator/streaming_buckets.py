@@ -17,10 +17,10 @@ updates arrive:
    boundary has a bucket of its own, so identical updates, or attackers sending one value,
    never crowd an open bucket when one of them is among the first ``m``.
 2. **Counts.** Every admitted update (the first ``m`` included) adds one to the bucket of each
-   of its values: a branchless binary search over the coordinate's ``m`` keys, ``O(d log m)``
-   per update, done for the updates admitted since the last :meth:`BucketCounts.flush` in one
-   sweep over the boundaries and counts (tiles of coordinates on the thread pool). The counts
-   are uint16 (``K < 65536``).
+   of its values, found by comparing it with every one of the coordinate's boundaries
+   (vectorised across coordinates: ``O(d m)`` per update, no branches), done for the updates
+   admitted since the last :meth:`BucketCounts.flush` in one sweep over the boundaries and
+   counts (tiles of coordinates on the thread pool). The counts are uint16 (``K < 65536``).
 3. **Labels.** The same sweep stores each value's bucket as a one-byte label, tile by tile
    (``labels[j // TILE, r, j % TILE]``), so that the close
    (:mod:`coordinator.streaming_bucket_close`) finds the values of a wanted bucket by reading
@@ -39,9 +39,7 @@ from numba import njit
 
 from coordinator.aggregators.base import map_column_blocks
 from coordinator.streaming_simd import prefetch as _prefetch
-from coordinator.streaming_simd import sort64 as _sort64
-from coordinator.streaming_simd import sort128 as _sort128
-from coordinator.streaming_simd import sort256 as _sort256
+from coordinator.streaming_simd import sort_padded as _sort_padded
 
 #: Least number of updates whose values set the bucket boundaries (rounds of at least
 #: ``3 * 127`` and ``3 * 255`` updates sample 127 and 255: :func:`sample_rows`).
@@ -110,14 +108,7 @@ def _bounds_block(
                 keys[j, t] = _key(bits[j])
         for j in range(w):
             kj = keys[j]
-            for t in range(m, lanes):
-                kj[t] = np.int32(_INT32_MAX)
-            if lanes == 64:
-                _sort64(kj)
-            elif lanes == 128:
-                _sort128(kj)
-            else:
-                _sort256(kj)
+            _sort_padded(kj, m)
             for s in range(npk):
                 blk[tail + s, j] = kj[picks[s]]
             for side in range(2):
@@ -195,7 +186,8 @@ def _locate(
     """For each rank ``q`` and column ``j`` of the tile at ``t0`` (whole blocks of
     :data:`BOUNDS_BLOCK` from ``t0``): the bucket holding it, the bucket's inclusive key range
     ``[lo, hi]``, the number of values below it and its count (``k`` values counted per
-    column).
+    column). At most two ranks are counted from either end (:func:`from_top`): the median's
+    and the trimmed mean's two.
 
     The counts are stored bucket-major per block, so the running sums over the buckets are
     vectorised across the block's columns: the buckets are visited in order, from the top for
@@ -234,6 +226,8 @@ def _locate(
                         qa = q
                     elif qb < 0:
                         qb = q
+                    else:
+                        raise ValueError("_locate takes at most two ranks per side")
             if qa < 0:
                 continue
             two = qb >= 0
@@ -341,7 +335,7 @@ class BucketCounts:
     Notes
     -----
     Rows are registered by :meth:`add` and counted by :meth:`flush` (the boundaries are taken
-    at the first flush that sees :data:`SAMPLE_ROWS` rows). Not thread-safe.
+    at the first flush that sees :attr:`sample` rows). Not thread-safe.
     """
 
     def __init__(
@@ -353,6 +347,7 @@ class BucketCounts:
         self.d = int(d)
         #: Rows sampled for this round's boundaries.
         self.sample = SAMPLE_ROWS if expected is None else sample_rows(expected)
+        self._default_sample = self.sample
         self.bounds: np.ndarray | None = None
         self.counts: np.ndarray | None = None
         #: Each counted value's bucket, ``(tiles, rows, TILE)`` uint8 (:func:`_count_block`).
@@ -367,8 +362,7 @@ class BucketCounts:
     def reset(self, expected: int | None = None) -> None:
         """Forget the round's rows and boundaries (the arrays are reused); ``expected``: the
         number of updates the new round waits for, when known (:func:`sample_rows`)."""
-        if expected is not None:
-            self.sample = sample_rows(expected)
+        self.sample = self._default_sample if expected is None else sample_rows(expected)
         self.ready = False
         self.order = []
         self.counted = set()
@@ -382,8 +376,8 @@ class BucketCounts:
     def flush(self, buffer: np.ndarray, *, final: bool = False) -> int:
         """Take the boundaries once the sampled rows are in, and count every row registered
         since the last flush; return the number of rows counted. ``final``: no more rows will
-        come (the round closes): a round that brought fewer rows than it was expected to takes
-        its boundaries from the sample its own size allows (:func:`sample_rows`)."""
+        come (the round closes): a round that brought fewer rows than its sample takes its
+        boundaries from the sample its own size allows (:func:`sample_rows`)."""
         if not self.ready:
             if final and len(self.order) < self.sample:
                 self.sample = sample_rows(len(self.order))

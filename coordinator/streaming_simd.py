@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from llvmlite import ir
 from llvmlite.binding import llvm_version_info
-from numba import types
+from numba import njit, types
 from numba.extending import intrinsic
 
 
@@ -254,3 +255,33 @@ sort32: Any = intrinsic(_sorter(32))
 sort64: Any = intrinsic(_sorter(64))
 sort128: Any = intrinsic(_sorter(128))
 sort256: Any = intrinsic(_sorter(256))
+
+
+@njit(nogil=True, cache=True)
+def sort_padded(buf: np.ndarray, size: int) -> int:
+    """Sort ``buf[:size]`` (int32, ``size <= 256``) ascending in vector registers: padded with
+    the greatest int32 up to the next of 16, 32, 64, 128 or 256 lanes (``buf`` must hold that
+    many), which are returned."""
+    if size <= 16:
+        lanes = 16
+    elif size <= 32:
+        lanes = 32
+    elif size <= 64:
+        lanes = 64
+    elif size <= 128:
+        lanes = 128
+    else:
+        lanes = 256
+    for t in range(size, lanes):
+        buf[t] = np.int32(2**31 - 1)
+    if lanes == 16:
+        sort16(buf)
+    elif lanes == 32:
+        sort32(buf)
+    elif lanes == 64:
+        sort64(buf)
+    elif lanes == 128:
+        sort128(buf)
+    else:
+        sort256(buf)
+    return lanes
