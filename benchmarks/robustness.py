@@ -699,13 +699,33 @@ TAIL_ROUNDS = 10
 
 
 def tail_range(hist: dict[str, Any], rounds: int = TAIL_ROUNDS) -> str:
-    """``"min–max"`` of the test accuracy over a run's last ``rounds`` evaluated rounds, in
-    percent; empty when no round was evaluated."""
+    """``"min–max%, mean m%"`` of the test accuracy over a run's last ``rounds`` evaluated
+    rounds, in percent; empty when no round was evaluated. The mean tells where a run that
+    oscillates between rounds sits, whichever round it happens to stop at."""
     accs = [r["test_accuracy"] for r in hist["rounds"] if r.get("test_accuracy") is not None]
     tail = accs[-rounds:]
     if not tail:
         return ""
-    return f"{100 * min(tail):.1f}–{100 * max(tail):.1f}%"
+    mean = sum(tail) / len(tail)
+    return f"{100 * min(tail):.1f}–{100 * max(tail):.1f}%, mean {100 * mean:.1f}%"
+
+
+def shown_command(argv: Sequence[str]) -> list[str]:
+    """The arguments of a run as its README quotes them: those that choose the cells, without
+    ``--summary-only`` and the machine's own ``--results`` folder and ``--jobs`` count."""
+    shown: list[str] = []
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--summary-only" or a.startswith(("--results=", "--jobs=")):
+            continue
+        if a in ("--results", "--jobs"):
+            skip = True
+            continue
+        shown.append(a)
+    return shown
 
 
 def summarize(
@@ -947,7 +967,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     plots = plot_groups(cells, root, args.preset)
     index_plots = malicious_index_links(cells, root)
     settings = ", ".join(f"{k}={v}" for k, v in preset.items() if k != "detection_rounds")
-    command = " ".join(shlex.quote(a) for a in argv_list if a != "--summary-only")
+    command = " ".join(shlex.quote(a) for a in shown_command(argv_list))
     (root / "README.md").write_text(
         f"# Robustness grid, preset `{args.preset}`\n\n"
         f"Command: `siren bench robustness {command}` "

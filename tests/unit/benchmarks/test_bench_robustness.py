@@ -21,6 +21,7 @@ from benchmarks.robustness import (
     main,
     overview,
     parse_distribution,
+    shown_command,
     summarize,
     tail_range,
     with_finished,
@@ -199,7 +200,7 @@ def test_summary_shows_the_range_of_the_last_rounds(tmp_path):
     (out / "history.json").write_text(json.dumps({"rounds": rounds, "summary": summary}))
     lines = summarize([cell], tmp_path, 10).splitlines()
     assert f"| last {TAIL_ROUNDS} rounds |" in lines[0]
-    assert "| 45.00% | 85.00% | 45.0–85.0% |" in lines[2]
+    assert "| 45.00% | 85.00% | 45.0–85.0%, mean 65.0% |" in lines[2]
     assert tail_range({"rounds": [{"test_accuracy": None}]}) == ""
 
 
@@ -348,3 +349,9 @@ def test_the_summary_keeps_the_cells_earlier_runs_finished(tmp_path):
         Cell("siren", "label_flip", 0.8, "noniid"),
     ]
     assert with_finished(asked, tmp_path / "absent") == asked
+
+
+def test_the_quoted_command_leaves_out_the_machines_own_options() -> None:
+    argv = ["--preset", "pdrr", "--no-baselines", "--results", "/some/where", "--jobs", "2"]
+    assert shown_command([*argv, "--summary-only"]) == ["--preset", "pdrr", "--no-baselines"]
+    assert shown_command(["--preset=k50", "--results=/x", "--jobs=1"]) == ["--preset=k50"]
