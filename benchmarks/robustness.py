@@ -574,9 +574,12 @@ def run_cell(
         return {"cell": cell, "status": "n/a", "dir": out}
     started = time.perf_counter()
     env = {**os.environ, **CELL_THREAD_ENV}
+    # The output folder is recorded relative to the results root (``{results}``), so the file
+    # names no folder of the machine that ran it.
+    recorded = [f"{{results}}/{root.name}/{cell.key}" if a == str(out) else a for a in cmd[1:]]
     (out / "cell.json").write_text(
         json.dumps(
-            {"command": cmd[1:], "cpus": sorted(cpus) if cpus else None, "threads": CELL_THREADS},
+            {"command": recorded, "cpus": sorted(cpus) if cpus else None, "threads": CELL_THREADS},
             indent=1,
         )
         + "\n"

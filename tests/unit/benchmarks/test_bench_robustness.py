@@ -73,6 +73,8 @@ def test_smoke_grid_runs_resumes_and_summarizes(tmp_path, capsys):
     assert (tmp_path / "smoke" / "fedavg__none__0__iid" / "history.json").exists()
     recorded = json.loads((tmp_path / "smoke" / "fedavg__none__0__iid" / "cell.json").read_text())
     assert recorded["threads"] == 1 and len(recorded["cpus"]) == 1
+    assert "{results}/smoke/fedavg__none__0__iid" in recorded["command"]
+    assert not any(str(tmp_path) in arg for arg in recorded["command"])
     assert main(argv) == 0  # everything finished: nothing is run again
     second = capsys.readouterr().out
     assert " in " not in second.split("| distribution")[0]
