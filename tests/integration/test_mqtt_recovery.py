@@ -93,10 +93,19 @@ def test_board_killed_and_restarted_rejoins_and_forged_updates_are_counted(
     from protocol.topics import update_topic
 
     run = prepared_run
-    worker, _ = run.start_worker([0, 1])
-    coordinator = run.start_coordinator()
+    # Board 2 loads first; the other boards answer 0.7 s after each global model. So round 1
+    # stays open for 0.7 s after board 2's update, time enough to kill it before round 2 (on an
+    # idle machine the rounds of digits otherwise take less time than one poll of its state).
     board = run.start_board(2)
+    board_log = run.workdir / "standalone-2" / "board.log"
     state_file = run.workdir / "standalone-2" / "state" / "board-state.npz"
+    wait_until(
+        lambda: board_log.exists() and "telemetry:" in board_log.read_text(),
+        timeout=120,
+        what="board 2 to load its model",
+    )
+    worker, _ = run.start_worker([0, 1], latency_ms=700.0)
+    coordinator = run.start_coordinator()
     try:
         wait_until(state_file.exists, timeout=90, what="board 2 to finish round 1")
         board.kill()  # SIGKILL: no clean disconnect, the broker publishes the Last Will
@@ -110,6 +119,9 @@ def test_board_killed_and_restarted_rejoins_and_forged_updates_are_counted(
             what="board 2's Last Will (offline) to reach the coordinator",
             logs=run.logs,
         )
+        # Round 1 (board 2's last update) closes once the other boards answer; the forged
+        # messages below go to round 2, which board 2 has not reached.
+        wait_until(lambda: 1 in run.closed_rounds(), timeout=30, what="round 1 to close")
         # While board 2 is down: an update for it signed with a stranger's key, and garbage.
         layout = TensorLayout(worker.layout.entries)
         (base,) = query(run.db, "SELECT base_sha256 FROM rounds WHERE status='open'")[0]
