@@ -95,12 +95,7 @@ def probe_connections(nofile: int, limit: int, workdir: Path) -> dict[str, Any]:
     """
     from firmware_sim.broker import start_mosquitto
 
-    soft, hard = open_files_limits()
-    resource.setrlimit(resource.RLIMIT_NOFILE, (min(nofile, hard), hard))
-    try:
-        broker = start_mosquitto(workdir, persistence=False)
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    broker = start_mosquitto(workdir, persistence=False, open_files=nofile)
     sockets: list[socket.socket] = []
     accepted, failure = 0, None
     try:

@@ -183,6 +183,7 @@ class BrokerHandle:
     _process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     _config_path: Path | None = field(default=None, repr=False)
     _binary: str | None = field(default=None, repr=False)
+    _open_files: int | None = field(default=None, repr=False)
     _thread: threading.Thread | None = field(default=None, repr=False)
     _stop: Any = field(default=None, repr=False)
 
@@ -226,7 +227,9 @@ class BrokerHandle:
         self.stop()
         if down_seconds > 0:
             time.sleep(down_seconds)
-        self._process = _spawn_mosquitto(self._binary, self._config_path, self.workdir)
+        self._process = _spawn_mosquitto(
+            self._binary, self._config_path, self.workdir, self._open_files
+        )
         _await_mosquitto(self._process, self.host, self.port, self.workdir)
 
     def __enter__(self) -> BrokerHandle:
@@ -236,8 +239,20 @@ class BrokerHandle:
         self.stop()
 
 
-def _spawn_mosquitto(binary: str, config: Path, workdir: Path) -> subprocess.Popen[bytes]:
+def _spawn_mosquitto(
+    binary: str, config: Path, workdir: Path, open_files: int | None = None
+) -> subprocess.Popen[bytes]:
     stderr = open(workdir / "mosquitto.stderr", "ab")  # noqa: SIM115 - owned by the process
+    limit = None
+    if open_files is not None:
+        import resource
+
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        soft = open_files if hard == resource.RLIM_INFINITY else min(open_files, hard)
+
+        def limit() -> None:  # in the child, before exec: the broker's own limit only
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
     try:
         return subprocess.Popen(
             [binary, "-c", str(config)],
@@ -245,6 +260,7 @@ def _spawn_mosquitto(binary: str, config: Path, workdir: Path) -> subprocess.Pop
             stdout=stderr,
             stderr=stderr,
             start_new_session=True,
+            preexec_fn=limit,
         )
     finally:
         stderr.close()
@@ -278,6 +294,7 @@ def start_mosquitto(
     persistence: bool = True,
     binary: str | None = None,
     auth: BrokerAuth | None = None,
+    open_files: int | None = None,
 ) -> BrokerHandle:
     """Spawn a private Mosquitto on ``host`` (loopback by default) and wait until it accepts
     connections.
@@ -294,6 +311,9 @@ def start_mosquitto(
         The ``mosquitto`` executable; found on ``PATH`` by default.
     auth : BrokerAuth, optional
         Accounts and ACLs (see :func:`mosquitto_test_config`); anonymous without.
+    open_files : int, optional
+        The broker process's open-files soft limit (``ulimit -n``); this process's own limit
+        otherwise.
 
     Raises
     ------
@@ -310,10 +330,18 @@ def start_mosquitto(
     config.write_text(
         mosquitto_test_config(chosen, root, host=host, persistence=persistence, auth=auth)
     )
-    process = _spawn_mosquitto(exe, config, root)
+    process = _spawn_mosquitto(exe, config, root, open_files)
     _await_mosquitto(process, host, chosen, root)
     return BrokerHandle(
-        host, chosen, "mosquitto", MQTT_V5, root, process, _config_path=config, _binary=exe
+        host,
+        chosen,
+        "mosquitto",
+        MQTT_V5,
+        root,
+        process,
+        _config_path=config,
+        _binary=exe,
+        _open_files=open_files,
     )
 
 
