@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from firmware_sim.broker import free_port
+from firmware_sim.broker import free_ports
 from firmware_sim.errors import FleetError
 
 #: The custom resource that marks node ``i``: ``{"siren_node_0": 1}`` on the head, ...
@@ -85,6 +85,8 @@ class LocalRayCluster:
         self.object_store_bytes = object_store_bytes
         self.pythonpath = pythonpath
         self.port = 0
+        #: Every port given to a node of this cluster (none is given twice).
+        self.ports_taken: set[int] = set()
         self.groups: list[int] = []
         #: Ray's temporary folder of every node (sessions, logs, sockets), made by start() under
         #: the system's temporary folder: Unix socket paths inside it must stay under 108 bytes.
@@ -142,16 +144,15 @@ class LocalRayCluster:
             f"--temp-dir={self.temp_dir}",
             "--disable-usage-stats",
         ]
-        for option in ports:
-            argv.append(f"{option}={free_port(self.node_ip(index))}")
         if index == 0:
-            argv += [
-                "--head",
-                f"--port={self.port}",
-                "--include-dashboard=false",
-                f"--dashboard-port={free_port(self.node_ip(0))}",
-                f"--ray-client-server-port={free_port(self.node_ip(0))}",
-            ]
+            ports += ["--dashboard-port", "--ray-client-server-port"]
+        # Distinct ports, none given to another node: Ray refuses a node whose components
+        # share one, and some of them listen on every address, not the node's own.
+        chosen = free_ports(len(ports), self.node_ip(index), exclude=self.ports_taken)
+        self.ports_taken.update(chosen)
+        argv += [f"{option}={port}" for option, port in zip(ports, chosen, strict=True)]
+        if index == 0:
+            argv += ["--head", f"--port={self.port}", "--include-dashboard=false"]
         else:
             argv.append(f"--address={self.address}")
         return argv
@@ -211,7 +212,9 @@ class LocalRayCluster:
         token = Path(self.env["RAY_AUTH_TOKEN_PATH"])
         token.write_text(secrets.token_hex(32))
         token.chmod(0o600)
-        self.port = free_port(self.node_ip(0))
+        self.ports_taken.clear()
+        self.port = free_ports(1, self.node_ip(0))[0]
+        self.ports_taken.add(self.port)
         try:
             for index in range(self.nodes):
                 self._start_node(index, timeout)
