@@ -191,7 +191,7 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
     base.chmod(0o755)  # Mosquitto's own account must reach the broker folder
     workdir = base
     dep = workdir / "deployment"
-    broker_port, api_port = _free_port(), _free_port()
+    broker_port, api_port = _free_ports(2)
     t0 = time.monotonic()
     init = [
         *_siren_host(), "deploy", "init", str(dep), "--run", "aarch64", "--boards", "3",
@@ -345,10 +345,10 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
     return facts
 
 
-def _free_port() -> int:
-    from firmware_sim.broker import free_port
+def _free_ports(count: int) -> list[int]:
+    from firmware_sim.broker import free_ports
 
-    return free_port()
+    return free_ports(count)
 
 
 def _port_open(port: int) -> bool:

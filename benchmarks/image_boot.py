@@ -131,12 +131,6 @@ def _query(db: Path, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ..
         return []
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _port_open(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5):
@@ -244,6 +238,7 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
     """Run the whole check; return what was measured (``problems`` lists failed checks)."""
     from benchmarks.board_aarch64 import Processes
     from deploy.checks import check_broker
+    from firmware_sim.broker import free_ports
     from image import card
     from image.layout import BUNDLE_DIR, FIRSTBOOT_LOG, find_boot_partition, parse_config_txt
 
@@ -273,7 +268,7 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
         facts["image_check"] = (check.returncode, check.stdout.strip())
 
         dep = base / "deployment"
-        broker_port, api_port = _free_port(), _free_port()
+        broker_port, api_port = free_ports(2)
         init = [
             *_siren(), "deploy", "init", str(dep), "--run", "image", "--boards", "2",
             "--broker-host", GUEST_BROKER_IP, "--hostname", "127.0.0.1",

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from deploy.checks import check_broker, listening_sockets, plaintext_refused
-from firmware_sim.broker import find_mosquitto, free_port, wait_for_port
+from firmware_sim.broker import find_mosquitto, free_port, free_ports, wait_for_port
 from siren_cli.main import main
 
 pytestmark = pytest.mark.integration
@@ -354,7 +354,7 @@ def test_revoking_a_board_mid_run_stops_it_and_disconnects_nobody_else(tmp_path:
     reconnected (each of them connected exactly once), and the round log verifies."""
     from tests.integration.conftest import query, spawn, stop_process, wait_until
 
-    port, api = free_port(), free_port()
+    port, api = free_ports(2)
     root = tmp_path / "dep"
     _deploy(root, port, "--api-port", str(api), "--rounds", "3")
     broker = _start(root, port)
