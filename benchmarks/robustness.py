@@ -216,8 +216,16 @@ ATTACKS = ("sign_flip", "label_flip", "targeted_poison", "fang_trim", "fang_krum
 FRACTIONS = (0.4, 0.8)
 #: Attack labels that stand for an attack with fixed parameters: label -> (attack, parameters).
 ATTACK_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    f"gaussian_std{std}": ("gaussian_noise", {"mode": "multiplicative", "std": float(std)})
-    for std in (1, 2, 3)
+    **{
+        f"gaussian_std{std}": ("gaussian_noise", {"mode": "multiplicative", "std": float(std)})
+        for std in (1, 2, 3)
+    },
+    # Residual-based reweighting §4.2: the attackers hold class 1 (and another), train it as
+    # class 7, and train 5 epochs more than the honest boards.
+    "label_flip_1to7": (
+        "targeted_label_flip",
+        {"source": 1, "target": 7, "holding_class": 1, "extra_epochs": 5},
+    ),
 }
 #: Attacks run at their own malicious fractions whatever ``--fractions`` says: one board of ten
 #: with a stolen key sending huge finite values (the threat the global-model guard answers).

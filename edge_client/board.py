@@ -111,6 +111,7 @@ def board_step(
     *,
     evaluator: Any = None,
     alarm: AlarmConfig | None = None,
+    epochs: int | None = None,
 ) -> tuple[BoardUpdate, BoardState]:
     """Run one board round (SIREN Algorithm 1 when ``alarm`` is given, plain FedAvg otherwise).
 
@@ -132,6 +133,9 @@ def board_step(
         Needed when ``alarm`` is given.
     alarm : AlarmConfig, optional
         Enables the SIREN alarm; without it the board always starts from ``g_t``.
+    epochs : int, optional
+        Local epochs of this round (the trainer's own when ``None``; a simulated attacker may
+        train longer).
 
     Returns
     -------
@@ -153,7 +157,12 @@ def board_step(
             start_weights = state.previous_local
     c0 = time.process_time()
     t0 = time.perf_counter()
-    new_local, stats = trainer.train(start_weights, data.x_train, data.y_train, rng)
+    if epochs is None:
+        new_local, stats = trainer.train(start_weights, data.x_train, data.y_train, rng)
+    else:
+        new_local, stats = trainer.train(
+            start_weights, data.x_train, data.y_train, rng, epochs=epochs
+        )
     train_seconds = time.perf_counter() - t0
     train_cpu = time.process_time() - c0
     delta = (new_local - np.asarray(global_weights, dtype=np.float32)).astype(np.float32)

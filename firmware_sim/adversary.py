@@ -52,6 +52,10 @@ class Adversary:
         """Data a board trains on in ``round_index`` (called every round, before training)."""
         return data
 
+    def round_epochs(self, client_id: int, round_index: int) -> int | None:
+        """Local epochs of ``client_id`` in ``round_index`` (``None``: the run's own)."""
+        return None
+
     def tamper_round(
         self,
         round_index: int,

@@ -169,6 +169,7 @@ class _Simulation:
             np.random.default_rng([cfg.seed, v, cid]),
             evaluator=fleet.evaluator,
             alarm=self.alarm,
+            epochs=fleet.adversary.round_epochs(cid, v),
         )
         tamper_rng = np.random.default_rng([cfg.seed, v, cid, 65537])
         update = fleet.adversary.tamper_round(v, self.versions[v], [update], tamper_rng)[0]

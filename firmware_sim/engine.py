@@ -190,23 +190,21 @@ class Fleet:
             self.board_trainer = self.trainer
 
 
-def build_adversary(config: SimConfig, dataset: Dataset) -> Adversary:
-    """The adversary of ``config`` (honest fleet when no attack is configured)."""
+def build_adversary(
+    config: SimConfig, dataset: Dataset, board_labels: list[np.ndarray] | None = None
+) -> Adversary:
+    """The adversary of ``config`` (honest fleet when no attack is configured);
+    ``board_labels``, each board's training labels, let it choose its boards by class."""
     if config.attack in (None, "", "none"):
         return Adversary()
     from firmware_sim.attacks import make_adversary
 
-    return make_adversary(config, dataset)
+    return make_adversary(config, dataset, board_labels)
 
 
-def build_fleet(config: SimConfig, dataset: Dataset | None = None) -> Fleet:
-    """Load data, partition it, build the shared trainer, evaluator, strategy and adversary."""
-    seed_everything(config.seed)
-    ds = dataset if dataset is not None else load_dataset(config.dataset)
-    if config.train_samples is not None or config.test_samples is not None:
-        ds = ds.subset(config.train_samples, config.test_samples)
-    model_name = config.model or DEFAULT_MODEL[ds.name]
-    split = make_federated_split(
+def federated_split(config: SimConfig, ds: Dataset) -> FederatedSplit:
+    """``config``'s partition of ``ds`` over the boards (with the root set)."""
+    return make_federated_split(
         ds.y_train,
         config.clients,
         config.partition,
@@ -217,6 +215,41 @@ def build_fleet(config: SimConfig, dataset: Dataset | None = None) -> Fleet:
         local_test_fraction=config.local_test_fraction,
         seed=config.seed,
     )
+
+
+def malicious_board_ids(config: SimConfig) -> tuple[int, ...]:
+    """The boards ``config``'s attack controls, chosen as :func:`build_fleet` chooses them
+    (the data is loaded and partitioned only when the choice depends on the boards' classes)."""
+    if config.attack in (None, "", "none"):
+        return ()
+    from firmware_sim.attacks import select_malicious_ids
+
+    params = {str(k).replace("-", "_"): v for k, v in (config.attack_params or {}).items()}
+    labels = None
+    if params.get("holding_class") is not None:
+        ds = load_dataset(config.dataset)
+        if config.train_samples is not None or config.test_samples is not None:
+            ds = ds.subset(config.train_samples, config.test_samples)
+        labels = [ds.y_train[s.train_idx] for s in federated_split(config, ds).shards]
+    ids, _ = select_malicious_ids(
+        config.clients,
+        config.malicious,
+        config.malicious_ids,
+        config.seed,
+        holding_class=params.get("holding_class"),
+        board_labels=labels,
+    )
+    return ids
+
+
+def build_fleet(config: SimConfig, dataset: Dataset | None = None) -> Fleet:
+    """Load data, partition it, build the shared trainer, evaluator, strategy and adversary."""
+    seed_everything(config.seed)
+    ds = dataset if dataset is not None else load_dataset(config.dataset)
+    if config.train_samples is not None or config.test_samples is not None:
+        ds = ds.subset(config.train_samples, config.test_samples)
+    model_name = config.model or DEFAULT_MODEL[ds.name]
+    split = federated_split(config, ds)
     train_cfg = TrainConfig(
         epochs=config.local_epochs,
         batch_size=config.batch_size,
@@ -264,7 +297,7 @@ def build_fleet(config: SimConfig, dataset: Dataset | None = None) -> Fleet:
     undefended = None
     if config.defense_start_round > 1:
         undefended = RuleStrategy("fedavg", seed=config.seed)
-    adversary = build_adversary(config, ds)
+    adversary = build_adversary(config, ds, [ds.y_train[s.train_idx] for s in split.shards])
     boards = []
     for shard in split.shards:
         data = BoardData(
@@ -332,6 +365,7 @@ def play_round(fleet: Fleet, round_index: int, global_weights: np.ndarray) -> di
             rng,
             evaluator=fleet.evaluator,
             alarm=alarm_cfg,
+            epochs=fleet.adversary.round_epochs(cid, round_index),
         )
         updates.append(update)
     board_seconds = time.perf_counter() - t0

@@ -204,11 +204,9 @@ def prepare_fleet(
     dataset = resolve_dataset(config.dataset)
     malicious: tuple[int, ...] = ()
     if config.attack not in (None, "", "none"):
-        from firmware_sim.attacks import select_malicious_ids
+        from firmware_sim.engine import malicious_board_ids
 
-        malicious, _ = select_malicious_ids(
-            config.clients, config.malicious, config.malicious_ids, config.seed
-        )
+        malicious = malicious_board_ids(config)
     coord = CoordinatorConfig(
         run=run_id,
         key_dir=coord_dir / "keys",

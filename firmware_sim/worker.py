@@ -371,6 +371,7 @@ class FleetWorker:
                 agent.rng(t),
                 evaluator=fleet.evaluator,
                 alarm=self.alarm,
+                epochs=fleet.adversary.round_epochs(index, t),
             )
             compute[index] = time.perf_counter() - t0
             figures[index] = self._figures(update)
@@ -433,6 +434,7 @@ class FleetWorker:
             agent.rng(t),
             evaluator=fleet.evaluator,
             alarm=self.alarm,
+            epochs=fleet.adversary.round_epochs(index, t),
         )
         seconds = time.perf_counter() - t0
         rng = np.random.default_rng([cfg.seed, t, index, 65537])

@@ -63,16 +63,22 @@ def select_malicious_ids(
     fraction: float,
     explicit: Sequence[int] | None,
     seed: int,
+    *,
+    holding_class: int | None = None,
+    board_labels: Sequence[np.ndarray] | None = None,
 ) -> tuple[tuple[int, ...], str]:
     """The malicious board ids and a description of how they were chosen.
 
     Explicit ids win. Otherwise ``c = round(fraction · K)`` boards are taken as the first ``c``
-    entries of ``numpy.random.default_rng(seed).permutation(K)`` (the run seed), sorted.
+    entries of ``numpy.random.default_rng(seed).permutation(K)`` (the run seed), sorted. With
+    ``holding_class``, the permutation runs over the boards whose training labels
+    (``board_labels[i]``) contain that class instead, in board order.
 
     Raises
     ------
     AttackSetupError
-        An explicit id outside ``0..K-1`` or repeated, or no malicious board at all.
+        An explicit id outside ``0..K-1`` or repeated, no malicious board at all, or fewer
+        boards holding ``holding_class`` than malicious boards asked for.
     """
     if explicit is not None:
         ids = tuple(int(i) for i in explicit)
@@ -83,6 +89,24 @@ def select_malicious_ids(
             raise AttackSetupError(f"malicious board ids {list(ids)} contain duplicates")
         chosen = tuple(sorted(ids))
         how = "explicit --malicious-ids"
+    elif holding_class is not None:
+        if board_labels is None or len(board_labels) != num_clients:
+            raise AttackSetupError(
+                "choosing the malicious boards by class needs every board's training labels"
+            )
+        holders = [i for i, labels in enumerate(board_labels) if np.any(labels == holding_class)]
+        c = malicious_count(fraction, num_clients)
+        if len(holders) < c:
+            raise AttackSetupError(
+                f"{c} malicious boards holding class {holding_class} were asked for, but only "
+                f"{len(holders)} boards hold it; lower --malicious or choose another class"
+            )
+        perm = np.random.default_rng(seed).permutation(len(holders))
+        chosen = tuple(sorted(holders[int(j)] for j in perm[:c]))
+        how = (
+            f"first round({fraction:g}·{num_clients}) = {c} of default_rng({seed}).permutation "
+            f"of the {len(holders)} boards holding class {holding_class}"
+        )
     else:
         c = malicious_count(fraction, num_clients)
         perm = np.random.default_rng(seed).permutation(num_clients)
@@ -111,6 +135,8 @@ class AttackAdversary(Adversary):
         Also raise the SIREN alarm bit in attacking rounds.
     selection : str
         How the ids were chosen (recorded in the history).
+    attack_epochs : int, optional
+        Local epochs of a malicious board in attacking rounds (the run's own when ``None``).
     """
 
     def __init__(
@@ -121,8 +147,10 @@ class AttackAdversary(Adversary):
         *,
         false_alarm: bool = False,
         selection: str = "",
+        attack_epochs: int | None = None,
     ) -> None:
         super().__init__(malicious_ids)
+        self.attack_epochs = attack_epochs
         self.attack = attack
         self.name = attack.name
         self.schedule = schedule
@@ -154,6 +182,16 @@ class AttackAdversary(Adversary):
         if self.schedule.active(round_index) and client_id in self._poisoned:
             return self._poisoned[client_id]
         return data
+
+    def round_epochs(self, client_id: int, round_index: int) -> int | None:
+        """A malicious board's longer training in attacking rounds (``extra_epochs``)."""
+        if (
+            self.attack_epochs is not None
+            and client_id in self.malicious_ids
+            and self.schedule.active(round_index)
+        ):
+            return self.attack_epochs
+        return None
 
     def tamper_round(
         self,
@@ -233,12 +271,16 @@ def probe_metrics(trainer: Any, weights: np.ndarray, probe: Any) -> dict[str, fl
     return out
 
 
-def make_adversary(config: Any, dataset: Dataset) -> AttackAdversary:
+def make_adversary(
+    config: Any, dataset: Dataset, board_labels: Sequence[np.ndarray] | None = None
+) -> AttackAdversary:
     """Build the adversary of a :class:`firmware_sim.engine.SimConfig` with an attack set.
 
     Uses ``config.attack`` (registry name), ``config.attack_params`` (the attack's parameters
-    plus ``start_round``, ``every`` and ``false_alarm``), ``config.malicious`` /
-    ``config.malicious_ids``, ``config.clients`` and ``config.seed``.
+    plus the common ones: ``start_round``, ``every``, ``false_alarm``, ``extra_epochs``,
+    ``holding_class``), ``config.malicious`` / ``config.malicious_ids``, ``config.clients``,
+    ``config.local_epochs`` and ``config.seed``. ``board_labels`` (each board's training labels)
+    is needed when ``holding_class`` is set.
 
     Raises
     ------
@@ -248,11 +290,24 @@ def make_adversary(config: Any, dataset: Dataset) -> AttackAdversary:
     cls = get_attack(str(config.attack))
     values = resolve_params(cls.name, cls.PARAMS, dict(config.attack_params or {}))
     ids, how = select_malicious_ids(
-        int(config.clients), float(config.malicious), config.malicious_ids, int(config.seed)
+        int(config.clients),
+        float(config.malicious),
+        config.malicious_ids,
+        int(config.seed),
+        holding_class=values["holding_class"],
+        board_labels=board_labels,
     )
     setting = AttackSetting(dataset, int(config.clients), ids, int(config.seed))
     attack = cls(setting, values)
     schedule = Schedule(int(values["start_round"]), int(values["every"]), attack.single_shot)
+    epochs = None
+    if values["extra_epochs"]:
+        epochs = int(getattr(config, "local_epochs", 1)) + int(values["extra_epochs"])
     return AttackAdversary(
-        attack, ids, schedule, false_alarm=bool(values["false_alarm"]), selection=how
+        attack,
+        ids,
+        schedule,
+        false_alarm=bool(values["false_alarm"]),
+        selection=how,
+        attack_epochs=epochs,
     )

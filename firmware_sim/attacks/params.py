@@ -3,8 +3,8 @@
 Attack parameters arrive from ``--attack-param KEY=VALUE`` already parsed as Python literals
 (``boost=-4`` is the int ``-4``, ``mode=full`` the string ``"full"``). Each attack declares its
 parameters as :class:`Param` objects; :func:`resolve_params` checks names, converts types,
-checks ranges and choices, and fills in defaults. Every attack also accepts the scheduling
-parameters of :data:`COMMON_PARAMS`.
+checks ranges and choices, and fills in defaults. Every attack also accepts the scheduling,
+selection and training parameters of :data:`COMMON_PARAMS`.
 """
 
 from __future__ import annotations
@@ -105,7 +105,8 @@ class Param:
         return f"{self.name}={self.default!r}"
 
 
-#: Parameters every attack accepts: camouflage scheduling and the SIREN false alarm.
+#: Parameters every attack accepts: camouflage scheduling, the SIREN false alarm, longer local
+#: training of the malicious boards and their choice among the holders of one class.
 COMMON_PARAMS: tuple[Param, ...] = (
     Param(
         "start_round",
@@ -126,6 +127,22 @@ COMMON_PARAMS: tuple[Param, ...] = (
         bool,
         False,
         "also raise the SIREN alarm bit in attacking rounds",
+    ),
+    Param(
+        "extra_epochs",
+        int,
+        0,
+        "local epochs the malicious boards train beyond the honest boards' in attacking "
+        "rounds (residual-based reweighting §4.2 gives its label flippers 5 more)",
+        minimum=0,
+    ),
+    Param(
+        "holding_class",
+        int,
+        None,
+        "choose the malicious boards among those whose training data holds this class "
+        "(residual-based reweighting §4.2: the attackers hold the digit they flip)",
+        minimum=0,
     ),
 )
 
