@@ -99,7 +99,8 @@ def select_malicious_ids(
         if len(holders) < c:
             raise AttackSetupError(
                 f"{c} malicious boards holding class {holding_class} were asked for, but only "
-                f"{len(holders)} boards hold it; lower --malicious or choose another class"
+                f"{len(holders)} {'board holds' if len(holders) == 1 else 'boards hold'} it; "
+                "lower --malicious or choose another class"
             )
         perm = np.random.default_rng(seed).permutation(len(holders))
         chosen = tuple(sorted(holders[int(j)] for j in perm[:c]))
