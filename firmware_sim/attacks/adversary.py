@@ -23,7 +23,7 @@ import numpy as np
 from edge_client.board import BoardData, BoardUpdate
 from firmware_sim.adversary import Adversary
 from firmware_sim.attacks.base import Attack, AttackSetting, get_attack
-from firmware_sim.attacks.errors import AttackSetupError
+from firmware_sim.attacks.errors import AttackParameterError, AttackSetupError
 from firmware_sim.attacks.params import resolve_params
 from models.datasets import Dataset
 
@@ -290,6 +290,12 @@ def make_adversary(
     """
     cls = get_attack(str(config.attack))
     values = resolve_params(cls.name, cls.PARAMS, dict(config.attack_params or {}))
+    holding = values["holding_class"]
+    if holding is not None and not holding < dataset.num_classes:
+        raise AttackParameterError(
+            f"attack {cls.name!r} parameter 'holding_class' must be a class in "
+            f"0..{dataset.num_classes - 1}, got {holding}"
+        )
     ids, how = select_malicious_ids(
         int(config.clients),
         float(config.malicious),

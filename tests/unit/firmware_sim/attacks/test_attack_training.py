@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from firmware_sim.attacks import select_malicious_ids
-from firmware_sim.attacks.errors import AttackSetupError
+from firmware_sim.attacks.errors import AttackParameterError, AttackSetupError
 from firmware_sim.engine import SimConfig, build_fleet, malicious_board_ids, play_round
 from tests.unit.firmware_sim.attacks.builders import adversary
 
@@ -91,3 +91,8 @@ def test_the_engine_trains_the_attackers_longer_and_the_honest_boards_as_configu
         start, data.x_train, data.y_train, np.random.default_rng(0), epochs=3
     )
     assert three.steps == 3 * -(-len(data.y_train) // config.batch_size)
+
+
+def test_a_holding_class_outside_the_dataset_is_refused_by_name() -> None:
+    with pytest.raises(AttackParameterError, match=r"'holding_class' must be a class in 0\.\.3"):
+        adversary("label_flip", (1,), clients=3, holding_class=4)
