@@ -57,7 +57,9 @@ def _say(line: str) -> None:
     print(f"[board-aarch64] {line}", flush=True)
 
 
-def _wait(predicate: Callable[[], Any], timeout: float, what: str, poll: float = 0.5) -> Any:
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, poll: float = 0.5) -> Any:
+    """``predicate()``'s first truthy value, polled every ``poll`` s; ``TimeoutError`` naming
+    ``what`` after ``timeout`` s."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
@@ -67,7 +69,9 @@ def _wait(predicate: Callable[[], Any], timeout: float, what: str, poll: float =
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def _query(db: Path, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+def query_readonly(db: Path, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Rows of ``sql`` on the SQLite file ``db`` opened read-only (none while it is missing or
+    locked: a coordinator may be writing it)."""
     if not db.exists():
         return []
     try:
@@ -208,7 +212,7 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
     try:
         mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         procs.spawn("mosquitto", [mosquitto, "-c", str(dep / "broker" / "mosquitto.conf")])
-        _wait(lambda: _port_open(broker_port), 20, "the broker")
+        wait_for(lambda: _port_open(broker_port), 20, "the broker")
         findings = check_broker(
             (dep / "broker" / "mosquitto.conf").resolve(), "127.0.0.1", broker_port,
             dep / "coordinator" / "ca.crt", pids=[procs.procs["mosquitto"].pid],
@@ -277,7 +281,7 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
                 procs, db, args.rounds, args.kill_round, start_arm, facts["kill"]
             )
             coord = procs.procs["coordinator"]
-            _wait(lambda: coord.poll() is not None, 600, "the coordinator to finish")
+            wait_for(lambda: coord.poll() is not None, 600, "the coordinator to finish")
             facts["coordinator_exit"] = coord.returncode
             summary = [
                 line for line in procs.log("coordinator").read_text().splitlines()
@@ -286,7 +290,7 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
             facts["coordinator_summary"] = summary[-1] if summary else ""
             for board in (*ARM_BOARDS, HOST_BOARD):
                 proc = procs.procs[board]
-                _wait(lambda: proc.poll() is not None, 300, f"{board} to exit")  # noqa: B023
+                wait_for(lambda: proc.poll() is not None, 300, f"{board} to exit")  # noqa: B023
             facts["board_exits"] = {b: procs.procs[b].returncode for b in (*ARM_BOARDS, HOST_BOARD)}
             facts["peak_rss_kib"] = procs.sample()
             logs = {b: procs.log(b).read_text() for b in (*ARM_BOARDS, HOST_BOARD)}
@@ -317,15 +321,15 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
             steps["siren bench alarm inside the root"] = time.monotonic() - t0
             facts["bench_alarm"] = (root / "tmp" / "alarm-aarch64.md").read_text()
             facts["bench_alarm_stdout"] = bench.stdout[-2000:]
-        facts["duplicates"] = _query(
+        facts["duplicates"] = query_readonly(
             db, "SELECT round, count FROM decisions WHERE reason = 'duplicate' ORDER BY round"
         )
-        facts["updates_per_round"] = _query(
+        facts["updates_per_round"] = query_readonly(
             db, "SELECT round, client FROM updates ORDER BY round, client"
         )
         facts["telemetry"] = {
             client: (rnd, json.loads(figures))
-            for client, rnd, figures in _query(
+            for client, rnd, figures in query_readonly(
                 db, "SELECT client, round, figures FROM telemetry ORDER BY client, round"
             )
         }  # the latest round each board reported figures for
@@ -379,14 +383,16 @@ def _follow_run(
     deadline = time.monotonic() + 3600
     while time.monotonic() < deadline:
         procs.sample()
-        closed = _query(
+        closed = query_readonly(
             db, "SELECT round, opened_at, closed_at, record FROM rounds WHERE status = 'closed' "
             "ORDER BY round",
         )  # fmt: skip
         for rnd, opened, closed_at, record in closed[len(rows) :]:
             rec = json.loads(record)
             arrivals = dict(
-                _query(db, "SELECT client, received_at FROM updates WHERE round = ?", (rnd,))
+                query_readonly(
+                    db, "SELECT client, received_at FROM updates WHERE round = ?", (rnd,)
+                )
             )
             rows.append(
                 {
@@ -403,10 +409,10 @@ def _follow_run(
                  f"{100 * (rec.get('test_accuracy') or 0):.2f}%")  # fmt: skip
         if len(rows) >= rounds:
             return rows
-        current = _query(db, "SELECT value FROM meta WHERE key = 'current_round'")
+        current = query_readonly(db, "SELECT value FROM meta WHERE key = 'current_round'")
         open_round = int(current[0][0]) if current else 0
         if not killed and open_round >= kill_round:
-            mine = _query(
+            mine = query_readonly(
                 db, "SELECT 1 FROM updates WHERE round = ? AND client = ?", (open_round, victim)
             )
             # The round is open and the board's update is not in yet (it is receiving the model,

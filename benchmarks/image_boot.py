@@ -45,12 +45,11 @@ import re
 import shutil
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -109,26 +108,6 @@ while True:
 
 def _say(line: str) -> None:
     print(f"[image-boot] {line}", flush=True)
-
-
-def _wait(predicate: Callable[[], Any], timeout: float, what: str, poll: float = 1.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def _query(db: Path, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    if not db.exists():
-        return []
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5.0) as conn:
-            return conn.execute(sql, args).fetchall()
-    except sqlite3.Error:
-        return []
 
 
 def _port_open(port: int) -> bool:
@@ -236,7 +215,7 @@ def _build_image(out: Path) -> tuple[float, str]:
 
 def run_check(args: argparse.Namespace) -> dict[str, Any]:
     """Run the whole check; return what was measured (``problems`` lists failed checks)."""
-    from benchmarks.board_aarch64 import Processes
+    from benchmarks.board_aarch64 import Processes, query_readonly, wait_for
     from deploy.checks import check_broker
     from firmware_sim.broker import free_ports
     from image import card
@@ -285,7 +264,7 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
         )
         mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         procs.spawn("mosquitto", [mosquitto, "-c", str(dep / "broker" / "mosquitto.conf")])
-        _wait(lambda: _port_open(broker_port), 30, "the broker")
+        wait_for(lambda: _port_open(broker_port), 30, "the broker")
         findings = check_broker(
             (dep / "broker" / "mosquitto.conf").resolve(), "127.0.0.1", broker_port,
             dep / "coordinator" / "ca.crt", pids=[procs.procs["mosquitto"].pid],
@@ -350,12 +329,12 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
                 if name not in milestones and re.search(pattern, text):
                     milestones[name] = time.monotonic() - t_boot
                     _say(f"{milestones[name]:6.0f} s  {name}")
-            mine = _query(db, "SELECT round, received_at FROM updates WHERE client = ? "
+            mine = query_readonly(db, "SELECT round, received_at FROM updates WHERE client = ? "
                           "ORDER BY round", (GUEST_BOARD,))  # fmt: skip
             if mine and "board-000 joined: first update admitted" not in milestones:
                 milestones["board-000 joined: first update admitted"] = mine[0][1] - wall_boot
                 _say(f"{mine[0][1] - wall_boot:6.0f} s  board-000's first update admitted")
-            rounds = _query(db, "SELECT round, opened_at, closed_at, record FROM rounds "
+            rounds = query_readonly(db, "SELECT round, opened_at, closed_at, record FROM rounds "
                             "WHERE status = 'closed' ORDER BY round")  # fmt: skip
             if len(rounds) >= args.rounds:
                 break
@@ -370,11 +349,13 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
             {"round": r, "seconds": c - o, "accuracy": json.loads(rec).get("test_accuracy")}
             for r, o, c, rec in rounds
         ]
-        facts["updates"] = _query(db, "SELECT round, client FROM updates ORDER BY round, client")
+        facts["updates"] = query_readonly(
+            db, "SELECT round, client FROM updates ORDER BY round, client"
+        )
         coord = procs.procs["coordinator"]
         finished = len(rounds) >= args.rounds
         with contextlib.suppress(TimeoutError):
-            _wait(lambda: coord.poll() is not None, 300 if finished else 1, "the coordinator")
+            wait_for(lambda: coord.poll() is not None, 300 if finished else 1, "the coordinator")
         facts["coordinator_exit"] = coord.returncode
         summary = [ln for ln in procs.log("coordinator").read_text().splitlines()
                    if ln.startswith("run image finished")]  # fmt: skip
@@ -385,7 +366,7 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
         t_off = time.monotonic()
         try:
             _qmp(qmp, "system_powerdown")
-            _wait(lambda: qemu.poll() is not None, 180, "the guest to power off")
+            wait_for(lambda: qemu.poll() is not None, 180, "the guest to power off")
             facts["poweroff"] = f"clean, {time.monotonic() - t_off:.0f} s after the power button"
         except (OSError, TimeoutError) as exc:
             facts["poweroff"] = f"not clean ({exc}); QEMU stopped"
@@ -418,7 +399,7 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
         facts["boot_partition"] = (boot.start, boot.bytes)
         host_board = procs.procs[HOST_BOARD]
         with contextlib.suppress(TimeoutError):
-            _wait(lambda: host_board.poll() is not None, 120 if finished else 1, HOST_BOARD)
+            wait_for(lambda: host_board.poll() is not None, 120 if finished else 1, HOST_BOARD)
     finally:
         procs.stop_all()
         if args.keep:
