@@ -71,15 +71,11 @@ from models.settings import SPLIT_COMMENTS, SplitSettings
 from models.training import DEFAULT_LR, default_learning_rate
 from protocol import mqtt
 from protocol import settings as toml_settings
+from protocol.settings import load_toml
 from protocol.settings import relative_path as _rel
 from protocol.settings import resolve_path as _path
 from protocol.settings import section_values as _section
 from protocol.siren_profiles import ALARM_RULES, DEFAULT_PROFILE, get_profile
-
-try:  # Python 3.11+
-    import tomllib
-except ModuleNotFoundError:  # pragma: no cover - Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
 
 __all__ = [
     "DEFAULT_LR",
@@ -286,14 +282,8 @@ class BoardConfig:
         ConfigError
             If the file is missing, not TOML, or a value is invalid.
         """
-        file_path = Path(path)
-        try:
-            raw = tomllib.loads(file_path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise ConfigError(f"cannot read board config {file_path}: {exc.strerror}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{file_path} is not valid TOML: {exc}") from None
-        return cls.from_dict(raw, base_dir=file_path.resolve().parent)
+        raw, base_dir = load_toml(path, "board config", ConfigError)
+        return cls.from_dict(raw, base_dir=base_dir)
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], *, base_dir: Path) -> BoardConfig:

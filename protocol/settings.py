@@ -13,20 +13,47 @@ importing the other (DESIGN.md §2).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Collection, Mapping
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, TypeVar
 
+try:  # Python 3.11+
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
 __all__ = [
     "build_section",
     "dumps_toml",
+    "load_toml",
     "relative_path",
     "resolve_path",
     "section_values",
 ]
 
 T = TypeVar("T")
+
+
+def load_toml(
+    path: str | os.PathLike[str], what: str, error: type[Exception]
+) -> tuple[dict[str, Any], Path]:
+    """The parsed TOML file ``path`` and the folder its relative paths are resolved against.
+
+    Raises
+    ------
+    error
+        The file cannot be read (``what`` names it: "board config", ...) or is not TOML.
+    """
+    file_path = Path(path)
+    try:
+        raw = tomllib.loads(file_path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise error(f"cannot read {what} {file_path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise error(f"{file_path} is not valid TOML: {exc}") from None
+    return raw, file_path.resolve().parent
 
 
 def resolve_path(value: Any, base_dir: Path | None) -> Path:
