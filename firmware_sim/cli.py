@@ -386,12 +386,18 @@ def add_fleet_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+#: Where ``siren sim run`` writes when ``--out`` is not given (then ``runs/sim-2``, ...).
+SIM_OUT = Path("runs/sim")
+
+
 def _run(args: argparse.Namespace) -> int:
+    from firmware_sim.fleet_command import run_out_dir
     from models.errors import ModelsError
 
     config = config_from_args(args)
     check_config(config)
-    out = Path(args.out)
+    run_out_dir(args.out, overwrite=args.overwrite, remove=False, default=SIM_OUT)
+    out, note = run_out_dir(args.out, overwrite=args.overwrite, default=SIM_OUT)
     from firmware_sim.engine import run_simulation
     from firmware_sim.report import (
         format_ban_outcome,
@@ -410,6 +416,7 @@ def _run(args: argparse.Namespace) -> int:
         f"dataset {describe_dataset(config.dataset)}",
         flush=True,
     )
+    print(f"output: {out}" + (f" ({note})" if note else ""), flush=True)
     started = time.perf_counter()
     try:
         history = run_simulation(
@@ -480,7 +487,17 @@ def register(sub: Any) -> None:
         "print progress per round and write <out>/history.json and <out>/accuracy.png.",
     )
     add_run_options(run)
-    run.add_argument("--out", default="runs/sim", help="output directory (default: %(default)s)")
+    run.add_argument(
+        "--out",
+        default=None,
+        help="output folder: history.json, accuracy.png (default: runs/sim, or runs/sim-2, -3, "
+        "... when it holds an earlier run)",
+    )
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the earlier run in --out (without it, a folder holding a run is refused)",
+    )
     run.set_defaults(func=_run)
     fleet = s.add_parser(
         "fleet",

@@ -2,7 +2,7 @@
 
 Before anything is loaded or started, every option is checked
 (:func:`firmware_sim.options.check_config`) and the run gets a folder of its own
-(:func:`fleet_out_dir`): a fleet's folder holds its keys, its coordinator database and its
+(:func:`run_out_dir`): a fleet's folder holds its keys, its coordinator database and its
 logs, which no second run may reuse. The header says what ``auto`` picked (dataset, broker)
 and how many boards attack. Each round is reported when it closes; the history and the
 accuracy plot are written at the end. With the dashboard on, :func:`linger` keeps serving it
@@ -51,37 +51,51 @@ def holds_run(folder: Path) -> bool:
     return (folder / "history.json").exists() or (fleet.is_dir() and any(fleet.iterdir()))
 
 
-def fleet_out_dir(requested: str | None, *, overwrite: bool = False) -> tuple[Path, str | None]:
-    """The folder of a new fleet run, and a note for the user when it is not the one asked for.
+def run_out_dir(
+    requested: str | None,
+    *,
+    overwrite: bool = False,
+    remove: bool = True,
+    default: Path = DEFAULT_OUT,
+) -> tuple[Path, str | None]:
+    """The folder of a new run (``siren sim fleet``, ``siren sim run``), and a note for the user
+    when it is not the one asked for.
 
     Two runs never share a folder. Without ``--out`` (``requested`` is ``None``) the run goes to
-    ``runs/fleet``, or, when that holds a run, to the first of ``runs/fleet-2``,
+    ``default`` (``runs/fleet``), or, when that holds a run, to the first of ``runs/fleet-2``,
     ``runs/fleet-3``, ... that does not, so the same command can be run again and again. A
     folder given with ``--out`` that holds a run is refused unless ``overwrite``, which removes
-    that run's files (:data:`RUN_FILES`, nothing else) first.
+    that run's files (:data:`RUN_FILES`, nothing else) first; with ``remove`` false nothing is
+    removed yet (check every other option first, then call again). The folder is created (so
+    that one that cannot be is refused before any work).
 
     Raises
     ------
     CommandError
-        ``--out`` names a folder holding a run and ``overwrite`` is false.
+        ``--out`` names a file, a folder that cannot be created, or a folder holding a run
+        while ``overwrite`` is false.
     """
     if requested is None:
-        out, n = DEFAULT_OUT, 1
+        out, n = default, 1
         while holds_run(out):
             n += 1
-            out = DEFAULT_OUT.with_name(f"{DEFAULT_OUT.name}-{n}")
-        note = None if n == 1 else f"{DEFAULT_OUT} holds an earlier run"
+            out = default.with_name(f"{default.name}-{n}")
+        note = None if n == 1 else f"{default} holds an earlier run"
+        _make_folder(out)
         return out, note
     out = Path(requested)
     if out.exists() and not out.is_dir():
         raise CommandError(f"--out {out} is a file; give a folder")
     if not holds_run(out):
+        _make_folder(out)
         return out, None
     if not overwrite:
         raise CommandError(
-            f"--out {out} holds an earlier fleet run (its keys and coordinator database cannot "
-            "be reused): pass --overwrite to replace it, or give another --out"
+            f"--out {out} holds an earlier run (a fleet run's keys and coordinator database "
+            "cannot be reused): pass --overwrite to replace it, or give another --out"
         )
+    if not remove:
+        return out, None
     for name in RUN_FILES:
         path = out / name
         if path.is_dir() and not path.is_symlink():
@@ -89,6 +103,33 @@ def fleet_out_dir(requested: str | None, *, overwrite: bool = False) -> tuple[Pa
         elif path.exists() or path.is_symlink():
             path.unlink()
     return out, f"removed the earlier run in {out} (--overwrite)"
+
+
+def _make_folder(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CommandError(f"cannot create the output folder {out}: {exc.strerror}") from None
+
+
+def _check_run_limits(options: FleetOptions, timeout: float | None) -> None:
+    """Refuse a quorum outside (0, 1], a negative round deadline or a non-positive overall
+    ``--timeout`` before anything is written.
+
+    Raises
+    ------
+    CommandError
+        One of them is out of range.
+    """
+    if not 0.0 < options.quorum <= 1.0:
+        raise CommandError(f"--quorum must be in (0, 1], got {options.quorum}")
+    if not options.round_timeout >= 0.0:
+        raise CommandError(
+            f"--round-timeout must be >= 0 seconds (0: wait for every board), "
+            f"got {options.round_timeout}"
+        )
+    if timeout is not None and not timeout > 0.0:
+        raise CommandError(f"--timeout must be > 0 seconds, got {timeout}")
 
 
 def _api_port(requested: int | None) -> int | None:
@@ -194,7 +235,16 @@ def fleet_command(args: argparse.Namespace) -> int:
         ray_worker_cpus=ray_cpus,
         broker_host=getattr(args, "broker_host", None),
     )
-    out, note = fleet_out_dir(args.out, overwrite=args.overwrite)
+    _check_run_limits(options, args.timeout)
+    run_out_dir(args.out, overwrite=args.overwrite, remove=False)  # refuse before any work
+    if ray is not None:
+        from firmware_sim.ray_fleet import import_ray
+
+        try:
+            import_ray()
+        except FleetError as exc:
+            raise CommandError(str(exc)) from exc
+    out, note = run_out_dir(args.out, overwrite=args.overwrite)
     warn_about_data_dir(config)
     if options.api_port is not None:
         print(f"coordinator dashboard: http://127.0.0.1:{options.api_port}/", flush=True)

@@ -104,7 +104,8 @@ class RayCluster:
             ray.shutdown()
 
 
-def _import_ray() -> Any:
+def import_ray() -> Any:
+    """The ``ray`` module; :class:`FleetError` naming the extra to install when it is missing."""
     try:
         import ray
     except ImportError as exc:
@@ -131,7 +132,7 @@ def connect_cluster(address: str, *, local_cpus: int | None = None) -> RayCluste
     FleetError
         Ray is not installed, the cluster cannot be reached, or it has no alive node.
     """
-    ray = _import_ray()
+    ray = import_ray()
     main_thread = threading.current_thread() is threading.main_thread()
     # ray.init installs its own SIGTERM handler; the command's own (which unwinds through the
     # fleet's cleanup) must stay in force.
@@ -398,7 +399,7 @@ class RayWorkers:
         FleetError
             An actor cannot be placed within :data:`PLACEMENT_TIMEOUT` or fails to start.
         """
-        ray = _import_ray()
+        ray = import_ray()
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         host_class = ray.remote(BoardHost)
@@ -432,7 +433,7 @@ class RayWorkers:
     def sync_stats(self) -> None:
         """Append what every worker wrote since the last call to its local statistics file
         (the ``stats_path`` of its spec on this host)."""
-        ray = _import_ray()
+        ray = import_ray()
         refs = [a.read_stats.remote(off) for a, off in zip(self.actors, self._offsets)]
         for w, ref in enumerate(refs):
             try:
@@ -452,7 +453,7 @@ class RayWorkers:
         FleetError
             A worker exited with a non-zero code or its actor died.
         """
-        ray = _import_ray()
+        ray = import_ray()
         self.sync_stats()
         for w, ref in enumerate(self.runs):
             if w in self.codes:
@@ -477,7 +478,7 @@ class RayWorkers:
 
     def log_tail(self, w: int, chars: int = 3000) -> str:
         """The end of worker ``w``'s log on its node ("" when its actor is gone)."""
-        ray = _import_ray()
+        ray = import_ray()
         try:
             return str(ray.get(self.actors[w].read_log.remote(chars), timeout=30))
         except ray.exceptions.RayError:
@@ -510,7 +511,7 @@ class RayWorkers:
         """Stop every worker (the boards announce themselves offline), remove their folders and
         end the actors. Removing a folder of thousands of boards' keys takes a while on a busy
         node: the actors are ended only once that is done (or after ``cleanup_timeout``)."""
-        ray = _import_ray()
+        ray = import_ray()
         with contextlib.suppress(ray.exceptions.RayError):
             ray.get([a.stop.remote() for a in self.actors], timeout=timeout)
         if self.runs:

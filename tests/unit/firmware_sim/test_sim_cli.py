@@ -17,9 +17,9 @@ import pytest
 from firmware_sim.fleet_command import (
     RUN_FILES,
     describe_rejections,
-    fleet_out_dir,
     holds_run,
     linger_seconds,
+    run_out_dir,
 )
 from siren_cli.errors import CommandError
 from siren_cli.main import main
@@ -46,18 +46,18 @@ def test_without_out_each_fleet_run_gets_a_folder_of_its_own(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    assert fleet_out_dir(None) == (Path("runs/fleet"), None)
+    assert run_out_dir(None) == (Path("runs/fleet"), None)
     _fake_run(tmp_path / "runs" / "fleet")
-    out, note = fleet_out_dir(None)
+    out, note = run_out_dir(None)
     assert out == Path("runs/fleet-2") and note == "runs/fleet holds an earlier run"
     # An interrupted run (keys and database, no history yet) is a run too.
     (tmp_path / "runs" / "fleet-2" / "fleet" / "keys").mkdir(parents=True)
     (tmp_path / "runs" / "fleet-2" / "fleet" / "keys" / "x").write_text("x")
-    assert fleet_out_dir(None)[0] == Path("runs/fleet-3")
+    assert run_out_dir(None)[0] == Path("runs/fleet-3")
     # An empty folder, or one holding other things, holds no run.
     (tmp_path / "runs" / "fleet-3" / "fleet").mkdir(parents=True)
     assert not holds_run(tmp_path / "runs" / "fleet-3")
-    assert fleet_out_dir(None)[0] == Path("runs/fleet-3")
+    assert run_out_dir(None)[0] == Path("runs/fleet-3")
 
 
 def test_an_out_folder_holding_a_run_is_refused_unless_overwrite(tmp_path: Path) -> None:
@@ -65,15 +65,15 @@ def test_an_out_folder_holding_a_run_is_refused_unless_overwrite(tmp_path: Path)
     key = _fake_run(out)
     (out / "notes.txt").write_text("mine, not the run's")
     with pytest.raises(CommandError, match="pass --overwrite to replace it, or give another --out"):
-        fleet_out_dir(str(out))
+        run_out_dir(str(out))
     assert key.exists()
-    assert fleet_out_dir(str(out), overwrite=True) == (
+    assert run_out_dir(str(out), overwrite=True) == (
         out,
         f"removed the earlier run in {out} (--overwrite)",
     )
     assert not any((out / name).exists() for name in RUN_FILES)
     assert (out / "notes.txt").read_text() == "mine, not the run's"  # only the run's files go
-    assert fleet_out_dir(str(out)) == (out, None)
+    assert run_out_dir(str(out)) == (out, None)
 
 
 def test_a_second_fleet_into_the_same_out_stops_before_touching_the_first(
@@ -88,6 +88,59 @@ def test_a_second_fleet_into_the_same_out_stops_before_touching_the_first(
     assert err.count("\n") == 1 and "--overwrite" in err, err
     assert key.read_text() == before  # the first run's keys are untouched
     assert sorted(p.name for p in (out / "fleet").iterdir()) == ["coordinator", "keys"]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--quorum", "1.5"], "--quorum must be in (0, 1], got 1.5"),
+        (["--timeout", "-1"], "--timeout must be > 0 seconds, got -1.0"),
+        (["--round-timeout", "-2"], "--round-timeout must be >= 0 seconds"),
+    ],
+)
+def test_overwrite_removes_nothing_until_every_option_is_valid(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], options: list[str], message: str
+) -> None:
+    out = tmp_path / "run"
+    key = _fake_run(out)
+    argv = ["sim", "fleet", "--dataset", "digits", "--out", str(out), "--overwrite", *options]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert key.exists() and (out / "history.json").exists()
+
+
+def test_sim_run_never_writes_over_an_earlier_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    argv = ["sim", "run", "--dataset", "digits", "--clients", "2", "--rounds", "1"]
+    assert main(argv) == 0
+    assert "output: runs/sim\n" in capsys.readouterr().out
+    first = (tmp_path / "runs" / "sim" / "history.json").read_text()
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "output: runs/sim-2 (runs/sim holds an earlier run)" in out
+    assert (tmp_path / "runs" / "sim" / "history.json").read_text() == first
+    # an explicit --out holding a run (of either command) is refused, then replaced on request
+    assert main([*argv, "--out", "runs/sim"]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "runs" / "sim" / "history.json").read_text() == first
+    assert main([*argv, "--out", "runs/sim", "--overwrite"]) == 0
+    assert "removed the earlier run in runs/sim (--overwrite)" in capsys.readouterr().out
+
+
+def test_an_out_folder_that_cannot_be_made_is_refused_before_any_round(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for command in ("run", "fleet"):
+        argv = ["sim", command, "--dataset", "digits", "--out", str(blocker / "sub")]
+        assert main(argv) == 2
+        captured = capsys.readouterr()
+        assert "cannot create the output folder" in captured.err
+        assert captured.err.count("\n") == 1 and "round" not in captured.out, captured
 
 
 # -- 2. the help says what the fleet really runs -------------------------------------------------
