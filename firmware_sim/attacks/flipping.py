@@ -148,6 +148,13 @@ class TargetedLabelFlip(Attack):
         self.source_class = int(self.values["source"])
         self.target_class = int(self.values["target"])
         check_classes(self.name, setting, source=self.source_class, target=self.target_class)
+        holding = self.values.get("holding_class")
+        if holding is not None and holding != self.source_class:
+            raise AttackParameterError(
+                f"attack {self.name!r}: holding_class={holding} draws the attackers among the "
+                f"boards holding class {holding}, but they relabel class {self.source_class} "
+                f"(source={self.source_class}); give source={holding} as well"
+            )
 
     def poison_data(
         self, client_id: int, data: BoardData, rng: np.random.Generator

@@ -96,3 +96,10 @@ def test_the_engine_trains_the_attackers_longer_and_the_honest_boards_as_configu
 def test_a_holding_class_outside_the_dataset_is_refused_by_name() -> None:
     with pytest.raises(AttackParameterError, match=r"'holding_class' must be a class in 0\.\.3"):
         adversary("label_flip", (1,), clients=3, holding_class=4)
+
+
+def test_a_targeted_flip_drawn_among_other_holders_than_its_source_is_refused() -> None:
+    with pytest.raises(AttackParameterError, match="give source=1 as well"):
+        adversary("targeted_label_flip", (1,), clients=3, holding_class=1, source=2, target=3)
+    adv = adversary("targeted_label_flip", (1,), clients=3, holding_class=1, source=1, target=3)
+    assert adv.attack.values["holding_class"] == 1
