@@ -286,6 +286,7 @@ def add_run_options(
         default=malicious,
         help="fraction of malicious boards (default: %(default)g)",
     )
+    p.set_defaults(malicious_default=malicious)
     a.add_argument(
         "--malicious-ids",
         default=None,

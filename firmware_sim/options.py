@@ -36,6 +36,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
     """Build a :class:`firmware_sim.engine.SimConfig` from parsed options (user errors raise)."""
     from firmware_sim.engine import SimConfig
 
+    if args.seed < 0:
+        raise CommandError(f"--seed must be >= 0, got {args.seed}")
     ids = None
     if args.malicious_ids:
         try:
@@ -45,6 +47,14 @@ def config_from_args(args: argparse.Namespace) -> Any:
         bad = [i for i in ids if not 0 <= i < args.clients]
         if bad:
             raise CommandError(f"--malicious-ids {bad} outside 0..{args.clients - 1}")
+    malicious = args.malicious
+    if args.attack in (None, "", "none"):
+        if args.malicious_ids or malicious != getattr(args, "malicious_default", 0.0):
+            raise CommandError(
+                "--malicious and --malicious-ids choose the boards of an attack: give --attack "
+                "(siren sim attacks lists them), or leave them out for an honest fleet"
+            )
+        malicious = 0.0
     try:
         return SimConfig(
             dataset=args.dataset,
@@ -75,7 +85,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
             alarm_backend=args.alarm_backend,
             train_backend=args.train_backend,
             attack=args.attack,
-            malicious=args.malicious,
+            malicious=malicious,
             malicious_ids=ids,
             attack_params=parse_key_values(args.attack_param, "--attack-param"),
             seed=args.seed,
@@ -116,11 +126,21 @@ def check_config(config: Any) -> None:
     names = strategy_names()
     if config.aggregator not in names:
         raise CommandError(f"unknown aggregator {config.aggregator!r}; valid: {', '.join(names)}")
+    _check_numbers(config)
     _check_model(config)
     _check_training(config)
     _check_partition(config)
     _check_strategy(config)
     _check_attack(config)
+
+
+def _check_numbers(config: Any) -> None:
+    for option, value in (
+        ("--train-samples", config.train_samples),
+        ("--test-samples", config.test_samples),
+    ):
+        if value is not None and value < 1:
+            raise CommandError(f"{option} must be >= 1 (leave it out for the whole split)")
 
 
 def _check_model(config: Any) -> None:

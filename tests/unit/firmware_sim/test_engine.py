@@ -81,6 +81,11 @@ def test_sim_run_command_writes_history_and_plot(tmp_path, capsys):
         (["--clients", "0"], "--clients must be >= 1"),
         (["--malicious-ids", "1,x"], "comma-separated integers"),
         (["--attack", "nosuchattack"], "unknown attack 'nosuchattack'; valid:"),
+        (["--seed", "-1"], "--seed must be >= 0, got -1"),
+        (["--test-samples", "0"], "--test-samples must be >= 1"),
+        (["--train-samples", "0"], "--train-samples must be >= 1"),
+        (["--malicious", "0.4"], "choose the boards of an attack: give --attack"),
+        (["--malicious-ids", "1", "--attack", "none"], "choose the boards of an attack"),
     ],
 )
 def test_sim_run_rejects_bad_options_cleanly(tmp_path, capsys, argv, message):
