@@ -112,6 +112,20 @@ def _make_folder(out: Path) -> None:
         raise CommandError(f"cannot create the output folder {out}: {exc.strerror}") from None
 
 
+def _announce_dashboard(port: int, wait: float = 900.0) -> threading.Thread:
+    """Print the dashboard's URL once it answers (the coordinator starts it after the broker
+    and its own set-up, some seconds into the run), from a daemon thread."""
+    from firmware_sim.broker import wait_for_port
+
+    def announce() -> None:
+        if wait_for_port("127.0.0.1", port, timeout=wait):
+            print(f"coordinator dashboard: http://127.0.0.1:{port}/", flush=True)
+
+    thread = threading.Thread(target=announce, name="dashboard-url", daemon=True)
+    thread.start()
+    return thread
+
+
 def _check_run_limits(options: FleetOptions, timeout: float | None) -> None:
     """Refuse a quorum outside (0, 1], a negative round deadline or a non-positive overall
     ``--timeout`` before anything is written.
@@ -247,7 +261,7 @@ def fleet_command(args: argparse.Namespace) -> int:
     out, note = run_out_dir(args.out, overwrite=args.overwrite)
     warn_about_data_dir(config)
     if options.api_port is not None:
-        print(f"coordinator dashboard: http://127.0.0.1:{options.api_port}/", flush=True)
+        _announce_dashboard(options.api_port)
     print(
         f"siren sim fleet: {config.clients} boards on {options.workers} worker(s)"
         + (f" as Ray actors (--ray {ray})" if ray is not None else "")

@@ -143,6 +143,24 @@ def test_an_out_folder_that_cannot_be_made_is_refused_before_any_round(
         assert captured.err.count("\n") == 1 and "round" not in captured.out, captured
 
 
+def test_the_dashboard_url_is_printed_once_it_answers(capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+    import time
+
+    from firmware_sim.broker import free_port
+    from firmware_sim.fleet_command import _announce_dashboard
+
+    port = free_port()
+    thread = _announce_dashboard(port, wait=20.0)
+    time.sleep(0.5)
+    assert "dashboard" not in capsys.readouterr().out  # nothing listens yet
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", port))
+        server.listen()
+        thread.join(10)
+    assert capsys.readouterr().out == f"coordinator dashboard: http://127.0.0.1:{port}/\n"
+
+
 # -- 2. the help says what the fleet really runs -------------------------------------------------
 
 
