@@ -19,6 +19,7 @@ from firmware_sim.options import (
     format_round,
     warn_about_data_dir,
 )
+from models.zoo import MODEL_BUILDERS
 from protocol.siren_profiles import ALARM_RULES, DEFAULT_PROFILE, profile_names
 from siren_cli.errors import CommandError, message_of
 
@@ -47,7 +48,7 @@ def add_run_options(
         "--model",
         default=None,
         help="zoo model (default: siren-cnn for Fashion-MNIST, "
-        "digits-mlp for digits); one of siren-cnn, dspo-mlp, digits-mlp, digits-cnn",
+        f"digits-mlp for digits); one of {', '.join(MODEL_BUILDERS)}",
     )
     g.add_argument(
         "--train-samples",

@@ -99,7 +99,10 @@ def format_ban_outcome(outcome: dict[str, Any] | None) -> str | None:
     line += f": {len(honest)} honest board{'' if len(honest) == 1 else 's'} banned"
     if honest:
         line += f" {honest}"
-    line += f", {outcome['attackers_missed_count']} of {attackers} attackers missed"
+    if attackers:
+        line += f", {outcome['attackers_missed_count']} of {attackers} attackers missed"
+    else:
+        line += " (no attackers)"
     if outcome["attackers_missed"]:
         line += f" {outcome['attackers_missed']}"
     rejoined = [c for c in outcome["honest_ever_banned"] if c not in honest]

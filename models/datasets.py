@@ -244,7 +244,7 @@ def load_fashion_mnist(directory: Path | None = None) -> Dataset:
             )
         if labels.max(initial=0) >= len(FASHION_MNIST_CLASSES):
             raise CorruptDatasetError(f"{split} labels contain {labels.max()}, expected 0..9")
-    logger.info(
+    logger.debug(
         "Fashion-MNIST: %d training and %d test images from %s",
         len(parts["train_labels"]),
         len(parts["test_labels"]),

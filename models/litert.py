@@ -17,6 +17,7 @@ and its own previous local model) without converting again. Two ways to hand wei
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -264,7 +265,15 @@ def export_litert_frozen(model: Any) -> FrozenExport:
             return {"logits": model(x, training=False)}
 
         frozen = convert_variables_to_constants_v2(infer.get_concrete_function())
-        converter = tf.lite.TFLiteConverter.from_concrete_functions([frozen])
+        # The converter warns that it was given no trackable object: a frozen graph has none
+        # to give (the weights are constants of the function).
+        absl = logging.getLogger("absl")
+        level = absl.level
+        absl.setLevel(logging.ERROR)
+        try:
+            converter = tf.lite.TFLiteConverter.from_concrete_functions([frozen])
+        finally:
+            absl.setLevel(level)
         flatbuffer = bytes(converter.convert())
     finally:
         set_flat_weights(model, original)

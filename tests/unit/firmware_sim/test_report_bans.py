@@ -46,3 +46,8 @@ def test_a_clean_outcome_and_an_unknown_fleet():
     unknown = ban_outcome(_rounds([1]), None)
     assert unknown == {"banned": [1], "ever_banned": [1]}
     assert format_ban_outcome(unknown) == "banned [1] (malicious boards unknown)"
+
+
+def test_an_honest_fleet_counts_no_attackers():
+    honest = ban_outcome(_rounds([], [3]), [])
+    assert format_ban_outcome(honest) == "banned [3]: 1 honest board banned [3] (no attackers)"
