@@ -17,6 +17,8 @@ from firmware_sim.options import (
     describe_sampling,
     describe_siren_threshold,
     format_round,
+    siren_c_p,
+    siren_notes,
     warn_about_data_dir,
 )
 from models.zoo import MODEL_BUILDERS
@@ -419,6 +421,8 @@ def _run(args: argparse.Namespace) -> int:
         flush=True,
     )
     print(f"output: {out}" + (f" ({note})" if note else ""), flush=True)
+    for line in siren_notes(config, siren_c_p(config)):
+        print(f"note: {line}", flush=True)
     started = time.perf_counter()
     try:
         history = run_simulation(

@@ -34,6 +34,8 @@ from firmware_sim.options import (
     describe_sampling,
     describe_siren_threshold,
     format_round,
+    siren_c_p,
+    siren_notes,
     warn_about_data_dir,
 )
 from siren_cli.errors import CommandError
@@ -273,6 +275,8 @@ def fleet_command(args: argparse.Namespace) -> int:
         flush=True,
     )
     print(f"output: {out}" + (f" ({note})" if note else ""), flush=True)
+    for line in siren_notes(config, siren_c_p(config)):
+        print(f"note: {line}", flush=True)
 
     def show(record: dict[str, Any]) -> None:
         net = record.get("network", {})

@@ -296,8 +296,16 @@ def describe_siren_threshold(config: Any) -> str:
 
     Call it after :func:`check_config`, which refuses SIREN parameters it cannot use.
     """
-    if config.aggregator != "siren":
+    c_p = siren_c_p(config)
+    if c_p is None:
         return ""
+    return f" (ban above C_p = {c_p:g} {'penalty' if c_p == 1 else 'penalties'})"
+
+
+def siren_c_p(config: Any) -> float | None:
+    """The run's SIREN penalty threshold C_p (``None`` for another rule)."""
+    if config.aggregator != "siren":
+        return None
     from coordinator.rounds import make_strategy
 
     strategy = make_strategy(
@@ -309,8 +317,39 @@ def describe_siren_threshold(config: Any) -> str:
         profile=config.siren_profile,
         seed=config.seed,
     )
-    c_p = float(getattr(strategy, "c_p", 0.0))
-    return f" (ban above C_p = {c_p:g} {'penalty' if c_p == 1 else 'penalties'})"
+    return float(getattr(strategy, "c_p", 0.0))
+
+
+#: Local test images per board below which :func:`siren_notes` warns (an alarm compares two
+#: accuracies on them: one image moves an accuracy by 1/n).
+FEW_TEST_IMAGES = 30
+
+
+def siren_notes(config: Any, c_p: float | None = None) -> list[str]:
+    """Warnings for a SIREN run whose settings make its bans unreliable: boards with only a
+    handful of local test images (their alarms are noise, so honest boards are misjudged),
+    and a penalty threshold so low that a few misjudged rounds ban a board."""
+    if config.aggregator != "siren" or config.alarm is False:
+        return []
+    from models.datasets import TRAIN_SIZES, resolve_dataset_name
+
+    notes = []
+    dataset = resolve_dataset_name(config.dataset)
+    train = config.train_samples or TRAIN_SIZES.get(dataset, 0)
+    per_board = max(train - config.root_size, 0) * config.local_test_fraction / config.clients
+    if train and per_board < FEW_TEST_IMAGES:
+        notes.append(
+            f"each board tests the global model on about {per_board:.0f} local images "
+            f"({dataset}, {config.clients} boards): alarms this noisy misjudge honest boards; "
+            "more data per board (fewer boards, Fashion-MNIST) makes them meaningful"
+        )
+    if c_p is not None and c_p < 3:
+        notes.append(
+            f"C_p = {c_p:g}: a board judged malicious {c_p + 1:g} times is banned, so a few "
+            "misjudged rounds ban an honest board (the default profile's int(0.45·T) is 18 in "
+            "the paper's 40-round runs)"
+        )
+    return notes
 
 
 def describe_device(config: Any) -> str:

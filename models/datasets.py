@@ -45,6 +45,9 @@ _EXPECTED_COUNTS = {"train": 60_000, "test": 10_000}
 DATASET_NAMES = ("fashion-mnist", "digits")
 #: Shape of one image of each dataset (known without loading it).
 INPUT_SHAPES: dict[str, tuple[int, ...]] = {"fashion-mnist": (28, 28, 1), "digits": (8, 8, 1)}
+#: Training images of each dataset (digits: :func:`load_digits`'s default split), known without
+#: loading it.
+TRAIN_SIZES: dict[str, int] = {"fashion-mnist": 60_000, "digits": 1_438}
 
 
 @dataclass(frozen=True)

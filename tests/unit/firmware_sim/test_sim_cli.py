@@ -395,3 +395,18 @@ def test_a_fleet_round_line_names_the_reasons_of_refused_messages() -> None:
     assert describe_rejections({"stale_round": 1, "buffered": 2}) == (
         "  rejected 3 (buffered 2, stale_round 1)"
     )
+
+
+def test_siren_runs_whose_bans_are_unreliable_say_why() -> None:
+    from firmware_sim.engine import SimConfig
+    from firmware_sim.options import siren_c_p, siren_notes
+    from models.datasets import TRAIN_SIZES, load_digits
+
+    assert TRAIN_SIZES["digits"] == len(load_digits().y_train)
+    small = SimConfig(dataset="digits", clients=50, rounds=5, aggregator="siren")
+    notes = siren_notes(small, siren_c_p(small))
+    assert len(notes) == 2
+    assert "about 3 local images" in notes[0] and "C_p = 2:" in notes[1]
+    paper = SimConfig(dataset="fashion-mnist", clients=10, rounds=40, aggregator="siren")
+    assert siren_notes(paper, siren_c_p(paper)) == []
+    assert siren_notes(SimConfig(dataset="digits", clients=50, aggregator="fedavg")) == []
