@@ -298,6 +298,16 @@ def fleet_command(args: argparse.Namespace) -> int:
         history = run_fleet(config, options, out / "fleet", progress=show, timeout=args.timeout)
     except (FleetError, BrokerError) as exc:
         raise CommandError(str(exc)) from exc
+    except KeyboardInterrupt:
+        db = out / "fleet" / "coordinator" / "coordinator.sqlite"
+        if db.exists():
+            print(
+                f"interrupted: the rounds closed so far are in {db} "
+                f"(siren audit verify {out} checks their log)",
+                file=sys.stderr,
+                flush=True,
+            )
+        raise
     path = write_history(history, out)
     label = f"{config.aggregator}" + (f" / {config.attack}" if config.attack else "") + " (MQTT)"
     plot_accuracy({label: history}, out / "accuracy.png", title=history["fleet"]["dataset"])
