@@ -17,7 +17,8 @@ logger = logging.getLogger(__name__)
 def parse_key_values(items: list[str] | None, option: str) -> dict[str, Any]:
     """Parse repeated ``KEY=VALUE`` options; values are Python literals when they parse as one.
 
-    ``f=2`` gives ``{"f": 2}``, ``beta=0.1`` a float, ``mode=full`` the string ``"full"``.
+    ``f=2`` gives ``{"f": 2}``, ``beta=0.1`` a float, ``mode=full`` the string ``"full"``; a key
+    given twice is refused.
     """
     out: dict[str, Any] = {}
     for item in items or []:
@@ -28,7 +29,10 @@ def parse_key_values(items: list[str] | None, option: str) -> dict[str, Any]:
             value: Any = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
             value = raw
-        out[key.strip().replace("-", "_")] = value
+        name = key.strip().replace("-", "_")
+        if name in out:
+            raise CommandError(f"{option} gives {key.strip()} twice; give each key once")
+        out[name] = value
     return out
 
 

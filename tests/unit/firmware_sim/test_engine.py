@@ -82,6 +82,7 @@ def test_sim_run_command_writes_history_and_plot(tmp_path, capsys):
         (["--malicious-ids", "1,x"], "comma-separated integers"),
         (["--attack", "nosuchattack"], "unknown attack 'nosuchattack'; valid:"),
         (["--seed", "-1"], "--seed must be >= 0, got -1"),
+        (["--agg-param", "f=2", "--agg-param", "f=3"], "--agg-param gives f twice"),
         (["--test-samples", "0"], "--test-samples must be >= 1"),
         (["--train-samples", "0"], "--train-samples must be >= 1"),
         (["--malicious", "0.4"], "choose the boards of an attack: give --attack"),
