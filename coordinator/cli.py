@@ -203,10 +203,16 @@ def _config_template(args: argparse.Namespace) -> int:
 def _find_database(path: Path) -> Path:
     if path.is_dir():
         found = sorted(path.rglob("coordinator.sqlite"))
+        if not found:
+            raise CommandError(
+                f"{path} holds no coordinator database (coordinator.sqlite): `siren sim fleet` "
+                "runs and deployments have one; `siren sim run` plays its rounds in one process "
+                "and keeps no round log"
+            )
         if len(found) != 1:
             raise CommandError(
-                f"{path} holds {len(found)} coordinator databases; name one"
-                + (f": {', '.join(map(str, found))}" if found else "")
+                f"{path} holds {len(found)} coordinator databases; name one: "
+                + ", ".join(map(str, found))
             )
         return found[0]
     return path

@@ -113,3 +113,10 @@ def test_records_refuse_values_json_cannot_hold_exactly() -> None:
         canonical_bytes({"x": float("nan")})
     with pytest.raises(ValueError, match="cannot be logged"):
         canonical_bytes({"x": object()})
+
+
+def test_a_folder_without_a_round_log_says_which_runs_have_one(tmp_path: Path, capsys) -> None:
+    (tmp_path / "history.json").write_text("{}")  # as `siren sim run` leaves a folder
+    assert main(["audit", "verify", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "holds no coordinator database" in err and "`siren sim run`" in err
