@@ -341,7 +341,7 @@ def finished_cells(root: Path) -> list[Cell]:
         parts = folder.name.split("__")
         if len(parts) != 4 or not parts[2].isdigit() or parts[0] not in ALL_DEFENSES:
             continue
-        if (folder / "history.json").exists():
+        if load_history(folder) is not None:
             found.append(Cell(parts[0], parts[1], int(parts[2]) / 100, parts[3]))
     return found
 
@@ -571,8 +571,11 @@ def run_cell(
     them), so that parallel cells do not fight over the same cores.
     """
     out = root / cell.key
-    if (out / "history.json").exists():
+    if load_history(out) is not None:
         return {"cell": cell, "status": "done", "dir": out}
+    # A run stopped by Ctrl-C keeps its finished rounds: not a finished cell, run it again.
+    for name in ("history.json", "accuracy.png", "malicious_index.png"):
+        (out / name).unlink(missing_ok=True)
     if (out / "not_applicable").exists():
         return {"cell": cell, "status": "n/a", "dir": out}
     cmd = cell_command(cell, preset, out, seed)
@@ -600,7 +603,7 @@ def run_cell(
                 os.sched_setaffinity(proc.pid, cpus)
         returncode = proc.wait()
     seconds = time.perf_counter() - started
-    status = "done" if returncode == 0 and (out / "history.json").exists() else "failed"
+    status = "done" if returncode == 0 and load_history(out) is not None else "failed"
     (out / "wall_seconds.txt").write_text(f"{seconds:.1f}\n")
     return {"cell": cell, "status": status, "dir": out, "seconds": seconds}
 
@@ -648,9 +651,12 @@ def run_cells(
 
 
 def load_history(cell_dir: Path) -> dict[str, Any] | None:
-    """A finished cell's history, if any."""
+    """A finished cell's history, if any (a run interrupted by Ctrl-C is not finished)."""
     path = cell_dir / "history.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    history: dict[str, Any] = json.loads(path.read_text())
+    return None if history.get("summary", {}).get("interrupted") else history
 
 
 def cell_bans(hist: dict[str, Any]) -> dict[str, Any] | None:

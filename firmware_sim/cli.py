@@ -450,6 +450,13 @@ def _run(args: argparse.Namespace) -> int:
         print(bans)
     if index_png is not None:
         print(f"malicious index per board: {index_png}")
+    if s.get("interrupted"):
+        print(
+            f"interrupted after {len(history['rounds'])} of {config.rounds} rounds: the history "
+            "holds the finished rounds",
+            file=sys.stderr,
+        )
+        raise KeyboardInterrupt
     return 0
 
 

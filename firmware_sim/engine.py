@@ -441,24 +441,32 @@ def run_simulation(
 ) -> dict[str, Any]:
     """Run a whole simulation; return the history (``config``, ``fleet``, ``rounds``, ``summary``).
 
-    ``progress`` is called with every round's record as soon as the round ends.
+    ``progress`` is called with every round's record as soon as the round ends. A
+    ``KeyboardInterrupt`` (Ctrl-C) during a synchronous run after its first round ends it there:
+    the history holds the finished rounds and ``summary.interrupted`` is true.
     """
     started = time.perf_counter()
     fleet = build_fleet(config, dataset)
     global_weights = fleet.trainer.initial_weights.copy()
     rounds: list[dict[str, Any]] = []
+    interrupted = False
     if config.mode == "async":
         global_weights = run_buffered(fleet, global_weights, rounds, progress)
     else:
         clock = 0.0
-        for t in range(1, config.rounds + 1):
-            record = play_round(fleet, t, global_weights)
-            global_weights = record.pop("global")
-            clock += record["sim_seconds"]
-            record["sim_time"] = clock
-            rounds.append(record)
-            if progress is not None:
-                progress(record)
+        try:
+            for t in range(1, config.rounds + 1):
+                record = play_round(fleet, t, global_weights)
+                clock += record["sim_seconds"]
+                record["sim_time"] = clock
+                global_weights = record.pop("global")
+                rounds.append(record)
+                if progress is not None:
+                    progress(record)
+        except KeyboardInterrupt:
+            if not rounds:
+                raise
+            interrupted = True
     final = rounds[-1]
     malicious = sorted(fleet.adversary.malicious_ids)
     return {
@@ -485,6 +493,7 @@ def run_simulation(
             "wall_seconds": time.perf_counter() - started,
             "malicious_ids": malicious,
             "bans": ban_outcome(rounds, malicious),
+            "interrupted": interrupted,
         },
         "strategy_state": fleet.strategy.state_dict(),
         "final_global": global_weights,

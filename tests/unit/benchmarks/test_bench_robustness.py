@@ -357,3 +357,14 @@ def test_the_quoted_command_leaves_out_the_machines_own_options() -> None:
     argv = ["--preset", "pdrr", "--no-baselines", "--results", "/some/where", "--jobs", "2"]
     assert shown_command([*argv, "--summary-only"]) == ["--preset", "pdrr", "--no-baselines"]
     assert shown_command(["--preset=k50", "--results=/x", "--jobs=1"]) == ["--preset=k50"]
+
+
+def test_a_cell_stopped_by_ctrl_c_is_not_finished(tmp_path) -> None:
+    from benchmarks.robustness import load_history
+
+    cell = tmp_path / "fedavg__sign_flip__40__iid"
+    cell.mkdir()
+    (cell / "history.json").write_text(json.dumps({"summary": {"interrupted": True}}))
+    assert load_history(cell) is None
+    (cell / "history.json").write_text(json.dumps({"summary": {"interrupted": False}}))
+    assert load_history(cell) == {"summary": {"interrupted": False}}

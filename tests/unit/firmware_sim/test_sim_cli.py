@@ -410,3 +410,28 @@ def test_siren_runs_whose_bans_are_unreliable_say_why() -> None:
     paper = SimConfig(dataset="fashion-mnist", clients=10, rounds=40, aggregator="siren")
     assert siren_notes(paper, siren_c_p(paper)) == []
     assert siren_notes(SimConfig(dataset="digits", clients=50, aggregator="fedavg")) == []
+
+
+def test_ctrl_c_keeps_the_finished_rounds_of_sim_run(tmp_path: Path) -> None:
+    import signal
+
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "siren_cli.main", "sim", "run", "--dataset", "digits"]
+    proc = subprocess.Popen(
+        [*argv, "--clients", "3", "--rounds", "100000", "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.split("/")[0].split() == ["round", "3"]:
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "holds the finished rounds" in err
+    history = json.loads((out / "history.json").read_text())
+    assert history["summary"]["interrupted"] is True
+    assert len(history["rounds"]) >= 3
