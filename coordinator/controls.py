@@ -47,6 +47,10 @@ class OperatorActions:
         """Append an operator or key-change record to the audit log now (the engine's)."""
         raise NotImplementedError
 
+    def _drop_admitted(self, client: str, why: str) -> bool:
+        """Take ``client``'s update out of the open round (the engine's); whether it had one."""
+        raise NotImplementedError
+
     def set_paused(self, paused: bool) -> bool:
         """Stop (or resume) closing rounds; updates are still admitted. Returns whether it
         changed. Persisted: a restarted coordinator stays paused."""
@@ -128,7 +132,8 @@ class OperatorActions:
 
     def revoke_key(self, client: str) -> bool:
         """Revoke a board's key now: it leaves the allow-list, admission has no key for it (its
-        signed updates count as ``revoked``), rounds stop waiting for it; persisted and logged.
+        signed updates count as ``revoked``), rounds stop waiting for it, and an update it sent
+        in the open round is taken out of the round (``quarantined``); persisted and logged.
         Returns whether it changed. Re-admit the board with :meth:`register_key` (a new key).
 
         Raises
@@ -160,6 +165,14 @@ class OperatorActions:
             round=self.round,
         )
         logger.warning("key of board %s revoked by an operator", client)
+        # A revoked board is one the operator no longer trusts: what it sent in the open round
+        # is not aggregated either.
+        if self._drop_admitted(client, "its key was revoked by an operator"):
+            logger.warning(
+                "round %d: the update board %s sent before its key was revoked is dropped",
+                self.round,
+                client,
+            )
         return True
 
     def _save_revoked(self) -> None:

@@ -834,8 +834,10 @@ def _apply_broker_change(
 
 def revoke_board(directory: Path, board: str, *, progress: Any = print) -> dict[str, Any]:
     """Revoke a board now: the broker forgets its credentials and ACL block (reloaded: its
-    session ends, others stay), the running coordinator drops its key (admin API); recorded in
-    ``deployment.toml`` and the coordinator's round log. Returns what was done.
+    session ends, others stay; under mutual TLS the session is ended by a takeover,
+    :func:`end_board_session`), the running coordinator drops its key (admin API) and any
+    update the board sent in the open round; recorded in ``deployment.toml`` and the
+    coordinator's round log. Returns what was done.
 
     Raises
     ------
@@ -869,6 +871,14 @@ def revoke_board(directory: Path, board: str, *, progress: Any = print) -> dict[
         done["coordinator"] = f"run {state}: key removed from its allow-list"
     updated = replace(deployment, revoked=(*deployment.revoked, board))
     done["broker_reloaded"] = _apply_broker_change(directory, updated, {})
+    ended = ""
+    if done["broker_reloaded"] and deployment.auth == "mtls":
+        done["session_ended"] = end_board_session(paths, board)
+        ended = (
+            "; its open session taken over and closed"
+            if done["session_ended"]
+            else "; could not reach the broker to close its open session"
+        )
     progress(
         f"{board}: coordinator {done['coordinator']}; broker credentials and ACL removed"
         + (
@@ -876,8 +886,45 @@ def revoke_board(directory: Path, board: str, *, progress: Any = print) -> dict[
             if done["broker_reloaded"]
             else " (no running Mosquitto to reload)"
         )
+        + ended
     )
     return done
+
+
+def end_board_session(paths: Paths, board: str, timeout: float = 10.0) -> bool:
+    """End a board's open MQTT session by taking it over: connect once with the board's own
+    certificate and client id (the broker closes the older session with that id), then leave.
+
+    Under mutual TLS Mosquitto 2.0 keeps the session of a certificate that is still valid open
+    across a reload, with the rights it had at connect; the session that replaces it starts
+    under the reloaded ACL, where a revoked board has none. Returns whether the broker
+    accepted the connection.
+    """
+    import threading
+
+    from edge_client.config import BoardConfig
+    from protocol.mqtt import make_mqtt_client
+
+    settings = BoardConfig.load(paths.boards / board / "board.toml").broker
+    done = threading.Event()
+    accepted: list[bool] = []
+    client = make_mqtt_client(settings, board)
+
+    def on_connect(c: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        accepted.append(not reason.is_failure)
+        done.set()
+
+    client.on_connect = on_connect
+    try:
+        client.connect_async(settings.host, settings.port, keepalive=10)
+        client.loop_start()
+        done.wait(timeout)
+        client.disconnect()
+    except OSError:
+        return False
+    finally:
+        client.loop_stop()
+    return bool(accepted and accepted[0])
 
 
 def renew_board(directory: Path, board: str, *, progress: Any = print) -> dict[str, Any]:

@@ -53,6 +53,9 @@ logger = logging.getLogger(__name__)
 
 #: QoS of every message of the protocol.
 QOS = 1
+#: Connection refusals that mean the broker no longer accepts this board's credentials (MQTT v5
+#: reason strings, as paho names them).
+REFUSED_CREDENTIALS = frozenset({"Not authorized", "Bad user name or password"})
 
 
 class UpdateTooLargeError(EdgeClientError):
@@ -141,6 +144,7 @@ class BoardLink:
         )
         self._client.on_message = self._on_message
         self._client.on_publish = self._on_publish
+        self._client.on_subscribe = self._on_subscribe
         self._client.will_set(
             status_topic(run, client_id), self._status_bytes(False), qos=QOS, retain=True
         )
@@ -172,7 +176,13 @@ class BoardLink:
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if reason.is_failure:
-            logger.warning("%s: broker refused the connection: %s", self.client_id, reason)
+            hint = ""
+            if str(reason) in REFUSED_CREDENTIALS:
+                hint = (
+                    " (this board's credentials were revoked or replaced: install the bundle "
+                    "the operator made for it; retrying)"
+                )
+            logger.warning("%s: broker refused the connection: %s%s", self.client_id, reason, hint)
             return
         self.connects += 1
         client.subscribe(global_topic(self.run), qos=QOS)
@@ -181,6 +191,16 @@ class BoardLink:
         )
         self.connected.set()
         self.inbox.put(LinkEvent("connected", self.client_id))
+
+    def _on_subscribe(self, client: Any, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
+        if any(getattr(r, "is_failure", False) for r in reasons):
+            logger.warning(
+                "%s: the broker refused the subscription to the global model (%s): this board "
+                "has no rights on the broker (revoked, or missing from its ACL): ask the "
+                "operator",
+                self.client_id,
+                ", ".join(str(r) for r in reasons),
+            )
 
     def _on_disconnect(
         self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any
@@ -191,6 +211,13 @@ class BoardLink:
         self.inbox.put(LinkEvent("disconnected", self.client_id))
 
     def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+        if getattr(reason, "is_failure", False):
+            logger.warning(
+                "%s: the broker refused a message of this board (%s): it has no rights on the "
+                "broker any more (revoked?): ask the operator",
+                self.client_id,
+                reason,
+            )
         with self._lock:
             if mid in self._unacked:
                 self._unacked.discard(mid)

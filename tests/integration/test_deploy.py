@@ -113,6 +113,15 @@ class Session:
             time.sleep(0.02)
         return self.acks.get(info.mid, -1)
 
+    def subscribe(self, topic: str) -> list[Any]:
+        """The SUBACK's reason codes for ``topic``."""
+        granted: list[Any] = []
+        done = threading.Event()
+        self.client.on_subscribe = lambda c, u, mid, codes, p: (granted.extend(codes), done.set())
+        self.client.subscribe(topic, qos=1)
+        assert done.wait(10), f"no SUBACK for {topic}"
+        return granted
+
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
@@ -215,7 +224,33 @@ def test_mutual_tls_boards_connect_with_their_certificate_only(tmp_path: Path) -
         except OSError:
             pass  # TLS 1.2: the handshake itself fails
         assert not any(not rc.is_failure for rc in acks) and not bare.is_connected()
-        for s in (board, coordinator):
+        assert not any(rc.is_failure for rc in board.subscribe("siren/v1/demo/global"))
+        delivered: list[bytes] = []
+        board.client.on_message = lambda c, u, m: delivered.append(bytes(m.payload))
+        assert coordinator.publish("siren/v1/demo/global", b"g1") < 128
+        deadline = time.monotonic() + 10
+        while not delivered and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert delivered == [b"g1"]
+        # Revoked under mTLS: Mosquitto 2.0 keeps a session whose certificate is still valid
+        # open across the reload, with its old rights; revoke-board ends it by taking it over,
+        # and from then on the board may neither read nor write any topic.
+        assert main(["deploy", "revoke-board", str(root), "board-000"]) == 0
+        deadline = time.monotonic() + 10
+        while not board.disconnects and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert board.disconnects >= 1
+        board.close()
+        revoked = Session(settings, "board-000")
+        after: list[bytes] = []
+        revoked.client.on_message = lambda c, u, m: after.append(bytes(m.payload))
+        revoked.subscribe("siren/v1/demo/global")
+        assert coordinator.publish("siren/v1/demo/global", b"g2") < 128
+        time.sleep(1.0)
+        assert after == []  # the global model no longer reaches it
+        assert revoked.publish("siren/v1/demo/update/board-000") == 135
+        assert revoked.publish("siren/v1/demo/status/board-000") == 135
+        for s in (revoked, coordinator):
             s.close()
     finally:
         proc.terminate()
@@ -350,8 +385,9 @@ def test_unreachable_or_untrusted_brokers_are_named_within_seconds(
 
 def test_revoking_a_board_mid_run_stops_it_and_disconnects_nobody_else(tmp_path: Path) -> None:
     """Live revocation: three boards in a run, the coordinator paused after round 1's updates;
-    board-002 is revoked, the broker reloads, the run goes on with two boards. Nobody else
-    reconnected (each of them connected exactly once), and the round log verifies."""
+    board-002 is revoked, the broker reloads, the run goes on with two boards, and board-002's
+    round-1 update is dropped. Nobody else reconnected (each of them connected exactly once),
+    board-002's log says why it is refused, and the round log verifies."""
     from tests.integration.conftest import query, spawn, stop_process, wait_until
 
     port, api = free_ports(2)
@@ -382,14 +418,23 @@ def test_revoking_a_board_mid_run_stops_it_and_disconnects_nobody_else(tmp_path:
             boards[b].wait(60)
             assert boards[b].returncode == 0
         assert boards["board-002"].poll() is None  # refused by the broker, still retrying
+        wait_until(
+            lambda: "credentials were revoked or replaced" in (root / "board-002.log").read_text(),
+            90,
+            "board-002 to say why the broker refuses it",
+        )
     finally:
         for proc in (coord, *boards.values()):
             stop_process(proc)
         broker.terminate()
         broker.wait(10)
     rounds = query(db, "SELECT round, client FROM updates ORDER BY round, client")
-    assert [c for r, c in rounds if r == 1] == ["board-000", "board-001", "board-002"]
+    # board-002's round-1 update, admitted before the revocation, is not aggregated either
+    assert [c for r, c in rounds if r == 1] == ["board-000", "board-001"]
     assert [c for r, c in rounds if r > 1] == ["board-000", "board-001"] * 2
+    assert ("board-002", "quarantined") in query(
+        db, "SELECT client, reason FROM rejections WHERE round = 1"
+    )
     log = (root / "broker" / "mosquitto.log").read_text()
     for client in ("board-000", "board-001", "coordinator"):
         assert log.count(f" as {client} (") == 1, (client, log)  # one CONNECT, never again

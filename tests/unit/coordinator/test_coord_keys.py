@@ -96,3 +96,27 @@ def test_boards_added_to_the_configuration_join_a_resumed_run(tmp_path: Path) ->
     reordered.clients = list(reordered.config.clients)
     with pytest.raises(StoreError, match="keep their place"):
         reordered.start()
+
+
+def test_an_update_sent_before_the_revocation_is_not_aggregated(tmp_path: Path) -> None:
+    def run(folder: Path, sent_first: bool) -> np.ndarray:
+        engine = _engine(folder, rounds=3)
+        AllowList({c: k.verify_key for c, k in BOARDS.items()}).save(engine.config.allow_list)
+        engine.start()
+        if sent_first:
+            assert engine.handle_update(_update(engine, "b1", [50, 50, 50, 50], 1)).accepted
+        assert engine.revoke_key("b1")
+        assert "b1" not in engine.state.admitted
+        for client in ("b0", "b2"):
+            assert engine.handle_update(_update(engine, client, [1, 2, 3, 4], 1)).accepted
+        assert engine.close_reason() == "all" and engine.close_round() is not None
+        weights = np.array(engine.state.glob.weights, copy=True)
+        engine.store.close()
+        if sent_first:  # a restart does not bring the dropped update back
+            again = _engine(folder, rounds=3)
+            again.start()
+            assert again.round == 2 and "b1" not in again.state.admitted
+            again.store.close()
+        return weights
+
+    assert np.array_equal(run(tmp_path / "sent", True), run(tmp_path / "never", False))
