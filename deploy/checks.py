@@ -65,15 +65,31 @@ def listening_sockets(pids: Iterable[int], proc: Path = Path("/proc")) -> set[tu
 
 
 def processes_with_argument(argument: str) -> list[int]:
-    """Pids of the processes whose command line holds ``argument`` (e.g. a config path)."""
+    """Pids of the processes whose command line holds ``argument`` (e.g. a config path); an
+    absolute ``argument`` also matches a relative path that names the same file from the
+    process's working folder (``mosquitto -c broker/mosquitto.conf``)."""
     pids = []
+    wanted = argument.encode()
+    name = os.path.basename(argument).encode()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         with contextlib.suppress(OSError):
             args = (entry / "cmdline").read_bytes().split(b"\0")
-            if argument.encode() in args:
+            if wanted in args:
                 pids.append(int(entry.name))
+                continue
+            if not os.path.isabs(argument) or not name:
+                continue
+            relative = [a for a in args if a.endswith(name) and not a.startswith(b"/")]
+            if relative:
+                cwd = os.readlink(entry / "cwd")
+                if any(
+                    os.path.realpath(os.path.join(cwd, os.fsdecode(a)))
+                    == os.path.realpath(argument)
+                    for a in relative
+                ):
+                    pids.append(int(entry.name))
     return sorted(pids)
 
 

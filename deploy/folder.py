@@ -21,10 +21,14 @@ without ``force``.
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import os
+import re
 import secrets
 import shutil
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -54,6 +58,22 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 DEPLOYMENT_FILE = "deployment.toml"
 #: Datasets a deployment can hand out as demo shards (one data.npz per bundle).
 DEMO_DATASETS = ("digits", "fashion-mnist")
+
+
+_HOST_NAME = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$"
+)
+
+
+def _valid_host(host: str) -> bool:
+    """Whether ``host`` is an IP address or a DNS host name."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        # all digits and dots: meant as an IPv4 address, and not a valid one
+        return not re.fullmatch(r"[\d.]+", host) and bool(_HOST_NAME.match(host))
+    return True
 
 
 @dataclass(frozen=True)
@@ -140,8 +160,28 @@ class Deployment:
             raise DeployError(f"--auth must be one of {', '.join(AUTH_MODES)}, got {self.auth!r}")
         if not 0 < self.broker_port < 65536:
             raise DeployError(f"--broker-port must be in 1..65535, got {self.broker_port}")
-        if not self.broker_host or any(c.isspace() for c in self.broker_host):
-            raise DeployError(f"invalid broker host {self.broker_host!r}")
+        for option, host in (
+            ("--broker-host", self.broker_host),
+            *(("--hostname", h) for h in self.hostnames),
+            *((("--coordinator-host", self.coordinator_host),) if self.coordinator_host else ()),
+        ):
+            if not _valid_host(host):
+                raise DeployError(
+                    f"{option} {host!r} is neither a host name ([A-Za-z0-9.-]) nor an IP address"
+                )
+        if not _valid_host(self.bind):
+            raise DeployError(f"--bind {self.bind!r} is neither a host name nor an IP address")
+        if not 0 < self.api_port < 65536:
+            raise DeployError(f"--api-port must be in 1..65535, got {self.api_port}")
+        if self.api_port == self.broker_port:
+            raise DeployError(
+                f"--api-port and --broker-port are both {self.api_port}: give them different ports"
+            )
+        if not self.round_timeout >= 0:
+            raise DeployError(
+                f"--round-timeout must be >= 0 seconds (0: wait for every board), "
+                f"got {self.round_timeout}"
+            )
         bad = [b for b in self.boards if not is_valid_id(b) or b == COORDINATOR_USER]
         if bad:
             raise DeployError(f"invalid board id(s) {bad}")
@@ -589,20 +629,33 @@ def init_deployment(
     from protocol.keys import generate_signing_key, save_key_pair
 
     paths = Paths(directory)
-    if (directory / DEPLOYMENT_FILE).exists() and not force:
+    if directory.exists() and not directory.is_dir():
+        raise DeployError(f"{directory} is a file; give a folder for the deployment")
+    existing = (directory / DEPLOYMENT_FILE).exists()
+    if existing and not force:
         raise DeployError(
             f"{directory} already holds a deployment: add boards with `siren deploy add-board "
-            f"{directory}`, or pass --force to replace every key and certificate in it"
+            f"{directory}`, or pass --force to replace every key and certificate in it (its "
+            "run's database is kept aside in archive/)"
         )
     if not deployment.boards:
         raise DeployError("a deployment needs at least one board (--boards N)")
+    _check_before_writing(deployment)
+    if existing:
+        _refuse_if_in_use(paths)
     owner = _broker_owner(deployment)
     data = None
     if deployment.demo_data:
         progress(f"splitting {deployment.dataset} over {len(deployment.boards)} boards")
         data = _board_data(deployment)
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DeployError(f"cannot create {directory}: {exc.strerror}") from None
     if force:
+        kept = _archive_run(paths)
+        if kept is not None:
+            progress(f"the earlier run's database and round log kept in {kept}")
         for sub in ("ca", "broker", "coordinator", "boards", "dist"):
             shutil.rmtree(directory / sub, ignore_errors=True)
     for folder in (paths.ca, paths.broker, paths.coordinator, paths.boards):
@@ -649,8 +702,7 @@ def init_deployment(
     if deployment.coordinator_user:
         # Made with sudo: the coordinator's files belong to whoever runs the coordinator.
         ids = account_ids(deployment.coordinator_user)
-        if ids is None:
-            raise DeployError(f"no account {deployment.coordinator_user!r} for the coordinator")
+        assert ids is not None  # checked before anything was written
         if os.geteuid() == 0:
             _chown_tree(paths.coordinator, ids)
     if owner is not None:
@@ -662,6 +714,56 @@ def init_deployment(
                 "or pass --broker-user with an account that can"
             )
     return paths
+
+
+def _check_before_writing(deployment: Deployment) -> None:
+    """What :class:`Deployment` cannot check by itself: the coordinator's account and rule."""
+    from coordinator.rounds import strategy_names
+
+    if deployment.coordinator_user and account_ids(deployment.coordinator_user) is None:
+        raise DeployError(
+            f"no account {deployment.coordinator_user!r} for the coordinator (--coordinator-user)"
+        )
+    names = sorted({*strategy_names(), "siren"})
+    if deployment.aggregator not in names:
+        raise DeployError(
+            f"unknown aggregator {deployment.aggregator!r}; valid: {', '.join(names)}"
+        )
+
+
+def _refuse_if_in_use(paths: Paths) -> None:
+    """Refuse to replace a deployment whose broker or coordinator is running."""
+    from deploy.checks import processes_with_argument
+
+    users = {
+        "broker": processes_with_argument(str((paths.broker / "mosquitto.conf").resolve())),
+        "coordinator": processes_with_argument(str(paths.coord_toml.resolve())),
+    }
+    running = [f"{what} (pid {', '.join(map(str, pids))})" for what, pids in users.items() if pids]
+    if running:
+        raise DeployError(
+            f"the deployment in {paths.root} is in use: {' and '.join(running)} run with its "
+            "files; stop them before replacing its keys (--force), nothing was changed"
+        )
+
+
+def _archive_run(paths: Paths) -> Path | None:
+    """Move the coordinator's database (its rounds and signed round log) to
+    ``archive/<run>-<time>/`` before a ``--force`` re-init; return that folder (None: no run)."""
+    databases = sorted(paths.coordinator.glob("coordinator.sqlite*"))
+    if not databases:
+        return None
+    run = "run"
+    with contextlib.suppress(DeployError, OSError, KeyError, ValueError):
+        run = Deployment.load(paths.root).run
+    target = paths.root / "archive" / f"{run}-{time.strftime('%Y%m%d-%H%M%S')}"
+    target.mkdir(parents=True, exist_ok=True)
+    for db in databases:
+        shutil.move(str(db), target / db.name)
+    for name in ("keys/public.key", "coord.toml"):
+        if (paths.coordinator / name).exists():
+            shutil.copyfile(paths.coordinator / name, target / Path(name).name)
+    return target
 
 
 def add_boards(

@@ -141,6 +141,12 @@ def test_litert_deployment_builds_the_artifact_once_and_every_bundle_carries_it(
         (["--auth", "kerberos"], "invalid choice"),
         (["--broker-port", "70000"], "broker-port must be in 1..65535"),
         (["--boards", "0"], "at least one board"),
+        (["--hostname", "a b"], "--hostname 'a b' is neither a host name"),
+        (["--bind", "999.1.1.1"], "--bind '999.1.1.1' is neither"),
+        (["--api-port", "8883"], "--api-port and --broker-port are both 8883"),
+        (["--round-timeout", "-5"], "--round-timeout must be >= 0 seconds"),
+        (["--aggregator", "nosuch"], "unknown aggregator 'nosuch'; valid:"),
+        (["--coordinator-user", "nosuchuser"], "no account 'nosuchuser' for the coordinator"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, argv, message) -> None:
@@ -259,3 +265,36 @@ def test_after_the_run_the_files_change_without_a_coordinator(tmp_path: Path) ->
     _fake_run(root, finished=True)
     assert main(["deploy", "revoke-board", str(root), "board-000"]) == 0
     assert "board-000" not in AllowList.load(root / "coordinator" / "allow-list.txt")
+
+
+def test_a_deployment_path_that_is_a_file_is_one_line(tmp_path: Path, capsys) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for target in (afile, afile / "sub"):
+        assert _init(target, "--no-demo-data") == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "siren: error:" in err, err
+
+
+def test_force_keeps_the_run_aside_and_refuses_while_the_broker_runs(
+    tmp_path: Path, capsys
+) -> None:
+    root = tmp_path / "dep"
+    assert _init(root, "--no-demo-data") == 0
+    db = root / "coordinator" / "coordinator.sqlite"
+    db.write_bytes(b"the run's rounds and round log")
+    conf = str((root / "broker" / "mosquitto.conf").resolve())
+    # a process started with this deployment's broker configuration (as `mosquitto -c`)
+    broker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "-c", conf])
+    try:
+        assert _init(root, "--no-demo-data", "--force") == 2
+        assert "is in use: broker (pid" in capsys.readouterr().err
+        assert db.read_bytes() == b"the run's rounds and round log"
+    finally:
+        broker.kill()
+        broker.wait()
+    assert _init(root, "--no-demo-data", "--force") == 0
+    assert "kept in" in capsys.readouterr().out
+    kept = list((root / "archive").glob("demo-*/coordinator.sqlite"))
+    assert len(kept) == 1 and kept[0].read_bytes() == b"the run's rounds and round log"
+    assert not db.exists()
