@@ -64,6 +64,18 @@ def listening_sockets(pids: Iterable[int], proc: Path = Path("/proc")) -> set[tu
     return found
 
 
+def _last_error(log: Path) -> str | None:
+    """The last ``Error``/``Warning`` line of a Mosquitto log (why it stopped), if any."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()[-200:]
+    except OSError:
+        return None
+    for line in reversed(lines):
+        if "Error" in line or "Warning" in line:
+            return line.strip()
+    return None
+
+
 def processes_with_argument(argument: str) -> list[int]:
     """Pids of the processes whose command line holds ``argument`` (e.g. a config path); an
     absolute ``argument`` also matches a relative path that names the same file from the
@@ -142,7 +154,12 @@ def check_broker(
     findings: list[Finding] = []
     pids = pids if pids is not None else processes_with_argument(str(conf))
     if not pids:
-        return [Finding(False, f"no running process was started with {conf}")]
+        what = f"no running process was started with {conf}"
+        log = conf.parent / "mosquitto.log"
+        last = _last_error(log)
+        if last is not None:
+            what += f"; the broker's log {log} ends with: {last}"
+        return [Finding(False, what)]
     unreadable = [p for p in pids if not os.access(f"/proc/{p}/fd", os.R_OK)]
     if unreadable:
         findings.append(

@@ -298,3 +298,18 @@ def test_force_keeps_the_run_aside_and_refuses_while_the_broker_runs(
     kept = list((root / "archive").glob("demo-*/coordinator.sqlite"))
     assert len(kept) == 1 and kept[0].read_bytes() == b"the run's rounds and round log"
     assert not db.exists()
+
+
+def test_a_broker_that_is_not_running_is_explained_from_its_log(tmp_path: Path) -> None:
+    from deploy.checks import check_broker
+
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text("listener 8883 127.0.0.1\n")
+    (tmp_path / "mosquitto.log").write_text(
+        "1733400000: mosquitto version 2.0.11 starting\n"
+        "1733400000: Opening ipv4 listen socket on port 8883.\n"
+        "1733400000: Error: Address already in use\n"
+    )
+    findings = check_broker(conf, "127.0.0.1", 8883, tmp_path / "ca.crt", pids=[])
+    assert len(findings) == 1 and not findings[0].ok
+    assert "ends with: 1733400000: Error: Address already in use" in findings[0].what
