@@ -111,7 +111,10 @@ def _start_api(config: Any, service: Any) -> Any:
         app = create_app(config, config.db, ServiceControls(service), token=config.api.token())
         server = start_api_server(app, host=config.api.host, port=config.api.port)
     except (ConfigError, ValueError, OSError) as exc:
-        raise CommandError(f"cannot start the HTTP API: {exc}") from exc
+        where = f"{config.api.host}:{config.api.port}"
+        raise CommandError(
+            f"cannot start the HTTP API on {where}: {exc} ([api] port in coord.toml)"
+        ) from exc
     logging.getLogger("coordinator").info("HTTP API and dashboard at %s", server.url)
     print(f"coordinator dashboard: {server.url}", flush=True)
     return server

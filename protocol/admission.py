@@ -373,7 +373,7 @@ class Admission:
                     message=message,
                 )
         self._counters[decision.reason] += 1
-        self._log(decision)
+        self._log(decision, topic)
         return decision
 
     def _check(
@@ -482,8 +482,10 @@ class Admission:
             raise fail(ReplayedNonceError, f"nonce {header.nonce} was already used this round")
         return message, False
 
-    def _log(self, decision: AdmissionDecision) -> None:
-        who = decision.client_id or "?"
+    def _log(self, decision: AdmissionDecision, topic: str | None = None) -> None:
+        # An unreadable message names no client; its topic says which board's credentials sent
+        # it (the broker's ACL lets a board write only its own update topic).
+        who = decision.client_id or (f"? (on {topic})" if topic else "?")
         if decision.rejected:
             logger.warning(
                 "rejected update from %s (run %s, round %d): %s: %s",

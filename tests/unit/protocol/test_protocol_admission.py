@@ -389,3 +389,12 @@ def test_sample_counts_are_bounded_by_default(env: Env) -> None:
     assert pill.reason is Reason.BAD_SAMPLE_COUNT
     with pytest.raises(ValueError, match="above the protocol's limit"):
         AdmissionPolicy(env.layout, max_samples=MAX_HEADER_INT + 1)
+
+
+def test_an_unreadable_message_is_logged_with_the_topic_it_came_on(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    topic = f"siren/v1/{RUN}/update/board-2"
+    decision = env.admission().admit(b"\x00garbage", topic=topic)
+    assert decision.rejected and decision.client_id is None
+    assert f"rejected update from ? (on {topic})" in caplog.text
