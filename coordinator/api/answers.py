@@ -98,7 +98,8 @@ class Answers:
         controls = self.controls
         paused = controls.is_paused() if controls is not None else False
         banned = controls.admin_banned() if controls is not None else frozenset()
-        return RunContext(boards, paused, frozenset(banned))
+        revoked = as_dict(json.loads(v.get_meta("revoked") or "{}"))
+        return RunContext(boards, paused, frozenset(banned), frozenset(revoked))
 
     def _open_round(self, v: StoreView, ctx: RunContext) -> OpenRound | None:
         current = None if v.finished else v.open_round()
@@ -124,7 +125,10 @@ class Answers:
             missing=[
                 b
                 for b in ctx.boards
-                if b not in names and b not in ctx.admin_banned and (drawn is None or b in drawn)
+                if b not in names
+                and b not in ctx.admin_banned
+                and b not in ctx.revoked
+                and (drawn is None or b in drawn)
             ],
         )
 

@@ -78,6 +78,7 @@ class RunContext:
     boards: list[str]
     paused: bool
     admin_banned: frozenset[str]
+    revoked: frozenset[str] = frozenset()
 
     def name(self, index: Any, record: Mapping[str, Any] | None = None) -> str:
         """Board name of an index (from the round's own mapping first)."""

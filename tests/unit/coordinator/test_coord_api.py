@@ -10,6 +10,7 @@ these records.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import re
@@ -881,3 +882,10 @@ def test_with_the_real_service_controls(tmp_path: Path) -> None:
         assert engine.paused is True
     finally:
         store.close()
+
+
+def test_a_revoked_board_is_not_missing_from_the_open_round(
+    client: TestClient, store: CoordinatorStore
+) -> None:
+    store.set_meta("revoked", json.dumps({"board-002": "00" * 32}))
+    assert client.get("/api/run").json()["open_round"]["missing"] == ["board-001", "board-003"]
