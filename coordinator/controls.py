@@ -48,8 +48,15 @@ class OperatorActions:
         raise NotImplementedError
 
     def _drop_admitted(self, client: str, why: str) -> bool:
-        """Take ``client``'s update out of the open round (the engine's); whether it had one."""
-        raise NotImplementedError
+        """Take ``client``'s admitted update out of the engine's open round and the store
+        (counted as ``quarantined`` with ``why``); whether it had one."""
+        state = getattr(self, "state", None)
+        if state is None or client not in state.admitted:
+            return False
+        entry = state.admitted.pop(client)
+        state.update_bytes -= entry.nbytes
+        self.store.quarantine(state.round, client, why)
+        return True
 
     def set_paused(self, paused: bool) -> bool:
         """Stop (or resume) closing rounds; updates are still admitted. Returns whether it
@@ -155,6 +162,9 @@ class OperatorActions:
                 allow.save(self.config.allow_list)
         except AllowListError as exc:
             raise ValueError(str(exc)) from None
+        # A revoked board is one the operator no longer trusts: what it sent in the open round
+        # is not aggregated either. Taken out first, so no restart can bring it back.
+        dropped = self._drop_admitted(client, "its key was revoked by an operator")
         self.revoked[client] = self.keys[client]
         self._save_revoked()
         self._audit(
@@ -165,9 +175,7 @@ class OperatorActions:
             round=self.round,
         )
         logger.warning("key of board %s revoked by an operator", client)
-        # A revoked board is one the operator no longer trusts: what it sent in the open round
-        # is not aggregated either.
-        if self._drop_admitted(client, "its key was revoked by an operator"):
+        if dropped:
             logger.warning(
                 "round %d: the update board %s sent before its key was revoked is dropped",
                 self.round,

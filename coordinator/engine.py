@@ -301,17 +301,6 @@ class RoundEngine(OperatorActions):
         """Append an operator or key-change record to the audit log now."""
         self.store.append_audit(self._audit_entry(kind, body, self.clock()))
 
-    def _drop_admitted(self, client: str, why: str) -> bool:
-        """Take ``client``'s admitted update out of the open round and the store (counted as
-        ``quarantined`` with ``why``); whether it had one."""
-        state = self.state
-        if state is None or client not in state.admitted:
-            return False
-        entry = state.admitted.pop(client)
-        state.update_bytes -= entry.nbytes
-        self.store.quarantine(state.round, client, why)
-        return True
-
     def _stored_update_problem(self, upd: StoredUpdate) -> str | None:
         """Why a stored update of the open round would not be admitted today, or None.
 
@@ -320,8 +309,6 @@ class RoundEngine(OperatorActions):
         """
         if upd.client not in self.index_of:
             return f"{upd.client!r} is not a board of this run"
-        if upd.client in self.revoked:
-            return "its key was revoked by an operator"
         low, high = self.policy.min_samples, self.policy.sample_limit
         if not low <= upd.samples <= high:
             return f"sample count {upd.samples} is not in [{low}, {high}]"

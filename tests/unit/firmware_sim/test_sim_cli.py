@@ -423,6 +423,9 @@ def test_ctrl_c_keeps_the_finished_rounds_of_sim_run(tmp_path: Path) -> None:
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONPATH": str(REPO)},
+        # A runner started in the background may ignore SIGINT, and its children inherit that
+        # (Python then installs no Ctrl-C handler): the command gets the default, as in a shell.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert proc.stdout is not None
     for line in proc.stdout:
