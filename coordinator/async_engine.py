@@ -72,11 +72,13 @@ class AsyncRoundEngine(RoundEngine):
             for e in entries
         ]
         if self.settings.pool == "latest":
+            # A board revoked or banned since contributes nothing from its earlier updates.
+            distrusted = {*self.revoked, *self.admin_banned}
             earlier = [
                 Buffered(u.client_index, u.delta, u.samples, u.alarm, u.trained_on, 0)
                 for r in range(max(1, t - self.settings.staleness_bound), t)
                 for u in self.store.updates(r)
-                if u.delta is not None
+                if u.delta is not None and u.client not in distrusted
             ]
             buffer = latest_pool(earlier + buffer, t, self.settings)
         guard = self.config.aggregator

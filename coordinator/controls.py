@@ -55,6 +55,7 @@ class OperatorActions:
             return False
         entry = state.admitted.pop(client)
         state.update_bytes -= entry.nbytes
+        state.dropped.add(client)
         self.store.quarantine(state.round, client, why)
         return True
 

@@ -344,11 +344,11 @@ class RoundEngine(OperatorActions):
         return [self.clients[i] for i in drawn]
 
     def expected(self) -> list[str]:
-        """The boards a round waits for: the run's boards (with client sampling, those drawn
-        for the open round) minus those an operator banned or whose key was revoked."""
+        """The boards a round waits for: all (or those drawn) but banned, revoked or dropped."""
         selected = self.state.selected if self.state is not None else None
         boards = self.clients if selected is None else [c for c in self.clients if c in selected]
-        return [c for c in boards if c not in self.admin_banned and c not in self.revoked]
+        skip = {*self.admin_banned, *self.revoked, *(self.state.dropped if self.state else ())}
+        return [c for c in boards if c not in skip]
 
     def missing(self) -> list[str]:
         """Expected boards without an admitted update in the open round."""

@@ -39,7 +39,9 @@ class RoundState:
     """The open round in memory (mirrors the database).
 
     ``selected``: the client ids drawn for the round and named in its global model (client
-    sampling), ``None`` when every board takes part.
+    sampling), ``None`` when every board takes part. ``dropped``: boards whose update of this
+    round was taken out (their key revoked); the round no longer waits for them, even if they
+    are re-admitted before it closes (they rejoin from the next round).
     """
 
     round: int
@@ -49,6 +51,7 @@ class RoundState:
     update_bytes: int = 0
     postponed_at: int = -1
     selected: tuple[str, ...] | None = None
+    dropped: set[str] = field(default_factory=set)
 
 
 def closed_round_record(

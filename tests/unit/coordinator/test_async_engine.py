@@ -173,3 +173,25 @@ def test_the_latest_pool_aggregates_every_boards_newest_admissible_update(tmp_pa
     assert row.record["selected"] == [0, 2]  # the buffer: who sent this version's updates
     # Version 1's vectors are still stored (S = 2); with the buffer pool they would be gone.
     assert all(u.delta is not None for u in engine.store.updates(1))
+
+
+def test_a_revoked_board_adds_nothing_from_its_earlier_updates_to_the_latest_pool(
+    tmp_path: Path,
+) -> None:
+    from protocol.keys import AllowList
+
+    engine = _engine(tmp_path, staleness_bound=2, async_pool="latest")
+    AllowList({c: k.verify_key for c, k in BOARDS.items()}).save(engine.config.allow_list)
+    versions = Versions()
+    versions.add(engine.start())
+    engine.handle_update(versions.update("b0", 1, 1.0))
+    engine.handle_update(versions.update("b1", 1, 100.0))
+    versions.add(engine.close_round(reason="buffer"))
+    assert engine.handle_update(versions.update("b1", 2, 100.0)).accepted
+    assert engine.revoke_key("b1")
+    assert engine.handle_update(versions.update("b0", 2, 1.0)).accepted
+    assert engine.handle_update(versions.update("b2", 2, 1.0)).accepted
+    versions.add(engine.close_round(reason="buffer"))
+    staleness = engine.store.round_row(2).record["decision"].get("staleness", {})
+    assert "1" not in staleness  # b1 (index 1) is in no pool after its revocation
+    assert np.max(np.abs(versions.by_round[3].weights - versions.by_round[2].weights)) < 50

@@ -120,3 +120,19 @@ def test_an_update_sent_before_the_revocation_is_not_aggregated(tmp_path: Path) 
         return weights
 
     assert np.array_equal(run(tmp_path / "sent", True), run(tmp_path / "never", False))
+
+
+def test_a_board_revoked_and_readmitted_in_one_round_rejoins_from_the_next(tmp_path: Path) -> None:
+    engine = _engine(tmp_path, rounds=3, round_timeout=0)  # waits for every expected board
+    AllowList({c: k.verify_key for c, k in BOARDS.items()}).save(engine.config.allow_list)
+    engine.start()
+    assert engine.handle_update(_update(engine, "b1", [50, 50, 50, 50], 1)).accepted
+    assert engine.revoke_key("b1")
+    new_key = SigningKey(b"S" * 32)
+    assert engine.register_key("b1", new_key.verify_key)
+    for client in ("b0", "b2"):
+        assert engine.handle_update(_update(engine, client, [1, 2, 3, 4], 1)).accepted
+    assert engine.missing() == []  # the round does not wait for b1 again
+    assert engine.close_reason() == "all" and engine.close_round() is not None
+    assert engine.round == 2 and engine.missing() == ["b0", "b1", "b2"]
+    assert engine.handle_update(_signed(engine, new_key)).accepted
