@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import socket
 import ssl
@@ -77,30 +78,27 @@ def _last_error(log: Path) -> str | None:
 
 
 def processes_with_argument(argument: str) -> list[int]:
-    """Pids of the processes whose command line holds ``argument`` (e.g. a config path); an
-    absolute ``argument`` also matches a relative path that names the same file from the
-    process's working folder (``mosquitto -c broker/mosquitto.conf``)."""
+    """Pids of the processes started with ``argument`` as their configuration file: the
+    argument after ``-c`` or ``--config`` (``mosquitto -c``, ``siren coordinator run
+    --config``), or ``--config=...``. An absolute ``argument`` also matches a relative path
+    naming the same file from the process's working folder. An editor or ``tail`` that merely
+    has the file open is not such a process."""
     pids = []
-    wanted = argument.encode()
-    name = os.path.basename(argument).encode()
+    target = os.path.realpath(argument)
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         with contextlib.suppress(OSError):
-            args = (entry / "cmdline").read_bytes().split(b"\0")
-            if wanted in args:
+            args = [os.fsdecode(a) for a in (entry / "cmdline").read_bytes().split(b"\0")]
+            configs = [b for a, b in itertools.pairwise(args) if a in ("-c", "--config")]
+            configs += [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+            if argument in configs:
                 pids.append(int(entry.name))
                 continue
-            if not os.path.isabs(argument) or not name:
-                continue
-            relative = [a for a in args if a.endswith(name) and not a.startswith(b"/")]
-            if relative:
+            relative = [c for c in configs if c and not os.path.isabs(c)]
+            if relative and os.path.isabs(argument):
                 cwd = os.readlink(entry / "cwd")
-                if any(
-                    os.path.realpath(os.path.join(cwd, os.fsdecode(a)))
-                    == os.path.realpath(argument)
-                    for a in relative
-                ):
+                if any(os.path.realpath(os.path.join(cwd, c)) == target for c in relative):
                     pids.append(int(entry.name))
     return sorted(pids)
 

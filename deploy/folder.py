@@ -61,8 +61,8 @@ DEMO_DATASETS = ("digits", "fashion-mnist")
 
 
 _HOST_NAME = re.compile(
-    r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-    r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$"
+    r"^(?=.{1,253}$)(\*\.)?[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+    r"(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?$"
 )
 
 
@@ -160,17 +160,8 @@ class Deployment:
             raise DeployError(f"--auth must be one of {', '.join(AUTH_MODES)}, got {self.auth!r}")
         if not 0 < self.broker_port < 65536:
             raise DeployError(f"--broker-port must be in 1..65535, got {self.broker_port}")
-        for option, host in (
-            ("--broker-host", self.broker_host),
-            *(("--hostname", h) for h in self.hostnames),
-            *((("--coordinator-host", self.coordinator_host),) if self.coordinator_host else ()),
-        ):
-            if not _valid_host(host):
-                raise DeployError(
-                    f"{option} {host!r} is neither a host name ([A-Za-z0-9.-]) nor an IP address"
-                )
-        if not _valid_host(self.bind):
-            raise DeployError(f"--bind {self.bind!r} is neither a host name nor an IP address")
+        if not self.broker_host or any(c.isspace() for c in self.broker_host):
+            raise DeployError(f"invalid broker host {self.broker_host!r}")
         if not 0 < self.api_port < 65536:
             raise DeployError(f"--api-port must be in 1..65535, got {self.api_port}")
         if self.api_port == self.broker_port:
@@ -717,8 +708,21 @@ def init_deployment(
 
 
 def _check_before_writing(deployment: Deployment) -> None:
-    """What :class:`Deployment` cannot check by itself: the coordinator's account and rule."""
+    """What a new deployment must get right before anything is written: host names and
+    addresses (checked here, not on every load, so that a folder made before still loads), the
+    coordinator's account and rule."""
     from coordinator.rounds import strategy_names
+
+    hosts = [("--broker-host", deployment.broker_host), ("--bind", deployment.bind)]
+    hosts += [("--hostname", h) for h in deployment.hostnames]
+    if deployment.coordinator_host:
+        hosts.append(("--coordinator-host", deployment.coordinator_host))
+    for option, host in hosts:
+        if not _valid_host(host):
+            raise DeployError(
+                f"{option} {host!r} is neither a host name ([A-Za-z0-9.-_], '*.' for a "
+                "wildcard) nor an IP address"
+            )
 
     if deployment.coordinator_user and account_ids(deployment.coordinator_user) is None:
         raise DeployError(
@@ -1004,13 +1008,20 @@ def end_board_session(paths: Paths, board: str, timeout: float = 10.0) -> bool:
     """
     import threading
 
-    from edge_client.config import BoardConfig
+    from edge_client.config import BoardConfig, ConfigError
     from protocol.mqtt import make_mqtt_client
 
-    settings = BoardConfig.load(paths.boards / board / "board.toml").broker
+    try:
+        settings = BoardConfig.load(paths.boards / board / "board.toml").broker
+        # This machine reaches the broker as the coordinator does (coordinator_host).
+        deployment = Deployment.load(paths.root)
+        if deployment.coordinator_host:
+            settings = replace(settings, host=deployment.coordinator_host)
+        client = make_mqtt_client(settings, board)
+    except (ConfigError, DeployError, OSError, ValueError):
+        return False  # no bundle left to connect with
     done = threading.Event()
     accepted: list[bool] = []
-    client = make_mqtt_client(settings, board)
 
     def on_connect(c: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         accepted.append(not reason.is_failure)

@@ -313,3 +313,35 @@ def test_a_broker_that_is_not_running_is_explained_from_its_log(tmp_path: Path) 
     findings = check_broker(conf, "127.0.0.1", 8883, tmp_path / "ca.crt", pids=[])
     assert len(findings) == 1 and not findings[0].ok
     assert "ends with: 1733400000: Error: Address already in use" in findings[0].what
+
+
+def test_only_processes_started_with_the_configuration_are_found(tmp_path: Path) -> None:
+    from deploy.checks import processes_with_argument
+
+    conf = tmp_path / "broker" / "mosquitto.conf"
+    conf.parent.mkdir()
+    conf.write_text("listener 8883\n")
+    sleep = "import time; time.sleep(30)"
+    started = [
+        subprocess.Popen(
+            [sys.executable, "-c", sleep, "-c", "broker/mosquitto.conf"], cwd=tmp_path
+        ),
+        subprocess.Popen([sys.executable, "-c", sleep, "--config", str(conf)]),
+    ]
+    viewer = subprocess.Popen([sys.executable, "-c", sleep, str(conf)])  # like `tail -f conf`
+    try:
+        import time
+
+        time.sleep(0.3)
+        assert processes_with_argument(str(conf)) == sorted(p.pid for p in started)
+    finally:
+        for proc in (*started, viewer):
+            proc.kill()
+            proc.wait()
+
+
+def test_host_names_with_underscores_and_wildcards_are_accepted(tmp_path: Path) -> None:
+    assert _init(tmp_path / "dep", "--no-demo-data", "--hostname", "*.example.com",
+                 "--coordinator-host", "proj_broker_1") == 0  # fmt: skip
+    loaded = Deployment.load(tmp_path / "dep")
+    assert loaded.hostnames[-1] == "*.example.com" and loaded.coordinator_host == "proj_broker_1"
