@@ -395,13 +395,14 @@ SIM_OUT = Path("runs/sim")
 
 
 def _run(args: argparse.Namespace) -> int:
-    from firmware_sim.fleet_command import run_out_dir
+    from firmware_sim.fleet_command import SIM_RUN_FILES, run_out_dir
     from models.errors import ModelsError
 
     config = config_from_args(args)
     check_config(config)
-    run_out_dir(args.out, overwrite=args.overwrite, remove=False, default=SIM_OUT)
-    out, note = run_out_dir(args.out, overwrite=args.overwrite, default=SIM_OUT)
+    where = {"overwrite": args.overwrite, "default": SIM_OUT, "files": SIM_RUN_FILES}
+    run_out_dir(args.out, remove=False, **where)
+    out, note = run_out_dir(args.out, **where)
     from firmware_sim.engine import run_simulation
     from firmware_sim.report import (
         format_ban_outcome,

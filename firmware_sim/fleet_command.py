@@ -18,7 +18,7 @@ import shutil
 import signal
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,14 @@ from siren_cli.errors import CommandError
 DEFAULT_OUT = Path("runs/fleet")
 #: What a fleet run writes into its folder (``--overwrite`` removes exactly these).
 RUN_FILES = ("fleet", "history.json", "accuracy.png", "malicious_index.png")
+#: What ``siren sim run`` writes into its folder.
+SIM_RUN_FILES = (
+    "history.json",
+    "accuracy.png",
+    "malicious_index.png",
+    "global.npy",
+    "strategy_state.json",
+)
 
 
 def holds_run(folder: Path) -> bool:
@@ -59,6 +67,7 @@ def run_out_dir(
     overwrite: bool = False,
     remove: bool = True,
     default: Path = DEFAULT_OUT,
+    files: Sequence[str] = RUN_FILES,
 ) -> tuple[Path, str | None]:
     """The folder of a new run (``siren sim fleet``, ``siren sim run``), and a note for the user
     when it is not the one asked for.
@@ -67,9 +76,10 @@ def run_out_dir(
     ``default`` (``runs/fleet``), or, when that holds a run, to the first of ``runs/fleet-2``,
     ``runs/fleet-3``, ... that does not, so the same command can be run again and again. A
     folder given with ``--out`` that holds a run is refused unless ``overwrite``, which removes
-    that run's files (:data:`RUN_FILES`, nothing else) first; with ``remove`` false nothing is
-    removed yet (check every other option first, then call again). The folder is created (so
-    that one that cannot be is refused before any work).
+    that run's ``files`` (:data:`RUN_FILES`, nothing else) first; with ``remove`` false nothing
+    is removed yet (check every other option first, then call again). A command whose
+    ``files`` do not include a fleet's folder never replaces a fleet run. The folder is created
+    (so that one that cannot be is refused before any work).
 
     Raises
     ------
@@ -91,6 +101,12 @@ def run_out_dir(
     if not holds_run(out):
         _make_folder(out)
         return out, None
+    fleet = out / "fleet"
+    if "fleet" not in files and fleet.is_dir() and any(fleet.iterdir()):
+        raise CommandError(
+            f"--out {out} holds a fleet run (its keys, coordinator database and round log): "
+            "give another --out"
+        )
     if not overwrite:
         raise CommandError(
             f"--out {out} holds an earlier run (a fleet run's keys and coordinator database "
@@ -98,7 +114,7 @@ def run_out_dir(
         )
     if not remove:
         return out, None
-    for name in RUN_FILES:
+    for name in files:
         path = out / name
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
@@ -219,6 +235,7 @@ def describe_rejections(rejected: Mapping[str, int]) -> str:
 
 def fleet_command(args: argparse.Namespace) -> int:
     """Handler of ``siren sim fleet``."""
+    from firmware_sim.attacks import AttackError
     from firmware_sim.broker import BrokerError
     from firmware_sim.report import format_ban_outcome, plot_accuracy, write_history
     from models.datasets import describe_dataset
@@ -296,7 +313,7 @@ def fleet_command(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, terminate)
     try:
         history = run_fleet(config, options, out / "fleet", progress=show, timeout=args.timeout)
-    except (FleetError, BrokerError) as exc:
+    except (FleetError, BrokerError, AttackError) as exc:
         raise CommandError(str(exc)) from exc
     except KeyboardInterrupt:
         db = out / "fleet" / "coordinator" / "coordinator.sqlite"

@@ -53,7 +53,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
             raise CommandError(f"--malicious-ids {bad} outside 0..{args.clients - 1}")
     malicious = args.malicious
     if args.attack in (None, "", "none"):
-        if args.malicious_ids or malicious != getattr(args, "malicious_default", 0.0):
+        chosen = malicious > 0 and malicious != getattr(args, "malicious_default", 0.0)
+        if args.malicious_ids or chosen:
             raise CommandError(
                 "--malicious and --malicious-ids choose the boards of an attack: give --attack "
                 "(siren sim attacks lists them), or leave them out for an honest fleet"
@@ -253,12 +254,27 @@ def _check_attack(config: Any) -> None:
         return
     from firmware_sim.attacks import AttackError, get_attack, resolve_params
     from firmware_sim.attacks.adversary import select_malicious_ids
+    from models.errors import ModelsError
 
     try:
         cls = get_attack(str(config.attack))
-        resolve_params(cls.name, cls.PARAMS, dict(config.attack_params or {}))
+        values = resolve_params(cls.name, cls.PARAMS, dict(config.attack_params or {}))
         select_malicious_ids(config.clients, config.malicious, config.malicious_ids, config.seed)
+        if values["holding_class"] is not None:
+            # The boards are drawn by their data: build the adversary as the run will (this
+            # loads the dataset's labels and partitions them, a second at most).
+            from firmware_sim.attacks import make_adversary
+            from firmware_sim.engine import federated_split
+            from models.datasets import load_dataset
+
+            ds = load_dataset(config.dataset)
+            if config.train_samples is not None or config.test_samples is not None:
+                ds = ds.subset(config.train_samples, config.test_samples)
+            labels = [ds.y_train[s.train_idx] for s in federated_split(config, ds).shards]
+            make_adversary(config, ds, labels)
     except AttackError as exc:
+        raise CommandError(str(exc)) from exc
+    except ModelsError as exc:
         raise CommandError(str(exc)) from exc
 
 

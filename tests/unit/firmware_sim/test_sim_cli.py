@@ -438,3 +438,54 @@ def test_ctrl_c_keeps_the_finished_rounds_of_sim_run(tmp_path: Path) -> None:
     history = json.loads((out / "history.json").read_text())
     assert history["summary"]["interrupted"] is True
     assert len(history["rounds"]) >= 3
+
+
+def test_sim_run_never_replaces_a_fleet_run_and_removes_only_its_own_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fleet_run = tmp_path / "fleet-run"
+    key = _fake_run(fleet_run)
+    argv = ["sim", "run", "--dataset", "digits", "--clients", "2", "--rounds", "1"]
+    assert main([*argv, "--out", str(fleet_run), "--overwrite"]) == 2
+    assert "holds a fleet run" in capsys.readouterr().err and key.exists()
+    mine = tmp_path / "mine"
+    assert main([*argv, "--out", str(mine)]) == 0
+    (mine / "notes.txt").write_text("kept")
+    assert main([*argv, "--out", str(mine), "--overwrite"]) == 0
+    assert (mine / "notes.txt").read_text() == "kept" and (mine / "history.json").exists()
+
+
+def test_an_attack_drawn_by_class_is_checked_before_overwrite_removes_anything(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    argv = ["sim", "run", "--dataset", "digits", "--clients", "10", "--rounds", "1",
+            "--partition", "classes", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    before = (out / "history.json").read_text()
+    attack = ["--attack", "targeted_label_flip", "--attack-param", "source=1",
+              "--attack-param", "target=7", "--attack-param", "holding_class=1"]  # fmt: skip
+    assert main([*argv, *attack, "--malicious", "0.8", "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "boards holding class 1 were asked for" in err and err.count("\n") == 1
+    assert (out / "history.json").read_text() == before
+    outside = ["--attack", "label_flip", "--attack-param", "holding_class=12"]
+    for command in ("run", "fleet"):
+        bad = ["sim", command, "--dataset", "digits", *outside, "--malicious", "0.1"]
+        assert main([*bad, "--out", str(tmp_path / command)]) == 2
+        assert "'holding_class' must be a class" in capsys.readouterr().err
+
+
+def test_an_explicit_honest_fleet_is_accepted() -> None:
+    import argparse
+
+    from firmware_sim.cli import add_fleet_options, add_run_options
+    from firmware_sim.options import config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_run_options(parser, aggregator="siren", attack="sign_flip", malicious=0.4)
+    add_fleet_options(parser)
+    config = config_from_args(parser.parse_args(["--attack", "none", "--malicious", "0"]))
+    assert config.malicious == 0.0
+    with pytest.raises(CommandError, match="choose the boards of an attack"):
+        config_from_args(parser.parse_args(["--attack", "none", "--malicious", "0.3"]))
