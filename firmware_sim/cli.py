@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -390,6 +394,31 @@ def add_fleet_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+@contextlib.contextmanager
+def _stop_after_round() -> Iterator[threading.Event]:
+    """An event the first Ctrl-C sets while the block runs (the run then ends after its
+    current round and keeps the finished ones); a second Ctrl-C stops at once. A
+    KeyboardInterrupt raised inside TensorFlow's own calls can surface as another error, so
+    the first one is not raised. The previous handler is restored afterwards."""
+    stop = threading.Event()
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is not signal.default_int_handler:
+        yield stop  # ignored (a background job) or handled by the caller
+        return
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        print("siren: stopping after this round (Ctrl-C again: at once)", file=sys.stderr)
+
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 #: Where ``siren sim run`` writes when ``--out`` is not given (then ``runs/sim-2``, ...).
 SIM_OUT = Path("runs/sim")
 
@@ -426,9 +455,12 @@ def _run(args: argparse.Namespace) -> int:
         print(f"note: {line}", flush=True)
     started = time.perf_counter()
     try:
-        history = run_simulation(
-            config, progress=lambda r: print(format_round(r, config.rounds), flush=True)
-        )
+        with _stop_after_round() as stop:
+            history = run_simulation(
+                config,
+                progress=lambda r: print(format_round(r, config.rounds), flush=True),
+                stop=stop,
+            )
     except ModelsError as exc:
         raise CommandError(str(exc)) from exc
     except (ValueError, KeyError) as exc:

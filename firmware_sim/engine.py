@@ -438,12 +438,14 @@ def run_simulation(
     config: SimConfig,
     progress: Callable[[dict[str, Any]], None] | None = None,
     dataset: Dataset | None = None,
+    stop: Any = None,
 ) -> dict[str, Any]:
     """Run a whole simulation; return the history (``config``, ``fleet``, ``rounds``, ``summary``).
 
-    ``progress`` is called with every round's record as soon as the round ends. A
-    ``KeyboardInterrupt`` (Ctrl-C) during a synchronous run after its first round ends it there:
-    the history holds the finished rounds and ``summary.interrupted`` is true.
+    ``progress`` is called with every round's record as soon as the round ends. A synchronous
+    run ends after the round in which ``stop`` (a :class:`threading.Event`) is set, or at a
+    ``KeyboardInterrupt`` after its first round: the history holds the finished rounds and
+    ``summary.interrupted`` is true.
     """
     started = time.perf_counter()
     fleet = build_fleet(config, dataset)
@@ -463,6 +465,9 @@ def run_simulation(
                 rounds.append(record)
                 if progress is not None:
                     progress(record)
+                if stop is not None and stop.is_set() and t < config.rounds:
+                    interrupted = True
+                    break
         except KeyboardInterrupt:
             if not rounds:
                 raise
