@@ -121,7 +121,8 @@ def test_board_killed_and_restarted_rejoins_and_forged_updates_are_counted(
         )
         # Round 1 (board 2's last update) closes once the other boards answer; the forged
         # messages below go to round 2, which board 2 has not reached.
-        wait_until(lambda: 1 in run.closed_rounds(), timeout=30, what="round 1 to close")
+        # (the worker hosting boards 0 and 1 may still be loading TensorFlow on a busy machine)
+        wait_until(lambda: 1 in run.closed_rounds(), timeout=120, what="round 1 to close")
         # While board 2 is down: an update for it signed with a stranger's key, and garbage.
         layout = TensorLayout(worker.layout.entries)
         (base,) = query(run.db, "SELECT base_sha256 FROM rounds WHERE status='open'")[0]
