@@ -270,6 +270,133 @@ def _row_median_without_smallest(a: np.ndarray) -> np.ndarray:
     return 0.5 * (s[:, (m - 1) // 2] + s[:, m // 2])
 
 
+@dataclass(frozen=True)
+class _RuleParams:
+    """Residual reweighting's parameters with the variant's defaults filled in, checked."""
+
+    variant: str
+    delta: float
+    gamma: float
+    leverage: str
+    square_weights: bool
+    lam: float
+
+    @classmethod
+    def resolve(
+        cls,
+        lam: float,
+        delta: float | None,
+        gamma: float | None,
+        leverage: str | None,
+        variant: str,
+        square_weights: bool | None,
+    ) -> _RuleParams:
+        if variant not in _VARIANTS:
+            raise InvalidParameterError(
+                f"residual_reweighting variant must be one of {_VARIANTS}, got {variant!r}"
+            )
+        defaults = _VARIANT_DEFAULTS[variant]
+        delta = float(defaults["delta"]) if delta is None else delta  # type: ignore[arg-type]
+        gamma = float(defaults["gamma"]) if gamma is None else gamma  # type: ignore[arg-type]
+        leverage = str(defaults["leverage"]) if leverage is None else leverage
+        if square_weights is None:
+            square_weights = bool(defaults["square_weights"])
+        square_weights = check_flag("square_weights", square_weights)
+        if not lam > 0:
+            raise InvalidParameterError(f"residual_reweighting needs lam > 0, got lam={lam}")
+        if not 0 <= delta < 1:
+            raise InvalidParameterError(
+                f"residual_reweighting needs 0 <= delta < 1, got delta={delta}"
+            )
+        if not gamma > 0:
+            raise InvalidParameterError(f"residual_reweighting needs gamma > 0, got gamma={gamma}")
+        if leverage not in _LEVERAGES:
+            raise InvalidParameterError(
+                f"residual_reweighting leverage must be one of {_LEVERAGES}, got {leverage!r}"
+            )
+        return cls(variant, delta, gamma, leverage, square_weights, lam)
+
+
+@dataclass
+class _ConfidenceBlock:
+    """One column block's confidences, in rank order (``order[b, r]`` is the client at rank r)."""
+
+    order: np.ndarray  # (B, K)
+    values: np.ndarray  # (B, K) corrected values (the line where the value was replaced)
+    conf: np.ndarray  # (B, K) confidences as the model weights use them
+    keep: np.ndarray  # (B, K) False where the value was replaced by the line
+
+
+def _confidence_block(
+    updates: np.ndarray,
+    cols: slice,
+    geo: _Geometry,
+    rule: _RuleParams,
+    buffers: _Buffers,
+    device: str,
+) -> _ConfidenceBlock:
+    """Eqs. (3)-(9) for the parameters ``cols`` (see :func:`residual_reweighting`)."""
+    authors = rule.variant == "authors"
+    k = geo.k
+    fit = _fit_block(_transposed(updates, cols), geo, buffers.slopes, device)
+    # The authors' line goes through the point of medians (ys is sorted).
+    centre_rank = 0.5 * (k + 1)  # median of the ranks 1..K
+    beta0 = _row_median(fit.ys) - fit.beta1 * centre_rank if authors else fit.beta0
+    line = beta0[:, None] + fit.beta1[:, None] * geo.x
+    resid = fit.ys - line
+    tau_factor = rule.gamma * (1.0 + 5.0 / (k - 1))
+    if authors:
+        tau = tau_factor * _row_median_without_smallest(np.abs(resid)) + _AUTHORS_TAU_FLOOR
+    else:
+        tau = tau_factor * _row_median(np.abs(resid))
+    z = rule.lam * math.sqrt(2.0 / k)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        a = np.abs(resid) / (tau[:, None] * _leverage_root(geo, rule.leverage))
+        a[resid == 0] = 0.0
+        conf = np.minimum(1.0, z / a)
+    if authors:  # replace values below delta, keep every confidence
+        keep = conf >= rule.delta
+    else:  # Eqs. (8)-(9): confidence <= delta is zeroed and the value replaced
+        keep = conf > rule.delta
+        conf = np.where(keep, conf, 0.0)
+    values = np.where(keep, fit.ys, line)
+    return _ConfidenceBlock(fit.order, values, conf, keep)
+
+
+def residual_confidences(
+    updates: np.ndarray,
+    *,
+    lam: float = 2.0,
+    delta: float | None = None,
+    gamma: float | None = None,
+    leverage: str | None = None,
+    variant: str = "paper",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-parameter view of :func:`residual_reweighting`'s decision, for analysis.
+
+    Returns ``(conf, replaced)``, both ``(K, d)`` in client order: the confidence of each
+    client's value of each parameter as the model weights use it (Eq. 6, after the correction
+    of Eq. 8 in the paper variant) and whether the value was replaced by the line (Eq. 9).
+    Same parameters as the rule; numpy only; memory ``O(K d)``.
+    """
+    mat = np.asarray(updates, dtype=np.float32)
+    if mat.ndim != 2:
+        raise InvalidParameterError(f"updates must be a (K, d) matrix, got shape {mat.shape}")
+    k, d = mat.shape
+    _check_clients("residual_reweighting", k)
+    rule = _RuleParams.resolve(lam, delta, gamma, leverage, variant, None)
+    geo = _Geometry.for_clients(k)
+    buffers = _Buffers(geo)
+    conf = np.empty((k, d), dtype=np.float64)
+    replaced = np.empty((k, d), dtype=bool)
+    for start in range(0, d, geo.block):
+        cols = slice(start, min(d, start + geo.block))
+        block = _confidence_block(mat, cols, geo, rule, buffers, "numpy")
+        conf[:, cols] = _to_client_order(block.order, block.conf).T
+        replaced[:, cols] = _to_client_order(block.order, ~block.keep).T
+    return conf, replaced
+
+
 @register("residual_reweighting")
 def residual_reweighting(
     updates: np.ndarray,
@@ -340,63 +467,19 @@ def residual_reweighting(
     """
     k, d = updates.shape
     _check_clients("residual_reweighting", k)
-    if variant not in _VARIANTS:
-        raise InvalidParameterError(
-            f"residual_reweighting variant must be one of {_VARIANTS}, got {variant!r}"
-        )
-    defaults = _VARIANT_DEFAULTS[variant]
-    delta = float(defaults["delta"]) if delta is None else delta  # type: ignore[arg-type]
-    gamma = float(defaults["gamma"]) if gamma is None else gamma  # type: ignore[arg-type]
-    leverage = str(defaults["leverage"]) if leverage is None else leverage
-    if square_weights is None:
-        square_weights = bool(defaults["square_weights"])
-    square_weights = check_flag("square_weights", square_weights)
-    authors = variant == "authors"
-    if not lam > 0:
-        raise InvalidParameterError(f"residual_reweighting needs lam > 0, got lam={lam}")
-    if not 0 <= delta < 1:
-        raise InvalidParameterError(f"residual_reweighting needs 0 <= delta < 1, got delta={delta}")
-    if not gamma > 0:
-        raise InvalidParameterError(f"residual_reweighting needs gamma > 0, got gamma={gamma}")
-    if leverage not in _LEVERAGES:
-        raise InvalidParameterError(
-            f"residual_reweighting leverage must be one of {_LEVERAGES}, got {leverage!r}"
-        )
+    rule = _RuleParams.resolve(lam, delta, gamma, leverage, variant, square_weights)
     geo = _Geometry.for_clients(k)
-    root = _leverage_root(geo, leverage)
-    z = lam * math.sqrt(2.0 / k)
-    tau_factor = gamma * (1.0 + 5.0 / (k - 1))
     corrected = np.empty((k, d), dtype=np.float32)
     buffers = _Buffers(geo, ctx.device)
 
-    centre_rank = 0.5 * (k + 1)  # median of the ranks 1..K
-
     def work(cols: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        fit = _fit_block(_transposed(updates, cols), geo, buffers.slopes, ctx.device)
-        # The authors' line goes through the point of medians (ys is sorted).
-        beta0 = _row_median(fit.ys) - fit.beta1 * centre_rank if authors else fit.beta0
-        line = beta0[:, None] + fit.beta1[:, None] * geo.x
-        resid = fit.ys - line
-        if authors:
-            tau = tau_factor * _row_median_without_smallest(np.abs(resid)) + _AUTHORS_TAU_FLOOR
-        else:
-            tau = tau_factor * _row_median(np.abs(resid))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            a = np.abs(resid) / (tau[:, None] * root)
-            a[resid == 0] = 0.0
-            conf = np.minimum(1.0, z / a)
-        if authors:  # replace values below delta, keep every confidence
-            keep = conf >= delta
-        else:  # Eqs. (8)-(9): confidence <= delta is zeroed and the value replaced
-            keep = conf > delta
-            conf = np.where(keep, conf, 0.0)
-        values = np.where(keep, fit.ys, line)
-        sigma = conf.std(axis=1)
-        corrected[:, cols] = _to_client_order(fit.order, values).T
-        clients = fit.order.ravel()
-        weighted = _per_client_sum(clients, conf * sigma[:, None], k)
-        plain = _per_client_sum(clients, conf, k)
-        replaced = _per_client_sum(clients, ~keep, k)
+        block = _confidence_block(updates, cols, geo, rule, buffers, ctx.device)
+        sigma = block.conf.std(axis=1)
+        corrected[:, cols] = _to_client_order(block.order, block.values).T
+        clients = block.order.ravel()
+        weighted = _per_client_sum(clients, block.conf * sigma[:, None], k)
+        plain = _per_client_sum(clients, block.conf, k)
+        replaced = _per_client_sum(clients, ~block.keep, k)
         return weighted, plain, replaced
 
     parts = torch_ops.map_blocks(work, d, _block_size(geo, ctx.device), ctx.device)
@@ -408,7 +491,7 @@ def residual_reweighting(
     if uniform:
         share = np.full(k, 1.0 / k)
     else:
-        model_weights = (raw / raw.max()) ** 2 if square_weights else raw
+        model_weights = (raw / raw.max()) ** 2 if rule.square_weights else raw
         share = model_weights / float(model_weights.sum())
 
     vector = weighted_combination(corrected, share)
@@ -430,8 +513,8 @@ def residual_reweighting(
         "replaced": replaced,
         "raw_weight": raw,
         "uniform_fallback": uniform,
-        "variant": variant,
-        "delta": delta,
-        "square_weights": square_weights,
+        "variant": rule.variant,
+        "delta": rule.delta,
+        "square_weights": rule.square_weights,
     }
     return AggregationResult(vector, tuple(verdicts), info=info)

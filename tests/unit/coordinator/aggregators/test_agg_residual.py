@@ -11,6 +11,7 @@ from scipy.stats import siegelslopes
 
 from coordinator.aggregators import aggregate
 from coordinator.aggregators.base import InvalidParameterError
+from coordinator.aggregators.residual import residual_confidences
 from coordinator.errors import ByzantineBoundError
 
 # One parameter, four clients. Sorted values y = [0, 2, 3, 9] at ranks x = 1..4; the client
@@ -271,3 +272,32 @@ def test_input_unchanged_order_and_determinism() -> None:
         [first.verdicts[i].weight for i in perm],
         rtol=1e-9,
     )
+
+
+def test_confidences_show_the_hand_worked_decision() -> None:
+    # The two-parameter case above, per parameter: client 2's value 5 of parameter B is the
+    # one replaced, with confidence 0; parameter A's rank-4 client (0) has confidence w4.
+    w4, _ = _hand_weights_column_a()
+    updates = np.array([[9, 1], [0, 0], [3, 5], [2, 2]], dtype=np.float32)
+    conf, replaced = residual_confidences(updates)
+    np.testing.assert_allclose(conf, [[w4, 1], [1, 1], [1, 0], [1, 1]], rtol=1e-6)
+    assert replaced.tolist() == [[False, False], [False, False], [False, True], [False, False]]
+
+
+@pytest.mark.parametrize("variant", ["paper", "authors"])
+def test_confidences_agree_with_the_rule(variant: str) -> None:
+    rng = np.random.default_rng(7)
+    updates = rng.normal(size=(12, 700)).astype(np.float32)
+    updates[:3] *= 6.0  # three loud clients, so that some values are replaced
+    result = aggregate("residual_reweighting", updates, variant=variant, delta=0.2)
+    conf, replaced = residual_confidences(updates, variant=variant, delta=0.2)
+    assert replaced.sum(axis=1).tolist() == result.info["replaced"].tolist()
+    assert replaced[:3].sum() > replaced[3:].sum() > 0
+    np.testing.assert_allclose(conf.mean(axis=1), [v.score for v in result.verdicts], rtol=1e-9)
+    raw = (conf * conf.std(axis=0)).sum(axis=1)
+    np.testing.assert_allclose(raw, result.info["raw_weight"], rtol=1e-6)
+
+
+def test_confidences_refuse_a_vector() -> None:
+    with pytest.raises(InvalidParameterError, match=r"\(K, d\) matrix"):
+        residual_confidences(np.ones(5, dtype=np.float32))
