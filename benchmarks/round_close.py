@@ -3,9 +3,10 @@
 Part 1 (in process, no network) for each ``K`` and ``d``: the ``(K, d)`` updates of a round
 (:func:`firmware_sim.loadgen.synthetic_updates`, 10% boosted flipped attackers) are admitted into a
 :class:`coordinator.streaming.StreamingRound` the way the engine does it (Gram rows, when a
-distance-based rule or SIREN is measured, and bucket counts and labels, when the median or the
-trimmed mean is, in bursts of 16 updates; FLTrust's server update known from the start), timing the
-admission work per update. Then every rule closes the round twice on the same buffer: the batch rule
+distance-based rule or SIREN is measured; bucket counts and labels, when the median is, in bursts of
+16 updates; the running sums and tail heaps of :mod:`coordinator.streaming_tails`, when the
+trimmed mean is; FLTrust's server update known from the start), timing the admission work per
+update. Then every rule closes the round twice on the same buffer: the batch rule
 (:func:`coordinator.aggregators.aggregate`, the whole computation after the last update) and the
 streaming close (:class:`coordinator.streaming_rules.StreamedClose`); both results are compared
 (selection, kept clients, aggregate). SIREN's weight analysis is timed as the cosines of every
@@ -42,11 +43,14 @@ import numpy as np
 from benchmarks import help_description
 from coordinator.aggregators import aggregate
 from coordinator.aggregators.base import map_column_blocks
+from coordinator.aggregators.coordinatewise import trim_count
 from coordinator.siren import cosine
 from coordinator.streaming import GROUP, StreamingRound, warm_up
 from coordinator.streaming_bucket_close import warm_up as warm_up_buckets
 from coordinator.streaming_rules import StreamedClose, StreamingCosines
 from coordinator.streaming_select import warm_up as warm_up_select
+from coordinator.streaming_tails import TailSums
+from coordinator.streaming_tails import warm_up as warm_up_tails
 from firmware_sim.loadgen import synthetic_updates
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -55,6 +59,8 @@ DEFAULT_D = (100_000, 1_000_000)
 RULES = ("krum", "multi_krum", "bulyan", "fltrust", "median", "trimmed_mean", "siren_wa")
 UNDER_ONE_SECOND = ("krum", "multi_krum", "fltrust", "siren_wa")
 READ_PASS_BOUND = ("median", "trimmed_mean")
+#: The trimmed mean's beta in every cell (10% trimmed per side).
+TRIMMED_BETA = 0.1
 
 
 def _timed(call: Callable[[], Any]) -> tuple[float, Any]:
@@ -71,7 +77,7 @@ def _params(rule: str, k: int, g0: np.ndarray) -> dict[str, Any]:
         "bulyan": {"f": f},
         "fltrust": {"server_update": g0},
         "median": {},
-        "trimmed_mean": {"beta": 0.1},
+        "trimmed_mean": {"beta": TRIMMED_BETA},
     }
     return table[rule]
 
@@ -105,15 +111,25 @@ def measure_cell(k: int, d: int, rules: Sequence[str], seed: int = 0) -> dict[st
     rng = np.random.default_rng([seed, 9])
     g0 = rng.standard_normal(d).astype(np.float32)
     pairwise = bool(set(rules) & {"krum", "multi_krum", "bulyan", "siren_wa"})
-    coordinatewise = bool(set(rules) & {"median", "trimmed_mean"})
+    coordinatewise = "median" in rules
     stream = StreamingRound(k, d, pairwise=pairwise, coordinatewise=coordinatewise)
     stream.reset(0)
+    # The trimmed mean's sums and heaps, kept as the engine keeps them, timed on their own.
+    tails = None
+    if "trimmed_mean" in rules:
+        tails = TailSums(d, k)
+        tails.reset(trim_count(TRIMMED_BETA, k))
     stream.set_server_update(g0)
     admit = 0.0
     counting = 0.0
+    tails_s = 0.0
 
     def flush() -> None:
-        nonlocal admit, counting
+        nonlocal admit, counting, tails_s
+        if tails is not None:
+            dt, _ = _timed(lambda: tails.flush(stream.buffer))  # type: ignore[union-attr]
+            tails_s += dt
+            admit += dt
         if stream.buckets is not None:
             dt, _ = _timed(lambda: stream.buckets.flush(stream.buffer))  # type: ignore[union-attr]
             counting += dt
@@ -125,9 +141,12 @@ def measure_cell(k: int, d: int, rules: Sequence[str], seed: int = 0) -> dict[st
         t0 = time.perf_counter()
         stream.add(i, vec)
         admit += time.perf_counter() - t0
+        if tails is not None:
+            tails.add(i)
         if (i + 1) % GROUP == 0:
             flush()
     flush()
+    stream.tails = tails
     rows = list(range(k))
     x = stream.matrix(rows)
     reads = read_pass(x)
@@ -136,6 +155,7 @@ def measure_cell(k: int, d: int, rules: Sequence[str], seed: int = 0) -> dict[st
         "d": d,
         "admit_per_update": admit / k,
         "buckets_per_update": counting / k if stream.buckets is not None else None,
+        "tails_per_update": tails_s / k if tails is not None else None,
         "pairwise": pairwise,
         "read_pass": reads,
         "rules": {},
@@ -216,11 +236,14 @@ def write_report(cells: list[dict[str, Any]], admission: list[dict[str, Any]], p
         "coordinator did before); streaming = the close from the state built on admission "
         "(`coordinator.streaming_rules`). `admit/update` = the streaming admission work per "
         "update (copy, norms, server-update dot; Gram rows when a distance-based rule or SIREN "
-        "is measured; bucket counts and labels when the median or the trimmed mean is; in "
-        "bursts of 16), `of which buckets` = their share (`coordinator.streaming_buckets`: "
-        "boundaries: the sorted values of the first 63 updates, or 64 of those of the first "
-        "127 or 255 (at most a third of the round), and 4 beyond either end of them, then each "
-        "update's values counted and labelled with their bucket). `read pass` = one read of "
+        "is measured; bucket counts and labels when the median is, in bursts of 16; the "
+        "trimmed mean's running sums and tail heaps when it is), `of which buckets` = their "
+        "share (`coordinator.streaming_buckets`: boundaries: the sorted values of the first 63 "
+        "updates, or 64 of those of the first 127 or 255 (at most a third of the round), and 4 "
+        "beyond either end of them, then each update's values counted and labelled with their "
+        "bucket), `of which tails` = the trimmed mean's (`coordinator.streaming_tails`: each "
+        "coordinate's sum, and its trim + 1 lowest and highest values in heaps with their "
+        "sums). `read pass` = one read of "
         "the whole matrix, the fastest of three on one thread and three on the rules' thread "
         "pool. Results: `equal` = same selection and bit-identical "
         "aggregate, `close` = same selection, aggregate within float tolerance.",
@@ -238,18 +261,20 @@ def write_report(cells: list[dict[str, Any]], admission: list[dict[str, Any]], p
             )
     lines += [
         "",
-        "| K | d | admit/update, streaming (s) | of which buckets (s) | read pass (s) | "
-        "median / read pass | trimmed mean / read pass |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| K | d | admit/update, streaming (s) | of which buckets (s) | of which tails (s) | "
+        "read pass (s) | median / read pass | trimmed mean / read pass |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for c in cells:
         med = c["rules"].get("median", {}).get("streaming")
         tri = c["rules"].get("trimmed_mean", {}).get("streaming")
         rp = c["read_pass"]
         bk = c.get("buckets_per_update")
+        tl = c.get("tails_per_update")
         lines.append(
             f"| {c['k']} | {c['d']:.0e} | {c['admit_per_update']:.4f} | "
-            f"{'' if bk is None else f'{bk:.4f}'} | {rp:.3f} | "
+            f"{'' if bk is None else f'{bk:.4f}'} | {'' if tl is None else f'{tl:.4f}'} | "
+            f"{rp:.3f} | "
             f"{'' if med is None else f'{med / rp:.1f}x'} | "
             f"{'' if tri is None else f'{tri / rp:.1f}x'} |"
         )
@@ -401,6 +426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     warm_up()
     warm_up_select()
     warm_up_buckets()
+    warm_up_tails()
     cells = []
     for d in args.d:
         for k in args.k:

@@ -48,7 +48,9 @@ from numba import njit
 
 from coordinator import streaming_buckets
 from coordinator.aggregators.base import parallel_map
+from coordinator.aggregators.coordinatewise import trim_count
 from coordinator.streaming_buckets import BucketCounts
+from coordinator.streaming_tails import TailSums
 
 #: Columns per block of the dot-product kernel.
 BLOCK = 1024
@@ -188,6 +190,10 @@ class StreamingRound:
     coordinatewise : bool
         Keep per-coordinate bucket counts (:mod:`coordinator.streaming_buckets`: the median and
         the trimmed mean), when ``capacity`` is in ``[MIN_ROWS, MAX_ROWS]``.
+    trimmed : int or float, optional
+        The trimmed mean's ``beta`` (a count, or a fraction of the round's updates): keep its
+        running sums and tail heaps (:mod:`coordinator.streaming_tails`), for rounds whose trim
+        the heaps fit (:meth:`TailSums.fits`).
 
     Notes
     -----
@@ -195,7 +201,13 @@ class StreamingRound:
     """
 
     def __init__(
-        self, capacity: int, d: int, *, pairwise: bool = True, coordinatewise: bool = False
+        self,
+        capacity: int,
+        d: int,
+        *,
+        pairwise: bool = True,
+        coordinatewise: bool = False,
+        trimmed: int | float | None = None,
     ) -> None:
         if capacity < 1 or d < 1:
             raise ValueError(f"capacity and d must be >= 1, got {capacity} and {d}")
@@ -223,6 +235,20 @@ class StreamingRound:
             else None
         )
         self.buckets = self._buckets
+        #: Sums and tail heaps of the trimmed mean (None: not kept, or not for this round).
+        self.tails: TailSums | None = None
+        self._trimmed = trimmed
+        self._tails = TailSums(self.d, self.capacity) if trimmed is not None else None
+        self._reset_tails(None)
+
+    def _reset_tails(self, expected: int | None) -> None:
+        self.tails = None
+        if self._tails is None or self._trimmed is None:
+            return
+        trim = trim_count(self._trimmed, self.capacity if expected is None else expected)
+        if TailSums.fits(self.capacity, trim):
+            self._tails.reset(trim)
+            self.tails = self._tails
 
     # -- admission ------------------------------------------------------------------------------
 
@@ -239,6 +265,7 @@ class StreamingRound:
         ):
             self._buckets.reset(self.capacity if expected is None else expected)
             self.buckets = self._buckets
+        self._reset_tails(expected)
         self.order = []
         self.digests = {}
         self._pending = []
@@ -286,16 +313,20 @@ class StreamingRound:
             self._pending.append(row)
         if self.buckets is not None:
             self.buckets.add(row)
+        if self.tails is not None:
+            self.tails.add(row)
         view = target.view()
         view.flags.writeable = False
         return view
 
     def flush(self) -> int:
-        """Count the rows added since the last flush into the bucket counts (when kept) and
-        compute their Gram entries; return how many rows got Gram entries. One pass over the
-        old rows per :data:`GROUP` new rows."""
+        """Count the rows added since the last flush into the bucket counts and the trimmed
+        mean's sums and heaps (when kept) and compute their Gram entries; return how many rows
+        got Gram entries. One pass over the old rows per :data:`GROUP` new rows."""
         if self.buckets is not None:
             self.buckets.flush(self.buffer)
+        if self.tails is not None:
+            self.tails.flush(self.buffer)
         if not self.pairwise or not self._pending:
             return 0
         assert self.gram is not None

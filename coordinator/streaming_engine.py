@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from coordinator.aggregators.base import get_rule
 from coordinator.engine import RoundEngine
 from coordinator.rounds import RuleStrategy, StepResult, Submission, guarded_step
 from coordinator.siren import SirenStrategy, cosine
@@ -49,9 +50,18 @@ def needs_gram(strategy: Any) -> bool:
 
 
 def needs_buckets(strategy: Any) -> bool:
-    """Whether closing with ``strategy`` reads per-coordinate bucket counts (median, trimmed
-    mean: :mod:`coordinator.streaming_bucket_close`)."""
-    return isinstance(strategy, RuleStrategy) and strategy.name in ("median", "trimmed_mean")
+    """Whether closing with ``strategy`` reads per-coordinate bucket counts (the median:
+    :mod:`coordinator.streaming_bucket_close`)."""
+    return isinstance(strategy, RuleStrategy) and strategy.name == "median"
+
+
+def trimmed_beta(strategy: Any) -> int | float | None:
+    """The trimmed mean's ``beta`` when ``strategy`` closes with it (its sums and tail heaps
+    are kept on admission: :mod:`coordinator.streaming_tails`), else None."""
+    if not (isinstance(strategy, RuleStrategy) and strategy.name == "trimmed_mean"):
+        return None
+    beta = strategy.params.get("beta", get_rule("trimmed_mean").params["beta"].default)
+    return beta  # type: ignore[no-any-return]
 
 
 class StreamingStep:
@@ -139,6 +149,7 @@ class StreamingRoundEngine(RoundEngine):
                 self.runtime.layout.size,
                 pairwise=needs_gram(self.runtime.strategy),
                 coordinatewise=needs_buckets(self.runtime.strategy),
+                trimmed=trimmed_beta(self.runtime.strategy),
             )
             self.stream = stream
         if stream.round != state.round:
@@ -149,12 +160,19 @@ class StreamingRoundEngine(RoundEngine):
     def start(self) -> bytes:
         """:meth:`RoundEngine.start`, with the streaming kernels compiled (or loaded from
         numba's cache) before the first update arrives."""
-        from coordinator import streaming, streaming_bucket_close, streaming_select
+        from coordinator import (
+            streaming,
+            streaming_bucket_close,
+            streaming_select,
+            streaming_tails,
+        )
 
         streaming.warm_up()
         if needs_buckets(self.runtime.strategy):
             streaming_select.warm_up()
             streaming_bucket_close.warm_up()
+        if trimmed_beta(self.runtime.strategy) is not None:
+            streaming_tails.warm_up()
         return super().start()
 
     def _load(self) -> bytes:

@@ -7,6 +7,9 @@ the same updates, computed from what admission already prepared:
   streamed float64 Gram matrix (``O(K²)``), then the batch rule's own scoring code;
 * **FLTrust**: cosines from the dot products with the server update taken on admission and the
   rows' squared norms (``O(K)``), then the batch rule's combination (one pass over the rows);
+* **trimmed mean**: from the running sums and tail heaps kept on admission
+  (:mod:`coordinator.streaming_tails`, ``O(d)`` numbers, the rows not read again) when they
+  hold exactly the round's rows at the round's trim;
 * **median** and **trimmed mean**: from the bucket counts kept on admission
   (:mod:`coordinator.streaming_buckets`, one read of the rows) when the round has at least
   ``MIN_ROWS`` updates and the counts are exactly those of its rows; else the median by
@@ -418,7 +421,10 @@ class StreamedClose:
     def _trimmed_mean(self, weights: np.ndarray, *, beta: int | float = 0.1) -> AggregationResult:
         trim = trim_count(beta, self.k)
         require_clients("trimmed_mean", self.k, 2 * trim + 1, "2*beta+1", beta=trim)
-        if trim > 0 and self._buckets():
+        tails = self.stream.tails
+        if trim > 0 and tails is not None and tails.covers(self.rows, trim):
+            vector, used, _ = tails.close(self.stream.buffer, self.rows)
+        elif trim > 0 and self._buckets():
             assert self.stream.buckets is not None
             buckets = self.stream.buckets
             vector, used = bucket_trimmed_mean(self.stream.buffer, self.rows, buckets, trim)
