@@ -82,7 +82,9 @@ def measure_admission(
     from firmware_sim.loadgen import board_keys
     from protocol.layout import TensorLayout
 
-    params = dict(params or {"f": max(1, k // 10)})
+    if params is None:  # the Krum family's f; every other rule's defaults
+        params = {"f": max(1, k // 10)} if rule in ("krum", "multi_krum", "bulyan") else {}
+    params = dict(params)
     with tempfile.TemporaryDirectory(prefix="round-close-") as tmp:
         work = Path(tmp)
         broker = start_mosquitto(work / "broker", persistence=False)
