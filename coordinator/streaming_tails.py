@@ -168,8 +168,7 @@ def _admit(
                 for j in range(t0, t1):
                     v = buffer[row, j]
                     if not np.isfinite(v):
-                        finite = False
-                        continue
+                        finite = False  # still pushed: every heap entry stays a real row
                     total[j] += v
                     a = abs(v)
                     if a > max_abs[j]:

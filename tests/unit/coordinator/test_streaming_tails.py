@@ -87,9 +87,10 @@ def test_rows_other_than_those_added_are_not_covered() -> None:
     tails = _tails_of(x, 3)
     assert not tails.covers(list(range(19)), 3)
     assert not tails.covers(list(range(20)), 2)
-    bad = x.copy()
-    bad[4, 7] = np.nan
-    assert not _tails_of(bad, 3).covers(list(range(20)), 3)
+    for row, value in ((1, np.nan), (4, np.nan), (2, np.inf), (9, -np.inf)):
+        bad = x.copy()  # while the heaps fill (rows 0-3) and after
+        bad[row, 7] = value
+        assert not _tails_of(bad, 3).covers(list(range(20)), 3)
 
 
 def test_memory_bound() -> None:
