@@ -175,8 +175,10 @@ DEFENSES: dict[str, tuple[str, dict[str, Any]]] = {
 #: Defenses outside the default grid (``--defenses`` names them): SIREN as printed (profile
 #: ``paper-text``), with and without weight analysis, and the printed server thresholds with the
 #: relative alarm rule of the authors' public code; residual reweighting as in its authors'
-#: released code, and with only that code's squared weights; PDRR with the safeguard that keeps
-#: the pre-aggregate when more boards are flagged than the rule's budget (``fallback=True``);
+#: released code, with only that code's squared weights, and with the extreme-value correction
+#: at the paper's near-IID delta = 0.1 or switched off (delta = 0); PDRR with the safeguard
+#: that keeps the pre-aggregate when more boards are flagged than the rule's budget
+#: (``fallback=True``);
 #: geometric median, FoolsGold and DSPO's score policy (measured under ``huge_values``).
 OPTIONAL_DEFENSES: dict[str, tuple[str, dict[str, Any]]] = {
     "geometric_median": ("geometric_median", {}),
@@ -187,6 +189,8 @@ OPTIONAL_DEFENSES: dict[str, tuple[str, dict[str, Any]]] = {
     "siren_relative": ("siren", {}),
     "residual_reweighting_authors": ("residual_reweighting", {"variant": "authors"}),
     "residual_reweighting_squared": ("residual_reweighting", {"square_weights": True}),
+    "residual_reweighting_delta0.1": ("residual_reweighting", {"delta": 0.1}),
+    "residual_reweighting_delta0": ("residual_reweighting", {"delta": 0.0}),
     "pdrr_krum_fallback": ("pdrr_krum", {"fallback": True}),
     "pdrr_trimmed_mean_q0.5": ("pdrr_trimmed_mean", {"q": 0.5}),
     "pdrr_trimmed_mean_fallback": ("pdrr_trimmed_mean", {"fallback": True}),
