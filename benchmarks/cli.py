@@ -46,6 +46,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "benchmarks.round_close",
         "round close at K=100..1000: batch rules vs streaming close; admission rate over MQTT",
     ),
+    "residual-anatomy": (
+        "benchmarks.residual_anatomy",
+        "one label-flipping round of residual reweighting taken apart (weights, replaced values)",
+    ),
     "soak": ("benchmarks.soak", "hostile messages against a live fleet: crashes, counts, models"),
     "participation": (
         "benchmarks.participation",
