@@ -47,7 +47,7 @@ import numpy as np
 from numba import njit
 
 from coordinator import streaming_buckets
-from coordinator.aggregators.base import parallel_map
+from coordinator.aggregators.base import InvalidParameterError, parallel_map
 from coordinator.aggregators.coordinatewise import trim_count
 from coordinator.streaming_buckets import BucketCounts
 from coordinator.streaming_tails import TailSums
@@ -245,7 +245,10 @@ class StreamingRound:
         self.tails = None
         if self._tails is None or self._trimmed is None:
             return
-        trim = trim_count(self._trimmed, self.capacity if expected is None else expected)
+        try:
+            trim = trim_count(self._trimmed, self.capacity if expected is None else expected)
+        except InvalidParameterError:  # the rule refuses it at close, as the batch engine does
+            return
         if TailSums.fits(self.capacity, trim):
             self._tails.reset(trim)
             self.tails = self._tails

@@ -422,6 +422,8 @@ class StreamedClose:
         trim = trim_count(beta, self.k)
         require_clients("trimmed_mean", self.k, 2 * trim + 1, "2*beta+1", beta=trim)
         tails = self.stream.tails
+        if tails is not None:
+            tails.flush(self.stream.buffer)
         if trim > 0 and tails is not None and tails.covers(self.rows, trim):
             vector, used, _ = tails.close(self.stream.buffer, self.rows)
         elif trim > 0 and self._buckets():

@@ -28,8 +28,11 @@ the magnitudes span too many binary orders for that (about 19 at ``K = 1000``), 
 round, each by at most a bound known from ``K``, the trim and the largest magnitude
 (:func:`_reach_factor`); if every float64 within that bound of the sum here gives the same
 float32 mean (float division and rounding are monotone), the batch rule's gives it too. Only
-the rare coordinates where the bound straddles a float32 step are summed at close from the
-buffer, in client order as the batch rule sums them.
+the coordinates where the bound straddles a float32 step are summed at close from the
+buffer, in client order as the batch rule sums them (a tile of columns at a time, so that a
+close that must sum many of them again costs about one clipped pass over the buffer: the bound
+grows with the largest magnitude, and a boosted value far beyond the honest ones, trimmed away
+by the batch rule, widens it for its whole coordinate).
 
 The client ids of the heap entries give the batch rule's per-client ``used`` counts: a client's
 value is left out of a coordinate exactly when it is strictly below ``low`` or above ``high``,
@@ -62,6 +65,8 @@ MAX_MEMORY_SHARE = 1.0
 _TILE_BYTES = 256 * 1024
 #: Column spans of a flush handed to the thread pool.
 _SPANS = 8
+#: Columns summed together when a close sums columns again from the buffer.
+_RESUM_TILE = 1024
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -262,6 +267,52 @@ def _reach_factor(k: int, cap: int) -> float:
 
 
 @njit(nogil=True, cache=True)
+def _resum(
+    buffer: np.ndarray,
+    rows: np.ndarray,
+    trim: int,
+    cols: np.ndarray,
+    low: np.ndarray,
+    high: np.ndarray,
+    out: np.ndarray,
+) -> None:
+    """The batch rule's mean of the (increasing) columns ``cols``: clipped values added in
+    float64 in client order from 0.0, less ``trim (low + high)``. The columns of a tile of
+    :data:`_RESUM_TILE` are summed together, the rows' segments read one after the other."""
+    k = rows.shape[0]
+    kept = float(k - 2 * trim)
+    acc = np.empty(_RESUM_TILE, dtype=np.float64)
+    i = 0
+    n = cols.shape[0]
+    while i < n:
+        base = cols[i] - cols[i] % _RESUM_TILE
+        end = i
+        while end < n and cols[end] < base + _RESUM_TILE:
+            end += 1
+        m = end - i
+        acc[:m] = 0.0
+        first = cols[i]
+        if cols[end - 1] - first == m - 1:  # a run of consecutive columns: contiguous reads
+            lo = low[first : first + m]
+            hi = high[first : first + m]
+            for r in range(k):
+                seg = buffer[rows[r], first : first + m]
+                for q in range(m):
+                    acc[q] += np.float64(min(max(seg[q], lo[q]), hi[q]))
+        else:
+            for r in range(k):
+                row = rows[r]
+                for q in range(m):
+                    j = cols[i + q]
+                    acc[q] += np.float64(min(max(buffer[row, j], low[j]), high[j]))
+        for q in range(m):
+            j = cols[i + q]
+            total = acc[q] - trim * (np.float64(low[j]) + np.float64(high[j]))
+            out[j] = np.float32(total / kept)
+        i = end
+
+
+@njit(nogil=True, cache=True)
 def _close(
     buffer: np.ndarray,
     rows: np.ndarray,
@@ -294,6 +345,7 @@ def _close(
     cap = trim + 1
     kept = float(k - 2 * trim)
     reach_factor = _reach_factor(k, cap)
+    again = np.empty(c1 - c0, dtype=np.int64)  # columns to sum again from the buffer
     resummed = 0
     for j in range(c0, c1):
         lo = low[j]
@@ -316,23 +368,18 @@ def _close(
             out[j] = np.float32(acc / kept)  # every sum on both sides exact
             continue
         # Both sums rounded: the batch rule's lies within ``reach`` of ``acc``; when every
-        # value in that interval gives the same float32 mean, so does the batch rule's.
+        # value in that interval gives the same float32 mean, so does the batch rule's (the
+        # same zero too: -0.0 == +0.0 as numbers, so the signs are compared as well).
         reach = biggest * reach_factor
         below = np.float32((acc - reach) / kept)
-        if below == np.float32((acc + reach) / kept):
+        above = np.float32((acc + reach) / kept)
+        if below == above and math.copysign(1.0, below) == math.copysign(1.0, above):
             out[j] = below
             continue
-        resummed += 1  # exactly the batch rule's sum: clipped values in client order, from 0.0
-        acc = 0.0
-        for r in range(k):
-            v = buffer[rows[r], j]
-            if v < lo:
-                v = lo
-            elif v > hi:
-                v = hi
-            acc += np.float64(v)
-        acc -= trim * (lo64 + hi64)
-        out[j] = np.float32(acc / kept)
+        again[resummed] = j
+        resummed += 1
+    if resummed:
+        _resum(buffer, rows, trim, again[:resummed], low, high, out)
     return resummed
 
 
@@ -355,6 +402,8 @@ class TailSums:
         self.rows: list[int] = []
         self._pending: list[int] = []
         self.finite = True
+        #: Coordinates the last :meth:`close` summed again from the buffer (None: no close yet).
+        self.resummed: int | None = None
         self._vals: tuple[np.ndarray, np.ndarray] | None = None
         self._ids: tuple[np.ndarray, np.ndarray] | None = None
         self.total = np.zeros(self.d, dtype=np.float64)
@@ -390,6 +439,7 @@ class TailSums:
         self.rows = []
         self._pending = []
         self.finite = True
+        self.resummed = None
         for a in (self.total, self.low_sum, self.high_sum, self.max_abs):
             a.fill(0)
         self.min_abs.fill(np.inf)
@@ -517,6 +567,7 @@ class TailSums:
             resummed += count
             outside -= low_ties + high_ties
         used = self.d - outside[order]
+        self.resummed = resummed
         return out, used.astype(np.int64), resummed
 
 

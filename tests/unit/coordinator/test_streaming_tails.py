@@ -111,7 +111,8 @@ def test_streamed_close_uses_the_tails_and_falls_back_when_a_row_is_missing() ->
     close = StreamedClose(stream, range(k))
     got = close.aggregate("trimmed_mean", beta=0.2)
     want = aggregate("trimmed_mean", x, beta=0.2)
-    assert close.how == "streamed"
+    assert close.how == "streamed" and stream.tails is not None
+    assert stream.tails.resummed == 0
     np.testing.assert_array_equal(got.vector, want.vector)
     assert [v.weight for v in got.verdicts] == [v.weight for v in want.verdicts]
     # a round closed without one of its rows (a revoked board's update dropped)
@@ -130,10 +131,10 @@ def test_a_new_round_starts_from_nothing(beta: float) -> None:
         x = rng.standard_normal((k, d)).astype(np.float32) * (round_index + 1)
         for r in range(k):
             stream.add(r, x[r])
+        assert stream.tails is not None and stream.tails.resummed is None
         got = StreamedClose(stream, range(k)).aggregate("trimmed_mean", beta=beta)
-        np.testing.assert_array_equal(
-            got.vector, aggregate("trimmed_mean", x, beta=beta).vector
-        )
+        np.testing.assert_array_equal(got.vector, aggregate("trimmed_mean", x, beta=beta).vector)
+        assert stream.tails.resummed == 0  # closed from the sums and heaps
 
 
 def test_deep_trim_over_many_tiles_and_spans() -> None:
@@ -143,3 +144,37 @@ def test_deep_trim_over_many_tiles_and_spans() -> None:
     x = rng.standard_normal((230, 1500)).astype(np.float32)
     x[-20:] *= 50.0
     assert _check_equal(x, 100, rng.permutation(230).tolist()) >= 0
+
+
+def test_a_mean_that_underflows_to_zero_keeps_the_batch_rules_sign() -> None:
+    # Values near the least normal float32 in +/- pairs and one subnormal pair: the sums round
+    # (the magnitudes span too many binary orders to be exact) and the mean underflows to zero;
+    # the certificate must not take -0.0 for the batch rule's +0.0.
+    rng = np.random.default_rng(10)
+    k, d = 200, 300
+    half = (rng.uniform(1, 4, (k // 2, d)) * 2.0**-126).astype(np.float32)
+    x = np.concatenate([half, -half])
+    x[0, :] = np.float32(2.0**-149)
+    x[k // 2, :] = -np.float32(2.0**-149)
+    x = np.ascontiguousarray(rng.permuted(x, axis=0))
+    _check_equal(x, 20)
+    col = np.array([1e-33, -1e-33, 1e-33, -1e-33, 2.0**-149, -(2.0**-149), 0, 0, 0, 0])
+    _check_equal(col.astype(np.float32)[:, None], 1)
+
+
+def test_boosted_values_far_beyond_the_honest_ones_are_summed_again_by_tiles() -> None:
+    # Boosted rows widen the rounding bound of every coordinate they reach (they are trimmed
+    # away by the batch rule, not by the running total): those coordinates are summed again,
+    # a tile at a time, still bit-identical.
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((120, 2500)).astype(np.float32)
+    x[rng.permutation(120)[:6]] *= np.float32(1e4)
+    assert _check_equal(x, 10, rng.permutation(120).tolist()) > 100  # in all three tiles
+
+
+def test_an_invalid_beta_leaves_the_round_to_the_rule() -> None:
+    # The rule refuses beta = 0.7 at close (as the batch engine does); the stream must not
+    # refuse to exist over it.
+    stream = StreamingRound(20, 8, pairwise=False, trimmed=0.7)
+    stream.reset(0, expected=20)
+    assert stream.tails is None
