@@ -140,29 +140,22 @@ def _admit(
     c0: int,
     c1: int,
     tile: int,
-    total: np.ndarray,
-    low_sum: np.ndarray,
-    high_sum: np.ndarray,
-    max_abs: np.ndarray,
-    min_abs: np.ndarray,
-    low_vals: np.ndarray,
-    low_ids: np.ndarray,
-    high_vals: np.ndarray,
-    high_ids: np.ndarray,
-    low: np.ndarray,
-    high: np.ndarray,
-    low_root: np.ndarray,
-    high_root: np.ndarray,
-    low_tied: np.ndarray,
-    high_tied: np.ndarray,
-    in_low: np.ndarray,
-    in_high: np.ndarray,
+    state: tuple[np.ndarray, ...],
+    in_heap: np.ndarray,
 ) -> bool:
     """Take the buffer ``rows`` (the round's updates number ``n0``, ``n0 + 1``, ... from 0)
     into columns ``[c0, c1)``, ``tile`` columns at a time so that their heaps stay in cache
-    while every row passes. ``in_low``/``in_high`` get the change of each row's heap entries.
+    while every row passes. ``state`` is :attr:`TailSums.state`; ``in_heap`` gets the change of
+    each row's number of entries in the low and the high heaps.
 
     Returns False when a value is a NaN or an infinity (the state is then not usable)."""
+    sums, mags, vals, ids, bounds, roots, tied = state
+    total, low_sum, high_sum = sums[0], sums[1], sums[2]
+    max_abs, min_abs = mags[0], mags[1]
+    low_vals, high_vals, low_ids, high_ids = vals[0], vals[1], ids[0], ids[1]
+    low, high, low_root, high_root = bounds[0], bounds[1], roots[0], roots[1]
+    low_tied, high_tied = tied[0], tied[1]
+    in_low, in_high = in_heap[0], in_heap[1]
     finite = True
     for t0 in range(c0, c1, tile):
         t1 = min(c1, t0 + tile)
@@ -319,28 +312,20 @@ def _close(
     trim: int,
     c0: int,
     c1: int,
-    total: np.ndarray,
-    low_sum: np.ndarray,
-    high_sum: np.ndarray,
-    max_abs: np.ndarray,
-    min_abs: np.ndarray,
-    low_vals: np.ndarray,
-    low_ids: np.ndarray,
-    high_vals: np.ndarray,
-    high_ids: np.ndarray,
-    low: np.ndarray,
-    high: np.ndarray,
-    low_root: np.ndarray,
-    high_root: np.ndarray,
-    low_tied: np.ndarray,
-    high_tied: np.ndarray,
+    state: tuple[np.ndarray, ...],
     out: np.ndarray,
-    low_ties: np.ndarray,
-    high_ties: np.ndarray,
+    ties: np.ndarray,
 ) -> int:
     """The trimmed mean of columns ``[c0, c1)`` into ``out``; the ties at the roots counted per
     client. Returns the number of columns summed again from the buffer (sums not provably
     exact)."""
+    sums, mags, vals, ids, bounds, roots, tied = state
+    total, low_sum, high_sum = sums[0], sums[1], sums[2]
+    max_abs, min_abs = mags[0], mags[1]
+    low_vals, high_vals, low_ids, high_ids = vals[0], vals[1], ids[0], ids[1]
+    low, high, low_root, high_root = bounds[0], bounds[1], roots[0], roots[1]
+    low_tied, high_tied = tied[0], tied[1]
+    low_ties, high_ties = ties[0], ties[1]
     k = rows.shape[0]
     cap = trim + 1
     kept = float(k - 2 * trim)
@@ -404,19 +389,33 @@ class TailSums:
         self.finite = True
         #: Coordinates the last :meth:`close` summed again from the buffer (None: no close yet).
         self.resummed: int | None = None
-        self._vals: tuple[np.ndarray, np.ndarray] | None = None
-        self._ids: tuple[np.ndarray, np.ndarray] | None = None
-        self.total = np.zeros(self.d, dtype=np.float64)
-        self.low_sum = np.zeros(self.d, dtype=np.float64)
-        self.high_sum = np.zeros(self.d, dtype=np.float64)
-        self.max_abs = np.zeros(self.d, dtype=np.float32)
-        self.min_abs = np.full(self.d, np.inf, dtype=np.float32)
-        self.low = np.zeros(self.d, dtype=np.float32)
-        self.high = np.zeros(self.d, dtype=np.float32)
+        #: Per coordinate: the total, the low heap's and the high heap's float64 sums.
+        self.sums = np.zeros((3, self.d), dtype=np.float64)
+        #: Per coordinate: the largest and the least nonzero magnitude.
+        self.magnitudes = np.zeros((2, self.d), dtype=np.float32)
+        #: Per coordinate: the low and high heaps' roots (the trimmed mean's bounds once the
+        #: heaps are full), their rows, and whether a child ties with the root.
+        self.bounds = np.zeros((2, self.d), dtype=np.float32)
         self._roots = np.zeros((2, self.d), dtype=self._id_type)
         self._tied = np.zeros((2, self.d), dtype=np.bool_)
-        self.in_low = np.zeros(self.capacity, dtype=np.int64)
-        self.in_high = np.zeros(self.capacity, dtype=np.int64)
+        #: Per row: its entries in the low and in the high heaps.
+        self.in_heap = np.zeros((2, self.capacity), dtype=np.int64)
+        self._vals: np.ndarray | None = None  # (2, d, trim + 1): low heap, high heap
+        self._ids: np.ndarray | None = None
+
+    @property
+    def state(self) -> tuple[np.ndarray, ...]:
+        """The arrays the kernels read and write, in their order."""
+        assert self._vals is not None and self._ids is not None
+        return (
+            self.sums,
+            self.magnitudes,
+            self._vals,
+            self._ids,
+            self.bounds,
+            self._roots,
+            self._tied,
+        )
 
     @staticmethod
     def fits(capacity: int, trim: int) -> bool:
@@ -432,19 +431,18 @@ class TailSums:
         if trim < 1:
             raise ValueError(f"trim must be >= 1, got {trim}")
         if self._vals is None or trim != self.trim:
-            shape = (self.d, trim + 1)
-            self._vals = (np.empty(shape, np.float32), np.empty(shape, np.float32))
-            self._ids = (np.empty(shape, self._id_type), np.empty(shape, self._id_type))
+            shape = (2, self.d, trim + 1)
+            self._vals = np.empty(shape, np.float32)
+            self._ids = np.empty(shape, self._id_type)
         self.trim = trim
         self.rows = []
         self._pending = []
         self.finite = True
         self.resummed = None
-        for a in (self.total, self.low_sum, self.high_sum, self.max_abs):
-            a.fill(0)
-        self.min_abs.fill(np.inf)
-        self.in_low.fill(0)
-        self.in_high.fill(0)
+        self.sums.fill(0)
+        self.magnitudes[0].fill(0)
+        self.magnitudes[1].fill(np.inf)
+        self.in_heap.fill(0)
 
     def add(self, row: int) -> None:
         """Note that buffer row ``row`` holds the round's next update; it is taken into the
@@ -464,46 +462,18 @@ class TailSums:
         n0 = len(self.rows) - len(self._pending)
         cap = self.trim + 1
         tile = max(16, _TILE_BYTES // (2 * cap * (4 + np.dtype(self._id_type).itemsize)))
-        low_vals, high_vals = self._vals
-        low_ids, high_ids = self._ids
+        state = self.state
 
-        def span(cols: tuple[int, int]) -> tuple[bool, np.ndarray, np.ndarray]:
-            in_low = np.zeros(self.capacity, dtype=np.int64)
-            in_high = np.zeros(self.capacity, dtype=np.int64)
-            ok = _admit(
-                buffer,
-                rows,
-                n0,
-                cap,
-                cols[0],
-                cols[1],
-                tile,
-                self.total,
-                self.low_sum,
-                self.high_sum,
-                self.max_abs,
-                self.min_abs,
-                low_vals,
-                low_ids,
-                high_vals,
-                high_ids,
-                self.low,
-                self.high,
-                self._roots[0],
-                self._roots[1],
-                self._tied[0],
-                self._tied[1],
-                in_low,
-                in_high,
-            )
-            return bool(ok), in_low, in_high
+        def span(cols: tuple[int, int]) -> tuple[bool, np.ndarray]:
+            in_heap = np.zeros((2, self.capacity), dtype=np.int64)
+            ok = _admit(buffer, rows, n0, cap, cols[0], cols[1], tile, state, in_heap)
+            return bool(ok), in_heap
 
         pieces = max(1, min(_SPANS, self.d // tile))
         edges = np.linspace(0, self.d, pieces + 1).astype(np.int64)
-        for ok, in_low, in_high in parallel_map(span, itertools.pairwise(edges.tolist())):
+        for ok, in_heap in parallel_map(span, itertools.pairwise(edges.tolist())):
             self.finite &= ok
-            self.in_low += in_low
-            self.in_high += in_high
+            self.in_heap += in_heap
         self._pending = []
         return len(rows)
 
@@ -523,49 +493,22 @@ class TailSums:
         """``(vector, used, resummed)``: what :func:`coordinate_trimmed_mean` returns for the
         buffer's ``rows`` (in that order), and how many coordinates were summed again from the
         buffer. Call only when :meth:`covers` holds."""
-        assert self._vals is not None and self._ids is not None
         self.flush(buffer)
         order = np.asarray(rows, dtype=np.int64)
         out = np.empty(self.d, dtype=np.float32)
-        low_vals, high_vals = self._vals
-        low_ids, high_ids = self._ids
+        state = self.state
 
-        def span(cols: tuple[int, int]) -> tuple[int, np.ndarray, np.ndarray]:
-            low_ties = np.zeros(self.capacity, dtype=np.int64)
-            high_ties = np.zeros(self.capacity, dtype=np.int64)
-            resummed = _close(
-                buffer,
-                order,
-                self.trim,
-                cols[0],
-                cols[1],
-                self.total,
-                self.low_sum,
-                self.high_sum,
-                self.max_abs,
-                self.min_abs,
-                low_vals,
-                low_ids,
-                high_vals,
-                high_ids,
-                self.low,
-                self.high,
-                self._roots[0],
-                self._roots[1],
-                self._tied[0],
-                self._tied[1],
-                out,
-                low_ties,
-                high_ties,
-            )
-            return int(resummed), low_ties, high_ties
+        def span(cols: tuple[int, int]) -> tuple[int, np.ndarray]:
+            ties = np.zeros((2, self.capacity), dtype=np.int64)
+            resummed = _close(buffer, order, self.trim, cols[0], cols[1], state, out, ties)
+            return int(resummed), ties
 
         edges = np.linspace(0, self.d, min(_SPANS, self.d) + 1).astype(np.int64)
-        outside = self.in_low + self.in_high
+        outside = self.in_heap.sum(axis=0)
         resummed = 0
-        for count, low_ties, high_ties in parallel_map(span, itertools.pairwise(edges.tolist())):
+        for count, ties in parallel_map(span, itertools.pairwise(edges.tolist())):
             resummed += count
-            outside -= low_ties + high_ties
+            outside -= ties.sum(axis=0)
         used = self.d - outside[order]
         self.resummed = resummed
         return out, used.astype(np.int64), resummed
