@@ -70,30 +70,32 @@ _RESUM_TILE = 1024
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _sift_down_max(vals: np.ndarray, ids: np.ndarray, j: int, size: int) -> None:
-    """Restore the max-heap of column ``j`` after its root was replaced."""
-    pos = 0
-    v = vals[j, 0]
-    who = ids[j, 0]
-    while True:
-        child = 2 * pos + 1
-        if child >= size:
-            break
-        right = child + 1
-        if right < size and vals[j, right] > vals[j, child]:
-            child = right
-        if vals[j, child] <= v:
-            break
-        vals[j, pos] = vals[j, child]
-        ids[j, pos] = ids[j, child]
-        pos = child
-    vals[j, pos] = v
-    ids[j, pos] = who
+def _above(a: float, b: float, high: bool) -> bool:
+    """Whether ``a`` belongs nearer the root than ``b``: in the high heap (a min-heap of the
+    highest values) the smaller, in the low heap (a max-heap of the lowest) the larger."""
+    return a < b if high else a > b
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _sift_down_min(vals: np.ndarray, ids: np.ndarray, j: int, size: int) -> None:
-    """Restore the min-heap of column ``j`` after its root was replaced."""
+def _push(
+    vals: np.ndarray, ids: np.ndarray, j: int, n: int, v: float, row: int, high: bool
+) -> None:
+    """Add ``v`` of ``row`` as entry ``n`` of column ``j``'s heap and sift it up."""
+    pos = n
+    while pos > 0:
+        parent = (pos - 1) // 2
+        if not _above(v, vals[j, parent], high):
+            break
+        vals[j, pos] = vals[j, parent]
+        ids[j, pos] = ids[j, parent]
+        pos = parent
+    vals[j, pos] = v
+    ids[j, pos] = row
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _sift_down(vals: np.ndarray, ids: np.ndarray, j: int, size: int, high: bool) -> None:
+    """Restore column ``j``'s heap after its root was replaced."""
     pos = 0
     v = vals[j, 0]
     who = ids[j, 0]
@@ -102,9 +104,9 @@ def _sift_down_min(vals: np.ndarray, ids: np.ndarray, j: int, size: int) -> None
         if child >= size:
             break
         right = child + 1
-        if right < size and vals[j, right] < vals[j, child]:
+        if right < size and _above(vals[j, right], vals[j, child], high):
             child = right
-        if vals[j, child] >= v:
+        if not _above(vals[j, child], v, high):
             break
         vals[j, pos] = vals[j, child]
         ids[j, pos] = ids[j, child]
@@ -129,6 +131,32 @@ def _set_root(
     root[j] = v
     root_id[j] = ids[j, 0]
     tied[j] = vals[j, 1] == v or (cap > 2 and vals[j, 2] == v)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _enter(
+    vals: np.ndarray,
+    ids: np.ndarray,
+    j: int,
+    cap: int,
+    v: float,
+    row: int,
+    heap_sum: np.ndarray,
+    root: np.ndarray,
+    root_id: np.ndarray,
+    tied: np.ndarray,
+    in_heap: np.ndarray,
+    high: bool,
+) -> None:
+    """``v`` of ``row`` replaces the root of column ``j``'s full heap (it lies beyond it)."""
+    in_heap[root_id[j]] -= 1
+    in_heap[row] += 1
+    heap_sum[j] += v
+    heap_sum[j] -= vals[j, 0]
+    vals[j, 0] = v
+    ids[j, 0] = row
+    _sift_down(vals, ids, j, cap, high)
+    _set_root(vals, ids, j, cap, root, root_id, tied)
 
 
 @njit(nogil=True, cache=True)
@@ -173,26 +201,8 @@ def _admit(
                         max_abs[j] = a
                     if a != 0.0 and a < min_abs[j]:
                         min_abs[j] = a
-                    pos = n
-                    while pos > 0:
-                        parent = (pos - 1) // 2
-                        if low_vals[j, parent] >= v:
-                            break
-                        low_vals[j, pos] = low_vals[j, parent]
-                        low_ids[j, pos] = low_ids[j, parent]
-                        pos = parent
-                    low_vals[j, pos] = v
-                    low_ids[j, pos] = row
-                    pos = n
-                    while pos > 0:
-                        parent = (pos - 1) // 2
-                        if high_vals[j, parent] <= v:
-                            break
-                        high_vals[j, pos] = high_vals[j, parent]
-                        high_ids[j, pos] = high_ids[j, parent]
-                        pos = parent
-                    high_vals[j, pos] = v
-                    high_ids[j, pos] = row
+                    _push(low_vals, low_ids, j, n, v, row, False)
+                    _push(high_vals, high_ids, j, n, v, row, True)
                     low_sum[j] += v
                     high_sum[j] += v
                     if n == cap - 1:
@@ -213,23 +223,11 @@ def _admit(
                 if a != 0.0 and a < min_abs[j]:
                     min_abs[j] = a
                 if v < low[j]:
-                    in_low[low_root[j]] -= 1
-                    in_low[row] += 1
-                    low_sum[j] += v
-                    low_sum[j] -= low_vals[j, 0]
-                    low_vals[j, 0] = v
-                    low_ids[j, 0] = row
-                    _sift_down_max(low_vals, low_ids, j, cap)
-                    _set_root(low_vals, low_ids, j, cap, low, low_root, low_tied)
+                    _enter(low_vals, low_ids, j, cap, v, row, low_sum, low, low_root, low_tied,
+                           in_low, False)  # fmt: skip
                 if v > high[j]:
-                    in_high[high_root[j]] -= 1
-                    in_high[row] += 1
-                    high_sum[j] += v
-                    high_sum[j] -= high_vals[j, 0]
-                    high_vals[j, 0] = v
-                    high_ids[j, 0] = row
-                    _sift_down_min(high_vals, high_ids, j, cap)
-                    _set_root(high_vals, high_ids, j, cap, high, high_root, high_tied)
+                    _enter(high_vals, high_ids, j, cap, v, row, high_sum, high, high_root,
+                           high_tied, in_high, True)  # fmt: skip
     return finite
 
 
