@@ -315,8 +315,8 @@ def _close(
     ties: np.ndarray,
 ) -> int:
     """The trimmed mean of columns ``[c0, c1)`` into ``out``; the ties at the roots counted per
-    client. Returns the number of columns summed again from the buffer (sums not provably
-    exact)."""
+    client. Returns the number of columns summed again from the buffer (their sums neither
+    exact nor certified)."""
     sums, mags, vals, ids, bounds, roots, tied = state
     total, low_sum, high_sum = sums[0], sums[1], sums[2]
     max_abs, min_abs = mags[0], mags[1]
